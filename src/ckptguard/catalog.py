@@ -1,0 +1,181 @@
+"""Finding checkpoints in a run: committed ones, their status marks, and debris.
+
+A checkpoint is ``step-NNNNNNNNN/`` with a ``MANIFEST.json`` that parses and validates and whose
+files exist with the recorded sizes. ``STATUS.json`` beside the manifest carries what was learned
+after the commit (verified by the probe, failed verification, found corrupt); it is not covered by
+the manifest's checksums and can only make a checkpoint *less* trusted.
+Everything else under the run (``.tmp-*``, ``.trash-*``, step directories without a manifest) is
+debris from an interrupted save or delete: never restored, removed by the next save or ``prune``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+from typing import Any
+
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
+from ckptguard.manifest import MANIFEST, STATUS, checkpoint_name, parse_manifest, parse_step
+from ckptguard.storage.base import Storage, join
+
+__all__ = [
+    "BAD_STATUSES",
+    "CheckpointInfo",
+    "find_debris",
+    "info_for",
+    "mark_status",
+    "read_manifest",
+    "read_status",
+    "scan",
+]
+
+log = logging.getLogger(__name__)
+BAD_STATUSES = frozenset({"corrupt", "failed"})
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint of a run, as listed by ``CheckpointManager.checkpoints()``."""
+
+    step: int
+    name: str
+    path: str
+    valid: bool
+    metrics: dict[str, Any]
+    size_bytes: int
+    created: dt.datetime | None
+    status: str
+    reason: str = ""
+    problems: tuple[str, ...] = ()
+    manifest: dict[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def verified(self) -> bool:
+        return self.status == "verified"
+
+
+def read_manifest(storage: Storage, name: str) -> dict[str, Any]:
+    where = storage.describe(join(name, MANIFEST))
+    if storage.is_symlink(name) or storage.is_symlink(join(name, MANIFEST)):
+        raise UnsafeCheckpointError(
+            f"{where}: the checkpoint directory or its manifest is a symbolic link; refusing to "
+            "follow it. Copy the real files into the run instead.",
+            path=where,
+        )
+    if not storage.exists(join(name, MANIFEST)):
+        raise CheckpointNotFoundError(
+            f"{where} does not exist: {storage.describe(name)} is not a committed checkpoint "
+            "(an interrupted save leaves such debris; 'ckptguard prune' removes it)."
+        )
+    manifest = parse_manifest(storage.read_bytes(join(name, MANIFEST)), where)
+    step = parse_step(name)
+    if step is not None and manifest["step"] != step:
+        from ckptguard.manifest import _fail
+
+        raise _fail(where, f"step {manifest['step']} does not match the directory name {name!r}")
+    return manifest
+
+
+def read_status(storage: Storage, name: str) -> dict[str, Any] | None:
+    path = join(name, STATUS)
+    try:
+        if not storage.exists(path):
+            return None
+        data = json.loads(storage.read_bytes(path).decode("utf-8"))
+    except (CheckpointError, ValueError, UnicodeDecodeError):
+        return {"status": "corrupt", "detail": "unreadable STATUS.json"}
+    return data if isinstance(data, dict) and isinstance(data.get("status"), str) else None
+
+
+def mark_status(storage: Storage, name: str, status: str, detail: str = "") -> bool:
+    """Record a post-commit finding. Best effort: a read-only run only logs it."""
+    record = {"status": status, "detail": detail, "time": time.time()}
+    try:
+        storage.replace_file(join(name, STATUS), json.dumps(record, indent=1).encode())
+        return True
+    except CheckpointError as e:
+        log.warning("Could not mark %s as %s: %s", storage.describe(name), status, e)
+        return False
+
+
+def _size_problems(storage: Storage, name: str, manifest: dict[str, Any]) -> list[str]:
+    problems = []
+    for fname, entry in manifest["files"].items():
+        rel = join(name, fname)
+        if entry.get("kind") not in ("blob", "tensors"):
+            continue  # other kinds (shared objects) check their own storage
+        if storage.is_symlink(rel):
+            problems.append(f"{fname}: is a symbolic link (refused)")
+            continue
+        try:
+            size = storage.size(rel)
+        except CheckpointError:
+            problems.append(f"{fname}: missing")
+            continue
+        if size != entry["size"]:
+            problems.append(f"{fname}: size {size} bytes, manifest says {entry['size']}")
+    return problems
+
+
+def info_for(storage: Storage, name: str, *, check_files: bool = True) -> CheckpointInfo:
+    """Describe one checkpoint directory without hashing its data."""
+    step = parse_step(name)
+    path = storage.describe(name)
+    try:
+        manifest = read_manifest(storage, name)
+    except CheckpointError as e:
+        return CheckpointInfo(
+            step=step if step is not None else -1, name=name, path=path, valid=False, metrics={},
+            size_bytes=0, created=None, status="invalid", problems=(str(e),),
+        )
+    problems = _size_problems(storage, name, manifest) if check_files else []
+    status_rec = read_status(storage, name)
+    status = (status_rec or {}).get("status") or (
+        (manifest.get("verification") or {}).get("status") or "committed"
+    )
+    if status_rec and status_rec.get("status") in BAD_STATUSES:
+        problems.append(f"marked {status_rec['status']}: {status_rec.get('detail', '')}")
+    created = manifest.get("created_unix")
+    return CheckpointInfo(
+        step=int(manifest["step"]),
+        name=name,
+        path=path,
+        valid=not problems and status not in BAD_STATUSES,
+        metrics=dict(manifest.get("metrics") or {}),
+        size_bytes=sum(int(e.get("size", 0)) for e in manifest["files"].values()),
+        created=dt.datetime.fromtimestamp(created, dt.timezone.utc)
+        if isinstance(created, (int, float)) else None,
+        status=status if not problems or status in BAD_STATUSES else "invalid",
+        reason=str(manifest.get("reason", "")),
+        problems=tuple(problems),
+        manifest=manifest,
+    )
+
+
+def scan(storage: Storage, *, check_files: bool = True) -> list[CheckpointInfo]:
+    """Every ``step-*`` directory of the run that has a manifest, ordered by step number."""
+    out = []
+    for name in storage.listdir(""):
+        if parse_step(name) is None or not storage.exists(join(name, MANIFEST)):
+            continue
+        out.append(info_for(storage, name, check_files=check_files))
+    out.sort(key=lambda c: c.step)
+    return out
+
+
+def find_debris(storage: Storage) -> list[str]:
+    """Names under the run that are leftovers of interrupted saves or deletes."""
+    debris = []
+    for name in storage.listdir(""):
+        if name.startswith((".tmp-", ".trash-")):
+            debris.append(name)
+        elif parse_step(name) is not None and not storage.exists(join(name, MANIFEST)):
+            debris.append(name)
+    return debris
+
+
+def name_for(step: int) -> str:
+    return checkpoint_name(step)

@@ -1,0 +1,69 @@
+"""``ckptguard inspect CKPT``: what a checkpoint holds and where it came from."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.table import Table
+
+from ckptguard.catalog import read_manifest
+from ckptguard.cli.common import add_json_flag, console, human_bytes, print_json
+from ckptguard.verify import resolve_target
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="show a checkpoint's manifest, files and tensors")
+    p.add_argument("ckpt", help="checkpoint directory (RUN/step-000001200) or a run (its newest)")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    storage, names = resolve_target(args.ckpt)
+    if not names:
+        from ckptguard.errors import CheckpointNotFoundError
+
+        raise CheckpointNotFoundError(f"No checkpoint in {storage.describe('')}.")
+    name = names[-1]
+    m = read_manifest(storage, name)
+    if args.json:
+        print_json(m)
+        return 0
+    c = console()
+    env = m.get("environment") or {}
+    git = env.get("git") or {}
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    rows = [
+        ("checkpoint", storage.describe(name)),
+        ("step", str(m["step"])),
+        ("created", f"{m.get('created')}  (save took {m.get('save_seconds', 0):.3f}s, reason: {m.get('reason', '')})"),
+        ("format", f"{m.get('format')} v{m.get('format_version')}, checksum {m.get('checksum')}"),
+        ("verification", str((m.get("verification") or {}).get("status"))),
+        ("metrics", ", ".join(f"{k}={v}" for k, v in (m.get("metrics") or {}).items()) or "-"),
+        ("config hash", str(m.get("config_hash"))),
+        ("git", f"{git.get('commit', '?')[:12]}{' (dirty)' if git.get('dirty') else ''}" if git else "not a git work tree"),
+        ("versions", f"python {env.get('python')}, torch {env.get('torch')}, numpy {env.get('numpy')}, ckptguard {env.get('ckptguard')}"),
+        ("host / device", f"{env.get('host')} / {env.get('device')}"),
+    ]
+    for k, v in rows:
+        head.add_row(k, v)
+    c.print(head)
+    t = Table(title="files")
+    for col in ("file", "kind", "size", "tensors", "xxh3-128"):
+        t.add_column(col)
+    for fname, e in m["files"].items():
+        t.add_row(fname, e["kind"], human_bytes(e["size"]), str(len(e.get("tensors", {})) or ""), e.get("xxh3_128", "")[:16])
+    c.print(t)
+    if args.tensors:
+        tt = Table(title="tensors")
+        for col in ("file", "name", "dtype", "shape"):
+            tt.add_column(col)
+        for fname, e in m["files"].items():
+            for tname, info in e.get("tensors", {}).items():
+                tt.add_row(fname, tname, info["dtype"], str(tuple(info["shape"])))
+        c.print(tt)
+    return 0

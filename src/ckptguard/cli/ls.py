@@ -1,0 +1,65 @@
+"""``ckptguard ls RUN``: the checkpoints of a run, newest last."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.table import Table
+
+from ckptguard.catalog import find_debris, scan
+from ckptguard.cli.common import add_json_flag, console, human_bytes, print_json
+from ckptguard.errors import CheckpointNotFoundError
+from ckptguard.storage import open_storage
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("ls", help="list the checkpoints of a run")
+    p.add_argument("run", help="run directory or URL")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    storage = open_storage(args.run)
+    if not storage.isdir(""):
+        raise CheckpointNotFoundError(f"{storage.describe('')} does not exist. Check the run directory.")
+    ckpts = scan(storage)
+    debris = find_debris(storage)
+    if args.json:
+        print_json(
+            {
+                "run": storage.describe(""),
+                "checkpoints": [
+                    {
+                        "step": c.step, "name": c.name, "path": c.path, "valid": c.valid,
+                        "status": c.status, "reason": c.reason, "size_bytes": c.size_bytes,
+                        "created": c.created.isoformat() if c.created else None,
+                        "metrics": c.metrics, "problems": list(c.problems),
+                    }
+                    for c in ckpts
+                ],
+                "debris": debris,
+            }
+        )
+        return 0
+    metric_names = sorted({k for c in ckpts for k in c.metrics})[:4]
+    t = Table(title=f"{storage.describe('')}: {len(ckpts)} checkpoint(s)")
+    for col in ("step", "created (UTC)", "size", "status", "reason", *metric_names):
+        t.add_column(col, justify="right" if col in ("step", "size") or col in metric_names else "left")
+    for c in ckpts:
+        style = None if c.valid else "red"
+        vals = [f"{c.metrics[m]:.4g}" if isinstance(c.metrics.get(m), float) else str(c.metrics.get(m, "")) for m in metric_names]
+        t.add_row(
+            str(c.step),
+            c.created.strftime("%Y-%m-%d %H:%M:%S") if c.created else "?",
+            human_bytes(c.size_bytes),
+            c.status if c.valid else f"{c.status}: {'; '.join(c.problems)[:60]}",
+            c.reason,
+            *vals,
+            style=style,
+        )
+    console().print(t)
+    if debris:
+        console().print(f"[yellow]{len(debris)} leftover(s) of interrupted saves[/] (removed by the next save or 'ckptguard prune'): {', '.join(debris)}")
+    return 0

@@ -1,0 +1,44 @@
+"""``ckptguard verify CKPT|RUN``: check every byte; exit 0 only when everything is sound."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.progress import Progress
+from rich.table import Table
+
+from ckptguard.cli.common import add_json_flag, console, human_bytes, print_json
+from ckptguard.verify import resolve_target, verify
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("verify", help="verify one checkpoint or every checkpoint of a run")
+    p.add_argument("target", help="checkpoint directory or run directory (URLs too)")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    _, names = resolve_target(args.target)
+    if args.json:
+        report = verify(args.target)
+        print_json(report.to_json())
+        return 0 if report.ok else 1
+    with Progress(transient=True, console=console()) as prog:
+        task = prog.add_task("verifying", total=max(len(names), 1))
+        report = verify(args.target, progress=lambda n: prog.update(task, advance=1, description=f"verifying {n}"))
+    t = Table(title=f"verify {report.target}")
+    for col in ("checkpoint", "files", "size", "result"):
+        t.add_column(col)
+    for c in report.checkpoints:
+        result = "[green]ok[/]" if c.ok else "[red]" + "; ".join(p.message.split(". ")[0] for p in c.problems)[:120] + "[/]"
+        t.add_row(c.name, str(c.files), human_bytes(c.bytes), result)
+    console().print(t)
+    if report.ok:
+        console().print(f"[green]all {len(report.checkpoints)} checkpoint(s) sound[/]")
+    else:
+        console().print(f"[red]{len(report.problems)} problem(s):[/]")
+        for p in report.problems:
+            console().print(f"  {p}", highlight=False)
+    return 0 if report.ok else 1

@@ -1,0 +1,88 @@
+"""The one error hierarchy of ckptguard.
+
+Every error the library raises on purpose derives from :class:`CheckpointError`. Subclasses also
+inherit the matching builtin where one exists, so ``except FileNotFoundError`` keeps working.
+Messages carry the path, what was expected and what was found, and the next step to take.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "FormatVersionError",
+    "StateMismatchError",
+    "UnsupportedStateError",
+    "StorageError",
+    "DiskFullError",
+    "StoragePermissionError",
+    "RunLockedError",
+    "AsyncSaveError",
+    "TrainingDivergedError",
+]
+
+
+class CheckpointError(Exception):
+    """Base of every error ckptguard raises on purpose."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A run, a checkpoint or a file inside one does not exist."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Stored bytes do not match what the manifest recorded (bit rot, truncation, torn write)."""
+
+    def __init__(self, message: str, *, path: str = "", file: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.file = file
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """A checkpoint tries to escape its directory or carries a hostile header: refused."""
+
+
+class FormatVersionError(CheckpointError):
+    """A checkpoint was written by a newer (or unknown) format version."""
+
+
+class StateMismatchError(CheckpointError, KeyError):
+    """The checkpoint does not fit the objects being restored (keys, shapes, dtypes, groups)."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedStateError(CheckpointError, TypeError):
+    """A state holds something that cannot be stored without pickle (a lambda, an open file...)."""
+
+
+class StorageError(CheckpointError, OSError):
+    """The storage underneath failed (I/O error, missing directory, read-only filesystem)."""
+
+
+class DiskFullError(StorageError):
+    """No space left on the device (ENOSPC) or quota exceeded (EDQUOT)."""
+
+
+class StoragePermissionError(StorageError, PermissionError):
+    """The process may not read or write a path it needs."""
+
+
+class RunLockedError(CheckpointError):
+    """Another live process is writing to the same run directory."""
+
+
+class AsyncSaveError(CheckpointError):
+    """A background save failed; raised on the next save(), wait() or close()."""
+
+
+class TrainingDivergedError(CheckpointError):
+    """Loss or gradients went non-finite or spiked more often than the retry limit allows."""

@@ -1,0 +1,481 @@
+"""CheckpointManager: wires storage, capture, the commit protocol, policies and verification.
+
+>>> mgr = CheckpointManager("runs/exp1", every_steps=500, retention=Retention(keep_last=3))
+>>> step = mgr.restore(state)             # newest valid checkpoint, or None for a fresh run
+>>> with mgr.preemption_guard():
+...     for step in range(step or 0, total):
+...         loss = train_step()
+...         mgr.save(step + 1, state, metrics={"loss": loss})   # saves only when due
+>>> mgr.close()                          # waits for async saves and raises their errors
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures as cf
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, mark_status, scan
+from ckptguard.environment import collect_environment
+from ckptguard.errors import (
+    AsyncSaveError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StoragePermissionError,
+)
+from ckptguard.lock import RunLock
+from ckptguard.manifest import checkpoint_name
+from ckptguard.metrics_log import MetricsLog
+from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
+from ckptguard.reader import CheckpointReader
+from ckptguard.retention import Retention, plan_retention
+from ckptguard.schedule import SaveSchedule
+from ckptguard.staging import Stager
+from ckptguard.state import Snapshot, TrainState, capture, restore_state
+from ckptguard.storage import Storage, open_storage
+from ckptguard.writer import clean_debris, delete_checkpoint, write_checkpoint
+
+__all__ = ["CheckpointManager", "RUN_FILE"]
+
+log = logging.getLogger(__name__)
+RUN_FILE = "ckptguard.json"
+
+
+def _wait_at_exit(ref: weakref.ReferenceType[CheckpointManager]) -> None:
+    mgr = ref()
+    if mgr is not None:
+        try:
+            mgr.close()
+        except CheckpointError as e:
+            log.error("A pending checkpoint save failed at exit: %s", e)
+
+
+class CheckpointManager:
+    """Saves, restores and curates the checkpoints of one run directory.
+
+    Args:
+        directory: local path, ``file://`` URL, any fsspec URL (``s3://bucket/prefix``), or a
+            Storage object.
+        every_steps / every_seconds: when ``save()`` saves (either fires); ``force=True`` always.
+        retention: what to keep (default: keep everything).
+        async_save: ``save()`` copies the state to reused host buffers and returns; a background
+            thread writes, checksums and commits. Errors surface on the next save/wait/close.
+        probe: optional probe batch for behavioural verification.
+        verify_on_restore: check every byte against the manifest's checksums when restoring.
+        storage_options: passed to fsspec for URLs.
+        lock: take the run's writer lock (one writing process per run).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | Storage,
+        *,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        retention: Retention | None = None,
+        async_save: bool = False,
+        probe: Any = None,
+        verify_on_restore: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        lock: bool = True,
+    ) -> None:
+        self.storage: Storage = open_storage(directory, storage_options)
+        self.schedule = SaveSchedule(every_steps, every_seconds)
+        self.retention = retention if retention is not None else Retention()
+        if not isinstance(self.retention, Retention):
+            raise TypeError(f"retention must be a ckptguard.Retention, got {type(retention).__name__}")
+        self.async_save = bool(async_save)
+        self.probe = probe
+        self.verify_on_restore = verify_on_restore
+        self.resumed_from: int | None = None
+        self.last_saved_step: int | None = None
+        self.last_save_seconds: float | None = None
+        self.last_blocked_seconds: float | None = None
+        self.metrics_log = MetricsLog(self.storage)
+        self._lock = RunLock(self.storage) if lock else None
+        self._locked = False
+        self._environment: dict[str, Any] | None = None
+        self._executor: cf.ThreadPoolExecutor | None = None
+        self._pending: cf.Future[dict[str, Any]] | None = None
+        self._async_error: BaseException | None = None
+        self._stager = Stager()
+        self._guard: PreemptionGuard | None = None
+        self._closed = False
+        self._debris_cleaned = False
+        self._post_commit: list[Callable[[dict[str, Any]], None]] = []
+        self._manifest_fields: list[Callable[[int, TrainState], Mapping[str, Any]]] = []
+        self._acquire_lock(quiet=True)
+        atexit.register(_wait_at_exit, weakref.ref(self))
+
+    # ---- context manager ----------------------------------------------------------------------
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except CheckpointError as e:
+                log.error("While closing after an error: %s", e)
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.storage.url!r})"
+
+    # ---- lock ---------------------------------------------------------------------------------
+
+    def _acquire_lock(self, *, quiet: bool = False) -> None:
+        if self._lock is None or self._locked:
+            return
+        try:
+            self._lock.acquire()
+            self._locked = True
+        except StoragePermissionError:
+            if not quiet:
+                raise
+            log.info("%s is not writable; restore works, saving will fail.", self.storage.url)
+
+    # ---- listing ------------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """All committed checkpoints of the run, oldest first (by step number)."""
+        return scan(self.storage)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest valid checkpoint, or None."""
+        valid = [c for c in self.checkpoints() if c.valid]
+        return valid[-1] if valid else None
+
+    # ---- save ---------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        return self.schedule.due(step)
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save when due (or forced, or preempted); return whether a checkpoint was started.
+
+        Metrics given at every call go to ``metrics.csv``. If a preemption signal arrived, this
+        call saves synchronously, waits until it is durable and exits the process.
+        """
+        self._check_open()
+        self._raise_async_error()
+        if metrics:
+            self.metrics_log.record(step, metrics)
+        preempted = self._guard is not None and self._guard.poll()
+        if not (force or preempted or self.schedule.due(step)):
+            return False
+        if preempted:
+            assert self._guard is not None
+            self._preemption_exit(step, state, metrics)
+        self._save_now(step, state, metrics, reason="forced" if force and not self.schedule.due(step) else "periodic")
+        return True
+
+    def _preemption_exit(self, step: int, state: TrainState, metrics: Mapping[str, Any] | None) -> None:
+        assert self._guard is not None
+        reason = self._guard.reason or "preemption"
+        log.warning("Preemption (%s): saving step %d synchronously, then exiting.", reason, step)
+        self.wait()
+        if self.last_saved_step != step:
+            self._save_now(step, state, metrics, reason="preemption", sync=True, extra={"preemption": reason})
+        code = self._guard.resolved_exit_code()
+        self.close()
+        sys.exit(code)
+
+    def _fields(self, step: int, state: TrainState, snap: Snapshot, metrics: Mapping[str, Any] | None, reason: str) -> dict[str, Any]:
+        if self._environment is None:
+            self._environment = collect_environment()
+        fields: dict[str, Any] = {
+            "reason": reason,
+            "metrics": _plain_metrics(metrics),
+            "config_hash": snap.config_hash,
+            "environment": self._environment,
+            "probe": None,
+            "verification": {"status": "unverified"},
+            "resumed_from": self.resumed_from,
+            "extra": {},
+        }
+        for provider in self._manifest_fields:
+            fields.update(provider(step, state))
+        return fields
+
+    def _save_now(
+        self,
+        step: int,
+        state: TrainState,
+        metrics: Mapping[str, Any] | None,
+        *,
+        reason: str,
+        sync: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._acquire_lock()
+        t0 = time.perf_counter()
+        snap = capture(state, step)
+        fields = self._fields(step, state, snap, metrics, reason)
+        if extra:
+            fields["extra"].update(extra)
+        blobs = {"state.json": json.dumps(snap.state, separators=(",", ":")).encode()}
+        if snap.config_yaml is not None:
+            blobs["config.yaml"] = snap.config_yaml
+        if self.async_save and not sync:
+            if self._pending is not None and not self._pending.done():
+                w0 = time.perf_counter()
+                self._pending_result()
+                log.info("save(step=%d) waited %.3fs for the previous async save", step, time.perf_counter() - w0)
+            else:
+                self._pending_result()
+            files = self._stager.stage(snap.tensor_files)
+            blocked = time.perf_counter() - t0
+            fields["blocked_seconds"] = round(blocked, 6)
+            self.last_blocked_seconds = blocked
+            self.schedule.saved()
+            if self._executor is None:
+                self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptguard-save")
+            self._pending = self._executor.submit(self._write_and_commit, step, files, blobs, fields, t0)
+        else:
+            self.wait()
+            self._write_and_commit(step, snap.tensor_files, blobs, fields, t0)
+            self.last_blocked_seconds = time.perf_counter() - t0
+            self.schedule.saved()
+
+    def _write_and_commit(
+        self,
+        step: int,
+        files: Mapping[str, Mapping[str, torch.Tensor]],
+        blobs: Mapping[str, bytes],
+        fields: dict[str, Any],
+        t0: float,
+    ) -> dict[str, Any]:
+        if not self._debris_cleaned:
+            clean_debris(self.storage)
+            self._debris_cleaned = True
+        if self._lock is not None:
+            self._lock.refresh()
+        fields = dict(fields)
+        manifest = write_checkpoint(self.storage, step, files, blobs, fields)
+        self.last_saved_step = step
+        self.last_save_seconds = time.perf_counter() - t0
+        log.info("Saved %s in %.3fs", self.storage.describe(checkpoint_name(step)), self.last_save_seconds)
+        self._after_commit(manifest)
+        return manifest
+
+    def _after_commit(self, manifest: dict[str, Any]) -> None:
+        self.metrics_log.flush()
+        self._record_run()
+        for hook in self._post_commit:
+            hook(manifest)
+        self._apply_retention()
+
+    def _record_run(self) -> None:
+        from ckptguard.storage.base import join  # noqa: F401 - keeps the import local
+
+        record = {"format_version": 1, "retention": self.retention.to_json(), "updated": time.time()}
+        try:
+            self.storage.replace_file(RUN_FILE, json.dumps(record, indent=1).encode())
+        except CheckpointError as e:
+            log.warning("Could not record the run's policy in %s: %s", RUN_FILE, e)
+
+    def protected_steps(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        if self.resumed_from is not None:
+            out[self.resumed_from] = "resumed from"
+        return out
+
+    def _apply_retention(self) -> list[int]:
+        if self.retention.keeps_everything:
+            return []
+        decisions = plan_retention(self.checkpoints(), self.retention, protected=self.protected_steps())
+        deleted = []
+        for d in decisions:
+            if not d.keep:
+                try:
+                    delete_checkpoint(self.storage, d.name)
+                    deleted.append(d.step)
+                    log.info("Retention deleted %s (%s)", d.name, "; ".join(d.reasons))
+                except CheckpointError as e:
+                    log.warning("Retention could not delete %s: %s", d.name, e)
+        return deleted
+
+    # ---- async plumbing -----------------------------------------------------------------------
+
+    def _pending_result(self) -> None:
+        fut, self._pending = self._pending, None
+        if fut is None:
+            return
+        try:
+            fut.result()
+        except BaseException as e:  # noqa: BLE001 - re-raised as AsyncSaveError
+            self._async_error = e
+        self._raise_async_error()
+
+    def _raise_async_error(self) -> None:
+        if self._pending is not None and self._pending.done():
+            self._pending_result()
+            return
+        err, self._async_error = self._async_error, None
+        if err is not None:
+            raise AsyncSaveError(
+                f"A background save to {self.storage.url} failed: {err}. The checkpoints already "
+                "committed are intact; fix the cause and save again."
+            ) from err
+
+    def wait(self) -> None:
+        """Block until the pending async save is durable; raise its error if it failed."""
+        self._pending_result()
+
+    def close(self) -> None:
+        """Wait for pending saves, flush metrics, release the lock. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            with contextlib.suppress(CheckpointError):
+                self.metrics_log.flush()
+            if self._guard is not None:
+                self._guard.uninstall()
+            if self._lock is not None and self._locked:
+                self._lock.release()
+                self._locked = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"{self!r} is closed; create a new CheckpointManager.")
+
+    # ---- restore ------------------------------------------------------------------------------
+
+    def restore(self, state: TrainState, step: int | None = None, strict: bool = True) -> int | None:
+        """Restore the newest valid checkpoint (or exactly ``step``); return its step or None.
+
+        A checkpoint that fails verification is logged, marked corrupt and skipped; the next
+        older one is tried. Returns None only when the run has no checkpoint at all.
+        """
+        self._check_open()
+        self.wait()
+        ckpts = self.checkpoints()
+        if step is not None:
+            chosen = [c for c in ckpts if c.step == step]
+            if not chosen:
+                have = ", ".join(str(c.step) for c in ckpts[-10:]) or "none"
+                raise CheckpointNotFoundError(
+                    f"No checkpoint for step {step} in {self.storage.url} (steps available: {have}). "
+                    "Run 'ckptguard ls' to list them."
+                )
+            candidates = chosen
+        else:
+            candidates = [c for c in reversed(ckpts) if c.status not in BAD_STATUSES]
+        failures: list[str] = []
+        for c in candidates:
+            if c.problems or c.manifest is None:
+                msg = f"{c.path}: " + "; ".join(c.problems)
+                failures.append(msg)
+                log.warning("Skipping checkpoint %s: %s", c.path, "; ".join(c.problems))
+                if c.status != "invalid" or c.manifest is not None:
+                    mark_status(self.storage, c.name, "corrupt", "; ".join(c.problems))
+                continue
+            reader = CheckpointReader(self.storage, c.name, c.manifest)
+            try:
+                restore_state(state, _VerifyingReader(reader, self.verify_on_restore), strict=strict)
+            except CorruptCheckpointError as e:
+                failures.append(str(e))
+                log.warning(
+                    "Checkpoint %s is corrupt (%s): %s. Falling back to the previous one.",
+                    c.path, e.file or "?", e,
+                )
+                mark_status(self.storage, c.name, "corrupt", str(e))
+                continue
+            if failures:
+                log.warning("Restored step %d from %s after skipping %d corrupt checkpoint(s).", c.step, c.path, len(failures))
+            else:
+                log.info("Restored step %d from %s", c.step, c.path)
+            self.resumed_from = c.step
+            self.last_saved_step = c.step
+            self.schedule.saved()
+            return c.step
+        if failures:
+            raise CorruptCheckpointError(
+                f"No valid checkpoint in {self.storage.url}: {len(failures)} failed verification:\n  "
+                + "\n  ".join(failures[:10])
+                + "\nRun 'ckptguard verify' on the run for details. The live objects may hold "
+                "partially restored values: re-create them before training from scratch.",
+                path=self.storage.url,
+            )
+        return None
+
+    # ---- preemption ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def preemption_guard(
+        self,
+        signals: tuple[int, ...] = DEFAULT_SIGNALS,
+        *,
+        exit_code: int | None = None,
+        pollers: tuple[Callable[[], bool], ...] = (),
+        poll_seconds: float = 5.0,
+    ) -> Iterator[PreemptionGuard]:
+        """Catch preemption signals for the duration of the block (see ckptguard.preemption)."""
+        guard = PreemptionGuard(signals, exit_code=exit_code, pollers=pollers, poll_seconds=poll_seconds)
+        guard.install()
+        previous, self._guard = self._guard, guard
+        try:
+            yield guard
+        finally:
+            guard.uninstall()
+            self._guard = previous
+
+
+class _VerifyingReader:
+    """Passes the manager's verify_on_restore choice to tensor reads."""
+
+    def __init__(self, inner: CheckpointReader, verify: bool) -> None:
+        self._inner = inner
+        self._verify = verify
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def tensors(self, fname: str, **kw: Any) -> dict[str, torch.Tensor]:
+        kw.setdefault("verify", self._verify)
+        return self._inner.tensors(fname, **kw)
+
+
+def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool):
+            out[str(k)] = v
+        elif isinstance(v, (int, float)):
+            out[str(k)] = v if v == v and abs(v) != float("inf") else str(v)
+        elif isinstance(v, str):
+            out[str(k)] = v
+        else:
+            try:
+                out[str(k)] = float(v)
+            except (TypeError, ValueError):
+                continue
+    return out

@@ -1,0 +1,163 @@
+"""Reading a committed checkpoint back, verifying every byte against its manifest.
+
+File kinds are pluggable: ``READERS[kind]`` reads tensors of a file entry and ``VERIFIERS[kind]``
+checks one without keeping data. ``blob`` files are small (JSON, YAML) and read whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from ckptguard.storage.base import Storage, join
+from ckptguard.tensorfile import digest_bytes, read_tensor_file
+
+__all__ = ["CheckpointReader", "READERS", "VERIFIERS", "verify_files"]
+
+TensorReader = Callable[..., dict[str, torch.Tensor]]
+
+
+def _read_local_tensors(
+    storage: Storage,
+    ckpt: str,
+    fname: str,
+    entry: Mapping[str, Any],
+    *,
+    targets: Mapping[str, torch.Tensor] | None = None,
+    names: Iterable[str] | None = None,
+    verify: bool = True,
+    keep: bool = True,
+) -> dict[str, torch.Tensor]:
+    rel = join(ckpt, fname)
+    where = storage.describe(rel)
+    if storage.is_symlink(rel):
+        raise UnsafeCheckpointError(f"{where} is a symbolic link; refusing to follow it.", path=where)
+    size = storage.size(rel)
+    if size != entry["size"]:
+        raise CorruptCheckpointError(
+            f"{where} is {size} bytes, the manifest recorded {entry['size']}: the file was "
+            "truncated or overwritten.",
+            path=where,
+            file=fname,
+        )
+    with storage.open_read(rel) as fh:
+        try:
+            return read_tensor_file(
+                fh, entry, where, targets=targets, names=names, verify=verify, keep=keep
+            )
+        except CorruptCheckpointError as e:
+            e.file = fname
+            raise
+
+
+READERS: dict[str, TensorReader] = {"tensors": _read_local_tensors}
+
+
+def _verify_tensors(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> None:
+    reader = READERS[entry["kind"]]
+    reader(storage, ckpt, fname, entry, keep=False)
+
+
+def _verify_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> None:
+    read_blob(storage, ckpt, fname, entry)
+
+
+VERIFIERS: dict[str, Callable[[Storage, str, str, Mapping[str, Any]], None]] = {
+    "tensors": _verify_tensors,
+    "blob": _verify_blob,
+}
+
+
+def read_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> bytes:
+    rel = join(ckpt, fname)
+    where = storage.describe(rel)
+    if storage.is_symlink(rel):
+        raise UnsafeCheckpointError(f"{where} is a symbolic link; refusing to follow it.", path=where)
+    size = storage.size(rel)
+    if size != entry["size"]:
+        raise CorruptCheckpointError(
+            f"{where} is {size} bytes, the manifest recorded {entry['size']}.", path=where, file=fname
+        )
+    data = storage.read_bytes(rel)
+    if digest_bytes(data) != entry["xxh3_128"]:
+        raise CorruptCheckpointError(
+            f"{where} does not match its checksum in the manifest: the bytes changed after the "
+            "save (bit rot or tampering).",
+            path=where,
+            file=fname,
+        )
+    return data
+
+
+def verify_files(
+    storage: Storage, ckpt: str, manifest: Mapping[str, Any]
+) -> list[tuple[str, str]]:
+    """Check every file of a checkpoint; return ``(file, problem)`` pairs (empty when sound)."""
+    problems = []
+    for fname, entry in manifest["files"].items():
+        try:
+            VERIFIERS[entry["kind"]](storage, ckpt, fname, entry)
+        except CheckpointError as e:
+            problems.append((fname, str(e)))
+    return problems
+
+
+class CheckpointReader:
+    """Verified access to the files of one committed checkpoint."""
+
+    def __init__(self, storage: Storage, name: str, manifest: dict[str, Any]) -> None:
+        self.storage = storage
+        self.name = name
+        self.manifest = manifest
+
+    @property
+    def where(self) -> str:
+        return self.storage.describe(self.name)
+
+    def has(self, fname: str) -> bool:
+        return fname in self.manifest["files"]
+
+    def blob(self, fname: str) -> bytes:
+        entry = self.manifest["files"].get(fname)
+        if entry is None or entry["kind"] != "blob":
+            raise CorruptCheckpointError(
+                f"{self.where}: the manifest lists no file {fname!r}.", path=self.where, file=fname
+            )
+        return read_blob(self.storage, self.name, fname, entry)
+
+    def json(self, fname: str) -> Any:
+        raw = self.blob(fname)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CorruptCheckpointError(
+                f"{self.storage.describe(join(self.name, fname))} is not valid JSON ({e}).",
+                path=self.where,
+                file=fname,
+            ) from e
+
+    def tensor_table(self, fname: str) -> dict[str, dict[str, Any]]:
+        entry = self.manifest["files"].get(fname)
+        return dict(entry["tensors"]) if entry and "tensors" in entry else {}
+
+    def tensors(
+        self,
+        fname: str,
+        *,
+        targets: Mapping[str, torch.Tensor] | None = None,
+        names: Iterable[str] | None = None,
+        verify: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        entry = self.manifest["files"].get(fname)
+        if entry is None:
+            return {}
+        reader = READERS.get(entry["kind"])
+        if reader is None:
+            raise CorruptCheckpointError(
+                f"{self.where}: {fname} is not a tensor file.", path=self.where, file=fname
+            )
+        return reader(self.storage, self.name, fname, entry, targets=targets, names=names, verify=verify)

@@ -1,0 +1,304 @@
+"""ResumableSampler, and the DataLoader bookkeeping that makes mid-epoch resume exact.
+
+Two traps stand between a DataLoader and an exact resume, and this module handles both:
+
+1. Prefetching. With ``num_workers > 0`` the loader pulls indices from the sampler ahead of the
+   training loop, so the sampler's own count is ahead of what the loop consumed. A DataLoader
+   handed to :class:`~ckptguard.TrainState` is tracked: we count the batches the loop received.
+2. The global RNG. Creating a DataLoader iterator draws its base seed (which also seeds its
+   workers) from torch's global generator. In an uninterrupted run that draw happens at the start
+   of the epoch; after a mid-epoch restore the loop re-creates the iterator mid-epoch, and the draw
+   would shift the stream dropout then uses. On the first iterator after a mid-epoch restore we
+   draw the base seed from a copy of the generator state recorded when the original iterator was
+   created: the workers get the very same seed and the global stream is left untouched.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+__all__ = ["ResumableSampler", "track_dataloader", "loader_state", "load_loader_state"]
+
+log = logging.getLogger(__name__)
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded (optionally shuffled, optionally sharded) sampler that resumes mid-epoch in O(1).
+
+    Epoch ``e`` visits ``randperm(n, seed + e)`` (or ``range(n)``), split across ``num_replicas``
+    like ``DistributedSampler``. The epoch advances by itself when an epoch is exhausted;
+    ``set_epoch`` is accepted too. Seen samples are never replayed after a resume.
+
+    >>> s = ResumableSampler(range(10), shuffle=True, seed=0)
+    >>> first = list(s)                      # epoch 0
+    >>> s.epoch
+    1
+    """
+
+    def __init__(
+        self,
+        data_source: Sized | int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        n = data_source if isinstance(data_source, int) else len(data_source)
+        if n < 0:
+            raise ValueError(f"dataset length must be >= 0, got {n}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
+        self.dataset_len = int(n)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.drop_last = bool(drop_last)
+        if drop_last:
+            self.num_samples = n // num_replicas
+        else:
+            self.num_samples = math.ceil(n / num_replicas) if n else 0
+        self.epoch = 0
+        self._start = 0
+        self._yielded = 0  # position reached in the current epoch (this rank's list)
+        self._compensate: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch``."""
+        n = self.dataset_len
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            idx = torch.randperm(n, generator=g).tolist()
+        else:
+            idx = list(range(n))
+        total = self.num_samples * self.num_replicas
+        if total > len(idx) and idx:
+            idx += (idx * math.ceil(total / len(idx)))[: total - len(idx)]
+        idx = idx[:total]
+        return idx[self.rank : total : self.num_replicas]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select an epoch. A resumed position is kept when ``epoch`` is the current one."""
+        if epoch != self.epoch:
+            self.epoch = int(epoch)
+            self._start = 0
+            self._yielded = 0
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self.epoch, self._start
+        order = self.order(epoch)
+        self._yielded = start
+        return self._gen(order, epoch, start)
+
+    def _gen(self, order: list[int], epoch: int, start: int) -> Iterator[int]:
+        if self._compensate is not None:
+            self._undo_iterator_seed_draw(self._compensate)
+            self._compensate = None
+        for i in range(start, len(order)):
+            self._yielded = i + 1
+            yield order[i]
+        if self.epoch == epoch:
+            self.epoch = epoch + 1
+            self._start = 0
+            self._yielded = 0
+
+    def expect_resume_iterator(self, rng_after_restore: torch.Tensor) -> None:
+        """Arm the sampler-only fix for the DataLoader RNG trap (see module docstring).
+
+        Called after a mid-epoch restore when no DataLoader is tracked: if, when iteration starts,
+        exactly one int64 draw (a DataLoader's base seed) moved the global generator away from the
+        restored state, that draw is undone.
+        """
+        self._compensate = rng_after_restore
+
+    @staticmethod
+    def _undo_iterator_seed_draw(expected: torch.Tensor) -> None:
+        g = torch.Generator()
+        g.set_state(expected)
+        torch.empty((), dtype=torch.int64).random_(generator=g)
+        if torch.equal(g.get_state(), torch.get_rng_state()):
+            torch.set_rng_state(expected)
+
+    @property
+    def position(self) -> int:
+        """Samples of the current epoch already handed out (this rank)."""
+        return self._yielded
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, pos = self.epoch, self._yielded
+        if pos >= self.num_samples and self.num_samples:
+            epoch, pos = epoch + 1, 0
+        return self._state(epoch, pos)
+
+    def _state(self, epoch: int, pos: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "start": pos,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_replicas": self.num_replicas,
+            "rank": self.rank,
+            "dataset_len": self.dataset_len,
+            "num_samples": self.num_samples,
+            "global_consumed": pos * self.num_replicas,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, start = int(state["epoch"]), int(state["start"])
+        if int(state.get("dataset_len", self.dataset_len)) != self.dataset_len:
+            log.warning(
+                "Sampler: the dataset had %s samples when saved and has %d now; the resumed "
+                "epoch order differs from the original run.",
+                state.get("dataset_len"), self.dataset_len,
+            )
+        for field in ("seed", "shuffle"):
+            if field in state and state[field] != getattr(self, field):
+                log.warning(
+                    "Sampler: %s was %r when saved and is %r now; the data order changes.",
+                    field, state[field], getattr(self, field),
+                )
+        old_r = int(state.get("num_replicas", self.num_replicas))
+        if old_r != self.num_replicas:
+            start = int(state.get("global_consumed", start * old_r)) // self.num_replicas
+            log.info(
+                "Sampler: resharding from %d to %d replicas; resuming at position %d of epoch %d.",
+                old_r, self.num_replicas, start, epoch,
+            )
+        self.epoch = epoch
+        self._start = min(start, self.num_samples)
+        self._yielded = self._start
+
+
+# ---- DataLoader tracking -------------------------------------------------------------------
+
+
+class _Tracker:
+    """Per-DataLoader record of the live iterator: where it started and what the loop consumed."""
+
+    def __init__(self, sampler: ResumableSampler, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.active = False
+        self.epoch = 0
+        self.start = 0
+        self.consumed = 0
+        self.pre_iter_rng: torch.Tensor | None = None
+        self.replay_rng: torch.Tensor | None = None
+
+
+class _CountingIterator:
+    def __init__(self, inner: Iterator[Any], tracker: _Tracker) -> None:
+        self._inner = inner
+        self._tracker = tracker
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self._inner)
+        self._tracker.consumed += 1
+        return item
+
+    def __len__(self) -> int:
+        return len(self._inner)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _tracked_iter(self: DataLoader) -> Iterator[Any]:
+    tracker: _Tracker = self._ckptguard_tracker  # type: ignore[attr-defined]
+    sampler = tracker.sampler
+    if tracker.replay_rng is not None:
+        pre = tracker.replay_rng
+        tracker.replay_rng = None
+        replay = torch.Generator()
+        replay.set_state(pre)
+        original = self.generator
+        self.generator = replay
+        try:
+            inner = super(type(self), self).__iter__()
+        finally:
+            self.generator = original
+    else:
+        pre = self.generator.get_state() if self.generator is not None else torch.get_rng_state()
+        inner = super(type(self), self).__iter__()
+    tracker.active = True
+    tracker.epoch, tracker.start, tracker.consumed = sampler.epoch, sampler._start, 0
+    tracker.pre_iter_rng = pre
+    return _CountingIterator(inner, tracker)
+
+
+def _find_sampler(loader: DataLoader) -> tuple[ResumableSampler | None, int]:
+    bs = loader.batch_sampler
+    inner = getattr(bs, "sampler", None)
+    if isinstance(inner, ResumableSampler):
+        return inner, int(getattr(bs, "batch_size", 1) or 1)
+    if isinstance(loader.sampler, ResumableSampler):
+        return loader.sampler, int(loader.batch_size or 1)
+    return None, 1
+
+
+def track_dataloader(loader: DataLoader) -> _Tracker:
+    """Start tracking ``loader`` (idempotent). Its sampler must be a ResumableSampler."""
+    existing = getattr(loader, "_ckptguard_tracker", None)
+    if existing is not None:
+        return existing  # type: ignore[no-any-return]
+    sampler, batch_size = _find_sampler(loader)
+    if sampler is None:
+        from ckptguard.errors import UnsupportedStateError
+
+        raise UnsupportedStateError(
+            "TrainState(dataloader=...) needs a DataLoader whose sampler is "
+            "ckptguard.ResumableSampler: DataLoader(ds, batch_size=..., "
+            "sampler=ckptguard.ResumableSampler(ds, shuffle=True, seed=0))."
+        )
+    cls = type(loader)
+    tracked_cls = type(f"Resumable{cls.__name__}", (cls,), {"__iter__": _tracked_iter})
+    tracker = _Tracker(sampler, batch_size)
+    loader._ckptguard_tracker = tracker  # type: ignore[attr-defined]
+    loader.__class__ = tracked_cls
+    return tracker
+
+
+def loader_state(tracker: _Tracker, generator: torch.Generator | None) -> dict[str, Any]:
+    """The position the training loop reached (not the prefetcher), plus RNG for the replay."""
+    s = tracker.sampler
+    if tracker.active:
+        epoch = tracker.epoch
+        pos = min(tracker.start + tracker.consumed * tracker.batch_size, s.num_samples)
+        if pos >= s.num_samples and s.num_samples:
+            epoch, pos = epoch + 1, 0
+    else:
+        epoch, pos = s.epoch, s._start
+    out: dict[str, Any] = {"sampler": s._state(epoch, pos)}
+    if pos > 0 and tracker.pre_iter_rng is not None:
+        out["pre_iter_rng"] = base64.b64encode(tracker.pre_iter_rng.numpy().tobytes()).decode()
+    if generator is not None:
+        out["generator"] = base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+    return out
+
+
+def load_loader_state(tracker: _Tracker, loader: DataLoader, state: dict[str, Any]) -> None:
+    tracker.sampler.load_state_dict(state["sampler"])
+    tracker.active = False
+    tracker.replay_rng = None
+    if "pre_iter_rng" in state and tracker.sampler._start > 0:
+        raw = bytearray(base64.b64decode(state["pre_iter_rng"], validate=True))
+        tracker.replay_rng = torch.frombuffer(raw, dtype=torch.uint8).clone()
+    if "generator" in state and loader.generator is not None:
+        raw = bytearray(base64.b64decode(state["generator"], validate=True))
+        loader.generator.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())

@@ -1,0 +1,375 @@
+"""TrainState: everything a training run needs to resume exactly, captured without pickle.
+
+``capture`` turns a TrainState into a :class:`Snapshot` (tensor groups for safetensors files, a
+JSON document for ``state.json``, the config as YAML); ``restore_state`` puts a verified
+checkpoint back into the live objects. Anything with ``state_dict()/load_state_dict()`` plugs in
+(the ``Stateful`` protocol of torch.distributed.checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import yaml
+from torch import nn
+
+from ckptguard.codec import decode, encode
+from ckptguard.errors import StateMismatchError, UnsupportedStateError
+from ckptguard.rng import capture_rng, restore_rng
+from ckptguard.sampler import (
+    ResumableSampler,
+    load_loader_state,
+    loader_state,
+    track_dataloader,
+)
+
+__all__ = [
+    "Snapshot",
+    "Stateful",
+    "TrainState",
+    "canonical_key",
+    "capture",
+    "config_to_dict",
+    "hash_config",
+    "model_state_dict",
+    "restore_state",
+    "unwrap_model",
+]
+
+log = logging.getLogger(__name__)
+STATE_FORMAT = 1
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+EXTRA_FILE = "state.safetensors"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+class TrainState:
+    """The objects of a training run that a checkpoint holds.
+
+    >>> state = TrainState(model=model, optimizer=opt, scheduler=sched, scaler=scaler,
+    ...                    dataloader=loader, config=cfg, extra={"epoch": 0}, ema=ema)
+
+    ``optimizer`` / ``scheduler`` may be one object or a dict of named ones. Keyword arguments
+    beyond the named ones are user objects with ``state_dict()/load_state_dict()``. RNG of
+    python, numpy, torch CPU and every CUDA device is always captured.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        dataloader: torch.utils.data.DataLoader | None = None,
+        sampler: ResumableSampler | None = None,
+        config: Any = None,
+        extra: dict[str, Any] | None = None,
+        capture_rng: bool = True,
+        **objects: Stateful,
+    ) -> None:
+        self.model = model
+        self.optimizers = _named(optimizer)
+        self.schedulers = _named(scheduler)
+        self.scaler = scaler
+        self.dataloader = dataloader
+        self._tracker = track_dataloader(dataloader) if dataloader is not None else None
+        if sampler is None and self._tracker is not None:
+            sampler = self._tracker.sampler
+        self.sampler = sampler
+        self.config = config
+        self.extra: dict[str, Any] = extra if extra is not None else {}
+        self.capture_rng = capture_rng
+        for name, obj in objects.items():
+            if not isinstance(obj, Stateful):
+                raise UnsupportedStateError(
+                    f"TrainState({name}=...) must have state_dict() and load_state_dict(); got "
+                    f"{type(obj).__name__}. Put plain JSON values into extra={{...}} instead."
+                )
+        self.objects: dict[str, Stateful] = dict(objects)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.optimizers.get("")
+
+    @property
+    def scheduler(self) -> Any:
+        return self.schedulers.get("")
+
+
+def _named(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    return {"": obj}
+
+
+# ---- model keys ------------------------------------------------------------------------------
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / torch.compile wrappers to reach the user's module."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def canonical_key(key: str) -> str:
+    """Drop the ``_orig_mod`` segments torch.compile inserts into nested module names."""
+    return ".".join(p for p in key.split(".") if p != "_orig_mod")
+
+
+def model_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
+    """(canonical key -> tensor, canonical -> actual key, non-tensor entries)."""
+    inner = unwrap_model(model)
+    sd = inner.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    actual: dict[str, str] = {}
+    other: dict[str, Any] = {}
+    for k, v in sd.items():
+        ck = canonical_key(k)
+        actual[ck] = k
+        if isinstance(v, torch.Tensor):
+            tensors[ck] = v
+        else:
+            other[ck] = v
+    return tensors, actual, other
+
+
+def _param_names(model: nn.Module | None, opt: torch.optim.Optimizer) -> list[str | None]:
+    names: dict[int, str] = {}
+    if model is not None:
+        for n, p in unwrap_model(model).named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), canonical_key(n))
+    return [names.get(id(p)) for g in opt.param_groups for p in g["params"]]
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+
+def config_to_dict(config: Any) -> Any:
+    if config is None:
+        return None
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    elif hasattr(config, "__dict__") and not isinstance(config, Mapping):
+        config = dict(vars(config))  # argparse.Namespace and simple objects
+    return json.loads(json.dumps(config, default=str, sort_keys=True))
+
+
+def hash_config(config_dict: Any) -> str | None:
+    if config_dict is None:
+        return None
+    canon = json.dumps(config_dict, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
+
+
+# ---- capture ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """A captured state: tensor groups (file name -> tensors) plus JSON and config."""
+
+    tensor_files: dict[str, dict[str, torch.Tensor]]
+    state: dict[str, Any]
+    config: Any
+    config_yaml: bytes | None
+    config_hash: str | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for g in self.tensor_files.values() for t in g.values()
+        )
+
+
+def capture(ts: TrainState, step: int) -> Snapshot:
+    """Capture ``ts``. Tensors are the live ones (the caller copies them for async saves)."""
+    files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: {}, OPTIM_FILE: {}, EXTRA_FILE: {}}
+    state: dict[str, Any] = {"format_version": STATE_FORMAT, "step": int(step)}
+    if ts.model is not None:
+        tensors, _, other = model_state_dict(ts.model)
+        files[MODEL_FILE] = tensors
+        if other:
+            state["model_extra"] = encode(other, files[EXTRA_FILE], "model_extra")
+    if ts.optimizers:
+        state["optimizers"] = {}
+        for name, opt in ts.optimizers.items():
+            prefix = f"{name}." if name else ""
+            state["optimizers"][name] = {
+                "class": type(opt).__name__,
+                "state_dict": encode(opt.state_dict(), files[OPTIM_FILE], prefix.rstrip("."), f"optimizer {name!r}"),
+                "param_names": _param_names(ts.model, opt),
+            }
+    if ts.schedulers:
+        state["schedulers"] = {
+            name: {
+                "class": type(s).__name__,
+                "state_dict": encode(s.state_dict(), files[EXTRA_FILE], f"scheduler.{name}", f"scheduler {name!r}".replace(" ''", "")),
+            }
+            for name, s in ts.schedulers.items()
+        }
+    if ts.scaler is not None:
+        state["scaler"] = encode(ts.scaler.state_dict(), files[EXTRA_FILE], "scaler", "scaler")
+    if ts.objects:
+        state["objects"] = {
+            name: encode(obj.state_dict(), files[EXTRA_FILE], f"objects.{name}", f"TrainState({name}=...)")
+            for name, obj in ts.objects.items()
+        }
+    if ts._tracker is not None:
+        assert ts.dataloader is not None
+        state["dataloader"] = loader_state(ts._tracker, ts.dataloader.generator)
+    elif ts.sampler is not None:
+        state["sampler"] = ts.sampler.state_dict()
+    state["extra"] = encode(ts.extra, files[EXTRA_FILE], "extra", "extra")
+    if ts.capture_rng:
+        state["rng"] = capture_rng()
+    cfg = config_to_dict(ts.config)
+    cfg_yaml = yaml.safe_dump(cfg, sort_keys=True).encode() if cfg is not None else None
+    files = {k: v for k, v in files.items() if v or k != EXTRA_FILE}
+    return Snapshot(files, state, cfg, cfg_yaml, hash_config(cfg))
+
+
+# ---- restore ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MismatchReport:
+    """Differences between a checkpoint and the objects being restored."""
+
+    missing: list[str] = dataclasses.field(default_factory=list)  # in the model, not saved
+    unexpected: list[str] = dataclasses.field(default_factory=list)  # saved, not in the model
+    reshaped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    retyped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.reshaped or self.retyped)
+
+    def table(self) -> str:
+        from ckptguard.mismatch import format_mismatch
+
+        return format_mismatch(self)
+
+
+def _compare_model(table: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor]) -> MismatchReport:
+    from ckptguard.tensorfile import ST_TO_DTYPE
+
+    rep = MismatchReport()
+    rep.missing = sorted(k for k in tensors if k not in table)
+    rep.unexpected = sorted(k for k in table if k not in tensors)
+    for k in sorted(set(table) & set(tensors)):
+        saved_shape = tuple(table[k]["shape"])
+        if saved_shape != tuple(tensors[k].shape):
+            rep.reshaped.append((k, saved_shape, tuple(tensors[k].shape)))
+        elif ST_TO_DTYPE[table[k]["dtype"]] != tensors[k].dtype:
+            rep.retyped.append((k, table[k]["dtype"], str(tensors[k].dtype).replace("torch.", "")))
+    return rep
+
+
+def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> MismatchReport:
+    """Load a verified checkpoint into ``ts``. Raises StateMismatchError when ``strict``."""
+    from ckptguard.mismatch import check_optimizers, mismatch_error
+
+    where = reader.where
+    state = reader.json("state.json")
+    if not isinstance(state, dict):
+        from ckptguard.errors import CorruptCheckpointError
+
+        raise CorruptCheckpointError(f"{where}/state.json must hold an object.", path=where)
+    report = MismatchReport()
+    extra_tensors = reader.tensors(EXTRA_FILE) if reader.has(EXTRA_FILE) else {}
+
+    # Check everything that can mismatch before touching any live object.
+    model_parts = None
+    if ts.model is not None:
+        tensors, actual, _other = model_state_dict(ts.model)
+        table = reader.tensor_table(MODEL_FILE)
+        report = _compare_model(table, tensors)
+        model_parts = (tensors, actual, table)
+    check_optimizers(ts, state, report, where)
+    if strict and not report.clean:
+        raise mismatch_error(where, report)
+
+    if model_parts is not None:
+        assert ts.model is not None
+        tensors, actual, table = model_parts
+        bad = {k for k, *_ in report.reshaped}
+        names = [k for k in table if k in tensors and k not in bad]
+        loaded = reader.tensors(MODEL_FILE, targets=tensors, names=names)
+        leftovers = {actual[k]: t for k, t in loaded.items() if t.data_ptr() != tensors[k].data_ptr()}
+        if "model_extra" in state:
+            for k, v in decode(state["model_extra"], extra_tensors, f"{where} model_extra").items():
+                if k in actual:
+                    leftovers[actual[k]] = v
+        if leftovers:
+            with torch.no_grad():
+                unwrap_model(ts.model).load_state_dict(leftovers, strict=False)
+
+    if ts.optimizers and "optimizers" in state:
+        from ckptguard.mismatch import load_optimizers
+
+        opt_tensors = reader.tensors(OPTIM_FILE) if reader.has(OPTIM_FILE) else {}
+        load_optimizers(ts, state["optimizers"], opt_tensors, report, where, strict=strict)
+
+    for name, sched in ts.schedulers.items():
+        saved = (state.get("schedulers") or {}).get(name)
+        if saved is None:
+            report.notes.append(f"scheduler {name!r}: not in the checkpoint (left as is)")
+            continue
+        sched.load_state_dict(decode(saved["state_dict"], extra_tensors, f"{where} scheduler"))
+    if ts.scaler is not None and state.get("scaler"):
+        ts.scaler.load_state_dict(decode(state["scaler"], extra_tensors, f"{where} scaler"))
+    for name, obj in ts.objects.items():
+        saved = (state.get("objects") or {}).get(name)
+        if saved is None:
+            msg = f"object {name!r}: not in the checkpoint"
+            if strict:
+                raise StateMismatchError(f"{where}: {msg}. Pass strict=False to restore the rest.")
+            report.notes.append(msg)
+            continue
+        obj.load_state_dict(decode(saved, extra_tensors, f"{where} {name}"))
+    saved_extra = decode(state.get("extra", {}), extra_tensors, f"{where} extra")
+    if isinstance(saved_extra, dict):
+        ts.extra.clear()
+        ts.extra.update(saved_extra)
+
+    mid_epoch = False
+    if ts._tracker is not None and ts.dataloader is not None and "dataloader" in state:
+        load_loader_state(ts._tracker, ts.dataloader, state["dataloader"])
+    elif ts.sampler is not None:
+        saved = state.get("sampler") or (state.get("dataloader") or {}).get("sampler")
+        if saved is not None:
+            ts.sampler.load_state_dict(saved)
+            mid_epoch = ts.sampler._start > 0
+    if ts.capture_rng:
+        if "rng" in state:
+            restore_rng(state["rng"], f"{where}/state.json")
+        else:
+            report.notes.append("no RNG state in the checkpoint: resume is not bit-exact")
+            log.warning("%s holds no RNG state; the resumed run will not be bit-exact.", where)
+    if mid_epoch and ts.sampler is not None:
+        ts.sampler.expect_resume_iterator(torch.get_rng_state())
+    return report

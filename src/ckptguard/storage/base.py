@@ -1,0 +1,135 @@
+"""The storage seam: the few primitives a backend implements, and how the manager uses them.
+
+Paths are relative to the run root and always use ``/``. The writer of a checkpoint calls, in
+this order::
+
+    storage.makedirs(tmp)                      # staging place (a temp dir, or the final dir)
+    w = storage.create(f"{tmp}/model.safetensors"); w.write(...); w.close()   # durable on close
+    ...every data file...
+    w = storage.create(f"{tmp}/MANIFEST.json"); ...; w.close()                  # commit marker last
+    storage.sync_dir(tmp)
+    storage.rename_dir(tmp, final); storage.sync_dir("")                        # atomic_rename only
+
+Backends that cannot rename a directory atomically (object stores) set ``atomic_rename = False``;
+the writer then writes straight into the final directory and the manifest, written last, is the
+commit marker. Readers never trust a directory without a manifest that checks out.
+
+Every backend passes the same conformance suite (``tests/test_storage_conformance.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import posixpath
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from ckptguard.errors import (
+    CheckpointNotFoundError,
+    DiskFullError,
+    StorageError,
+    StoragePermissionError,
+)
+
+__all__ = ["Storage", "Writer", "join", "translate_os_error"]
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """A file being written. ``close()`` makes it durable (fsync / upload complete)."""
+
+    def write(self, data: memoryview | bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None:
+        """Drop what was written; never raises."""
+        ...
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Primitive operations every backend provides. See the module docstring for the call order."""
+
+    url: str
+    atomic_rename: bool
+
+    def describe(self, path: str) -> str:
+        """A human-readable location for messages (absolute path or URL)."""
+        ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def isdir(self, path: str) -> bool: ...
+
+    def is_symlink(self, path: str) -> bool: ...
+
+    def listdir(self, path: str) -> list[str]:
+        """Names (not paths) directly under ``path``; empty when it does not exist."""
+        ...
+
+    def size(self, path: str) -> int: ...
+
+    def mtime(self, path: str) -> float | None: ...
+
+    def read_bytes(self, path: str) -> bytes: ...
+
+    def open_read(self, path: str) -> BinaryIO:
+        """A seekable binary file object supporting ``readinto``."""
+        ...
+
+    def create(self, path: str) -> Writer:
+        """Create ``path`` for writing (replacing a leftover file of that name)."""
+        ...
+
+    def makedirs(self, path: str) -> None: ...
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        """Atomically rename a directory (only when ``atomic_rename``)."""
+        ...
+
+    def sync_dir(self, path: str) -> None:
+        """Make directory entries under ``path`` durable (no-op where meaningless)."""
+        ...
+
+    def remove_file(self, path: str) -> None: ...
+
+    def remove_tree(self, path: str) -> None: ...
+
+    def append(self, path: str, data: bytes) -> None:
+        """Append durably (read-modify-write where the backend has no append)."""
+        ...
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        """Atomically replace a small file (temp + rename, or a single PUT)."""
+        ...
+
+
+def join(*parts: str) -> str:
+    """Join run-relative path parts with ``/``, dropping empty parts."""
+    return posixpath.join(*[p for p in parts if p]) if any(parts) else ""
+
+
+def translate_os_error(err: OSError, where: str, doing: str) -> Exception:
+    """Map an OSError to the library's hierarchy, with the path and the next step."""
+    code = err.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(
+            f"No space left while {doing} {where}: {err.strerror}. Free space or point the run at "
+            "a larger volume; checkpoints already saved are untouched."
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return StoragePermissionError(
+            f"Permission denied while {doing} {where}. Check the owner and mode of that path "
+            "(or run with a user that may write there)."
+        )
+    if code == errno.EROFS:
+        return StoragePermissionError(
+            f"Read-only filesystem while {doing} {where}. Point the run directory at a writable "
+            "location; reading and restoring still work."
+        )
+    if code == errno.ENOENT:
+        return CheckpointNotFoundError(
+            f"No such file or directory while {doing} {where}. Check the path; did the run "
+            "directory move?"
+        )
+    return StorageError(f"I/O error while {doing} {where}: {err}. Check the storage and retry.")

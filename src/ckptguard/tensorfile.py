@@ -1,0 +1,232 @@
+"""Tensor files: safetensors on disk, xxh3-128 digests computed on the bytes as they are written.
+
+A tensor file is a standard safetensors file (any safetensors reader loads it). Its manifest entry
+records the header's digest and one digest per tensor; the file's ``xxh3_128`` is the digest of
+those digests in file order (a two-level Merkle root), so one hashing pass over the bytes gives
+both a whole-file checksum and per-tensor checksums (which incremental saves reuse as content
+addresses). Reading verifies every byte it reads against those digests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any, BinaryIO
+
+import torch
+import xxhash
+
+from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
+from ckptguard.storage.base import Writer
+
+__all__ = [
+    "CHUNK",
+    "DTYPE_TO_ST",
+    "ST_TO_DTYPE",
+    "digest_bytes",
+    "merkle_root",
+    "plan_tensor_file",
+    "read_tensor_file",
+    "tensor_view",
+    "write_tensor_file",
+]
+
+CHUNK = 16 * 1024 * 1024
+MAX_HEADER = 100 * 1024 * 1024
+
+DTYPE_TO_ST: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+}
+ST_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_ST.items()}
+
+
+def digest_bytes(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+def merkle_root(header_digest: str, tensor_digests: Iterable[str]) -> str:
+    h = xxhash.xxh3_128(bytes.fromhex(header_digest))
+    for d in tensor_digests:
+        h.update(bytes.fromhex(d))
+    return h.hexdigest()
+
+
+def tensor_view(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor as a flat memoryview (zero-copy when contiguous)."""
+    if t.dtype not in DTYPE_TO_ST:
+        raise UnsupportedStateError(
+            f"Tensor dtype {t.dtype} cannot be stored in safetensors. Convert it (e.g. complex to "
+            "torch.view_as_real) before saving."
+        )
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def plan_tensor_file(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, dict[str, dict[str, Any]]]:
+    """Build the safetensors header and the manifest's tensor table (offsets, dtype, shape)."""
+    header: dict[str, Any] = {}
+    table: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in DTYPE_TO_ST:
+            raise UnsupportedStateError(
+                f"Tensor {name!r} has dtype {t.dtype}, which safetensors cannot store. Convert it "
+                "before saving."
+            )
+        nbytes = t.numel() * t.element_size()
+        info = {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape)}
+        header[name] = {**info, "data_offsets": [offset, offset + nbytes]}
+        table[name] = {**info, "offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, table
+
+
+def write_tensor_file(
+    writer: Writer,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write ``tensors`` as safetensors through ``writer`` and return the manifest entry.
+
+    The caller closes the writer (which makes the file durable).
+    """
+    head, table = plan_tensor_file(tensors, metadata)
+    header_digest = digest_bytes(head)
+    writer.write(head)
+    for name, t in tensors.items():
+        view = tensor_view(t)
+        table[name]["xxh3_128"] = digest_bytes(view)
+        writer.write(view)
+    size = len(head) + sum(e["offsets"][1] - e["offsets"][0] for e in table.values())
+    return {
+        "kind": "tensors",
+        "size": size,
+        "header_size": len(head),
+        "header_xxh3_128": header_digest,
+        "xxh3_128": merkle_root(header_digest, (e["xxh3_128"] for e in table.values())),
+        "tensors": table,
+    }
+
+
+def _read_exact_into(fh: BinaryIO, view: memoryview, where: str) -> None:
+    pos = 0
+    while pos < len(view):
+        n = fh.readinto(view[pos:])  # type: ignore[attr-defined]
+        if not n:
+            raise CorruptCheckpointError(
+                f"{where} is truncated: expected {len(view) - pos} more bytes. The file was cut "
+                "short (torn write or storage loss); restore falls back to an older checkpoint.",
+                path=where,
+            )
+        pos += n
+
+
+def read_tensor_file(
+    fh: BinaryIO,
+    entry: Mapping[str, Any],
+    where: str,
+    *,
+    targets: Mapping[str, torch.Tensor] | None = None,
+    names: Iterable[str] | None = None,
+    verify: bool = True,
+    keep: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Read (and verify) tensors described by a validated manifest ``entry``.
+
+    ``targets``: tensors to read into in place when dtype, shape and layout match (no second copy).
+    ``names``: read only these tensors (all by default). ``keep=False`` only verifies.
+    """
+    header_size = int(entry["header_size"])
+    head = fh.read(header_size)
+    if len(head) != header_size:
+        raise CorruptCheckpointError(f"{where} is truncated inside its header.", path=where)
+    if verify and digest_bytes(head) != entry["header_xxh3_128"]:
+        raise CorruptCheckpointError(
+            f"{where}: the safetensors header does not match its checksum in the manifest. The "
+            "file is corrupt; restore falls back to an older checkpoint.",
+            path=where,
+        )
+    wanted = set(entry["tensors"]) if names is None else set(names)
+    out: dict[str, torch.Tensor] = {}
+    scratch: torch.Tensor | None = None
+    ordered = sorted(entry["tensors"].items(), key=lambda kv: kv[1]["offsets"][0])
+    for name, info in ordered:
+        begin, end = info["offsets"]
+        if name not in wanted:
+            continue
+        fh.seek(header_size + begin)
+        dtype = ST_TO_DTYPE[info["dtype"]]
+        shape = tuple(info["shape"])
+        nbytes = end - begin
+        target = None if targets is None else targets.get(name)
+        dest: torch.Tensor | None
+        if not keep:
+            dest = None
+        elif (
+            target is not None
+            and target.dtype == dtype
+            and tuple(target.shape) == shape
+            and target.device.type == "cpu"
+            and target.is_contiguous()
+        ):
+            dest = target.detach()
+        else:
+            dest = torch.empty(shape, dtype=dtype)
+        h = xxhash.xxh3_128()
+        if dest is not None:
+            view = tensor_view(dest) if nbytes else memoryview(b"")
+            for pos in range(0, nbytes, CHUNK):
+                part = view[pos : pos + CHUNK]
+                _read_exact_into(fh, part, where)
+                if verify:
+                    h.update(part)
+            out[name] = dest
+        else:
+            if scratch is None:
+                scratch = torch.empty(min(CHUNK, max(nbytes, 1)), dtype=torch.uint8)
+            for pos in range(0, nbytes, CHUNK):
+                n = min(CHUNK, nbytes - pos)
+                if scratch.numel() < n:
+                    scratch = torch.empty(n, dtype=torch.uint8)
+                part = memoryview(scratch.numpy()).cast("B")[:n]
+                _read_exact_into(fh, part, where)
+                h.update(part)
+        if verify and h.hexdigest() != info["xxh3_128"]:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name!r} does not match its checksum (expected "
+                f"{info['xxh3_128']}, found {h.hexdigest()}). The bytes changed after the save "
+                "(bit rot or tampering); restore falls back to an older checkpoint.",
+                path=where,
+            )
+    return out
+
+
+def numel(shape: Iterable[int]) -> int:
+    return math.prod(int(s) for s in shape)
