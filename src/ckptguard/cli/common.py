@@ -24,7 +24,7 @@ def console() -> Console:
 def err_console() -> Console:
     global _err
     if _err is None:
-        _err = Console(stderr=True)
+        _err = Console(stderr=True, soft_wrap=True)
     return _err
 
 

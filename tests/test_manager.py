@@ -1,0 +1,136 @@
+"""CheckpointManager basics: triggers, listing, restore of a given step, metrics.csv, lifecycle."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ckptguard as cg
+
+
+def _state(v: float = 0.0) -> cg.TrainState:
+    m = nn.Linear(2, 2)
+    with torch.no_grad():
+        m.weight.fill_(v)
+    return cg.TrainState(model=m, extra={"v": v})
+
+
+def test_every_steps_and_force(run_dir: Path, async_save: bool) -> None:
+    with cg.CheckpointManager(run_dir, every_steps=3, async_save=async_save) as mgr:
+        saved = [s for s in range(1, 11) if mgr.save(s, _state(s))]
+        assert saved == [3, 6, 9]
+        assert mgr.save(10, _state(10), force=True)
+        mgr.wait()
+        assert [c.step for c in mgr.checkpoints()] == [3, 6, 9, 10]
+        latest = mgr.latest()
+        assert latest is not None and latest.step == 10 and latest.valid and latest.size_bytes > 0
+        assert latest.created is not None and latest.reason == "forced"
+        assert latest.path.endswith("step-000000010")
+
+
+def test_every_seconds(run_dir: Path) -> None:
+    with cg.CheckpointManager(run_dir, every_seconds=0.2) as mgr:
+        assert not mgr.save(1, _state())
+        time.sleep(0.25)
+        assert mgr.save(2, _state())
+        assert not mgr.save(3, _state())
+
+
+def test_no_trigger_means_only_forced_saves(run_dir: Path) -> None:
+    with cg.CheckpointManager(run_dir) as mgr:
+        assert not any(mgr.save(s, _state()) for s in range(1, 50))
+        assert mgr.checkpoints() == []
+
+
+def test_bad_options_raise_on_construction(run_dir: Path) -> None:
+    with pytest.raises(ValueError, match="every_steps"):
+        cg.CheckpointManager(run_dir, every_steps=0)
+    with pytest.raises(ValueError, match="keep_last"):
+        cg.Retention(keep_last=0)
+    with pytest.raises(ValueError, match="metric"):
+        cg.Retention(keep_best=1)
+
+
+def test_restore_exact_step_and_missing_step(run_dir: Path, async_save: bool) -> None:
+    with cg.CheckpointManager(run_dir, async_save=async_save) as mgr:
+        for s in (1, 2, 3):
+            mgr.save(s, _state(float(s)), force=True)
+    with cg.CheckpointManager(run_dir) as mgr:
+        st = _state()
+        assert mgr.restore(st, step=2) == 2
+        assert st.extra == {"v": 2.0} and float(st.model.weight[0, 0].detach()) == 2.0
+        with pytest.raises(cg.CheckpointNotFoundError, match="No checkpoint for step 7.*1, 2, 3"):
+            mgr.restore(st, step=7)
+        assert mgr.restore(st) == 3
+
+
+def test_fresh_run_restores_none(run_dir: Path) -> None:
+    with cg.CheckpointManager(run_dir) as mgr:
+        assert mgr.restore(_state()) is None
+        assert mgr.latest() is None
+
+
+def test_keep_last_ring_buffer(run_dir: Path, async_save: bool) -> None:
+    with cg.CheckpointManager(run_dir, every_steps=1, retention=cg.Retention(keep_last=2), async_save=async_save) as mgr:
+        for s in range(1, 6):
+            mgr.save(s, _state(s))
+        mgr.wait()
+        assert [c.step for c in mgr.checkpoints()] == [4, 5]
+
+
+def test_metrics_csv_is_appended_and_survives_new_columns(run_dir: Path) -> None:
+    with cg.CheckpointManager(run_dir, every_steps=2) as mgr:
+        for s in range(1, 5):
+            mgr.save(s, _state(), metrics={"loss": 1.0 / s})
+        mgr.save(5, _state(), metrics={"loss": 0.1, "val_acc": 0.9}, force=True)
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[-1]["val_acc"] == "0.9" and rows[0]["val_acc"] == ""
+    assert float(rows[2]["loss"]) == pytest.approx(1 / 3)
+
+
+def test_torn_metrics_line_is_skipped_and_next_append_starts_fresh(run_dir: Path) -> None:
+    from ckptguard.metrics_log import read_metrics
+    from ckptguard.storage import LocalStorage
+
+    with cg.CheckpointManager(run_dir) as mgr:
+        mgr.save(1, _state(), metrics={"loss": 1.0}, force=True)
+    with (run_dir / "metrics.csv").open("a") as f:
+        f.write("2,17000")  # a crash mid-line
+    with cg.CheckpointManager(run_dir) as mgr:
+        mgr.save(3, _state(), metrics={"loss": 0.5}, force=True)
+    _, rows = read_metrics(LocalStorage(run_dir))
+    assert [r["step"] for r in rows] == [1, 3]
+
+
+def test_closed_manager_refuses_work(run_dir: Path) -> None:
+    mgr = cg.CheckpointManager(run_dir)
+    mgr.close()
+    mgr.close()
+    with pytest.raises(cg.CheckpointError, match="closed"):
+        mgr.save(1, _state(), force=True)
+
+
+def test_resave_of_same_step_replaces_it(run_dir: Path) -> None:
+    with cg.CheckpointManager(run_dir) as mgr:
+        mgr.save(4, _state(1.0), force=True)
+        mgr.save(4, _state(2.0), force=True)
+        st = _state()
+        mgr.restore(st)
+    assert st.extra == {"v": 2.0}
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith("step-")] == ["step-000000004"]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+
+
+def test_public_api_names() -> None:
+    for name in ("TrainState", "ResumableSampler", "CheckpointManager", "Retention", "verify", "CheckpointError"):
+        assert hasattr(cg, name)
+    for m in ("save", "restore", "wait", "close", "checkpoints", "latest", "preemption_guard", "__enter__", "__exit__"):
+        assert callable(getattr(cg.CheckpointManager, m))
+    assert issubclass(cg.CheckpointNotFoundError, FileNotFoundError)
+    assert all(issubclass(getattr(cg, n), cg.CheckpointError) for n in cg.__all__ if n.endswith("Error"))
