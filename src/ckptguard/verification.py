@@ -77,9 +77,14 @@ def cpu_template(model: nn.Module) -> nn.Module:
 
 
 def load_into(template: nn.Module, reader: Any) -> None:
-    """Load a checkpoint's model tensors (verified read) into ``template`` in place."""
+    """Load a checkpoint's model tensors (verified read) into ``template`` in place.
+
+    Only keys present in both with the same shape are loaded (the doctor loads what fits).
+    """
     tensors, actual, _ = model_state_dict(template)
-    loaded = reader.tensors(MODEL_FILE, targets=tensors, names=[k for k in reader.tensor_table(MODEL_FILE) if k in tensors])
+    table = reader.tensor_table(MODEL_FILE)
+    names = [k for k, e in table.items() if k in tensors and tuple(e["shape"]) == tuple(tensors[k].shape)]
+    loaded = reader.tensors(MODEL_FILE, targets=tensors, names=names)
     leftovers = {actual[k]: t for k, t in loaded.items() if t.data_ptr() != tensors[k].data_ptr()}
     if leftovers:
         with torch.no_grad():
