@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from trainlib import run_training, same_weights
 
 import ckptguard as cg
 from ckptguard.probe import PROBE_FILE, load_probe, run_probe, summarize
 from ckptguard.storage import open_storage
-from trainlib import run_training, same_weights
 
 PROBE = torch.randn(16, 8, generator=torch.Generator().manual_seed(7))
 
@@ -167,6 +167,5 @@ def test_dict_and_tuple_probes_and_frozen_file_wins(run_dir: Path, caplog: pytes
     with cg.CheckpointManager(run_dir / "t", probe=(torch.randn(5, 4), torch.randn(5, 2))) as mgr:
         mgr.save(1, state, force=True)
     assert status(run_dir / "t", 1)["status"] == "verified"
-    with pytest.raises(cg.UnsupportedStateError):
-        with cg.CheckpointManager(run_dir / "bad", probe="not a tensor") as mgr:
-            mgr.save(1, state, force=True)
+    with pytest.raises(cg.UnsupportedStateError), cg.CheckpointManager(run_dir / "bad", probe="not a tensor") as mgr:
+        mgr.save(1, state, force=True)

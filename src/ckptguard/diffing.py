@@ -27,7 +27,7 @@ from ckptguard.state import MODEL_FILE
 from ckptguard.storage.base import join
 from ckptguard.verify import resolve_target
 
-__all__ = ["CheckpointDiff", "TensorChange", "diff", "dict_diff"]
+__all__ = ["CheckpointDiff", "TensorChange", "dict_diff", "diff"]
 
 _ENV_IGNORE = frozenset({"pid"})
 

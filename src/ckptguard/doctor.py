@@ -35,7 +35,14 @@ from ckptguard.manifest import FORMAT_VERSION, MANIFEST
 from ckptguard.mismatch import _ShapeOnly, _structure, optimizer_plan
 from ckptguard.probe import compare_probe, load_probe, run_probe, summarize
 from ckptguard.reader import CheckpointReader, verify_files
-from ckptguard.state import EXTRA_FILE, MODEL_FILE, OPTIM_FILE, TrainState, _compare_model, model_state_dict
+from ckptguard.state import (
+    EXTRA_FILE,
+    MODEL_FILE,
+    OPTIM_FILE,
+    TrainState,
+    _compare_model,
+    model_state_dict,
+)
 from ckptguard.storage.base import join
 from ckptguard.verify import resolve_target
 
@@ -110,7 +117,7 @@ def load_factory(spec: str) -> Callable[[], Any]:
             module = importlib.import_module(mod_name)
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - user code: any failure is bad input
+    except Exception as e:
         raise CheckpointError(f"--model {spec!r}: cannot import {mod_name!r} ({type(e).__name__}: {e}). Is it on PYTHONPATH?") from e
     factory = getattr(module, attr, None)
     if not callable(factory):
@@ -123,7 +130,7 @@ def build_current(spec_or_factory: str | Callable[[], Any]) -> TrainState:
     factory = load_factory(spec_or_factory) if isinstance(spec_or_factory, str) else spec_or_factory
     try:
         obj = factory()
-    except Exception as e:  # noqa: BLE001 - user code
+    except Exception as e:
         raise CheckpointError(f"The model factory {getattr(factory, '__name__', factory)!r} raised {type(e).__name__}: {e}") from e
     if isinstance(obj, TrainState):
         return obj

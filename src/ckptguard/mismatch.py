@@ -16,7 +16,7 @@ from ckptguard.errors import StateMismatchError
 if TYPE_CHECKING:
     from ckptguard.state import MismatchReport, TrainState
 
-__all__ = ["OptimizerPlan", "optimizer_plan", "check_optimizers", "format_mismatch", "likely_renames", "load_optimizers", "mismatch_error"]
+__all__ = ["OptimizerPlan", "check_optimizers", "format_mismatch", "likely_renames", "load_optimizers", "mismatch_error", "optimizer_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def format_mismatch(report: MismatchReport) -> str:
         lines.append("  unexpected in the checkpoint (not in the model): " + ", ".join(report.unexpected[:20]))
     for k, saved, now in report.reshaped[:20]:
         lines.append(f"  shape of {k!r}: checkpoint has {saved}, model has {now}")
-    for k, saved, now in report.retyped[:20]:
-        lines.append(f"  dtype of {k!r}: checkpoint has {saved}, model has {now}")
+    for k, saved_dtype, now_dtype in report.retyped[:20]:
+        lines.append(f"  dtype of {k!r}: checkpoint has {saved_dtype}, model has {now_dtype}")
     for old, new in report.renames or likely_renames(report):
         lines.append(f"  likely rename: {old!r} -> {new!r}")
     if report.cold:

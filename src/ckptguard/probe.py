@@ -29,7 +29,13 @@ from torch import nn
 
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 from ckptguard.state import unwrap_model
-from ckptguard.tensorfile import DTYPE_TO_ST, ST_TO_DTYPE, digest_bytes, tensor_view, write_tensor_file
+from ckptguard.tensorfile import (
+    DTYPE_TO_ST,
+    ST_TO_DTYPE,
+    digest_bytes,
+    tensor_view,
+    write_tensor_file,
+)
 
 __all__ = [
     "PROBE_FILE",
@@ -169,10 +175,10 @@ def freeze_probe(storage: Any, probe: Any) -> tuple[ProbeInputs, str]:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 

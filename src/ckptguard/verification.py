@@ -154,7 +154,7 @@ class Verifier:
     def after_commit(self, manifest: dict[str, Any]) -> None:
         try:
             result = self.verify(manifest)
-        except Exception as e:  # noqa: BLE001 - verification must never break the save itself
+        except Exception as e:
             log.exception("Verification of step %s crashed", manifest.get("step"))
             result = VerificationResult(int(manifest["step"]), "skipped", f"verifier crashed: {e}")
         self.results.append(result)
@@ -168,7 +168,7 @@ class Verifier:
             if self.on_failure is not None:
                 try:
                     self.on_failure(info)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("on_verification_failure callback raised")
 
     def verify(self, manifest: dict[str, Any]) -> VerificationResult:
