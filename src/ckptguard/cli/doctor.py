@@ -49,7 +49,11 @@ def render(report: DoctorReport) -> None:
 
 def run(args: argparse.Namespace) -> int:
     current = build_current(args.model)
-    report = doctor(args.ckpt, current)
+    if args.json:
+        report = doctor(args.ckpt, current)
+    else:
+        with console().status(f"examining {args.ckpt} (every byte is checked)"):
+            report = doctor(args.ckpt, current)
     if args.json:
         print_json(report.to_json())
     else:
