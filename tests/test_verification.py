@@ -169,3 +169,27 @@ def test_dict_and_tuple_probes_and_frozen_file_wins(run_dir: Path, caplog: pytes
     assert status(run_dir / "t", 1)["status"] == "verified"
     with pytest.raises(cg.UnsupportedStateError), cg.CheckpointManager(run_dir / "bad", probe="not a tensor") as mgr:
         mgr.save(1, state, force=True)
+
+
+def test_probe_that_does_not_fit_the_model_is_a_clear_error(run_dir: Path) -> None:
+    state = cg.TrainState(model=nn.Linear(8, 2))
+    mgr = cg.CheckpointManager(run_dir, probe=torch.zeros(3, 5))
+    with pytest.raises(cg.UnsupportedStateError, match="does not run through the model"):
+        mgr.save(1, state, force=True)
+    mgr.close()
+    assert not (run_dir / "step-000000001").exists()  # nothing half-saved
+
+
+def test_compare_probe_exact_on_one_device_tolerant_across_devices() -> None:
+    from ckptguard.probe import compare_probe
+
+    out = [("out", torch.linspace(-1, 1, 32).reshape(4, 8))]
+    ref = summarize(out, device="cpu")
+    nudged = summarize([("out", out[0][1] * (1 + 1e-6))], device="cpu")
+    assert compare_probe(ref, ref)[0]
+    assert not compare_probe(ref, nudged)[0]  # same device type: bit-identical or failed
+    assert compare_probe({**ref, "device": "cuda:0"}, nudged)[0]  # GPU vs CPU: within tolerance
+    far = summarize([("out", out[0][1] * 1.1)], device="cpu")
+    ok, why = compare_probe({**ref, "device": "cuda:0"}, far)
+    assert not ok and "differ" in why
+    assert not compare_probe({**ref, "mean": "junk", "device": "cuda:0"}, far)[0]  # untrusted manifest

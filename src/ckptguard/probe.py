@@ -265,6 +265,11 @@ def relative_change(now: torch.Tensor, before: torch.Tensor) -> float:
     return diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf)
 
 
+def _num(v: Any) -> float:
+    """A statistic from an (untrusted) manifest as a float; NaN when it is not a number."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
 def _close(a: float, b: float, scale: float) -> bool:
     return abs(a - b) <= CROSS_DEVICE_RTOL * max(scale, 1e-12)
 
@@ -278,12 +283,12 @@ def compare_probe(recorded: Mapping[str, Any], got: Mapping[str, Any]) -> tuple[
     """
     if recorded.get("hash") == got.get("hash"):
         return True, "output hash matches"
-    shapes_then = [(o["name"], o["shape"]) for o in recorded.get("outputs", [])]
-    shapes_now = [(o["name"], o["shape"]) for o in got.get("outputs", [])]
+    shapes_then = [(o.get("name"), o.get("shape")) for o in recorded.get("outputs") or [] if isinstance(o, Mapping)]
+    shapes_now = [(o.get("name"), o.get("shape")) for o in got.get("outputs") or [] if isinstance(o, Mapping)]
     stats = (
-        f"recorded mean {recorded.get('mean'):.6g}, std {recorded.get('std'):.6g}, max|x| "
-        f"{recorded.get('max_abs'):.6g}; now mean {got.get('mean'):.6g}, std {got.get('std'):.6g}, "
-        f"max|x| {got.get('max_abs'):.6g}"
+        f"recorded mean {_num(recorded.get('mean')):.6g}, std {_num(recorded.get('std')):.6g}, max|x| "
+        f"{_num(recorded.get('max_abs')):.6g}; now mean {_num(got.get('mean')):.6g}, std "
+        f"{_num(got.get('std')):.6g}, max|x| {_num(got.get('max_abs')):.6g}"
     )
     if shapes_then != shapes_now:
         return False, f"output shapes differ: recorded {shapes_then}, now {shapes_now}"
@@ -291,8 +296,8 @@ def compare_probe(recorded: Mapping[str, Any], got: Mapping[str, Any]) -> tuple[
     dev_now = str(got.get("device", "cpu")).split(":")[0]
     if dev_then == dev_now:
         return False, f"output hash differs ({stats})"
-    scale = max(abs(float(recorded.get("max_abs", 0.0))), abs(float(recorded.get("std", 0.0))))
-    if all(_close(float(recorded[k]), float(got[k]), scale) for k in ("mean", "std", "max_abs")):
+    scale = max(abs(_num(recorded.get("max_abs"))), abs(_num(recorded.get("std"))))
+    if all(_close(_num(recorded.get(k)), _num(got.get(k)), scale) for k in ("mean", "std", "max_abs")):
         return True, f"matches within {CROSS_DEVICE_RTOL:g} (saved on {dev_then}, checked on {dev_now})"
     return False, f"outputs differ beyond {CROSS_DEVICE_RTOL:g} ({stats})"
 

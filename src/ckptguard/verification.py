@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ckptguard.catalog import mark_status
-from ckptguard.errors import CorruptCheckpointError
+from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 from ckptguard.probe import (
     PROBE_FILE,
     ProbeInputs,
@@ -129,7 +129,17 @@ class Verifier:
                 log.warning("Cannot make a CPU copy of the model for verification (%s); probe hashes are recorded but not checked.", e)
                 self._template = None
         device = str(next(iter(unwrap_model(state.model).parameters()), torch.empty(0)).device)
-        outs = run_probe(state.model, self.inputs)
+        try:
+            outs = run_probe(state.model, self.inputs)
+        except Exception as e:
+            if self._prev is None:  # first use: a probe that does not fit the model is bad input
+                raise UnsupportedStateError(
+                    f"The probe batch in {self.storage.describe(PROBE_FILE)} does not run through the "
+                    f"model ({type(e).__name__}: {e}). Pass a probe= the model's forward accepts "
+                    "(delete the file if a wrong batch was frozen)."
+                ) from e
+            log.error("Probe forward failed at step %d (%s); this checkpoint is saved unverified.", step, e)
+            return {}
         record = summarize(outs, device=device)
         record["file"] = PROBE_FILE
         record["file_xxh3_128"] = self.probe_digest
