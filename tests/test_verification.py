@@ -177,7 +177,7 @@ def test_probe_that_does_not_fit_the_model_is_a_clear_error(run_dir: Path) -> No
     with pytest.raises(cg.UnsupportedStateError, match="does not run through the model"):
         mgr.save(1, state, force=True)
     mgr.close()
-    assert not (run_dir / "step-000000001").exists()  # nothing half-saved
+    assert not (run_dir / "step-000000001").exists() and not (run_dir / PROBE_FILE).exists()
 
 
 def test_compare_probe_exact_on_one_device_tolerant_across_devices() -> None:

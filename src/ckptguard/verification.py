@@ -120,7 +120,9 @@ class Verifier:
     def manifest_fields(self, step: int, state: TrainState) -> Mapping[str, Any]:
         if state.model is None:
             return {}
+        froze_now = False
         if self.inputs is None:
+            froze_now = not self.storage.exists(PROBE_FILE)
             self.inputs, self.probe_digest = freeze_probe(self.storage, self._probe)
         if self._template is None:
             try:
@@ -133,10 +135,13 @@ class Verifier:
             outs = run_probe(state.model, self.inputs)
         except Exception as e:
             if self._prev is None:  # first use: a probe that does not fit the model is bad input
+                if froze_now:  # do not keep a batch that never worked
+                    self.storage.remove_file(PROBE_FILE)
+                    self.inputs = None
                 raise UnsupportedStateError(
                     f"The probe batch in {self.storage.describe(PROBE_FILE)} does not run through the "
                     f"model ({type(e).__name__}: {e}). Pass a probe= the model's forward accepts "
-                    "(delete the file if a wrong batch was frozen)."
+                    "(or delete that file if an old run froze a batch that no longer fits)."
                 ) from e
             log.error("Probe forward failed at step %d (%s); this checkpoint is saved unverified.", step, e)
             return {}
