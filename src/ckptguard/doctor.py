@@ -20,7 +20,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,15 +198,21 @@ def check_behaviour(storage: Any, reader: CheckpointReader, manifest: Mapping[st
                     (why, f"recorded hash {recorded.get('hash')}, now {got['hash']}"))]
 
 
-def check_optimizer_state(ts: TrainState, state: Mapping[str, Any]) -> list[Finding]:
-    saved = state.get("optimizers") or {}
-    out = []
-    for name, opt in ts.optimizers.items():
-        label = f"optimizer {name!r}" if name else "optimizer"
+def _saved_entries(objs: Mapping[str, Any], saved: Mapping[str, Any], kind: str, consequence: str,
+                   out: list[Finding]) -> Iterator[tuple[str, Any, Mapping[str, Any]]]:
+    """(label, current object, saved entry) per named object; a finding for each one not saved."""
+    for name, obj in objs.items():
+        label = f"{kind} {name!r}" if name else kind
         entry = saved.get(name)
-        if entry is None:
-            out.append(Finding("warning", "optimizer.absent", f"{label} has no state in the checkpoint: it restarts cold"))
+        if not isinstance(entry, Mapping):
+            out.append(Finding("warning", f"{kind}.absent", f"{label} has no state in the checkpoint: {consequence}"))
             continue
+        yield label, obj, entry
+
+
+def check_optimizer_state(ts: TrainState, state: Mapping[str, Any]) -> list[Finding]:
+    out: list[Finding] = []
+    for label, opt, entry in _saved_entries(ts.optimizers, state.get("optimizers") or {}, "optimizer", "it restarts cold", out):
         plan = optimizer_plan(ts.model, opt, entry, _structure(entry), label)
         if plan.new:
             out.append(Finding("error", "optimizer.cold_params",
@@ -246,13 +252,8 @@ def _frozen_with_state(ts: TrainState, opt: Any, plan: Any) -> list[str]:
 
 def check_schedulers(ts: TrainState, state: Mapping[str, Any], extra: Mapping[str, Any]) -> list[Finding]:
     saved = state.get("schedulers") or {}
-    out = []
-    for name, sched in ts.schedulers.items():
-        label = f"scheduler {name!r}" if name else "scheduler"
-        entry = saved.get(name)
-        if entry is None:
-            out.append(Finding("warning", "scheduler.absent", f"{label} has no state in the checkpoint: it restarts from step 0"))
-            continue
+    out: list[Finding] = []
+    for label, sched, entry in _saved_entries(ts.schedulers, saved, "scheduler", "it restarts from step 0", out):
         if entry.get("class") != type(sched).__name__:
             out.append(Finding("warning", "scheduler.class", f"{label}: checkpoint has {entry.get('class')}, the current code {type(sched).__name__}"))
         sd = decode(entry.get("state_dict"), extra, f"{label} state")
