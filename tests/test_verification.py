@@ -193,3 +193,34 @@ def test_compare_probe_exact_on_one_device_tolerant_across_devices() -> None:
     ok, why = compare_probe({**ref, "device": "cuda:0"}, far)
     assert not ok and "differ" in why
     assert not compare_probe({**ref, "mean": "junk", "device": "cuda:0"}, far)[0]  # untrusted manifest
+
+
+def test_background_verification_leaves_the_training_rng_alone(run_dir: Path) -> None:
+    """The async verifier runs beside training: it must not fork or seed the (global) RNG."""
+    import threading
+
+    from trainlib import make_setup
+
+    s = make_setup()
+    mgr = cg.CheckpointManager(run_dir, probe=PROBE)
+    mgr.save(5, s["state"], force=True)
+    m = manifest(run_dir, 5)
+    torch.manual_seed(1)
+    expected = [torch.rand(1).item() for _ in range(20000)]
+    stop, runs = threading.Event(), []
+
+    def verify_in_background() -> None:
+        while not stop.is_set():
+            runs.append(mgr.verifier.verify(m).status)
+
+    t = threading.Thread(target=verify_in_background)
+    t.start()
+    while not runs:
+        pass
+    torch.manual_seed(1)
+    got = [torch.rand(1).item() for _ in range(20000)]
+    stop.set()
+    t.join()
+    mgr.close()
+    assert set(runs) == {"verified"} and len(runs) > 1
+    assert got == expected

@@ -265,7 +265,8 @@ def check_schedulers(ts: TrainState, state: Mapping[str, Any], extra: Mapping[st
         lr_differs = lrs is not None and any(abs(a - b) > 1e-12 * max(abs(a), abs(b), 1e-30) for a, b in zip(*lrs))
         if lrs is not None and (lr_differs or diffs):
             ratio = [f"x{b / a:.3g}" for a, b in zip(*lrs) if a]
-            details.append(f"LR at the saved step {sd.get('last_epoch')}: checkpoint {lrs[0]}, current code {lrs[1]}"
+            fmt = lambda xs: "[" + ", ".join(f"{x:.6g}" for x in xs) + "]"
+            details.append(f"LR at the saved step {sd.get('last_epoch')}: checkpoint {fmt(lrs[0])}, current code {fmt(lrs[1])}"
                            + (f" ({', '.join(ratio)})" if lr_differs and ratio else ""))
         if diffs or lr_differs:
             out.append(Finding("warning", "scheduler.changed",
@@ -328,9 +329,12 @@ def doctor(
     if "state.json" not in broken:
         state = reader.json("state.json")
     if ts.model is not None:
-        findings += check_keys(manifest, ts.model)
+        key_findings = check_keys(manifest, ts.model)
+        findings += key_findings
         if MODEL_FILE in broken:
             findings.append(Finding("info", "behaviour.unchecked", "model.safetensors is corrupt: probe not run"))
+        elif any(f.severity == "error" for f in key_findings):
+            findings.append(Finding("info", "behaviour.unchecked", "keys or shapes differ: fix them (or map the renames) first, then the probe output is compared"))
         else:
             findings += check_behaviour(storage, reader, manifest, ts.model)
     if state:

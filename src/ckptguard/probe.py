@@ -206,15 +206,25 @@ def output_tensors(out: Any, prefix: str = "out") -> list[tuple[str, torch.Tenso
     return []
 
 
-def run_probe(model: nn.Module, inputs: ProbeInputs) -> list[tuple[str, torch.Tensor]]:
-    """The model's output on the probe: eval mode, no grad, fixed seed, training RNG untouched."""
+def run_probe(model: nn.Module, inputs: ProbeInputs, *, isolate_rng: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """The model's output on the probe: eval mode, no grad.
+
+    ``isolate_rng`` (the training thread): run under a forked, fixed-seed RNG so the training RNG
+    stream is untouched. Off another thread (the async verifier) it must be False: the global
+    RNG is shared by all threads, and forking it there would rewind draws the training thread
+    makes meanwhile. The forward must then be deterministic in eval mode (it is for dropout).
+    """
     inner = unwrap_model(model)
     device = _device_of(inner)
     kind, tensors = inputs
     moved = {k: v.to(device) for k, v in tensors.items()}
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), _eval_mode(inner):
-        torch.manual_seed(0)
+    with contextlib.ExitStack() as stack:
+        if isolate_rng:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            torch.manual_seed(0)
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(_eval_mode(inner))
         if kind == "tensor":
             out = inner(moved["input"])
         elif kind == "tuple":
