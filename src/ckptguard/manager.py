@@ -71,7 +71,13 @@ class CheckpointManager:
         retention: what to keep (default: keep everything).
         async_save: ``save()`` copies the state to reused host buffers and returns; a background
             thread writes, checksums and commits. Errors surface on the next save/wait/close.
-        probe: optional probe batch for behavioural verification.
+        probe: optional probe batch for behavioural verification (a tensor, tuple/dict of
+            tensors, or a callable returning one), frozen at the first save in
+            ``RUN/probe.safetensors``; see ckptguard.verification.
+        drift_epsilon: warn when the probe output changes by more than this (relative L2)
+            between consecutive saves.
+        on_verification_failure: called with a dict (step, status, detail, path) when a
+            committed checkpoint fails verification.
         verify_on_restore: check every byte against the manifest's checksums when restoring.
         storage_options: passed to fsspec for URLs.
         lock: take the run's writer lock (one writing process per run).
@@ -86,6 +92,8 @@ class CheckpointManager:
         retention: Retention | None = None,
         async_save: bool = False,
         probe: Any = None,
+        drift_epsilon: float | None = None,
+        on_verification_failure: Callable[[dict[str, Any]], None] | None = None,
         verify_on_restore: bool = True,
         storage_options: dict[str, Any] | None = None,
         lock: bool = True,
@@ -115,6 +123,12 @@ class CheckpointManager:
         self._debris_cleaned = False
         self._post_commit: list[Callable[[dict[str, Any]], None]] = []
         self._manifest_fields: list[Callable[[int, TrainState], Mapping[str, Any]]] = []
+        self.last_restore_report: Any = None
+        self.verifier = None
+        if probe is not None:
+            from ckptguard.verification import attach_verifier
+
+            self.verifier = attach_verifier(self, probe, drift_epsilon=drift_epsilon, on_failure=on_verification_failure)
         self._acquire_lock(quiet=True)
         atexit.register(_wait_at_exit, weakref.ref(self))
 
@@ -398,7 +412,7 @@ class CheckpointManager:
                 continue
             reader = CheckpointReader(self.storage, c.name, c.manifest)
             try:
-                restore_state(state, _VerifyingReader(reader, self.verify_on_restore), strict=strict)
+                report = restore_state(state, _VerifyingReader(reader, self.verify_on_restore), strict=strict)
             except CorruptCheckpointError as e:
                 failures.append(str(e))
                 log.warning(
@@ -407,6 +421,8 @@ class CheckpointManager:
                 )
                 mark_status(self.storage, c.name, "corrupt", str(e))
                 continue
+            self.last_restore_report = report
+            _log_report(c.path, report)
             if failures:
                 log.warning("Restored step %d from %s after skipping %d corrupt checkpoint(s).", c.step, c.path, len(failures))
             else:
@@ -460,6 +476,11 @@ class _VerifyingReader:
     def tensors(self, fname: str, **kw: Any) -> dict[str, torch.Tensor]:
         kw.setdefault("verify", self._verify)
         return self._inner.tensors(fname, **kw)
+
+
+def _log_report(where: str, report: Any) -> None:
+    if not report.clean or report.notes:
+        log.warning("Restored %s with differences:\n%s", where, report.table())
 
 
 def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:

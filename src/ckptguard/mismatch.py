@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from collections.abc import Mapping
@@ -15,17 +16,27 @@ from ckptguard.errors import StateMismatchError
 if TYPE_CHECKING:
     from ckptguard.state import MismatchReport, TrainState
 
-__all__ = ["check_optimizers", "format_mismatch", "likely_renames", "load_optimizers", "mismatch_error"]
+__all__ = ["OptimizerPlan", "check_optimizers", "format_mismatch", "likely_renames", "load_optimizers", "mismatch_error", "optimizer_plan"]
 
 log = logging.getLogger(__name__)
 
 
-def likely_renames(report: MismatchReport, shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[tuple[str, str]]:
-    """Pairs (saved key, model key) with the most similar names among missing/unexpected keys."""
+def likely_renames(
+    report: MismatchReport,
+    saved_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    model_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> list[tuple[str, str]]:
+    """Pairs (saved key, model key) among unexpected/missing keys: similar names, same shape.
+
+    When shapes are given, only keys of equal shape pair up (a rename keeps the shape).
+    """
     pairs = []
     pool = list(report.missing)
     for old in report.unexpected:
-        match = difflib.get_close_matches(old, pool, n=1, cutoff=0.6)
+        cands = pool
+        if saved_shapes is not None and model_shapes is not None:
+            cands = [k for k in pool if model_shapes.get(k) == saved_shapes.get(old)]
+        match = difflib.get_close_matches(old, cands, n=1, cutoff=0.5)
         if match:
             pairs.append((old, match[0]))
             pool.remove(match[0])
@@ -40,10 +51,12 @@ def format_mismatch(report: MismatchReport) -> str:
         lines.append("  unexpected in the checkpoint (not in the model): " + ", ".join(report.unexpected[:20]))
     for k, saved, now in report.reshaped[:20]:
         lines.append(f"  shape of {k!r}: checkpoint has {saved}, model has {now}")
-    for k, saved, now in report.retyped[:20]:
-        lines.append(f"  dtype of {k!r}: checkpoint has {saved}, model has {now}")
-    for old, new in likely_renames(report):
+    for k, saved_dtype, now_dtype in report.retyped[:20]:
+        lines.append(f"  dtype of {k!r}: checkpoint has {saved_dtype}, model has {now_dtype}")
+    for old, new in report.renames or likely_renames(report):
         lines.append(f"  likely rename: {old!r} -> {new!r}")
+    if report.cold:
+        lines.append("  optimizer state starts cold for: " + ", ".join(report.cold[:20]))
     lines.extend(f"  {n}" for n in report.notes)
     return "\n".join(lines)
 
@@ -57,7 +70,93 @@ def mismatch_error(where: str, report: MismatchReport) -> StateMismatchError:
     )
 
 
+@dataclasses.dataclass
+class OptimizerPlan:
+    """How saved per-parameter optimizer state maps onto the current optimizer's parameters.
+
+    ``mapping``: current state index -> saved state index. ``new``: trainable parameters that the
+    saved optimizer did not hold (staged training / unfreezing: their state starts cold).
+    ``unstepped``: parameters the saved optimizer held but had no state for (frozen at save time,
+    trainable now: also cold). ``dropped``: saved state for parameters the optimizer no longer
+    holds. ``structural``: the parameter groups differ, so a plain ``load_state_dict`` cannot work.
+    """
+
+    label: str
+    mapping: dict[int, int]
+    new: list[str]
+    unstepped: list[str]
+    dropped: list[str]
+    reshaped: list[str]
+    structural: bool
+    by_name: bool
+    groups: list[int | None]  # current group -> saved group whose hyper-parameters it takes
+
+
+def _flat_ids(groups: Any) -> list[Any]:
+    return [pid for g in groups if isinstance(g, dict) for pid in g.get("params", [])]
+
+
+def optimizer_plan(model: Any, opt: torch.optim.Optimizer, entry: Mapping[str, Any], sd: Mapping[str, Any], label: str) -> OptimizerPlan:
+    """Match saved optimizer state (``sd`` decoded, ``entry`` from state.json) to ``opt``."""
+    from ckptguard.state import _param_names
+
+    saved_groups = sd.get("param_groups", []) if isinstance(sd, Mapping) else []
+    saved_state = sd.get("state", {}) if isinstance(sd, Mapping) else {}
+    saved_ids = _flat_ids(saved_groups)
+    saved_names = list(entry.get("param_names") or [])
+    now_params = [p for g in opt.param_groups for p in g["params"]]
+    now_names = _param_names(model, opt) if model is not None else [None] * len(now_params)
+    sizes_then = [len(g.get("params", [])) for g in saved_groups if isinstance(g, dict)]
+    sizes_now = [len(g["params"]) for g in opt.param_groups]
+    by_name = (
+        len(saved_names) == len(saved_ids) and all(isinstance(n, str) for n in saved_names)
+        and all(isinstance(n, str) for n in now_names)
+    )
+    if by_name:
+        where_saved = {n: i for i, n in enumerate(saved_names)}
+        pairs = [(i, where_saved.get(n)) for i, n in enumerate(now_names)]
+        structural = [n for n in now_names] != saved_names or sizes_then != sizes_now
+    else:
+        pairs = [(i, i if i < len(saved_ids) else None) for i in range(len(now_params))]
+        structural = sizes_then != sizes_now
+    mapping: dict[int, int] = {}
+    new: list[str] = []
+    unstepped: list[str] = []
+    reshaped: list[str] = []
+    for i, j in pairs:
+        name = now_names[i] or f"{label} param {i}"
+        if j is None:
+            if now_params[i].requires_grad:
+                new.append(name)
+            continue
+        st = saved_state.get(saved_ids[j])
+        if st is None:
+            if now_params[i].requires_grad and saved_state:
+                unstepped.append(name)
+            continue
+        shapes = [tuple(v.shape) for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        if any(s != tuple(now_params[i].shape) for s in shapes):
+            reshaped.append(name)
+            continue
+        mapping[i] = j
+    used = set(mapping.values())
+    dropped = [
+        (saved_names[j] if j < len(saved_names) and saved_names[j] else f"saved param {j}")
+        for j, sid in enumerate(saved_ids) if sid in saved_state and j not in used
+        and (saved_names[j] if j < len(saved_names) else None) not in reshaped
+    ]
+    group_of_saved = [gi for gi, g in enumerate(saved_groups) if isinstance(g, dict) for _ in g.get("params", [])]
+    groups: list[int | None] = []
+    start = 0
+    for g in opt.param_groups:
+        votes = [group_of_saved[j] for i in range(start, start + len(g["params"])) for j in [dict(pairs).get(i)] if j is not None and j < len(group_of_saved)]
+        groups.append(max(set(votes), key=votes.count) if votes else None)
+        start += len(g["params"])
+    return OptimizerPlan(label, mapping, new, unstepped, dropped, reshaped, structural, by_name, groups)
+
+
 def check_optimizers(ts: TrainState, state: Mapping[str, Any], report: MismatchReport, where: str) -> None:
+    """Report optimizer differences; a structural one (new parameters) fails strict restores."""
     saved = state.get("optimizers") or {}
     for name, opt in ts.optimizers.items():
         entry = saved.get(name)
@@ -65,15 +164,61 @@ def check_optimizers(ts: TrainState, state: Mapping[str, Any], report: MismatchR
         if entry is None:
             report.notes.append(f"{label}: not in the checkpoint")
             continue
-        groups = entry["state_dict"].get("param_groups", []) if isinstance(entry.get("state_dict"), dict) else []
-        saved_sizes = [len(g.get("params", [])) for g in groups if isinstance(g, dict)]
-        now_sizes = [len(g["params"]) for g in opt.param_groups]
-        if saved_sizes != now_sizes:
-            report.notes.append(
-                f"{label}: parameter groups hold {saved_sizes} parameters in the checkpoint and "
-                f"{now_sizes} now"
-            )
-            report.retyped.append((f"{label} param_groups", str(saved_sizes), str(now_sizes)))
+        plan = optimizer_plan(ts.model, opt, entry, _structure(entry), label)
+        _report_plan(plan, report)
+
+
+def _structure(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimizer state dict with tensors as placeholders (enough to plan a load)."""
+    sd = entry.get("state_dict")
+    if not isinstance(sd, dict):
+        return {}
+    return {"param_groups": sd.get("param_groups", []), "state": _decode_keys(sd.get("state"))}
+
+
+def _decode_keys(state: Any) -> dict[Any, Any]:
+    try:
+        decoded = decode(state, _ShapeOnly(), "optimizer structure")
+    except Exception:  # noqa: BLE001 - structure only; the real load validates properly
+        return {}
+    return decoded if isinstance(decoded, dict) else {}
+
+
+class _ShapeOnly(dict):  # type: ignore[type-arg]
+    """Tensor lookup for planning: every referenced tensor decodes to a 0-d placeholder."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return torch.empty(())
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def get(self, key: str, default: Any = None) -> torch.Tensor:
+        return torch.empty(())
+
+
+def _report_plan(plan: OptimizerPlan, report: MismatchReport) -> None:
+    if plan.new:
+        report.cold.extend(plan.new)
+        report.retyped.append((f"{plan.label} parameters", "saved set", f"{len(plan.new)} new trainable"))
+        report.notes.append(
+            f"{plan.label}: no saved state for newly trainable parameters {plan.new[:10]} (unfrozen "
+            "since the save?). restore(state, strict=False) loads the saved state for the others "
+            "and starts these cold (Adam moments at zero)."
+        )
+    elif plan.structural and not plan.by_name:
+        report.retyped.append((f"{plan.label} param_groups", "saved layout", "different layout"))
+        report.notes.append(f"{plan.label}: parameter groups differ and parameter names are unknown")
+    if plan.unstepped:
+        report.cold.extend(plan.unstepped)
+        report.notes.append(
+            f"{plan.label}: trainable parameters without saved state (frozen at save time?): "
+            f"{plan.unstepped[:10]}; their state starts cold"
+        )
+    if plan.dropped:
+        report.notes.append(f"{plan.label}: saved state ignored for parameters it no longer holds: {plan.dropped[:10]}")
+    if plan.reshaped:
+        report.notes.append(f"{plan.label}: saved state has another shape for {plan.reshaped[:10]}; starts cold")
 
 
 def load_optimizers(
@@ -89,15 +234,40 @@ def load_optimizers(
         entry = saved.get(name)
         if entry is None:
             continue
+        label = f"optimizer {name!r}" if name else "optimizer"
         sd = decode(entry["state_dict"], tensors, f"{where} optimizer")
+        plan = optimizer_plan(ts.model, opt, entry, sd, label)
+        partial = plan.structural or plan.reshaped
         try:
-            opt.load_state_dict(sd)
-        except (ValueError, KeyError, RuntimeError) as e:
+            opt.load_state_dict(_remap(opt, sd, plan) if partial else sd)
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
             if strict:
                 raise StateMismatchError(
                     f"{where}: the optimizer state does not fit the current optimizer ({e}). "
                     "Pass strict=False to load the model and skip mismatched optimizer state.",
                     report,
                 ) from e
-            report.notes.append(f"optimizer {name!r}: not restored ({e})")
+            report.notes.append(f"{label}: not restored ({e})")
             log.warning("%s: optimizer %r not restored: %s", where, name, e)
+            continue
+        if plan.new or plan.unstepped or plan.reshaped:
+            log.warning(
+                "%s: %s restored partially; state starts cold for %s", where, label,
+                ", ".join((plan.new + plan.unstepped + plan.reshaped)[:20]),
+            )
+
+
+def _remap(opt: torch.optim.Optimizer, sd: Mapping[str, Any], plan: OptimizerPlan) -> dict[str, Any]:
+    """A state dict for ``opt``: saved state by parameter name, cold for the rest."""
+    saved_groups = sd.get("param_groups", [])
+    saved_ids = _flat_ids(saved_groups)
+    cur = opt.state_dict()
+    cur_ids = _flat_ids(cur["param_groups"])
+    state = {cur_ids[i]: sd["state"][saved_ids[j]] for i, j in plan.mapping.items()}
+    groups = []
+    for g, src in zip(cur["param_groups"], plan.groups):
+        merged = dict(g)
+        if src is not None:
+            merged.update({k: v for k, v in saved_groups[src].items() if k != "params"})
+        groups.append(merged)
+    return {"state": state, "param_groups": groups}

@@ -263,6 +263,8 @@ class MismatchReport:
     reshaped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
     retyped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    renames: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (saved, model) likely renames
+    cold: list[str] = dataclasses.field(default_factory=list)  # trainable params without saved optimizer state
 
     @property
     def clean(self) -> bool:
@@ -286,6 +288,9 @@ def _compare_model(table: Mapping[str, Mapping[str, Any]], tensors: Mapping[str,
             rep.reshaped.append((k, saved_shape, tuple(tensors[k].shape)))
         elif ST_TO_DTYPE[table[k]["dtype"]] != tensors[k].dtype:
             rep.retyped.append((k, table[k]["dtype"], str(tensors[k].dtype).replace("torch.", "")))
+    from ckptguard.mismatch import likely_renames
+
+    rep.renames = likely_renames(rep, {k: tuple(v["shape"]) for k, v in table.items()}, {k: tuple(t.shape) for k, t in tensors.items()})
     return rep
 
 
