@@ -89,7 +89,8 @@ def test_ddp_checkpoint_layout(ddp: tuple[Path, Path]) -> None:
     run, _ = ddp
     storage_run = run / "stopped"
     names = sorted(p.name for p in storage_run.iterdir() if p.name.startswith("step-"))
-    assert names == ["step-000000005", "step-000000009", "step-000000010"]  # 10: after the resume
+    # 10: after the resume; 15 failed on rank 1 (nothing committed); 16 saved after it
+    assert names == ["step-000000005", "step-000000009", "step-000000010", f"step-{TOTAL + 2:09d}"]
     assert not [p for p in storage_run.iterdir() if p.name.startswith(".tmp-")]
     ck = storage_run / "step-000000009"
     m = json.loads((ck / "MANIFEST.json").read_text())
@@ -102,6 +103,15 @@ def test_ddp_checkpoint_layout(ddp: tuple[Path, Path]) -> None:
     # only rank 0 wrote metrics: one row per step, no duplicates
     rows = (storage_run / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, TOTAL + 1))
+
+
+def test_ddp_failure_on_one_rank_commits_nothing_and_raises_everywhere(ddp: tuple[Path, Path]) -> None:
+    run, out = ddp
+    outcomes = [_json(out / f"failed-save-rank{r}.json")["outcome"] for r in (0, 1)]
+    assert all(o.startswith("CheckpointError: Distributed save of step 15") for o in outcomes), outcomes
+    assert all("injected on rank 1" in o for o in outcomes), outcomes
+    assert not (run / "stopped" / f"step-{TOTAL + 1:09d}").exists()
+    assert cg.verify(run / "stopped" / f"step-{TOTAL + 2:09d}").ok
 
 
 def test_ddp_checkpoint_restores_on_one_rank_resharded(ddp: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:

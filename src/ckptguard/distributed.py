@@ -228,7 +228,9 @@ def save_distributed(
             f"ckptguard supports on local or shared filesystems only; {storage.url} is not one. "
             "Use a mounted path for the run directory."
         )
-    snap = capture(_without_model(state) if sharded else state, step)
+    snap, exc = _capture_exc(lambda: capture(_without_model(state) if sharded else state, step))
+    _agree(coord, exc, storage.describe(checkpoint_name(step)), "save")  # no rank waits for a failed one
+    assert snap is not None
     tensor_files = {k: v for k, v in snap.tensor_files.items() if v} if sharded else snap.tensor_files
     fields = mgr._fields(step, state, snap, metrics, reason)
     if extra:
@@ -342,7 +344,7 @@ def _rank_doc(coord: Coordinator, reader: Any) -> Mapping[str, Any] | None:
     return reader.json(rank_file(0)) if reader.has(rank_file(0)) else None
 
 
-def _agree(coord: Coordinator, exc: BaseException | None, where: str) -> None:
+def _agree(coord: Coordinator, exc: BaseException | None, where: str, doing: str = "restore") -> None:
     """Raise on every rank when any rank failed; damage makes every rank fall back together."""
     code = _OK if exc is None else _CORRUPT if isinstance(exc, CorruptCheckpointError) else _FATAL
     worst = coord.max_int(code)
@@ -355,7 +357,7 @@ def _agree(coord: Coordinator, exc: BaseException | None, where: str) -> None:
             path=where,
         )
     if worst == _FATAL:
-        raise CheckpointError(f"{where}: another rank failed to restore this checkpoint; see its log.")
+        raise CheckpointError(f"{where}: another rank failed to {doing} this checkpoint; see its log.")
 
 
 def _capture_exc(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:

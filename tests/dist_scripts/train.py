@@ -98,6 +98,30 @@ def report(s: dict[str, Any], out: str, tag: str, step: int) -> None:
         save_file(weights, os.path.join(out, f"{tag}.safetensors"))
 
 
+def save_with_a_failing_rank(s: dict[str, Any], mgr: cg.CheckpointManager, out: str, total: int) -> None:
+    """Rank 1's disk "fails" while writing its rank file: nothing may be committed, every rank
+    must raise, and the next save must work."""
+    import ckptguard.distributed as cd
+
+    real = cd.write_blob
+
+    def failing(storage: Any, rel: str, data: bytes) -> Any:
+        raise cg.StorageError(f"I/O error while writing {rel}: injected on rank 1")
+
+    if dist.get_rank() == 1:
+        cd.write_blob = failing
+    try:
+        mgr.save(total + 1, s["state"], force=True)
+        outcome = "saved"
+    except cg.CheckpointError as e:
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        cd.write_blob = real
+    mgr.save(total + 2, s["state"], force=True)
+    with open(os.path.join(out, f"failed-save-rank{dist.get_rank()}.json"), "w") as f:
+        json.dump({"outcome": outcome}, f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario", choices=["ddp-first", "ddp-resume", "fsdp", "preempt"])
@@ -126,6 +150,7 @@ def main() -> None:
         step = mgr.restore(s["state"]) or 0
         report(s, args.out, "restored", step)
         report(s, args.out, "resumed", train(s, mgr, step, args.total, None))
+        save_with_a_failing_rank(s, mgr, args.out, args.total)
         mgr.close()
     elif args.scenario == "fsdp":
         # Save at stop_at, continue 3 steps; then a fresh (differently seeded) sharded model
