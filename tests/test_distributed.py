@@ -111,7 +111,16 @@ def test_ddp_failure_on_one_rank_commits_nothing_and_raises_everywhere(ddp: tupl
     assert all(o.startswith("CheckpointError: Distributed save of step 15") for o in outcomes), outcomes
     assert all("injected on rank 1" in o for o in outcomes), outcomes
     assert not (run / "stopped" / f"step-{TOTAL + 1:09d}").exists()
-    assert cg.verify(run / "stopped" / f"step-{TOTAL + 2:09d}").ok
+    assert (run / "stopped" / f"step-{TOTAL + 2:09d}" / "MANIFEST.json").exists()
+
+
+def test_damage_seen_by_one_rank_makes_all_ranks_fall_back(ddp: tuple[Path, Path]) -> None:
+    run, out = ddp
+    newest = run / "stopped" / f"step-{TOTAL + 2:09d}"
+    assert [_json(out / f"fallback-rank{r}.json")["step"] for r in (0, 1)] == [10, 10]
+    report = cg.verify(newest)
+    assert not report.ok and any("rank-00001.json" in str(p) for p in report.problems)
+    assert json.loads((newest / "STATUS.json").read_text())["status"] == "corrupt"
 
 
 def test_ddp_checkpoint_restores_on_one_rank_resharded(ddp: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:

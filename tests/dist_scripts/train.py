@@ -122,6 +122,23 @@ def save_with_a_failing_rank(s: dict[str, Any], mgr: cg.CheckpointManager, out: 
         json.dump({"outcome": outcome}, f)
 
 
+def restore_after_damage(run: str, out: str, newest: int) -> None:
+    """Flip a byte of rank 1's own file in the newest checkpoint: only rank 1 can see the damage,
+    yet both ranks must fall back to the same older checkpoint."""
+    if dist.get_rank() == 0:
+        path = os.path.join(run, "stopped", f"step-{newest:09d}", "rank-00001.json")
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0x20
+        open(path, "wb").write(bytes(data))
+    dist.barrier()
+    s = build("ddp")
+    mgr = cg.CheckpointManager(os.path.join(run, "stopped"))
+    step = mgr.restore(s["state"])
+    mgr.close()
+    with open(os.path.join(out, f"fallback-rank{dist.get_rank()}.json"), "w") as f:
+        json.dump({"step": step}, f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario", choices=["ddp-first", "ddp-resume", "fsdp", "preempt"])
@@ -152,6 +169,7 @@ def main() -> None:
         report(s, args.out, "resumed", train(s, mgr, step, args.total, None))
         save_with_a_failing_rank(s, mgr, args.out, args.total)
         mgr.close()
+        restore_after_damage(args.run, args.out, args.total + 2)
     elif args.scenario == "fsdp":
         # Save at stop_at, continue 3 steps; then a fresh (differently seeded) sharded model
         # restores the checkpoint on 2 ranks and trains the same 3 steps: same weights.
