@@ -199,7 +199,7 @@ def _reader_cls(allowed: frozenset[str], where: str) -> type:
     return _Reader
 
 
-def _planner() -> Any:
+def _planner(allow_partial_load: bool) -> Any:
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.planner import ReadItem
 
@@ -215,7 +215,7 @@ def _planner() -> Any:
             else:
                 self.state_dict[read_item.dest_index.fqn] = obj
 
-    return _SafePlanner()
+    return _SafePlanner(allow_partial_load=allow_partial_load)
 
 
 def dcp_load(
@@ -224,11 +224,14 @@ def dcp_load(
     root: str,
     files: Mapping[str, Mapping[str, Any]],
     where: str,
+    *,
+    strict: bool = True,
 ) -> None:
     """Load a verified ``dcp/`` directory into ``model`` (+ optimizers), resharding as needed.
 
     Works with any world size (collective when a process group is initialized) and with a plain
-    module in a single process. Call :func:`verify_dcp_files` first.
+    module in a single process. Call :func:`verify_dcp_files` first. ``strict=False`` leaves
+    entries the checkpoint lacks as they are.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -241,7 +244,7 @@ def dcp_load(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
-            dcp.load(sd, storage_reader=reader, planner=_planner())
+            dcp.load(sd, storage_reader=reader, planner=_planner(not strict))
     except UnsafeCheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps per-rank failures

@@ -153,6 +153,13 @@ def coordinator() -> Coordinator:
 
     if dist.is_available() and dist.is_initialized():
         return ProcessGroupCoordinator()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # launched by torchrun, group not up yet
+        log.warning(
+            "torch.distributed is not initialized but WORLD_SIZE=%s: every rank will act as a "
+            "single process (and all but one fail on the run lock). Call "
+            "dist.init_process_group() before creating the CheckpointManager.",
+            os.environ.get("WORLD_SIZE"),
+        )
     return Coordinator()
 
 
@@ -395,7 +402,7 @@ def restore_checkpoint(coord: Coordinator, state: TrainState, reader: Any, *, st
         if model is None:
             raise UnsupportedStateError(f"{where} holds sharded model state; pass model= to TrainState to restore it.")
         _, exc = _capture_exc(
-            lambda: dcp_load(model, state.optimizers.values(), reader.storage.describe(reader.name), reader.manifest["files"], where)
+            lambda: dcp_load(model, state.optimizers.values(), reader.storage.describe(reader.name), reader.manifest["files"], where, strict=strict)
         )
         _agree(coord, exc, where)
     ts = _without_model(state) if mode == "dcp" else state
