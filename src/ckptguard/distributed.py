@@ -204,7 +204,7 @@ def _on_primary(coord: Coordinator, fn: Callable[[], T], what: str) -> T:
     if coord.is_primary:
         try:
             result = fn()
-        except (CheckpointError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - the other ranks must hear about any failure
             exc, error = e, f"{type(e).__name__}: {e}"
     result, error = coord.broadcast((result, error))
     if exc is not None:
@@ -239,14 +239,6 @@ def save_distributed(
     _agree(coord, exc, storage.describe(checkpoint_name(step)), "save")  # no rank waits for a failed one
     assert snap is not None
     tensor_files = {k: v for k, v in snap.tensor_files.items() if v} if sharded else snap.tensor_files
-    fields = mgr._fields(step, state, snap, metrics, reason)
-    if extra:
-        fields["extra"].update(extra)
-    fields["distributed"] = {
-        "world_size": coord.world_size,
-        "mode": "dcp" if sharded else "replicated",
-        "rank_files": [rank_file(r) for r in range(coord.world_size)],
-    }
 
     def prepare() -> str:
         mgr._acquire_lock()
@@ -274,7 +266,7 @@ def save_distributed(
         doc.update({k: snap.state[k] for k in PER_RANK_KEYS if k in snap.state})
         name = rank_file(coord.rank)
         written[name] = write_blob(storage, join(staging, name), json.dumps(doc, separators=(",", ":")).encode())
-    except (CheckpointError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - reported to rank 0, raised on every rank
         error = error or f"rank {coord.rank}: {type(e).__name__}: {e}"
     reports = coord.gather((written, error))
 
@@ -289,6 +281,13 @@ def save_distributed(
         entries: dict[str, dict[str, Any]] = {}
         for files, _ in reports:
             entries.update(files)
+        fields = mgr._fields(step, state, snap, metrics, reason)
+        fields["extra"].update(extra or {})
+        fields["distributed"] = {
+            "world_size": coord.world_size,
+            "mode": "dcp" if sharded else "replicated",
+            "rank_files": [rank_file(r) for r in range(coord.world_size)],
+        }
         blobs = {"state.json": json.dumps(snap.state, separators=(",", ":")).encode()}
         if snap.config_yaml is not None:
             blobs["config.yaml"] = snap.config_yaml
