@@ -208,6 +208,21 @@ def test_fsdp_corrupt_shard_is_detected_before_dcp_reads_it(fsdp: tuple[Path, Pa
         mgr.restore(state)
 
 
+def test_dcp_reads_only_files_the_manifest_lists(fsdp: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    run, _ = fsdp
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    mpath = copy / f"step-{STOP:09d}" / "MANIFEST.json"
+    m = json.loads(mpath.read_text())
+    del m["files"]["dcp/__1_0.distcp"]  # the metadata still points at it
+    mpath.write_text(json.dumps(m))
+    _, _, state = _plain()
+    with cg.CheckpointManager(copy, lock=False) as mgr, pytest.raises(cg.CorruptCheckpointError, match="does not vouch for"):
+        mgr.restore(state)
+
+
 def test_dcp_metadata_cannot_run_code(fsdp: tuple[Path, Path]) -> None:
     import pickle
 

@@ -9,11 +9,13 @@ puts DCP *inside* ckptguard's commit protocol and trust model:
   round-robin between the ranks) and listed in our MANIFEST.json as a ``blob`` entry, which rank 0
   writes last, as for any checkpoint. An uncommitted DCP directory is debris like any other.
 * Load: BEFORE DCP opens anything, every ``dcp/`` file is checked against the manifest (size and
-  checksum), and the metadata is parsed with a restricted unpickler that only builds DCP's own
-  metadata classes (anything else raises UnsafeCheckpointError instead of running code); every
-  file the metadata points at must be one the manifest vouches for. Shard payloads are read by
-  DCP with ``torch.load(weights_only=True)``, and non-tensor items (optimizer hyper-parameters)
-  with our planner, which also uses ``weights_only=True`` (DCP's default planner does not).
+  checksum). Then we parse the metadata ourselves with a restricted unpickler that only builds
+  DCP's own metadata classes (anything else raises UnsafeCheckpointError instead of running
+  code), check that every file it points at is one the manifest vouches for, and hand the parsed
+  object to DCP through our reader: DCP never unpickles the metadata itself. Shard payloads are
+  read by DCP with ``torch.load(weights_only=True)``, and non-tensor items (optimizer
+  hyper-parameters) with our planner, which also uses ``weights_only=True`` (DCP's default
+  planner does not).
 
 Trust boundary, stated plainly: DCP's on-disk format is torch's (a pickle-based metadata file and
 ``torch.save`` shard payloads), not safetensors. Our MANIFEST.json (JSON, validated) is the trust
@@ -25,6 +27,7 @@ optimizer states to and from fully-qualified names.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -47,6 +50,7 @@ __all__ = [
     "dcp_save",
     "hash_file",
     "is_sharded",
+    "read_verified_metadata",
     "safe_load_metadata",
     "verify_dcp_files",
 ]
@@ -174,25 +178,32 @@ def verify_dcp_files(root: str, files: Mapping[str, Mapping[str, Any]], where: s
             )
 
 
-def _reader_cls(allowed: frozenset[str], where: str) -> type:
+def read_verified_metadata(directory: str, allowed: frozenset[str], where: str) -> Any:
+    """DCP's metadata, parsed without running code, pointing only at files in ``allowed``."""
+    md = safe_load_metadata((Path(directory) / DCP_METADATA).read_bytes(), where)
+    if type(md).__name__ != "Metadata":
+        raise UnsafeCheckpointError(f"{where}: the DCP metadata holds a {type(md).__name__}, not Metadata.", path=where)
+    for info in (getattr(md, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel not in allowed:
+            raise UnsafeCheckpointError(
+                f"{where}: the DCP metadata points at {rel!r}, a file the manifest does not vouch "
+                "for; refusing to read it. The checkpoint is damaged or hostile.",
+                path=where,
+            )
+    return md
+
+
+def _reader_cls(metadata: Any) -> type:
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
     class _Reader(FileSystemReader):  # type: ignore[misc]
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            data = (Path(self.path) / DCP_METADATA).read_bytes()
-            md = safe_load_metadata(data, where)
-            for info in (getattr(md, "storage_data", None) or {}).values():
-                rel = getattr(info, "relative_path", None)
-                if rel not in allowed:
-                    raise UnsafeCheckpointError(
-                        f"{where}: the DCP metadata points at {rel!r}, a file the manifest does "
-                        "not vouch for; refusing to read it.",
-                        path=where,
-                    )
-            from torch.distributed.checkpoint.metadata import StorageMeta
+        """Hands DCP the metadata we already verified and parsed; never unpickles anything."""
 
-            if getattr(md, "storage_meta", None) is None:
-                md.storage_meta = StorageMeta()
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            md = copy.copy(metadata)
+            md.storage_meta = copy.copy(getattr(md, "storage_meta", None)) or StorageMeta()
             md.storage_meta.load_id = self.load_id
             return md
 
@@ -240,17 +251,13 @@ def dcp_load(
     opt_list = list(optimizers)
     allowed = frozenset(rel[len(DCP_DIR) + 1:] for rel in files if rel.startswith(DCP_DIR + "/"))
     sd = _state_dicts(model, opt_list)
-    reader = _reader_cls(allowed, where)(os.path.join(root, DCP_DIR))
+    directory = os.path.join(root, DCP_DIR)
+    reader = _reader_cls(read_verified_metadata(directory, allowed, where))(directory)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
             dcp.load(sd, storage_reader=reader, planner=_planner(not strict))
-    except UnsafeCheckpointError:
-        raise
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps per-rank failures
-        cause = _unsafe_cause(e)
-        if cause is not None:
-            raise cause from e
         raise StateMismatchError(
             f"{where}: the sharded state does not fit the model/optimizer ({type(e).__name__}: "
             f"{str(e)[:500]}). Was the model or optimizer changed? Build the same model to restore."
@@ -258,24 +265,3 @@ def dcp_load(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         set_state_dict(model, opt_list, model_state_dict=sd["model"], optim_state_dict=sd.get("optim", {}))
-
-
-def _unsafe_cause(e: BaseException) -> UnsafeCheckpointError | None:
-    """DCP wraps exceptions of each rank; find ours in the chain or in its failure table."""
-    seen: set[int] = set()
-    stack: list[Any] = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, UnsafeCheckpointError):
-            return x
-        if isinstance(x, BaseException):
-            stack += [x.__cause__, x.__context__]
-            failures = getattr(x, "failures", None)
-            if isinstance(failures, dict):
-                stack += list(failures.values())
-        elif isinstance(x, tuple):
-            stack += list(x)
-    return None
