@@ -335,19 +335,40 @@ class _RankReader:
         return data
 
 
-def _rank_doc(coord: Coordinator, reader: Any) -> Mapping[str, Any] | None:
+def _read_rank_doc(reader: Any, name: str) -> Mapping[str, Any] | None:
+    if not reader.has(name):
+        return None
+    doc = reader.json(name)
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{reader.where}/{name} must hold an object.", path=reader.where, file=name)
+    return doc
+
+
+def _saved_world_size(reader: Any) -> int:
     info = reader.manifest.get("distributed")
-    saved_world = int(info.get("world_size", 1)) if isinstance(info, dict) else 1
+    if info is None:
+        return 1
+    size = info.get("world_size") if isinstance(info, dict) else None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise CorruptCheckpointError(
+            f"{reader.where}: malformed manifest: distributed.world_size must be an integer >= 1, "
+            f"found {size!r}.",
+            path=reader.where,
+        )
+    return size
+
+
+def _rank_doc(coord: Coordinator, reader: Any) -> Mapping[str, Any] | None:
+    saved_world = _saved_world_size(reader)
     if saved_world == coord.world_size:
-        name = rank_file(coord.rank)
-        return reader.json(name) if reader.has(name) else None
+        return _read_rank_doc(reader, rank_file(coord.rank))
     log.warning(
         "%s was saved by %d rank(s) and is restored on %d: rank 0's RNG state is used on every "
         "rank (the resumed run is not bit-exact) and the sampler resumes from the global sample "
         "count (resharded).",
         reader.where, saved_world, coord.world_size,
     )
-    return reader.json(rank_file(0)) if reader.has(rank_file(0)) else None
+    return _read_rank_doc(reader, rank_file(0))
 
 
 def _agree(coord: Coordinator, exc: BaseException | None, where: str, doing: str = "restore") -> None:
