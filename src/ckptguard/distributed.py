@@ -20,8 +20,9 @@ manager gets a :class:`ProcessGroupCoordinator` and:
   hashes its share of those files. The ranks gather their file entries (or their error) to rank
   0, which writes MANIFEST.json last and commits only when every rank succeeded; then it
   broadcasts the outcome, so a failure on any rank raises on every rank and commits nothing.
-* Restoring: every rank reads the shared, verified files and its own rank file. Ranks agree after
-  each attempt, so they fall back to the same older checkpoint when one rank finds damage. When
+* Restoring: every rank reads the shared, verified files and its own rank file. Ranks check that
+  they try the same step and agree after each attempt, so they fall back to the same older
+  checkpoint when one rank finds damage. When
   the world size changed (2 ranks -> 1, or a single-process checkpoint on 2 ranks), rank 0's RNG
   is used on every rank (logged: not bit-exact) and the sampler resumes from ``global_consumed``;
   sharded state is resharded by DCP (to a plain module in a single process, too).
@@ -89,6 +90,10 @@ class Coordinator:
     def max_int(self, value: int) -> int:
         return value
 
+    def same_step(self, step: int, where: str) -> None:
+        """Raise unless every rank is restoring ``step``."""
+        return None
+
     def broadcast(self, obj: T) -> T:
         return obj
 
@@ -129,6 +134,15 @@ class ProcessGroupCoordinator(Coordinator):
                 "call save(step, ...) with the same step at the same point of the loop."
             )
         return bool(any_due), code
+
+    def same_step(self, step: int, where: str) -> None:
+        hi, neg_lo = self._max([step, -step])
+        if hi != -neg_lo:
+            raise CheckpointError(
+                f"Ranks are restoring different checkpoints (steps {-neg_lo} .. {hi}) from {where}: "
+                "every rank must see the same run directory (a shared filesystem or bucket) and "
+                "call restore() with the same arguments."
+            )
 
     def max_int(self, value: int) -> int:
         return self._max([value])[0]
@@ -401,6 +415,7 @@ def restore_checkpoint(coord: Coordinator, state: TrainState, reader: Any, *, st
     info = reader.manifest.get("distributed")
     mode = info.get("mode") if isinstance(info, dict) else None
     where = reader.where
+    coord.same_step(int(reader.manifest["step"]), reader.storage.describe(""))
 
     def check() -> Mapping[str, Any] | None:
         if mode == "dcp":
