@@ -20,3 +20,25 @@ def run_dir(tmp_path: Path) -> Path:
 def async_save(request: pytest.FixtureRequest) -> bool:
     """Every save test runs with synchronous and asynchronous saves."""
     return bool(request.param)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Make ``@pytest.mark.xdist_group`` work under pytest 9 (``--dist loadgroup``).
+
+    pytest-xdist 3.8 tags grouped tests by assigning ``item._nodeid``, which pytest 9 no longer
+    reads (the node id lives in ``item._id``), so groups were silently ignored and grouped tests
+    ran on both workers at once. Tag them here the way pytest 9 reads it; a no-op elsewhere.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest < 9: xdist tags the ids itself
+        return
+    for item in items:
+        names = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+        )
+        if names and "@" not in item.nodeid and hasattr(item, "_id"):
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")

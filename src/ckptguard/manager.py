@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, mark_status, scan
+from ckptguard.distributed import coordinator, preempt_code, restore_checkpoint, signum_of
 from ckptguard.environment import collect_environment
 from ckptguard.errors import (
     AsyncSaveError,
@@ -42,7 +43,7 @@ from ckptguard.reader import CheckpointReader
 from ckptguard.retention import Retention, plan_retention
 from ckptguard.schedule import SaveSchedule
 from ckptguard.staging import Stager
-from ckptguard.state import Snapshot, TrainState, capture, restore_state
+from ckptguard.state import Snapshot, TrainState, capture
 from ckptguard.storage import Storage, open_storage
 from ckptguard.writer import clean_debris, delete_checkpoint, write_checkpoint
 
@@ -111,7 +112,11 @@ class CheckpointManager:
         self.last_save_seconds: float | None = None
         self.last_blocked_seconds: float | None = None
         self.metrics_log = MetricsLog(self.storage)
-        self._lock = RunLock(self.storage) if lock else None
+        self._coord = coordinator()  # torch.distributed: rank 0 locks, commits, curates
+        if self._coord.active and self.async_save:
+            log.info("async_save is not used in a distributed run: saves are collective and synchronous.")
+            self.async_save = False
+        self._lock = RunLock(self.storage) if lock and self._coord.is_primary else None
         self._locked = False
         self._environment: dict[str, Any] | None = None
         self._executor: cf.ThreadPoolExecutor | None = None
@@ -193,13 +198,17 @@ class CheckpointManager:
         """
         self._check_open()
         self._raise_async_error()
-        if metrics:
+        if metrics and self._coord.is_primary:
             self.metrics_log.record(step, metrics)
         preempted = self._guard is not None and self._guard.poll()
-        if not (force or preempted or self.schedule.due(step)):
+        code = preempt_code(preempted, self._guard.signum if self._guard is not None else None)
+        due, code = self._coord.agree_save(step, force or self.schedule.due(step), code)
+        if not (due or code):
             return False
-        if preempted:
-            assert self._guard is not None
+        if code:
+            if self._guard is None:
+                self._guard = PreemptionGuard(())
+            self._guard.trigger("preemption on another rank", signum_of(code))
             self._preemption_exit(step, state, metrics)
         self._save_now(step, state, metrics, reason="forced" if force and not self.schedule.due(step) else "periodic")
         return True
@@ -213,6 +222,7 @@ class CheckpointManager:
             self._save_now(step, state, metrics, reason="preemption", sync=True, extra={"preemption": reason})
         code = self._guard.resolved_exit_code()
         self.close()
+        self._coord.barrier()  # every rank leaves only after the commit and rank 0's clean-up
         sys.exit(code)
 
     def _fields(self, step: int, state: TrainState, snap: Snapshot, metrics: Mapping[str, Any] | None, reason: str) -> dict[str, Any]:
@@ -242,6 +252,11 @@ class CheckpointManager:
         sync: bool = False,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
+        if self._coord.active:
+            from ckptguard.distributed import save_distributed
+
+            save_distributed(self, step, state, metrics, reason=reason, extra=extra)
+            return
         self._acquire_lock()
         t0 = time.perf_counter()
         snap = capture(state, step)
@@ -412,7 +427,7 @@ class CheckpointManager:
                 continue
             reader = CheckpointReader(self.storage, c.name, c.manifest)
             try:
-                report = restore_state(state, _VerifyingReader(reader, self.verify_on_restore), strict=strict)
+                report = restore_checkpoint(self._coord, state, _VerifyingReader(reader, self.verify_on_restore), strict=strict)
             except CorruptCheckpointError as e:
                 failures.append(str(e))
                 log.warning(

@@ -29,7 +29,7 @@ from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name
 from ckptguard.storage.base import Storage, join
 from ckptguard.tensorfile import digest_bytes, write_tensor_file
 
-__all__ = ["FileWriters", "clean_debris", "delete_checkpoint", "write_checkpoint"]
+__all__ = ["FileWriters", "begin_checkpoint", "clean_debris", "delete_checkpoint", "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,20 @@ def write_blob(storage: Storage, rel: str, data: bytes) -> dict[str, Any]:
 FileWriters = dict[str, TensorFileWriter]
 
 
+def begin_checkpoint(storage: Storage, step: int) -> str:
+    """Create the place a checkpoint's files go before the commit; return its run-relative name.
+
+    Distributed saves call this on rank 0 and share the name, so every rank writes its files
+    into it before rank 0 commits with ``write_checkpoint(..., staging=name, written=...)``.
+    """
+    name = checkpoint_name(step)
+    staging = f".tmp-{name}-{uuid.uuid4().hex[:8]}" if storage.atomic_rename else name
+    if not storage.atomic_rename and storage.exists(join(name, MANIFEST)):
+        storage.remove_file(join(name, MANIFEST))  # uncommit the old one before overwriting
+    storage.makedirs(staging)
+    return staging
+
+
 def write_checkpoint(
     storage: Storage,
     step: int,
@@ -71,20 +85,22 @@ def write_checkpoint(
     fields: Mapping[str, Any],
     *,
     tensor_writer: TensorFileWriter = write_local_tensor_file,
+    staging: str | None = None,
+    written: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write and commit one checkpoint; return its manifest.
 
-    ``fields`` are extra manifest fields (metrics, environment, reason...). Raises a
-    CheckpointError subclass on failure, after removing what it wrote when it can.
+    ``fields`` are extra manifest fields (metrics, environment, reason...). ``staging`` and
+    ``written`` (manifest entries of files other processes already wrote into ``staging``) come
+    from a distributed save (see :func:`begin_checkpoint`). Raises a CheckpointError subclass on
+    failure, after removing what it wrote when it can.
     """
     name = checkpoint_name(step)
     t0 = time.perf_counter()
-    staging = f".tmp-{name}-{uuid.uuid4().hex[:8]}" if storage.atomic_rename else name
-    if not storage.atomic_rename and storage.exists(join(name, MANIFEST)):
-        storage.remove_file(join(name, MANIFEST))  # uncommit the old one before overwriting
     try:
-        storage.makedirs(staging)
-        files: dict[str, Any] = {}
+        if staging is None:
+            staging = begin_checkpoint(storage, step)
+        files: dict[str, Any] = {k: dict(v) for k, v in (written or {}).items()}
         for fname, tensors in tensor_files.items():
             files[fname] = tensor_writer(storage, join(staging, fname), tensors)
         for fname, data in blobs.items():
@@ -114,7 +130,7 @@ def write_checkpoint(
             if trash is not None:
                 _remove_quietly(storage, trash)
     except BaseException:
-        if storage.atomic_rename:
+        if storage.atomic_rename and staging is not None:
             _remove_quietly(storage, staging)
         raise
     return manifest
