@@ -279,6 +279,10 @@ class CheckpointManager:
         self._after_commit(manifest)
         return manifest
 
+    def add_post_commit_hook(self, hook: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``hook(manifest)`` after every commit (in the saving thread; before retention)."""
+        self._post_commit.append(hook)
+
     def _after_commit(self, manifest: dict[str, Any]) -> None:
         self.metrics_log.flush()
         self._record_run()
