@@ -34,6 +34,7 @@ from ckptguard.errors import (
     CorruptCheckpointError,
     StoragePermissionError,
 )
+from ckptguard.history import record_events
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
@@ -318,6 +319,7 @@ class CheckpointManager:
                     log.info("Retention deleted %s (%s)", d.name, "; ".join(d.reasons))
                 except CheckpointError as e:
                     log.warning("Retention could not delete %s: %s", d.name, e)
+        record_events(self.storage, "pruned", deleted, reason="retention")
         return deleted
 
     # ---- async plumbing -----------------------------------------------------------------------
