@@ -43,15 +43,22 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _ADMIN.pop(endpoint, None)
         server.stop()
 
 
+_ADMIN: dict[str, object] = {}
+
+
 def make_bucket(endpoint: str) -> str:
+    """A fresh bucket; one client per server (creating a botocore client costs seconds)."""
     import s3fs
 
+    fs = _ADMIN.get(endpoint)
+    if fs is None:
+        fs = _ADMIN[endpoint] = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
     name = f"ckpt-{uuid.uuid4().hex[:12]}"
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-    fs.mkdir(name)
+    fs.mkdir(name)  # type: ignore[attr-defined]
     return name
 
 
