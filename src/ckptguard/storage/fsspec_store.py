@@ -54,7 +54,10 @@ class _FsspecWriter:
         try:
             self._spool.write(view)
         except OSError as e:
-            raise translate_os_error(e, f"the local spool of {self._display}", "writing") from e
+            raise StorageError(
+                f"Cannot spool {self._display} to local temporary storage ({tempfile.gettempdir()}): "
+                f"{e}. Uploads are staged there first; point TMPDIR at a volume with free space."
+            ) from e
         self._size += len(view)
 
     def _upload(self) -> None:
