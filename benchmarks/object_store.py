@@ -65,9 +65,9 @@ def main() -> None:
     nbytes = sum(p.numel() * 4 for p in size.parameters())
     with tempfile.TemporaryDirectory() as d:
         for name, url in (("local", d), ("memory://", f"memory://bench-{uuid.uuid4().hex[:6]}"), ("s3 (moto)", f"s3://{bucket}")):
-            s, l = bench(url, a.mb, a.repeat)
+            s, r = bench(url, a.mb, a.repeat)
             print(f"{name:10s} {nbytes / 1e6:7.1f} MB  save {s:6.2f}s ({nbytes / 1e6 / s:7.1f} MB/s)  "
-                  f"restore {l:6.2f}s ({nbytes / 1e6 / l:7.1f} MB/s)")
+                  f"restore {r:6.2f}s ({nbytes / 1e6 / r:7.1f} MB/s)")
     server.stop()
 
 

@@ -146,8 +146,8 @@ def plot_run(
         ax.plot(steps, ema, color="#1f3b70", lw=1.8, label=f"{metric} (EMA {smooth})")
         values, manifest_metric = ema, {}  # marks sit on the smoothed curve
     for cat, (label, marker, face, edge, size) in CATEGORIES.items():
-        pts = [(s, _value_at(s, steps, values, manifest_metric.get(s))) for s in marks[cat]]
-        pts = [(s, y) for s, y in pts if y is not None]
+        found = [(s, _value_at(s, steps, values, manifest_metric.get(s))) for s in marks[cat]]
+        pts = [(s, y) for s, y in found if y is not None]
         if not pts:
             continue
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=size, facecolors=face,

@@ -22,15 +22,20 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from ckptguard.plotting import plot_run
         import matplotlib  # noqa: F401
+
+        from ckptguard.plotting import plot_run
     except ImportError:
         from ckptguard.cli.common import fail
 
         return fail(ImportError("ckptguard plot needs matplotlib: run 'pip install ckptguard[plot]'."))
-    summary = plot_run(args.run, args.output, metric=args.metric, log_scale=args.log, smooth=args.smooth, title=args.title)
+    summary = plot_run(
+        args.run, args.output, metric=args.metric, log_scale=args.log, smooth=args.smooth, title=args.title
+    )
     if args.json:
-        print_json({"output": summary.output, "metric": summary.metric, "points": summary.points, "marks": summary.marks})
+        print_json(
+            {"output": summary.output, "metric": summary.metric, "points": summary.points, "marks": summary.marks}
+        )
         return 0
     counts = ", ".join(f"{len(v)} {k}" for k, v in summary.marks.items() if v) or "no checkpoints"
     console().print(f"wrote {summary.output}: {summary.points} points of {summary.metric!r}; {counts}", highlight=False)

@@ -179,7 +179,8 @@ class MLflowLogger:
         status = str((manifest.get("verification") or {}).get("status") or "committed")
         if status == "unverified":
             status = "committed"
-        self._safely(self.client.log_text, self.run_id, json.dumps(manifest, indent=1), f"checkpoints/{name}/MANIFEST.json")
+        artifact = f"checkpoints/{name}/MANIFEST.json"
+        self._safely(self.client.log_text, self.run_id, json.dumps(manifest, indent=1), artifact)
         self._known[step] = status
         tags = {TAG_LATEST_STEP: str(step), TAG_LATEST_URI: uri, **self._status_tags(current=step)}
         if metrics:
