@@ -35,6 +35,7 @@ from ckptguard.errors import (
     CorruptCheckpointError,
     StoragePermissionError,
 )
+from ckptguard.history import record_events
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
@@ -308,6 +309,10 @@ class CheckpointManager:
         self._after_commit(manifest)
         return manifest
 
+    def add_post_commit_hook(self, hook: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``hook(manifest)`` after every commit (in the saving thread; before retention)."""
+        self._post_commit.append(hook)
+
     def _after_commit(self, manifest: dict[str, Any]) -> None:
         self.metrics_log.flush()
         self._record_run()
@@ -343,6 +348,7 @@ class CheckpointManager:
                     log.info("Retention deleted %s (%s)", d.name, "; ".join(d.reasons))
                 except CheckpointError as e:
                     log.warning("Retention could not delete %s: %s", d.name, e)
+        record_events(self.storage, "pruned", deleted, reason="retention")
         return deleted
 
     # ---- async plumbing -----------------------------------------------------------------------

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
-from rich.progress import Progress
 from rich.table import Table
 
+from ckptguard.catalog import scan
 from ckptguard.cli.common import add_json_flag, console, human_bytes, print_json
+from ckptguard.cli.progress import delayed_progress
 from ckptguard.verify import resolve_target, verify
 
 
@@ -20,14 +22,20 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _, names = resolve_target(args.target)
+    storage, names = resolve_target(args.target)
     if args.json:
         report = verify(args.target)
         print_json(report.to_json())
         return 0 if report.ok else 1
-    with Progress(transient=True, console=console()) as prog:
-        task = prog.add_task("verifying", total=max(len(names), 1))
-        report = verify(args.target, progress=lambda n: prog.update(task, advance=1, description=f"verifying {n}"))
+    sizes = {c.name: c.size_bytes for c in scan(storage, check_files=False)}
+    done: list[str] = []
+
+    def step(advance: Callable[..., None], name: str) -> None:
+        advance(sizes.get(done[-1], 0) if done else 0, description=f"verifying {name}")
+        done.append(name)
+
+    with delayed_progress("verifying", sum(sizes.get(n, 0) for n in names) or None) as advance:
+        report = verify(args.target, progress=lambda n: step(advance, n))
     t = Table(title=f"verify {report.target}")
     for col in ("checkpoint", "files", "size", "result"):
         t.add_column(col)

@@ -3,66 +3,125 @@
 Object stores cannot rename a directory atomically, so ``atomic_rename`` is False: the writer
 puts every data file into the final directory first and the manifest last. A crash leaves a
 directory without a manifest (debris) that readers ignore and ``prune`` removes.
+
+What this backend adds on top of fsspec:
+
+- **Retries.** Every primitive runs under a :class:`~ckptguard.retry.RetryPolicy` (exponential
+  backoff with jitter); missing objects and permission errors fail at once.
+- **Whole-object retries for writes.** A file being written is spooled (in memory up to
+  ``block_size``, then in a temporary file) and uploaded on ``close()``; a transient failure
+  re-uploads the whole object, so a retried upload can never be half old, half new.
+- **Multipart uploads.** The upload streams through ``fs.open(..., block_size=block_size)``:
+  s3fs (and gcsfs) upload a file larger than one block in parts of ``block_size`` bytes.
+- **No stale listings.** fsspec clients cache directory listings (s3fs's dircache); every read
+  of metadata invalidates the cache for that path first, and every write invalidates it after.
+- **Credentials** come from the client's own standard chain (for S3: ``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY`` / ``AWS_PROFILE`` / ``~/.aws/config`` / instance roles, and
+  ``AWS_ENDPOINT_URL`` for S3-compatible servers). ``storage_options`` are passed to fsspec
+  unchanged (e.g. ``{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}``).
 """
 
 from __future__ import annotations
 
 import io
 import posixpath
+import shutil
+import tempfile
 from typing import Any, BinaryIO
 
 from ckptguard.errors import CheckpointNotFoundError, StorageError
+from ckptguard.retry import RetryPolicy
 from ckptguard.storage.base import translate_os_error
 
-__all__ = ["FsspecStorage"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "FsspecStorage"]
+
+DEFAULT_BLOCK_SIZE = 64 * 2**20  # upload part size; S3 needs >= 5 MiB and at most 10,000 parts
 
 
 class _FsspecWriter:
-    def __init__(self, fs: Any, path: str, display: str) -> None:
-        self._fs = fs
+    """Spools the file, then uploads it whole on ``close()`` (retried as a unit)."""
+
+    def __init__(self, store: FsspecStorage, path: str, display: str) -> None:
+        self._store = store
         self._path = path
         self._display = display
-        try:
-            self._f = fs.open(path, "wb")
-        except OSError as e:
-            raise translate_os_error(e, display, "creating") from e
+        self._size = 0
+        self._spool: Any = tempfile.SpooledTemporaryFile(max_size=store.block_size)  # noqa: SIM115
 
     def write(self, data: memoryview | bytes) -> None:
+        assert self._spool is not None, "write after close"
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
         try:
-            self._f.write(data)
+            self._spool.write(view)
         except OSError as e:
-            raise translate_os_error(e, self._display, "writing") from e
+            raise StorageError(
+                f"Cannot spool {self._display} to local temporary storage ({tempfile.gettempdir()}): "
+                f"{e}. Uploads are staged there first; point TMPDIR at a volume with free space."
+            ) from e
+        self._size += len(view)
+
+    def _upload(self) -> None:
+        spool = self._spool
+        spool.seek(0)
+        bs = self._store.block_size
+        with self._store.fs.open(self._path, "wb", block_size=bs) as f:
+            shutil.copyfileobj(spool, f, length=bs)
 
     def close(self) -> None:
+        if self._spool is None:
+            return
         try:
-            self._f.close()
+            self._store.retry.call(self._upload, what=f"uploading {self._display}")
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(
+                f"Cannot upload {self._display}: the bucket or parent does not exist ({e}). "
+                "Create the bucket first or check the URL."
+            ) from e
         except OSError as e:
             raise translate_os_error(e, self._display, "uploading") from e
+        finally:
+            self._spool.close()
+            self._spool = None
+        self._store._fresh_full(self._path)
 
     def abort(self) -> None:
+        if self._spool is not None:
+            try:
+                self._spool.close()
+            except Exception:  # noqa: BLE001 - abort never raises
+                pass
+            self._spool = None
+        # Nothing was uploaded unless close() ran; a failed close may have left an object.
         try:
-            discard = getattr(self._f, "discard", None)
-            if discard is not None:
-                discard()
-            else:
-                self._f.close()
-        except Exception:  # noqa: BLE001 - abort never raises
-            pass
-        try:
-            if self._fs.exists(self._path):
-                self._fs.rm(self._path)
+            self._store.fs.rm_file(self._path)
         except Exception:  # noqa: BLE001
             pass
 
 
 class FsspecStorage:
-    """A run directory addressed by an fsspec URL (``s3://bucket/prefix``, ``memory://x``...)."""
+    """A run directory addressed by an fsspec URL (``s3://bucket/prefix``, ``memory://x``...).
+
+    Args:
+        url: any fsspec URL.
+        storage_options: passed to ``fsspec.core.url_to_fs`` unchanged.
+        retry: retry policy applied to every primitive.
+        block_size: upload part size (bytes) for multipart uploads.
+    """
 
     atomic_rename = False
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
         import fsspec
 
+        if block_size < 5 * 2**20:
+            raise ValueError(f"block_size must be at least 5 MiB (S3's minimum part size), got {block_size}")
         try:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except (ImportError, ValueError) as e:
@@ -73,6 +132,8 @@ class FsspecStorage:
         self.fs = fs
         self.root = root.rstrip("/")
         self.url = url.rstrip("/")
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.block_size = int(block_size)
 
     def __repr__(self) -> str:
         return f"FsspecStorage({self.url!r})"
@@ -83,41 +144,59 @@ class FsspecStorage:
     def describe(self, path: str) -> str:
         return posixpath.join(self.url, path) if path else self.url
 
+    def _fresh_full(self, full: str) -> None:
+        try:
+            self.fs.invalidate_cache(full)
+        except Exception:  # noqa: BLE001 - a cache that cannot be invalidated holds nothing
+            pass
+
     def _fresh(self, path: str) -> None:
-        self.fs.invalidate_cache(self._p(path))
+        self._fresh_full(self._p(path))
+
+    def _call(self, doing: str, path: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one fsspec call under the retry policy; map errors to the library's hierarchy."""
+        try:
+            return self.retry.call(fn, *args, what=f"{doing} {self.describe(path)}", **kwargs)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(
+                f"No such object {self.describe(path)} (while {doing}). Check the URL; was the "
+                "checkpoint deleted?"
+            ) from e
+        except OSError as e:
+            raise translate_os_error(e, self.describe(path), doing) from e
 
     def exists(self, path: str) -> bool:
         self._fresh(path)
-        return bool(self.fs.exists(self._p(path)))
+        return bool(self._call("checking", path, self.fs.exists, self._p(path)))
 
     def isdir(self, path: str) -> bool:
         self._fresh(path)
-        return bool(self.fs.isdir(self._p(path)))
+        return bool(self._call("checking", path, self.fs.isdir, self._p(path)))
 
     def is_symlink(self, path: str) -> bool:
         return False
 
     def listdir(self, path: str) -> list[str]:
-        full = self._p(path)
+        """Names directly under ``path``; object-store prefixes (``step-*/``) count as dirs."""
+        full = self._p(path).rstrip("/")
         self._fresh(path)
         try:
-            entries = self.fs.ls(full, detail=False)
-        except FileNotFoundError:
+            entries = self._call("listing", path, self.fs.ls, full, detail=False)
+        except CheckpointNotFoundError:
             return []
         names = []
         for e in entries:
-            name = posixpath.basename(str(e).rstrip("/"))
-            if name and str(e).rstrip("/") != full.rstrip("/"):
+            entry = str(e).rstrip("/")
+            if entry == full or not entry.startswith(full + "/" if full else ""):
+                continue  # ls of a file returns the file itself
+            name = entry[len(full) + 1 :] if full else entry
+            if name and "/" not in name:
                 names.append(name)
         return sorted(set(names))
 
     def size(self, path: str) -> int:
-        try:
-            return int(self.fs.size(self._p(path)))
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"No such object {self.describe(path)}.") from e
-        except OSError as e:
-            raise translate_os_error(e, self.describe(path), "reading the size of") from e
+        self._fresh(path)
+        return int(self._call("reading the size of", path, self.fs.size, self._p(path)))
 
     def mtime(self, path: str) -> float | None:
         try:
@@ -127,65 +206,52 @@ class FsspecStorage:
             return None
 
     def read_bytes(self, path: str) -> bytes:
-        try:
-            return bytes(self.fs.cat_file(self._p(path)))
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"No such object {self.describe(path)}.") from e
-        except OSError as e:
-            raise translate_os_error(e, self.describe(path), "reading") from e
+        self._fresh(path)
+        return bytes(self._call("reading", path, self.fs.cat_file, self._p(path)))
 
     def open_read(self, path: str) -> BinaryIO:
-        try:
-            f = self.fs.open(self._p(path), "rb")
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"No such object {self.describe(path)}.") from e
-        except OSError as e:
-            raise translate_os_error(e, self.describe(path), "opening") from e
+        self._fresh(path)
+        f = self._call("opening", path, self.fs.open, self._p(path), "rb", block_size=self.block_size)
         if not hasattr(f, "readinto"):
-            return io.BufferedReader(f)  # type: ignore[arg-type]
+            return io.BufferedReader(f)
         return f  # type: ignore[no-any-return]
 
     def create(self, path: str) -> _FsspecWriter:
-        return _FsspecWriter(self.fs, self._p(path), self.describe(path))
+        return _FsspecWriter(self, self._p(path), self.describe(path))
 
     def makedirs(self, path: str) -> None:
-        try:
-            self.fs.makedirs(self._p(path), exist_ok=True)
-        except OSError as e:
-            raise translate_os_error(e, self.describe(path), "creating the directory") from e
+        self._call("creating the directory", path, self.fs.makedirs, self._p(path), exist_ok=True)
 
     def rename_dir(self, src: str, dst: str) -> None:
-        raise StorageError(f"{self.url} cannot rename directories atomically; use the manifest.")
+        raise StorageError(
+            f"{self.url} cannot rename directories atomically (renaming {src} to {dst}); "
+            "object stores use the manifest as the commit marker."
+        )
 
     def sync_dir(self, path: str) -> None:
         return None
 
     def remove_file(self, path: str) -> None:
         try:
-            self.fs.rm_file(self._p(path))
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            raise translate_os_error(e, self.describe(path), "deleting") from e
+            self._call("deleting", path, self.fs.rm_file, self._p(path))
+        except CheckpointNotFoundError:
+            pass
         self._fresh(path)
 
     def remove_tree(self, path: str) -> None:
-        try:
-            if self.fs.exists(self._p(path)):
-                self.fs.rm(self._p(path), recursive=True)
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            raise translate_os_error(e, self.describe(path), "deleting") from e
+        if self.exists(path):
+            try:
+                self._call("deleting", path, self.fs.rm, self._p(path), recursive=True)
+            except CheckpointNotFoundError:
+                pass
         self._fresh(path)
 
     def append(self, path: str, data: bytes) -> None:
+        """Read-modify-write: object stores have no append (one writer per run holds the lock)."""
         old = self.read_bytes(path) if self.exists(path) else b""
         self.replace_file(path, old + data)
 
     def replace_file(self, path: str, data: bytes) -> None:
-        try:
-            self.fs.pipe_file(self._p(path), data)
-        except OSError as e:
-            raise translate_os_error(e, self.describe(path), "writing") from e
+        """One PUT: readers see the old or the new object, never a mix."""
+        self._call("writing", path, self.fs.pipe_file, self._p(path), bytes(data))
         self._fresh(path)

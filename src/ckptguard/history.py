@@ -1,0 +1,53 @@
+"""RUN/history.jsonl: what happened to checkpoints after their commit (retention deletions).
+
+One JSON object per line, appended: ``{"event": "pruned", "step": 1200, "time": ..., "reason": ...}``.
+It lets ``ckptguard plot`` show where pruned checkpoints were. Best effort: a failure to record
+is logged and never fails a save; a torn last line is skipped by the reader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from ckptguard.errors import CheckpointError
+from ckptguard.storage.base import Storage
+
+__all__ = ["HISTORY_FILE", "read_history", "record_events"]
+
+log = logging.getLogger(__name__)
+HISTORY_FILE = "history.jsonl"
+
+
+def record_events(storage: Storage, event: str, steps: Iterable[int], reason: str = "") -> None:
+    """Append one ``event`` line per step (e.g. ``"pruned"``)."""
+    now = round(time.time(), 3)
+    lines = [json.dumps({"event": event, "step": int(s), "time": now, "reason": reason}) for s in steps]
+    if not lines:
+        return
+    try:
+        storage.append(HISTORY_FILE, ("\n".join(lines) + "\n").encode())
+    except CheckpointError as e:
+        log.warning("Could not record %s of steps %s in %s: %s", event, steps, HISTORY_FILE, e)
+
+
+def read_history(storage: Storage) -> list[dict[str, Any]]:
+    """Every well-formed event, oldest first (missing file: none)."""
+    try:
+        if not storage.exists(HISTORY_FILE):
+            return []
+        text = storage.read_bytes(HISTORY_FILE).decode("utf-8", errors="replace")
+    except CheckpointError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn line from a crash
+        if isinstance(rec, dict) and isinstance(rec.get("event"), str) and isinstance(rec.get("step"), int):
+            out.append(rec)
+    return out
