@@ -301,7 +301,7 @@ def plan_retention(
         hard[valid[-1].step].append("newest valid")
     best = retention.best(ckpts)
     if best is not None:
-        hard[best.step].append(f"best {retention.metric}")
+        hard[best.step].append(f"best {retention.metric}={best.metrics[retention.metric]:.6g}")
     for step, why in (protected or {}).items():
         if step in hard:
             hard[step].append(why)
