@@ -1,0 +1,129 @@
+"""Preemption with real child processes: signal at a known step, checkpoint, exit, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import trainlib
+
+CHILD = str(Path(__file__).parent / "policy_child.py")
+TOTAL = 30
+
+
+def start(run: Path, *args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    return subprocess.Popen(
+        [sys.executable, CHILD, str(run), "--total", str(TOTAL), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def wait_for(proc: subprocess.Popen[str], line: str, timeout: float = 120) -> None:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = proc.stdout.readline()
+        if not got:
+            raise AssertionError(f"child ended before printing {line!r}: {proc.stderr.read() if proc.stderr else ''}")
+        if got.strip() == line:
+            return
+    raise AssertionError(f"child did not print {line!r} in {timeout}s")
+
+
+def manifest(run: Path, step: int) -> dict:
+    return json.loads((run / f"step-{step:09d}" / "MANIFEST.json").read_text())
+
+
+def finish(run: Path, out: Path, *args: str) -> dict[str, torch.Tensor]:
+    proc = start(run, "--out", str(out), *args)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    return load_file(str(out))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """An uninterrupted run of the same loop, in-process."""
+    return trainlib.run_training(tmp_path_factory.mktemp("ref") / "run", TOTAL, every_steps=5)
+
+
+@pytest.mark.parametrize("async_flag", [False, True], ids=["sync", "async"])
+def test_sigterm_saves_step_reached_exits_and_resumes_bit_identical(
+    tmp_path: Path, reference: dict[str, torch.Tensor], async_flag: bool
+) -> None:
+    run = tmp_path / "run"
+    extra = ["--async-save"] if async_flag else []
+    proc = start(run, "--pause-at", "13", *extra)
+    wait_for(proc, "STEP 13")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    exit_seconds = time.monotonic() - t0
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert exit_seconds < 30, f"exit took {exit_seconds:.1f}s, beyond a 30 s grace period"
+    m = manifest(run, 13)
+    assert m["reason"] == "preemption"
+    assert "SIGTERM" in m["extra"]["preemption"]
+    assert (run / "step-000000010" / "MANIFEST.json").exists()  # the periodic save before it, flushed
+    assert not (run / "step-000000014").exists()
+    record = json.loads((run / "ckptguard.json").read_text())
+    assert record["sessions"][-1]["preempted"] is True
+    resumed = finish(run, tmp_path / "w.safetensors", *extra)
+    assert trainlib.same_weights(resumed, reference)
+
+
+def test_sigusr1_and_custom_exit_code(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = start(run, "--pause-at", "7", "--exit-code", "85")
+    wait_for(proc, "STEP 7")
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 85, err[-3000:]
+    m = manifest(run, 7)
+    assert m["reason"] == "preemption" and "SIGUSR1" in m["extra"]["preemption"]
+
+
+def test_custom_signal_list_leaves_other_signals_alone(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = start(run, "--pause-at", "7", "--signals", "SIGUSR1")
+    wait_for(proc, "STEP 7")
+    proc.send_signal(signal.SIGTERM)  # not in the list: default action, no save
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert not (run / "step-000000007").exists()
+    assert (run / "step-000000005" / "MANIFEST.json").exists()
+
+
+def test_poller_raises_the_same_flag(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    notice = tmp_path / "termination-notice"
+    proc = start(run, "--pause-at", "9", "--poller-file", str(notice), "--exit-code", "0")
+    wait_for(proc, "STEP 9")
+    notice.write_text("terminate at 12:00:30Z")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    m = manifest(run, 9)
+    assert m["reason"] == "preemption" and m["extra"]["preemption"].startswith("poller")
+
+
+def test_second_signal_ends_a_stuck_process(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = start(run, "--stuck-at", "6")
+    wait_for(proc, "STEP 6")
+    proc.send_signal(signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=1.0)  # the first signal only raised the flag; the loop never saves
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    assert not (run / "step-000000006").exists()
