@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import trainlib
+from conftest import FULL
 
 CHILD = str(Path(__file__).parent / "policy_child.py")
 TOTAL = 30
@@ -82,9 +83,9 @@ def test_sigterm_saves_step_reached_exits_and_resumes_bit_identical(
     assert trainlib.same_weights(resumed, reference)
 
 
-def test_sigusr1_and_custom_exit_code(tmp_path: Path) -> None:
+def test_sigusr1_custom_signal_list_and_exit_code(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = start(run, "--pause-at", "7", "--exit-code", "85")
+    proc = start(run, "--pause-at", "7", "--signals", "SIGUSR1", "--exit-code", "85")
     wait_for(proc, "STEP 7")
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=60)
@@ -93,7 +94,9 @@ def test_sigusr1_and_custom_exit_code(tmp_path: Path) -> None:
     assert m["reason"] == "preemption" and "SIGUSR1" in m["extra"]["preemption"]
 
 
-def test_custom_signal_list_leaves_other_signals_alone(tmp_path: Path) -> None:
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="full sweep only (CKPTGUARD_TEST_FULL=1)")
+def test_signal_outside_the_list_is_left_alone(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = start(run, "--pause-at", "7", "--signals", "SIGUSR1")
     wait_for(proc, "STEP 7")

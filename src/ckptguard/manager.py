@@ -39,8 +39,8 @@ from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
 from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.reader import CheckpointReader
-from ckptguard.pins import foreign_protection, new_run_id, pin, pinned_steps, unpin
-from ckptguard.retention import Decision, Retention, plan_retention
+from ckptguard.pins import new_run_id, pin, pinned_steps, plan_own_lineage, unpin
+from ckptguard.retention import Decision, Retention
 from ckptguard.runrecord import RUN_FILE, RunRecord, read_run_record
 from ckptguard.schedule import SaveSchedule, observed_mtbf
 from ckptguard.staging import Stager
@@ -321,10 +321,10 @@ class CheckpointManager:
     def plan_retention(self) -> list[Decision]:
         """What retention would keep/delete now, with reasons (nothing is deleted)."""
         ckpts = self.checkpoints()
-        protected = {**foreign_protection(ckpts, self._own_lineages), **pinned_steps(self.storage, ckpts)}
+        protected = pinned_steps(self.storage, ckpts)
         for step, why in self.protected_steps().items():
             protected[step] = f"{protected[step]}; {why}" if step in protected else why
-        return plan_retention(ckpts, self.retention, protected=protected)
+        return plan_own_lineage(ckpts, self.retention, self._own_lineages, protected)
 
     def pin(self, step: int, note: str = "") -> None:
         """Protect checkpoint ``step`` from retention (a ``PINNED`` marker; see ckptguard.pins)."""

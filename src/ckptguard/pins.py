@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from ckptguard.catalog import CheckpointInfo
 from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.manifest import MANIFEST, checkpoint_name
-from ckptguard.retention import Retention
+from ckptguard.retention import Decision, Retention, plan_retention
 from ckptguard.storage.base import Storage, join
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "new_run_id",
     "pin",
     "pinned_steps",
+    "plan_own_lineage",
     "run_id_of",
     "unpin",
 ]
@@ -113,3 +114,19 @@ def lineage_protection(ckpts: Sequence[CheckpointInfo], retention: Retention) ->
         if best is not None:
             out.setdefault(best.step, f"best {retention.metric} of run {label}")
     return out
+
+
+def plan_own_lineage(
+    ckpts: Sequence[CheckpointInfo], retention: Retention, own: set[str | None], protected: dict[int, str]
+) -> list[Decision]:
+    """A manager's plan: the policy (and byte budget) applies to its own lineage only; every
+    checkpoint of another lineage is kept, protected."""
+    foreign = foreign_protection(ckpts, own)
+    mine = [c for c in ckpts if c.step not in foreign]
+    out = plan_retention(mine, retention, protected=protected)
+    out += [
+        Decision(c.step, c.name, True, tuple(w for w in (protected.get(c.step), foreign[c.step]) if w),
+                 c.size_bytes, protected=True)
+        for c in ckpts if c.step in foreign
+    ]
+    return sorted(out, key=lambda d: d.step)
