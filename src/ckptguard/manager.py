@@ -392,7 +392,7 @@ class CheckpointManager:
                 self._guard.uninstall()
             if self._locked and self._run_record.session.get("saves"):
                 self._run_record.session["clean"] = not self._run_record.session["preempted"]
-                self._run_record.write()
+                self._run_record.write(save_interval=self.schedule.describe())
             if self._lock is not None and self._locked:
                 self._lock.release()
                 self._locked = False
