@@ -60,7 +60,10 @@ def main() -> int:
             for xb, yb in loader:
                 if a.inject and step + 1 == a.inject_at and (not injected or a.inject == "nan-always"):
                     injected = True
-                    xb = xb * (float("nan") if a.inject.startswith("nan") else 1e4)
+                    if a.inject.startswith("nan"):
+                        xb = xb * float("nan")
+                    else:  # a spike: confidently wrong on scaled inputs
+                        xb, yb = xb * 100, 1 - yb
                 loss = trainlib.train_step(s, xb, yb)
                 step += 1
                 state.extra["seen"] += len(xb)
