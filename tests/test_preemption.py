@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+import ckptguard as cg
 import trainlib
 from conftest import FULL
 
@@ -45,13 +45,6 @@ def manifest(run: Path, step: int) -> dict:
     return json.loads((run / f"step-{step:09d}" / "MANIFEST.json").read_text())
 
 
-def finish(run: Path, out: Path, *args: str) -> dict[str, torch.Tensor]:
-    proc = start(run, "--out", str(out), *args)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err[-3000:]
-    return load_file(str(out))
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """An uninterrupted run of the same loop, in-process."""
@@ -79,19 +72,42 @@ def test_sigterm_saves_step_reached_exits_and_resumes_bit_identical(
     assert not (run / "step-000000014").exists()
     record = json.loads((run / "ckptguard.json").read_text())
     assert record["sessions"][-1]["preempted"] is True
-    resumed = finish(run, tmp_path / "w.safetensors", *extra)
+    resumed = trainlib.run_training(run, TOTAL, every_steps=5, async_save=async_flag)  # same loop, resumed
     assert trainlib.same_weights(resumed, reference)
 
 
-def test_sigusr1_custom_signal_list_and_exit_code(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    proc = start(run, "--pause-at", "7", "--signals", "SIGUSR1", "--exit-code", "85")
-    wait_for(proc, "STEP 7")
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 85, err[-3000:]
-    m = manifest(run, 7)
+def preempted_loop(run: Path, stop: int, **guard_kwargs: object) -> tuple[int, int]:
+    """In-process: train, raise the flag at step ``stop`` (via a real signal or a poller)."""
+    s = trainlib.make_setup()
+    mgr = cg.CheckpointManager(run, every_steps=5)
+    reached = [0]
+    sig = guard_kwargs.pop("send", None)
+    if "pollers" in guard_kwargs:
+        guard_kwargs["pollers"] = (lambda: reached[0] >= stop,)
+    with pytest.raises(SystemExit) as e:
+        with mgr.preemption_guard(**guard_kwargs):  # type: ignore[arg-type]
+            for step, (xb, yb) in enumerate(s["loader"], start=1):
+                loss = trainlib.train_step(s, xb, yb)
+                reached[0] = step
+                if step == stop and sig is not None:
+                    os.kill(os.getpid(), sig)  # type: ignore[arg-type]
+                mgr.save(step, s["state"], metrics={"loss": loss})
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL or sig is None  # handlers restored
+    return int(e.value.code or 0), reached[0]
+
+
+def test_sigusr1_custom_signal_list_and_exit_code(run_dir: Path) -> None:
+    code, reached = preempted_loop(run_dir, 7, signals=(signal.SIGUSR1,), exit_code=85, send=signal.SIGUSR1)
+    assert (code, reached) == (85, 7)
+    m = manifest(run_dir, 7)
     assert m["reason"] == "preemption" and "SIGUSR1" in m["extra"]["preemption"]
+
+
+def test_poller_raises_the_same_flag(run_dir: Path) -> None:
+    code, reached = preempted_loop(run_dir, 9, pollers=(), poll_seconds=0.0, exit_code=3)
+    assert (code, reached) == (3, 9)
+    m = manifest(run_dir, 9)
+    assert m["reason"] == "preemption" and m["extra"]["preemption"].startswith("poller")
 
 
 @pytest.mark.slow
@@ -105,18 +121,6 @@ def test_signal_outside_the_list_is_left_alone(tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGTERM
     assert not (run / "step-000000007").exists()
     assert (run / "step-000000005" / "MANIFEST.json").exists()
-
-
-def test_poller_raises_the_same_flag(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    notice = tmp_path / "termination-notice"
-    proc = start(run, "--pause-at", "9", "--poller-file", str(notice), "--exit-code", "0")
-    wait_for(proc, "STEP 9")
-    notice.write_text("terminate at 12:00:30Z")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-3000:]
-    m = manifest(run, 9)
-    assert m["reason"] == "preemption" and m["extra"]["preemption"].startswith("poller")
 
 
 def test_second_signal_ends_a_stuck_process(tmp_path: Path) -> None:
