@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--loss-guard", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCreated)d %(name)s %(message)s")
 
     s = trainlib.make_setup()
     state = s["state"]

@@ -281,3 +281,9 @@ def test_fresh_second_run_does_not_delete_the_first_runs_history(run_dir: Path) 
     assert steps_on_disk(run_dir) == [4, 5, 15, 20]
     ids = {json.loads((run_dir / f"step-{x:09d}" / "MANIFEST.json").read_text())["run_id"] for x in (4, 15)}
     assert len(ids) == 2
+    # ... and it cannot overwrite the first run's checkpoint at the same step either
+    mgr = cg.CheckpointManager(run_dir, every_steps=1, retention=r)
+    with pytest.raises(cg.CheckpointError, match="belongs to another run"):
+        mgr.save(15, s["state"], force=True)
+    mgr.close()
+    assert steps_on_disk(run_dir) == [4, 5, 15, 20]

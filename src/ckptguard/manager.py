@@ -39,7 +39,7 @@ from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
 from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.reader import CheckpointReader
-from ckptguard.pins import new_run_id, pin, pinned_steps, plan_own_lineage, unpin
+from ckptguard.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.retention import Decision, Retention
 from ckptguard.runrecord import RUN_FILE, RunRecord, read_run_record
 from ckptguard.schedule import SaveSchedule, observed_mtbf
@@ -248,6 +248,7 @@ class CheckpointManager:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         self._acquire_lock()
+        check_not_foreign(self.storage, step, self._own_lineages, self.run_id)
         t0 = time.perf_counter()
         snap = capture(state, step)
         fields = self._fields(step, state, snap, metrics, reason)

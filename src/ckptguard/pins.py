@@ -19,12 +19,14 @@ import uuid
 from collections.abc import Sequence
 
 from ckptguard.catalog import CheckpointInfo
-from ckptguard.errors import CheckpointNotFoundError
+from ckptguard.catalog import read_manifest
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.manifest import MANIFEST, checkpoint_name
 from ckptguard.retention import Decision, Retention, plan_retention
 from ckptguard.storage.base import Storage, join
 
 __all__ = [
+    "check_not_foreign",
     "PIN_FILE",
     "foreign_protection",
     "lineage_protection",
@@ -130,3 +132,21 @@ def plan_own_lineage(
         for c in ckpts if c.step in foreign
     ]
     return sorted(out, key=lambda d: d.step)
+
+
+def check_not_foreign(storage: Storage, step: int, own: set[str | None], run_id: str) -> None:
+    """Refuse to overwrite another lineage's checkpoint at the same step (its history)."""
+    name = checkpoint_name(step)
+    if not storage.exists(join(name, MANIFEST)):
+        return
+    try:
+        other = read_manifest(storage, name).get("run_id")
+    except CheckpointError:
+        return  # not a valid checkpoint: overwriting it loses nothing
+    other = other if isinstance(other, str) else None
+    if other not in own:
+        raise CheckpointError(
+            f"{storage.describe(name)} belongs to another run (run {other or 'unrecorded'}); this "
+            f"run ({run_id}) did not restore from it, and saving step {step} would overwrite it. "
+            "Call mgr.restore(state) first to continue that run, or use a new run directory."
+        )
