@@ -19,11 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import trainlib
+from safetensors.torch import save_file
 
-import ckptguard as cg  # noqa: E402
-import trainlib  # noqa: E402
+import ckptguard as cg
 
 
 def main() -> int:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import ckptguard as cg
 import trainlib
 from conftest import FULL
+
+import ckptguard as cg
 
 CHILD = str(Path(__file__).parent / "policy_child.py")
 TOTAL = 30
@@ -84,14 +84,13 @@ def preempted_loop(run: Path, stop: int, **guard_kwargs: object) -> tuple[int, i
     sig = guard_kwargs.pop("send", None)
     if "pollers" in guard_kwargs:
         guard_kwargs["pollers"] = (lambda: reached[0] >= stop,)
-    with pytest.raises(SystemExit) as e:
-        with mgr.preemption_guard(**guard_kwargs):  # type: ignore[arg-type]
-            for step, (xb, yb) in enumerate(s["loader"], start=1):
-                loss = trainlib.train_step(s, xb, yb)
-                reached[0] = step
-                if step == stop and sig is not None:
-                    os.kill(os.getpid(), sig)  # type: ignore[arg-type]
-                mgr.save(step, s["state"], metrics={"loss": loss})
+    with pytest.raises(SystemExit) as e, mgr.preemption_guard(**guard_kwargs):  # type: ignore[arg-type]
+        for step, (xb, yb) in enumerate(s["loader"], start=1):
+            loss = trainlib.train_step(s, xb, yb)
+            reached[0] = step
+            if step == stop and sig is not None:
+                os.kill(os.getpid(), sig)  # type: ignore[arg-type]
+            mgr.save(step, s["state"], metrics={"loss": loss})
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL or sig is None  # handlers restored
     return int(e.value.code or 0), reached[0]
 

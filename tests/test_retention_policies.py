@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trainlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptguard as cg
-import trainlib
 from ckptguard.catalog import CheckpointInfo
 from ckptguard.errors import StorageError
 from ckptguard.pins import foreign_protection, lineage_protection
-from ckptguard.storage.local import LocalStorage
 from ckptguard.retention import (
     KeepBeforeConfigChange,
     KeepPhased,
     budget_overrun,
     plan_retention,
 )
+from ckptguard.storage.local import LocalStorage
 
 
 def info(step: int, *, valid: bool = True, metrics: dict[str, Any] | None = None, config: str | None = "a",
@@ -46,8 +45,8 @@ def test_keep_last_is_a_ring_buffer_of_valid_checkpoints() -> None:
     ckpts = [info(s) for s in (10, 20, 30, 40)] + [info(50, valid=False)]
     d = plan_retention(ckpts, cg.Retention(keep_last=2))
     assert kept(d) == [30, 40]
-    assert dict((x.step, x.reasons) for x in d)[50] == ("not valid: broken",)
-    assert "last 2" in dict((x.step, x.reasons) for x in d)[30]
+    assert {x.step: x.reasons for x in d}[50] == ("not valid: broken",)
+    assert "last 2" in {x.step: x.reasons for x in d}[30]
 
 
 def test_keep_best_names_the_metric_and_value() -> None:

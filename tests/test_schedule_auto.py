@@ -7,10 +7,15 @@ import math
 from pathlib import Path
 
 import pytest
+import trainlib
 
 import ckptguard as cg
-import trainlib
-from ckptguard.schedule import SaveSchedule, observed_mtbf, wasted_fraction, young_daly_interval
+from ckptguard.schedule import (
+    SaveSchedule,
+    observed_mtbf,
+    wasted_fraction,
+    young_daly_interval,
+)
 
 
 def test_young_daly_matches_the_perf_notes() -> None:

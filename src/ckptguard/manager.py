@@ -37,9 +37,9 @@ from ckptguard.errors import (
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
+from ckptguard.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.reader import CheckpointReader
-from ckptguard.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.retention import Decision, Retention
 from ckptguard.runrecord import RUN_FILE, RunRecord, read_run_record
 from ckptguard.schedule import SaveSchedule, observed_mtbf

@@ -18,16 +18,15 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from ckptguard.catalog import CheckpointInfo
-from ckptguard.catalog import read_manifest
+from ckptguard.catalog import CheckpointInfo, read_manifest
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.manifest import MANIFEST, checkpoint_name
 from ckptguard.retention import Decision, Retention, plan_retention
 from ckptguard.storage.base import Storage, join
 
 __all__ = [
-    "check_not_foreign",
     "PIN_FILE",
+    "check_not_foreign",
     "foreign_protection",
     "lineage_protection",
     "new_run_id",

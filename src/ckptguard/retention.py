@@ -10,6 +10,7 @@ invariant protects it (the checkpoint the run resumed from, the newest valid one
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -140,7 +141,7 @@ class KeepPhased:
         tail_start = (1.0 - self.tail) * self.total_steps
         interval = self.interval
         if interval is None:
-            gaps = [b.step - a.step for a, b in zip(valid, valid[1:]) if b.step > a.step]
+            gaps = [b.step - a.step for a, b in itertools.pairwise(valid) if b.step > a.step]
             interval = min(gaps) if gaps else 1
         width = max(1, self.thin * interval)
         out: dict[int, str] = {}
@@ -172,7 +173,7 @@ class KeepBeforeConfigChange:
         valid = [c for c in ckpts if c.valid]
         return {
             a.step: "before config change"
-            for a, b in zip(valid, valid[1:])
+            for a, b in itertools.pairwise(valid)
             if config_hash_of(a) != config_hash_of(b)
         }
 
@@ -301,18 +302,18 @@ def plan_retention(
         hard[valid[-1].step].append("newest valid")
     best = retention.best(ckpts)
     if best is not None:
-        hard[best.step].append(f"best {retention.metric}={best.metrics[retention.metric]:.6g}")
+        hard[best.step].append(f"best {retention.metric}={best.metrics[str(retention.metric)]:.6g}")
     for step, why in (protected or {}).items():
         if step in hard:
             hard[step].append(why)
     out = []
     for c in ckpts:
-        why = tuple(dict.fromkeys(hard[c.step] + soft[c.step]))
-        if not why:
-            why = (("not valid: " + "; ".join(c.problems)) if not c.valid else "outside the policy",)
-            out.append(Decision(c.step, c.name, False, why, c.size_bytes))
+        reasons = tuple(dict.fromkeys(hard[c.step] + soft[c.step]))
+        if not reasons:
+            reasons = (("not valid: " + "; ".join(c.problems)) if not c.valid else "outside the policy",)
+            out.append(Decision(c.step, c.name, False, reasons, c.size_bytes))
         else:
-            out.append(Decision(c.step, c.name, True, why, c.size_bytes, protected=bool(hard[c.step])))
+            out.append(Decision(c.step, c.name, True, reasons, c.size_bytes, protected=bool(hard[c.step])))
     if retention.max_bytes is not None:
         out = _apply_budget(out, int(retention.max_bytes))
     return out
