@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,12 @@ from hypothesis import strategies as st
 import ckptguard as cg
 from ckptguard.catalog import CheckpointInfo
 from ckptguard.errors import StorageError
-from ckptguard.pins import foreign_protection, lineage_protection
+from ckptguard.pins import (
+    foreign_protection,
+    lineage_protection,
+    plan_own_lineage,
+    run_id_of,
+)
 from ckptguard.retention import (
     KeepBeforeConfigChange,
     KeepPhased,
@@ -110,10 +118,26 @@ def test_byte_budget_deletes_oldest_unprotected_first_and_reports_when_unmeetabl
     assert kept(d) == [2, 3, 6] and budget_overrun(d, tight) == 150
 
 
-def test_order_is_by_step_number_not_name() -> None:
-    ckpts = [info(s) for s in (999_999_999, 1_000_000_000, 5, 2_000_000_000)]
+def test_order_is_by_step_number_not_name_or_time() -> None:
+    steps = (999_999_999, 1_000_000_000, 5, 2_000_000_000)
+    # names that sort against the steps, creation times that run backwards
+    ckpts = [
+        dataclasses.replace(info(s), name=f"z{i}", created=dt.datetime.fromtimestamp(1e9 - s / 1e3, dt.timezone.utc))
+        for i, s in enumerate(steps)
+    ]
     random.Random(0).shuffle(ckpts)
     assert kept(plan_retention(ckpts, cg.Retention(keep_last=2))) == [1_000_000_000, 2_000_000_000]
+
+
+def test_real_run_prunes_by_step_whatever_the_mtimes(run_dir: Path) -> None:
+    trainlib.run_training(run_dir, 10, every_steps=2)
+    for i, p in enumerate(sorted(run_dir.glob("step-*"))):
+        os.utime(p, (2e9 - i * 1000, 2e9 - i * 1000))  # oldest step looks newest
+    s = trainlib.make_setup()
+    with cg.CheckpointManager(run_dir, retention=cg.Retention(keep_last=2)) as mgr:
+        mgr.restore(s["state"])
+        mgr.save(12, s["state"], force=True)
+    assert steps_on_disk(run_dir) == [10, 12]
 
 
 def test_retention_validates_and_round_trips() -> None:
@@ -199,6 +223,21 @@ def test_live_run_never_breaks_an_invariant(evs: list[tuple], retention: cg.Rete
         if retention.max_bytes is not None and budget_overrun(decisions, retention):
             assert all(d.protected for d in decisions if d.keep)
         alive = [a for a in alive if a.step in keep]
+
+
+@settings(max_examples=100, deadline=None)
+@given(events, policies, st.lists(st.sampled_from(["A", "B", None]), min_size=40, max_size=40))
+def test_a_manager_never_deletes_another_lineages_checkpoints(evs: list[tuple], retention: cg.Retention, owners: list) -> None:
+    ckpts, step = [], 0
+    for (inc, metric, config, valid, size, _), owner in zip(evs, owners):
+        step += inc
+        ckpts.append(info(step, valid=valid, config=config, size=size, run_id=owner,
+                          metrics={} if metric is None else {"loss": metric}))
+    decisions = plan_own_lineage(ckpts, retention, {"A"}, {})
+    assert [d.step for d in decisions] == [c.step for c in ckpts]
+    for c, d in zip(ckpts, decisions):
+        if run_id_of(c) != "A":
+            assert d.keep and d.protected
 
 
 # ---- a real manager -------------------------------------------------------------------------
