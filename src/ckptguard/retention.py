@@ -2,7 +2,11 @@
 
 A policy looks at the committed checkpoints (ordered by step) and names the ones it keeps, with a
 reason. :class:`Retention` combines them: a checkpoint survives if any policy keeps it or an
-invariant protects it (the checkpoint the run resumed from, the newest valid one, the best one).
+invariant protects it (the checkpoint the run resumed from, the newest valid one, the best one,
+pinned ones). Policies: :class:`KeepLast` (ring buffer), :class:`KeepBest`, :class:`KeepEvery`,
+:class:`KeepPhased` (the Checkpoint Rot schedule), :class:`KeepBeforeConfigChange`; a byte budget
+(``max_bytes``) then deletes the oldest checkpoints that only a policy keeps. Ordering is always
+by step number, never by name or modification time.
 
 >>> Retention(keep_last=3, keep_best=1, metric="val_loss", mode="min")
 """
