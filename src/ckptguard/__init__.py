@@ -28,8 +28,9 @@ from ckptguard.errors import (
     UnsafeCheckpointError,
     UnsupportedStateError,
 )
+from ckptguard.health import LossGuard
 from ckptguard.manager import CheckpointManager
-from ckptguard.retention import KeepBest, KeepEvery, KeepLast, Retention
+from ckptguard.retention import KeepBeforeConfigChange, KeepBest, KeepEvery, KeepLast, KeepPhased, Retention
 from ckptguard.sampler import ResumableSampler
 from ckptguard.state import Stateful, TrainState
 from ckptguard.verify import VerifyReport, verify
@@ -43,9 +44,12 @@ __all__ = [
     "CorruptCheckpointError",
     "DiskFullError",
     "FormatVersionError",
+    "KeepBeforeConfigChange",
     "KeepBest",
     "KeepEvery",
     "KeepLast",
+    "KeepPhased",
+    "LossGuard",
     "ResumableSampler",
     "Retention",
     "RunLockedError",

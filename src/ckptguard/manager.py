@@ -39,10 +39,12 @@ from ckptguard.history import record_events
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
+from ckptguard.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.reader import CheckpointReader
-from ckptguard.retention import Retention, plan_retention
-from ckptguard.schedule import SaveSchedule
+from ckptguard.retention import Decision, Retention
+from ckptguard.runrecord import RUN_FILE, RunRecord, read_run_record
+from ckptguard.schedule import SaveSchedule, observed_mtbf
 from ckptguard.staging import Stager
 from ckptguard.state import Snapshot, TrainState, capture
 from ckptguard.storage import Storage, open_storage
@@ -51,7 +53,6 @@ from ckptguard.writer import clean_debris, delete_checkpoint, write_checkpoint
 __all__ = ["CheckpointManager", "RUN_FILE"]
 
 log = logging.getLogger(__name__)
-RUN_FILE = "ckptguard.json"
 
 
 def _wait_at_exit(ref: weakref.ReferenceType[CheckpointManager]) -> None:
@@ -70,6 +71,9 @@ class CheckpointManager:
         directory: local path, ``file://`` URL, any fsspec URL (``s3://bucket/prefix``), or a
             Storage object.
         every_steps / every_seconds: when ``save()`` saves (either fires); ``force=True`` always.
+        every: ``"auto"`` adds the Young/Daly interval sqrt(2 x save cost x MTBF), from the
+            measured save cost and ``mtbf_seconds`` (else the MTBF observed in the run's history,
+            else 4 h); see ckptguard.schedule.
         retention: what to keep (default: keep everything).
         async_save: ``save()`` copies the state to reused host buffers and returns; a background
             thread writes, checksums and commits. Errors surface on the next save/wait/close.
@@ -91,6 +95,8 @@ class CheckpointManager:
         *,
         every_steps: int | None = None,
         every_seconds: float | None = None,
+        every: str | None = None,
+        mtbf_seconds: float | None = None,
         retention: Retention | None = None,
         async_save: bool = False,
         probe: Any = None,
@@ -101,7 +107,17 @@ class CheckpointManager:
         lock: bool = True,
     ) -> None:
         self.storage: Storage = open_storage(directory, storage_options)
-        self.schedule = SaveSchedule(every_steps, every_seconds)
+        if every not in (None, "auto"):
+            raise ValueError(f"every= accepts only 'auto' (or None), got {every!r}; use every_steps/every_seconds")
+        self.schedule = SaveSchedule(every_steps, every_seconds, auto=every == "auto", mtbf_seconds=mtbf_seconds)
+        self.run_id = new_run_id()  # lineage; a restore adopts the restored checkpoint's
+        self._own_lineages: set[str | None] = {self.run_id}
+        self._run_record = RunRecord(self.storage, self.run_id)
+        if self.schedule.auto:
+            self.schedule.use_observed_mtbf(observed_mtbf(self._run_record.previous_sessions()))
+            prev_cost = (read_run_record(self.storage).get("save_interval") or {}).get("save_cost_seconds")
+            if isinstance(prev_cost, (int, float)) and not isinstance(prev_cost, bool):
+                self.schedule.save_cost = float(prev_cost)
         self.retention = retention if retention is not None else Retention()
         if not isinstance(self.retention, Retention):
             raise TypeError(f"retention must be a ckptguard.Retention, got {type(retention).__name__}")
@@ -222,6 +238,7 @@ class CheckpointManager:
         if self.last_saved_step != step:
             self._save_now(step, state, metrics, reason="preemption", sync=True, extra={"preemption": reason})
         code = self._guard.resolved_exit_code()
+        self._run_record.session["preempted"] = True
         self.close()
         self._coord.barrier()  # every rank leaves only after the commit and rank 0's clean-up
         sys.exit(code)
@@ -237,6 +254,8 @@ class CheckpointManager:
             "probe": None,
             "verification": {"status": "unverified"},
             "resumed_from": self.resumed_from,
+            "run_id": self.run_id,
+            "save_interval": self.schedule.describe(),
             "extra": {},
         }
         for provider in self._manifest_fields:
@@ -259,6 +278,7 @@ class CheckpointManager:
             save_distributed(self, step, state, metrics, reason=reason, extra=extra)
             return
         self._acquire_lock()
+        check_not_foreign(self.storage, step, self._own_lineages, self.run_id)
         t0 = time.perf_counter()
         snap = capture(state, step)
         fields = self._fields(step, state, snap, metrics, reason)
@@ -278,7 +298,7 @@ class CheckpointManager:
             blocked = time.perf_counter() - t0
             fields["blocked_seconds"] = round(blocked, 6)
             self.last_blocked_seconds = blocked
-            self.schedule.saved()
+            self.schedule.saved(cost=blocked)
             if self._executor is None:
                 self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptguard-save")
             self._pending = self._executor.submit(self._write_and_commit, step, files, blobs, fields, t0)
@@ -286,7 +306,7 @@ class CheckpointManager:
             self.wait()
             self._write_and_commit(step, snap.tensor_files, blobs, fields, t0)
             self.last_blocked_seconds = time.perf_counter() - t0
-            self.schedule.saved()
+            self.schedule.saved(cost=self.last_blocked_seconds)
 
     def _write_and_commit(
         self,
@@ -321,24 +341,38 @@ class CheckpointManager:
         self._apply_retention()
 
     def _record_run(self) -> None:
-        from ckptguard.storage.base import join  # noqa: F401 - keeps the import local
-
-        record = {"format_version": 1, "retention": self.retention.to_json(), "updated": time.time()}
-        try:
-            self.storage.replace_file(RUN_FILE, json.dumps(record, indent=1).encode())
-        except CheckpointError as e:
-            log.warning("Could not record the run's policy in %s: %s", RUN_FILE, e)
+        """Merge the policy, the save interval and this session into RUN/ckptguard.json."""
+        self._run_record.session["saves"] = int(self._run_record.session.get("saves", 0)) + 1
+        self._run_record.write(retention=self.retention.to_json(), save_interval=self.schedule.describe())
 
     def protected_steps(self) -> dict[int, str]:
         out: dict[int, str] = {}
+        if self.last_saved_step is not None:
+            out[self.last_saved_step] = "just saved"
         if self.resumed_from is not None:
             out[self.resumed_from] = "resumed from"
         return out
 
+    def plan_retention(self) -> list[Decision]:
+        """What retention would keep/delete now, with reasons (nothing is deleted)."""
+        ckpts = self.checkpoints()
+        protected = pinned_steps(self.storage, ckpts)
+        for step, why in self.protected_steps().items():
+            protected[step] = f"{protected[step]}; {why}" if step in protected else why
+        return plan_own_lineage(ckpts, self.retention, self._own_lineages, protected)
+
+    def pin(self, step: int, note: str = "") -> None:
+        """Protect checkpoint ``step`` from retention (a ``PINNED`` marker; see ckptguard.pins)."""
+        pin(self.storage, step, note)
+
+    def unpin(self, step: int) -> bool:
+        """Remove the pin of checkpoint ``step``; return whether it was pinned."""
+        return unpin(self.storage, step)
+
     def _apply_retention(self) -> list[int]:
         if self.retention.keeps_everything:
             return []
-        decisions = plan_retention(self.checkpoints(), self.retention, protected=self.protected_steps())
+        decisions = self.plan_retention()
         deleted = []
         for d in decisions:
             if not d.keep:
@@ -392,6 +426,9 @@ class CheckpointManager:
                 self.metrics_log.flush()
             if self._guard is not None:
                 self._guard.uninstall()
+            if self._locked and self._run_record.session.get("saves"):
+                self._run_record.session["clean"] = not self._run_record.session["preempted"]
+                self._run_record.write(save_interval=self.schedule.describe())
             if self._lock is not None and self._locked:
                 self._lock.release()
                 self._locked = False
@@ -450,6 +487,10 @@ class CheckpointManager:
                 log.info("Restored step %d from %s", c.step, c.path)
             self.resumed_from = c.step
             self.last_saved_step = c.step
+            rid = c.manifest.get("run_id")
+            self.run_id = rid if isinstance(rid, str) else self.run_id
+            self._own_lineages = {self.run_id} if isinstance(rid, str) else {self.run_id, None}
+            self._run_record.session.update(run_id=self.run_id, resumed_from=c.step)
             self.schedule.saved()
             return c.step
         if failures:

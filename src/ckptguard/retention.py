@@ -2,7 +2,11 @@
 
 A policy looks at the committed checkpoints (ordered by step) and names the ones it keeps, with a
 reason. :class:`Retention` combines them: a checkpoint survives if any policy keeps it or an
-invariant protects it (the checkpoint the run resumed from, the newest valid one, the best one).
+invariant protects it (the checkpoint the run resumed from, the newest valid one, the best one,
+pinned ones). Policies: :class:`KeepLast` (ring buffer), :class:`KeepBest`, :class:`KeepEvery`,
+:class:`KeepPhased` (the Checkpoint Rot schedule), :class:`KeepBeforeConfigChange`; a byte budget
+(``max_bytes``) then deletes the oldest checkpoints that only a policy keeps. Ordering is always
+by step number, never by name or modification time.
 
 >>> Retention(keep_last=3, keep_best=1, metric="val_loss", mode="min")
 """
@@ -10,13 +14,28 @@ invariant protects it (the checkpoint the run resumed from, the newest valid one
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ckptguard.catalog import CheckpointInfo
 
-__all__ = ["Decision", "KeepBest", "KeepEvery", "KeepLast", "Policy", "Retention", "plan_retention"]
+__all__ = [
+    "Decision",
+    "KeepBeforeConfigChange",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "KeepPhased",
+    "Policy",
+    "Retention",
+    "budget_overrun",
+    "plan_retention",
+]
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -91,11 +110,89 @@ class KeepEvery:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeepPhased:
+    """The Checkpoint Rot policy: dense early, thin in the middle, dense again at the end.
+
+    Keeps every checkpoint in the first ``head`` fraction of ``total_steps`` (instabilities are
+    most common there), every ``thin``-th in the middle, and every one in the final ``tail``
+    fraction. "Every 10th" is decided on the step axis so that it is stable while checkpoints are
+    deleted: the middle is cut into buckets of ``thin x interval`` steps and the first checkpoint
+    of each bucket is kept. ``interval`` is the save interval in steps; ``None`` infers it as the
+    smallest gap between consecutive checkpoints.
+    """
+
+    total_steps: int
+    head: float = 0.2
+    tail: float = 0.15
+    thin: int = 10
+    interval: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.total_steps <= 0:
+            raise ValueError(f"KeepPhased(total_steps) needs total_steps > 0, got {self.total_steps}")
+        if not (0.0 <= self.head <= 1.0 and 0.0 <= self.tail <= 1.0 and self.head + self.tail <= 1.0):
+            raise ValueError(
+                f"KeepPhased needs 0 <= head, tail and head + tail <= 1, got head={self.head}, tail={self.tail}"
+            )
+        if self.thin < 1:
+            raise ValueError(f"KeepPhased(thin) needs thin >= 1, got {self.thin}")
+        if self.interval is not None and self.interval < 1:
+            raise ValueError(f"KeepPhased(interval) needs interval >= 1 or None, got {self.interval}")
+
+    def keep(self, ckpts: Sequence[CheckpointInfo]) -> dict[int, str]:
+        valid = [c for c in ckpts if c.valid]
+        head_end = self.head * self.total_steps
+        tail_start = (1.0 - self.tail) * self.total_steps
+        interval = self.interval
+        if interval is None:
+            gaps = [b.step - a.step for a, b in itertools.pairwise(valid) if b.step > a.step]
+            interval = min(gaps) if gaps else 1
+        width = max(1, self.thin * interval)
+        out: dict[int, str] = {}
+        seen_buckets: set[int] = set()
+        for c in valid:
+            if c.step <= head_end:
+                out[c.step] = f"phase: first {self.head:.0%}"
+            elif c.step > tail_start:
+                out[c.step] = f"phase: final {self.tail:.0%}"
+            else:
+                bucket = int((c.step - head_end) // width)
+                if bucket not in seen_buckets:
+                    seen_buckets.add(bucket)
+                    out[c.step] = f"phase: every {self.thin}th in the middle"
+        return out
+
+
+def config_hash_of(c: CheckpointInfo) -> str | None:
+    h = (c.manifest or {}).get("config_hash")
+    return h if isinstance(h, str) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepBeforeConfigChange:
+    """Every checkpoint whose config hash differs from the next checkpoint's: the fault lines
+    (optimizer switch, batch size change, data pipeline update) worth returning to."""
+
+    def keep(self, ckpts: Sequence[CheckpointInfo]) -> dict[int, str]:
+        valid = [c for c in ckpts if c.valid]
+        return {
+            a.step: "before config change"
+            for a, b in itertools.pairwise(valid)
+            if config_hash_of(a) != config_hash_of(b)
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class Decision:
+    """keep/delete for one checkpoint and why. ``protected``: an invariant keeps it (newest
+    valid, best, resumed from, pinned, another run's history); no budget can delete it."""
+
     step: int
     name: str
     keep: bool
     reasons: tuple[str, ...]
+    size_bytes: int = 0
+    protected: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +200,16 @@ class Retention:
     """Which checkpoints to keep. ``None`` everywhere keeps everything.
 
     ``keep_last``: ring buffer of the newest N. ``keep_best`` (with ``metric`` and ``mode``): the N
-    best. ``keep_every``: every checkpoint at a multiple of that many steps. ``policies``: more
-    Policy objects to combine.
+    best. ``keep_every``: every checkpoint at a multiple of that many steps. ``phased=True`` (needs
+    ``total_steps``): the Checkpoint Rot policy, see :class:`KeepPhased` (``phase_head``,
+    ``phase_tail``, ``phase_thin``). ``keep_config_changes``: every checkpoint that preceded a
+    config change. ``max_bytes``: a byte budget; the oldest checkpoints that only a policy (not an
+    invariant) keeps are deleted until the kept ones fit. ``policies``: more Policy objects.
+    Invariants always win: the newest valid checkpoint, the best one (when ``metric`` is set), the
+    one the run resumed from and pinned ones are never deleted.
+
+    >>> Retention(keep_last=3, keep_best=1, metric="val_loss", phased=True, total_steps=100_000,
+    ...           keep_config_changes=True, max_bytes=50e9)
     """
 
     keep_last: int | None = None
@@ -112,22 +217,39 @@ class Retention:
     metric: str | None = None
     mode: str = "min"
     keep_every: int | None = None
+    phased: bool = False
+    total_steps: int | None = None
+    phase_head: float = 0.2
+    phase_tail: float = 0.15
+    phase_thin: int = 10
+    keep_config_changes: bool = False
+    max_bytes: int | None = None
     policies: tuple[Policy, ...] = ()
 
     def __post_init__(self) -> None:
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"Retention(keep_last=...) must be >= 1 or None, got {self.keep_last}")
+        if self.keep_best < 0:
+            raise ValueError(f"Retention(keep_best=...) must be >= 0, got {self.keep_best}")
         if self.keep_best and not self.metric:
             raise ValueError("Retention(keep_best=...) needs metric='name of a metric'")
         if self.mode not in ("min", "max"):
             raise ValueError(f"Retention(mode=...) must be 'min' or 'max', got {self.mode!r}")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError(f"Retention(keep_every=...) must be >= 1 or None, got {self.keep_every}")
+        if self.phased:
+            if not self.total_steps:
+                raise ValueError("Retention(phased=True) needs total_steps=<planned length of the run>")
+            KeepPhased(self.total_steps, self.phase_head, self.phase_tail, self.phase_thin)  # validates
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ValueError(f"Retention(max_bytes=...) must be > 0 or None, got {self.max_bytes}")
         for p in self.policies:
             if not isinstance(p, Policy):
                 raise TypeError(f"Retention(policies=...) items need a keep() method, got {p!r}")
 
     @property
     def keeps_everything(self) -> bool:
-        return self.keep_last is None and not self.policies
+        return self.keep_last is None and not self.phased and not self.policies and self.max_bytes is None
 
     def all_policies(self) -> list[Policy]:
         out: list[Policy] = []
@@ -137,6 +259,10 @@ class Retention:
             out.append(KeepBest(self.keep_best, self.metric, self.mode))
         if self.keep_every:
             out.append(KeepEvery(self.keep_every))
+        if self.phased and self.total_steps:
+            out.append(KeepPhased(self.total_steps, self.phase_head, self.phase_tail, self.phase_thin))
+        if self.keep_config_changes:
+            out.append(KeepBeforeConfigChange())
         out.extend(self.policies)
         return out
 
@@ -147,13 +273,7 @@ class Retention:
         return ranked[0] if ranked else None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "keep_last": self.keep_last,
-            "keep_best": self.keep_best,
-            "metric": self.metric,
-            "mode": self.mode,
-            "keep_every": self.keep_every,
-        }
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "policies"}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Retention:
@@ -167,30 +287,65 @@ def plan_retention(
     *,
     protected: Mapping[int, str] | None = None,
 ) -> list[Decision]:
-    """Decide keep/delete for every checkpoint (sorted by step number, never by name or time)."""
+    """Decide keep/delete for every checkpoint (sorted by step number, never by name or time).
+
+    ``protected`` adds invariants from the caller (step -> reason): the checkpoint the run
+    resumed from, pinned ones, another run's history.
+    """
     ckpts = sorted(ckpts, key=lambda c: c.step)
-    reasons: dict[int, list[str]] = {c.step: [] for c in ckpts}
-    if retention.keeps_everything:
+    soft: dict[int, list[str]] = {c.step: [] for c in ckpts}
+    hard: dict[int, list[str]] = {c.step: [] for c in ckpts}
+    if retention.keep_last is None and not retention.phased and not retention.policies:
         for c in ckpts:
-            reasons[c.step].append("keep all (no limit set)")
+            soft[c.step].append("keep all (no limit set)")
     for policy in retention.all_policies():
         for step, why in policy.keep(ckpts).items():
-            reasons.setdefault(step, []).append(why)
+            soft.setdefault(step, []).append(why)
     valid = [c for c in ckpts if c.valid]
     if valid:
-        reasons[valid[-1].step].append("newest valid")
+        hard[valid[-1].step].append("newest valid")
     best = retention.best(ckpts)
     if best is not None:
-        reasons[best.step].append(f"best {retention.metric}")
+        hard[best.step].append(f"best {retention.metric}={best.metrics[str(retention.metric)]:.6g}")
     for step, why in (protected or {}).items():
-        if step in reasons:
-            reasons[step].append(why)
+        if step in hard:
+            hard[step].append(why)
     out = []
     for c in ckpts:
-        why = tuple(dict.fromkeys(reasons[c.step]))
-        if not why:
-            why = (("not valid: " + "; ".join(c.problems)) if not c.valid else "outside the policy",)
-            out.append(Decision(c.step, c.name, False, why))
+        reasons = tuple(dict.fromkeys(hard[c.step] + soft[c.step]))
+        if not reasons:
+            reasons = (("not valid: " + "; ".join(c.problems)) if not c.valid else "outside the policy",)
+            out.append(Decision(c.step, c.name, False, reasons, c.size_bytes))
         else:
-            out.append(Decision(c.step, c.name, True, why))
+            out.append(Decision(c.step, c.name, True, reasons, c.size_bytes, protected=bool(hard[c.step])))
+    if retention.max_bytes is not None:
+        out = _apply_budget(out, int(retention.max_bytes))
     return out
+
+
+def _apply_budget(decisions: list[Decision], budget: int) -> list[Decision]:
+    """Delete the oldest checkpoints that only a policy keeps until the kept ones fit."""
+    total = sum(d.size_bytes for d in decisions if d.keep)
+    out = list(decisions)
+    for i, d in enumerate(out):
+        if total <= budget:
+            break
+        if d.keep and not d.protected:
+            total -= d.size_bytes
+            out[i] = dataclasses.replace(
+                d, keep=False, reasons=(f"over byte budget {budget} (was: {'; '.join(d.reasons)})",)
+            )
+    if total > budget:
+        log.warning(
+            "Retention: the byte budget of %d bytes cannot be met without breaking an invariant; "
+            "%d bytes are kept (newest valid, best, resumed-from and pinned checkpoints).",
+            budget, total,
+        )
+    return out
+
+
+def budget_overrun(decisions: Sequence[Decision], retention: Retention) -> int:
+    """Bytes kept beyond ``retention.max_bytes`` (0 when within budget or no budget set)."""
+    if retention.max_bytes is None:
+        return 0
+    return max(0, sum(d.size_bytes for d in decisions if d.keep) - int(retention.max_bytes))

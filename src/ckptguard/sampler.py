@@ -132,6 +132,22 @@ class ResumableSampler(Sampler[int]):
         if torch.equal(g.get_state(), torch.get_rng_state()):
             torch.set_rng_state(expected)
 
+    def skip(self, n: int) -> None:
+        """Move the position the next iterator starts from ``n`` samples (this rank) ahead.
+
+        Used to step over a bad data window after a rollback (see ckptguard.health); call it
+        after a restore or between epochs, not while an iterator of this sampler is running.
+        Skipping past the end of the epoch continues into the next ones.
+        """
+        if n < 0:
+            raise ValueError(f"skip(n) needs n >= 0, got {n}")
+        if not self.num_samples:
+            return
+        pos = self._start + int(n)
+        self.epoch += pos // self.num_samples
+        self._start = pos % self.num_samples
+        self._yielded = self._start
+
     @property
     def position(self) -> int:
         """Samples of the current epoch already handed out (this rank)."""
