@@ -34,6 +34,8 @@ from ckptguard.errors import (
     CorruptCheckpointError,
     StoragePermissionError,
 )
+from ckptguard.gc import collect_garbage
+from ckptguard.incremental import incremental_writer
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
@@ -75,6 +77,9 @@ class CheckpointManager:
         verify_on_restore: check every byte against the manifest's checksums when restoring.
         storage_options: passed to fsspec for URLs.
         lock: take the run's writer lock (one writing process per run).
+        incremental: store tensor data by content in ``RUN/objects/`` so that a tensor a retained
+            checkpoint already holds is referenced, not written again (see ckptguard.incremental);
+            unreferenced data is garbage-collected after each commit (ckptguard.gc).
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class CheckpointManager:
         verify_on_restore: bool = True,
         storage_options: dict[str, Any] | None = None,
         lock: bool = True,
+        incremental: bool = False,
     ) -> None:
         self.storage: Storage = open_storage(directory, storage_options)
         self.schedule = SaveSchedule(every_steps, every_seconds)
@@ -98,6 +104,7 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.probe = probe
         self.verify_on_restore = verify_on_restore
+        self.incremental = bool(incremental)
         self.resumed_from: int | None = None
         self.last_saved_step: int | None = None
         self.last_save_seconds: float | None = None
@@ -272,7 +279,8 @@ class CheckpointManager:
         if self._lock is not None:
             self._lock.refresh()
         fields = dict(fields)
-        manifest = write_checkpoint(self.storage, step, files, blobs, fields)
+        writer_kw = {"tensor_writer": incremental_writer(self.storage)} if self.incremental else {}
+        manifest = write_checkpoint(self.storage, step, files, blobs, fields, **writer_kw)
         self.last_saved_step = step
         self.last_save_seconds = time.perf_counter() - t0
         log.info("Saved %s in %.3fs", self.storage.describe(checkpoint_name(step)), self.last_save_seconds)
@@ -285,6 +293,7 @@ class CheckpointManager:
         for hook in self._post_commit:
             hook(manifest)
         self._apply_retention()
+        collect_garbage(self.storage)
 
     def _record_run(self) -> None:
         from ckptguard.storage.base import join  # noqa: F401 - keeps the import local
