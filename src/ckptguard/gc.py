@@ -20,11 +20,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from ckptguard.catalog import read_manifest
 from ckptguard.errors import CheckpointError
-from ckptguard.incremental import OBJECTS, PACK_RE, chunk_refs, pack_path, pack_time
-from ckptguard.manifest import MANIFEST, parse_step
-from ckptguard.storage.base import Storage, join
+from ckptguard.incremental import OBJECTS, PACK_RE, ManifestCache, chunk_refs, pack_path, pack_time
+from ckptguard.storage.base import Storage
 
 __all__ = ["GcReport", "collect", "collect_garbage", "referenced_packs"]
 
@@ -42,26 +40,24 @@ class GcReport:
     stopped: str = ""
 
 
-def referenced_packs(storage: Storage) -> tuple[set[str], float]:
+def referenced_packs(storage: Storage, cache: ManifestCache | None = None) -> tuple[set[str], float]:
     """(packs referenced by committed manifests, newest commit time). Raises CheckpointError
     when any manifest cannot be read: the caller must then delete nothing."""
     packs: set[str] = set()
     newest = 0.0
-    for name in storage.listdir(""):
-        if parse_step(name) is None or not storage.exists(join(name, MANIFEST)):
-            continue
-        manifest = read_manifest(storage, name)
+    for _, manifest in (cache or ManifestCache(storage)).committed(strict=True):
         newest = max(newest, float(manifest.get("created_unix") or 0.0))
         packs.update(p for _, _, p, _ in chunk_refs(manifest))
     return packs, newest
 
 
-def collect(storage: Storage, *, dry_run: bool = False) -> GcReport:
-    """Delete packs no committed manifest references. Call only while holding the run lock."""
+def collect(storage: Storage, *, dry_run: bool = False, cache: ManifestCache | None = None) -> GcReport:
+    """Delete packs no committed manifest references. Call only while holding the run lock.
+    ``cache``: a ManifestCache of the run (re-reads only manifests that changed)."""
     if not storage.exists(OBJECTS):
         return GcReport(0, (), 0, ())
     try:
-        live, newest = referenced_packs(storage)
+        live, newest = referenced_packs(storage, cache)
     except CheckpointError as e:
         log.warning("GC of %s stopped, nothing deleted: a manifest could not be read (%s). Fix or "
                     "remove that checkpoint, then run 'ckptguard prune'.", storage.describe(OBJECTS), e)
@@ -91,11 +87,11 @@ def collect(storage: Storage, *, dry_run: bool = False) -> GcReport:
     return GcReport(len(live), tuple(deleted), freed, tuple(kept))
 
 
-def collect_garbage(storage: Storage) -> GcReport | None:
+def collect_garbage(storage: Storage, cache: ManifestCache | None = None) -> GcReport | None:
     """The manager's after-commit GC (after retention): never raises a CheckpointError; a failed
     pass only leaves unreferenced packs for the next one."""
     try:
-        return collect(storage)
+        return collect(storage, cache=cache)
     except CheckpointError as e:
         log.warning("GC of %s failed (%s); the next save or 'ckptguard prune' retries.", storage.describe(OBJECTS), e)
         return None

@@ -35,7 +35,7 @@ from ckptguard.errors import (
     StoragePermissionError,
 )
 from ckptguard.gc import collect_garbage
-from ckptguard.incremental import incremental_writer
+from ckptguard.incremental import IncrementalRun
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
@@ -104,7 +104,7 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.probe = probe
         self.verify_on_restore = verify_on_restore
-        self.incremental = bool(incremental)
+        self._incremental = IncrementalRun(self.storage) if incremental else None
         self.resumed_from: int | None = None
         self.last_saved_step: int | None = None
         self.last_save_seconds: float | None = None
@@ -279,7 +279,7 @@ class CheckpointManager:
         if self._lock is not None:
             self._lock.refresh()
         fields = dict(fields)
-        writer_kw = {"tensor_writer": incremental_writer(self.storage)} if self.incremental else {}
+        writer_kw = {"tensor_writer": self._incremental.writer()} if self._incremental else {}
         manifest = write_checkpoint(self.storage, step, files, blobs, fields, **writer_kw)
         self.last_saved_step = step
         self.last_save_seconds = time.perf_counter() - t0
@@ -293,7 +293,7 @@ class CheckpointManager:
         for hook in self._post_commit:
             hook(manifest)
         self._apply_retention()
-        collect_garbage(self.storage)
+        collect_garbage(self.storage, self._incremental.manifests if self._incremental else None)
 
     def _record_run(self) -> None:
         from ckptguard.storage.base import join  # noqa: F401 - keeps the import local
