@@ -50,8 +50,8 @@ def finetune(run: Any, saves: int, *, async_save: bool, **mgr_kw: Any) -> dict[i
     model, opt, state = make_finetune()
     g = torch.Generator().manual_seed(1)
     saved = {}
-    with cg.CheckpointManager(run, every_steps=2, async_save=async_save, incremental=True, **mgr_kw) as mgr:
-        for step in range(1, 2 * saves + 1):
+    with cg.CheckpointManager(run, every_steps=1, async_save=async_save, incremental=True, **mgr_kw) as mgr:
+        for step in range(1, saves + 1):
             x = torch.randn(16, WIDTH, generator=g)
             loss = nn.functional.cross_entropy(model(x), torch.arange(16) % 4)
             opt.zero_grad()
@@ -88,11 +88,11 @@ def test_finetune_ten_checkpoints_cost_about_one_body(run_dir: Path, async_save:
 
 
 def test_prune_then_restore_every_kept_checkpoint(run_dir: Path) -> None:
-    retention = cg.Retention(keep_last=2, keep_every=6)
+    retention = cg.Retention(keep_last=2, keep_every=3)
     saved = finetune(run_dir, 8, async_save=False, retention=retention)
     storage = open_storage(run_dir)
     kept = [c.step for c in scan(storage)]
-    assert 2 not in kept and kept[-2:] == [14, 16] and 6 in kept and 12 in kept
+    assert kept == [3, 6, 7, 8]
     # packs of pruned checkpoints are gone: every pack on storage is referenced
     referenced = {p for c in scan(storage) for _, _, p, _ in chunk_refs(c.manifest)}
     assert set(storage.listdir(OBJECTS)) == referenced
@@ -148,7 +148,7 @@ def test_object_store_memory_url(async_save: bool) -> None:
     saved = finetune(url, 4, async_save=async_save, retention=cg.Retention(keep_last=2))
     storage = open_storage(url)
     kept = [c.step for c in scan(storage)]
-    assert kept == [6, 8]
+    assert kept == [3, 4]
     referenced = {p for c in scan(storage) for _, _, p, _ in chunk_refs(c.manifest)}
     assert set(storage.listdir(OBJECTS)) == referenced
     assert run_sizes(storage, scan(storage)).physical < 1.3 * body_bytes(FineTuneNet())
