@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from trainlib import make_setup, run_training
 
 import ckptguard as cg
 from ckptguard.cli import main
-from trainlib import make_setup, run_training
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "incremental"])
@@ -54,7 +54,7 @@ def test_export_full_state(trained: tuple[Path, dict[str, torch.Tensor]], tmp_pa
 def test_export_refuses_a_corrupt_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run_training(run, 5, every_steps=5, manager_kwargs={"incremental": True})
-    pack = sorted((run / "objects").iterdir(), key=lambda p: p.stat().st_size)[-1]
+    pack = max((run / "objects").iterdir(), key=lambda p: p.stat().st_size)
     data = bytearray(pack.read_bytes())
     data[len(data) // 2] ^= 1
     pack.write_bytes(bytes(data))

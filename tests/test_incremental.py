@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from trainlib import run_training, same_weights
 
 import ckptguard as cg
 from ckptguard.catalog import scan
 from ckptguard.incremental import OBJECTS, chunk_refs
 from ckptguard.sizes import run_sizes
 from ckptguard.storage import open_storage
-from trainlib import run_training, same_weights
 
 WIDTH = 1024
 BODY_LAYERS = 8  # 8 x (1024*1024 + 1024) float32 = 33.6 MB: the "frozen 34 MB body"
@@ -121,7 +121,7 @@ def test_corrupt_shared_chunk_is_reported_for_every_checkpoint(run_dir: Path) ->
     assert [c.ok for c in report.checkpoints] == [False, False, False]
     for c in report.checkpoints:
         assert any(pack in p.message and digest in p.message and "body.3.weight" in p.message for p in c.problems)
-    model, _, state = make_finetune()
+    _model, _, state = make_finetune()
     with cg.CheckpointManager(run_dir, incremental=True) as mgr:
         with pytest.raises(cg.CorruptCheckpointError) as ei:
             mgr.restore(state)
@@ -132,7 +132,7 @@ def test_corrupt_shared_chunk_is_reported_for_every_checkpoint(run_dir: Path) ->
 def test_corrupt_chunk_is_never_reused_by_later_saves(run_dir: Path) -> None:
     finetune(run_dir, 2, async_save=False)
     _flip_byte_in_shared_chunk(run_dir)
-    model, opt, state = make_finetune()
+    model, _opt, state = make_finetune()
     with cg.CheckpointManager(run_dir, incremental=True) as mgr:
         with pytest.raises(cg.CorruptCheckpointError):
             mgr.restore(state)  # marks both corrupt

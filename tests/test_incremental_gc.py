@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _faults import CrashingStorage, SimulatedCrash
+from conftest import FULL
 from torch import nn
+from trainlib import same_weights
 
 import ckptguard as cg
-from _faults import CrashingStorage, SimulatedCrash
 from ckptguard.catalog import scan
 from ckptguard.gc import collect
 from ckptguard.incremental import OBJECTS, chunk_refs
 from ckptguard.storage import LocalStorage
-from conftest import FULL
-from trainlib import same_weights
 
 
 def make(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, cg.TrainState]:

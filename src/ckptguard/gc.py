@@ -21,7 +21,14 @@ import dataclasses
 import logging
 
 from ckptguard.errors import CheckpointError
-from ckptguard.incremental import OBJECTS, PACK_RE, ManifestCache, chunk_refs, pack_path, pack_time
+from ckptguard.incremental import (
+    OBJECTS,
+    PACK_RE,
+    ManifestCache,
+    chunk_refs,
+    pack_path,
+    pack_time,
+)
 from ckptguard.storage.base import Storage
 
 __all__ = ["GcReport", "collect", "collect_garbage", "referenced_packs"]

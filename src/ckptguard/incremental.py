@@ -47,7 +47,7 @@ from ckptguard.catalog import BAD_STATUSES, CheckpointInfo
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
 from ckptguard.manifest import _fail, _hex, _int, validate_tensor_table
 from ckptguard.storage.base import Storage, join
-from ckptguard.tensorfile import ST_TO_DTYPE, digest_bytes, tensor_view
+from ckptguard.tensorfile import ST_TO_DTYPE, digest_bytes, plan_tensor_file, tensor_view
 
 __all__ = [
     "CHUNK_BYTES",
@@ -55,10 +55,10 @@ __all__ = [
     "OBJECTS",
     "PACK_RE",
     "ChunkIndex",
-    "IncrementalSave",
-    "build_index",
     "IncrementalRun",
+    "IncrementalSave",
     "ManifestCache",
+    "build_index",
     "build_index_from",
     "chunk_refs",
     "pack_path",
@@ -281,8 +281,6 @@ class IncrementalSave:
         self.reused_bytes = 0
 
     def __call__(self, storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        from ckptguard.tensorfile import plan_tensor_file
-
         _, table = plan_tensor_file(tensors)
         pack = new_pack_name()
         writer = None
