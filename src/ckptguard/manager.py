@@ -35,7 +35,9 @@ from ckptguard.errors import (
     CorruptCheckpointError,
     StoragePermissionError,
 )
+from ckptguard.gc import collect_garbage
 from ckptguard.history import record_events
+from ckptguard.incremental import IncrementalRun
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
@@ -87,6 +89,9 @@ class CheckpointManager:
         verify_on_restore: check every byte against the manifest's checksums when restoring.
         storage_options: passed to fsspec for URLs.
         lock: take the run's writer lock (one writing process per run).
+        incremental: store tensor data by content in ``RUN/objects/`` so that a tensor a retained
+            checkpoint already holds is referenced, not written again (see ckptguard.incremental);
+            unreferenced data is garbage-collected after each commit (ckptguard.gc).
     """
 
     def __init__(
@@ -105,6 +110,7 @@ class CheckpointManager:
         verify_on_restore: bool = True,
         storage_options: dict[str, Any] | None = None,
         lock: bool = True,
+        incremental: bool = False,
     ) -> None:
         self.storage: Storage = open_storage(directory, storage_options)
         if every not in (None, "auto"):
@@ -124,6 +130,7 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.probe = probe
         self.verify_on_restore = verify_on_restore
+        self._incremental = IncrementalRun(self.storage) if incremental else None
         self.resumed_from: int | None = None
         self.last_saved_step: int | None = None
         self.last_save_seconds: float | None = None
@@ -322,7 +329,8 @@ class CheckpointManager:
         if self._lock is not None:
             self._lock.refresh()
         fields = dict(fields)
-        manifest = write_checkpoint(self.storage, step, files, blobs, fields)
+        writer_kw = {"tensor_writer": self._incremental.writer()} if self._incremental else {}
+        manifest = write_checkpoint(self.storage, step, files, blobs, fields, **writer_kw)
         self.last_saved_step = step
         self.last_save_seconds = time.perf_counter() - t0
         log.info("Saved %s in %.3fs", self.storage.describe(checkpoint_name(step)), self.last_save_seconds)
@@ -339,6 +347,7 @@ class CheckpointManager:
         for hook in self._post_commit:
             hook(manifest)
         self._apply_retention()
+        collect_garbage(self.storage, self._incremental.manifests if self._incremental else None)
 
     def _record_run(self) -> None:
         """Merge the policy, the save interval and this session into RUN/ckptguard.json."""

@@ -17,7 +17,7 @@ from ckptguard.errors import CheckpointError
 __all__ = ["COMMANDS", "main"]
 
 # Add a command: create ckptguard/cli/<name>.py with register(sub) and list it here.
-COMMANDS = ["ls", "inspect", "verify", "prune", "pin", "doctor", "diff", "plot", "demo"]
+COMMANDS = ["ls", "inspect", "verify", "prune", "pin", "doctor", "diff", "export", "plot", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from rich.table import Table
 from ckptguard.catalog import find_debris, scan
 from ckptguard.cli.common import add_json_flag, console, human_bytes, print_json
 from ckptguard.errors import CheckpointNotFoundError
+from ckptguard.sizes import run_sizes
 from ckptguard.storage import open_storage
 
 
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointNotFoundError(f"{storage.describe('')} does not exist. Check the run directory.")
     ckpts = scan(storage)
     debris = find_debris(storage)
+    sizes = run_sizes(storage, ckpts)  # logical vs physical: see ckptguard.sizes
     if args.json:
         print_json(
             {
@@ -36,30 +38,40 @@ def run(args: argparse.Namespace) -> int:
                         "status": c.status, "reason": c.reason, "size_bytes": c.size_bytes,
                         "created": c.created.isoformat() if c.created else None,
                         "metrics": c.metrics, "problems": list(c.problems),
+                        "logical_bytes": sizes.checkpoints[c.name].logical,
+                        "physical_bytes": sizes.checkpoints[c.name].physical,
                     }
                     for c in ckpts
                 ],
+                "logical_bytes": sizes.logical,
+                "physical_bytes": sizes.physical,
                 "debris": debris,
             }
         )
         return 0
     metric_names = sorted({k for c in ckpts for k in c.metrics})[:4]
     t = Table(title=f"{storage.describe('')}: {len(ckpts)} checkpoint(s)")
-    for col in ("step", "created (UTC)", "size", "status", "reason", *metric_names):
-        t.add_column(col, justify="right" if col in ("step", "size") or col in metric_names else "left")
+    for col in ("step", "created (UTC)", "logical", "physical", "status", "reason", *metric_names):
+        t.add_column(col, justify="right" if col in ("step", "logical", "physical") or col in metric_names else "left")
     for c in ckpts:
         style = None if c.valid else "red"
         vals = [f"{c.metrics[m]:.4g}" if isinstance(c.metrics.get(m), float) else str(c.metrics.get(m, "")) for m in metric_names]
         t.add_row(
             str(c.step),
             c.created.strftime("%Y-%m-%d %H:%M:%S") if c.created else "?",
-            human_bytes(c.size_bytes),
+            human_bytes(sizes.checkpoints[c.name].logical),
+            human_bytes(sizes.checkpoints[c.name].physical),
             c.status if c.valid else f"{c.status}: {'; '.join(c.problems)[:60]}",
             c.reason,
             *vals,
             style=style,
         )
     console().print(t)
+    console().print(
+        f"run total: logical {human_bytes(sizes.logical)}, physical {human_bytes(sizes.physical)} on "
+        "storage (physical per checkpoint = bytes it added that no older checkpoint holds)",
+        highlight=False,
+    )
     if debris:
         console().print(f"[yellow]{len(debris)} leftover(s) of interrupted saves[/] (removed by the next save or 'ckptguard prune'): {', '.join(debris)}")
     return 0

@@ -14,8 +14,9 @@ from typing import Any
 from rich.table import Table
 
 from ckptguard.catalog import find_debris, scan
-from ckptguard.cli.common import add_json_flag, console, human_bytes, print_json
+from ckptguard.cli.common import add_json_flag, console, err_console, human_bytes, print_json
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
+from ckptguard.gc import collect
 from ckptguard.lock import RunLock
 from ckptguard.pins import lineage_protection, pinned_steps
 from ckptguard.retention import Decision, Retention, budget_overrun, plan_retention
@@ -100,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
                     except CheckpointError as e:
                         failed[d.step] = str(e)
             debris = clean_debris(storage)
+            gc_report = collect(storage)  # free shared data (incremental runs) nothing references
+            if gc_report.deleted:
+                err_console().print(f"freed {len(gc_report.deleted)} unreferenced pack(s) of shared tensor data")
     finally:
         if lock is not None:
             lock.release()

@@ -1,0 +1,104 @@
+"""Crash-safe garbage collection of the shared chunk packs of incremental checkpoints.
+
+Rules (each one is what makes a crash at any instant harmless):
+
+1. The truth is the set of committed manifests. GC reads *every* ``step-*/MANIFEST.json`` of the
+   run; if any one cannot be read or validated, GC stops with a warning and deletes nothing
+   (a damaged manifest may still reference packs: never delete when in doubt).
+2. A pack is deleted only when no committed manifest references it, and only when its name says it
+   was created before the newest commit. GC runs under the run lock on the thread that saves,
+   right after a commit (and after retention deleted checkpoints), so the only save that could be
+   about to reference a pack is the one that just committed; packs a concurrent writer might be
+   filling are newer than every commit and are left alone.
+3. Checkpoints are deleted manifest first (``writer.delete_checkpoint``); packs are deleted one by
+   one afterwards. A crash mid-GC leaves only unreferenced packs, which the next GC removes.
+4. Only names matching ``incremental.PACK_RE`` directly under ``objects/`` are ever deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ckptguard.errors import CheckpointError
+from ckptguard.incremental import (
+    OBJECTS,
+    PACK_RE,
+    ManifestCache,
+    chunk_refs,
+    pack_path,
+    pack_time,
+)
+from ckptguard.storage.base import Storage
+
+__all__ = ["GcReport", "collect", "collect_garbage", "referenced_packs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GcReport:
+    """What a GC pass found and did. ``stopped`` names why it deleted nothing, if it stopped."""
+
+    referenced: int
+    deleted: tuple[str, ...]
+    freed_bytes: int
+    kept_unreferenced: tuple[str, ...]
+    stopped: str = ""
+
+
+def referenced_packs(storage: Storage, cache: ManifestCache | None = None) -> tuple[set[str], float]:
+    """(packs referenced by committed manifests, newest commit time). Raises CheckpointError
+    when any manifest cannot be read: the caller must then delete nothing."""
+    packs: set[str] = set()
+    newest = 0.0
+    for _, manifest in (cache or ManifestCache(storage)).committed(strict=True):
+        newest = max(newest, float(manifest.get("created_unix") or 0.0))
+        packs.update(p for _, _, p, _ in chunk_refs(manifest))
+    return packs, newest
+
+
+def collect(storage: Storage, *, dry_run: bool = False, cache: ManifestCache | None = None) -> GcReport:
+    """Delete packs no committed manifest references. Call only while holding the run lock.
+    ``cache``: a ManifestCache of the run (re-reads only manifests that changed)."""
+    if not storage.exists(OBJECTS):
+        return GcReport(0, (), 0, ())
+    try:
+        live, newest = referenced_packs(storage, cache)
+    except CheckpointError as e:
+        log.warning("GC of %s stopped, nothing deleted: a manifest could not be read (%s). Fix or "
+                    "remove that checkpoint, then run 'ckptguard prune'.", storage.describe(OBJECTS), e)
+        return GcReport(0, (), 0, (), stopped=str(e))
+    deleted: list[str] = []
+    kept: list[str] = []
+    freed = 0
+    for name in storage.listdir(OBJECTS):
+        if not PACK_RE.match(name) or name in live:
+            continue
+        created = pack_time(name)
+        if created is None or created >= newest:
+            kept.append(name)  # possibly being written by a save that has not committed yet
+            continue
+        rel = pack_path(name)
+        try:
+            size = storage.size(rel)
+            if not dry_run:
+                storage.remove_file(rel)
+        except CheckpointError as e:
+            log.warning("GC could not delete %s (%s); the next GC retries.", storage.describe(rel), e)
+            continue
+        deleted.append(name)
+        freed += size
+    if deleted:
+        log.info("GC %s %d unreferenced pack(s), %d bytes", "would delete" if dry_run else "deleted", len(deleted), freed)
+    return GcReport(len(live), tuple(deleted), freed, tuple(kept))
+
+
+def collect_garbage(storage: Storage, cache: ManifestCache | None = None) -> GcReport | None:
+    """The manager's after-commit GC (after retention): never raises a CheckpointError; a failed
+    pass only leaves unreferenced packs for the next one."""
+    try:
+        return collect(storage, cache=cache)
+    except CheckpointError as e:
+        log.warning("GC of %s failed (%s); the next save or 'ckptguard prune' retries.", storage.describe(OBJECTS), e)
+        return None
