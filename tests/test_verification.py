@@ -112,18 +112,16 @@ def test_mismatch_marks_failed_calls_back_and_restore_skips_it(run_dir: Path, as
 
 
 def test_corruption_after_commit_is_found_by_reverification(run_dir: Path) -> None:
-    run_training(run_dir, 5, every_steps=5, manager_kwargs={"probe": PROBE})
-    path = run_dir / "step-000000005" / "model.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 1
-    path.write_bytes(bytes(data))
     from trainlib import make_setup
 
     s = make_setup()
     mgr = cg.CheckpointManager(run_dir, probe=PROBE)
-    mgr.save(5, s["state"], force=True)  # re-save (fresh bytes) primes the verifier
+    mgr.save(5, s["state"], force=True)
     result = mgr.verifier.verify(manifest(run_dir, 5))
     assert result.status == "verified"
+    path = run_dir / "step-000000005" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
     path.write_bytes(bytes(data))
     result = mgr.verifier.verify(manifest(run_dir, 5))
     mgr.close()
