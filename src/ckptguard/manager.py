@@ -272,7 +272,11 @@ class CheckpointManager:
         if self._lock is not None:
             self._lock.refresh()
         fields = dict(fields)
-        manifest = write_checkpoint(self.storage, step, files, blobs, fields)
+        try:
+            manifest = write_checkpoint(self.storage, step, files, blobs, fields)
+        except BaseException:
+            self._debris_cleaned = False  # the failed save may have left debris: next save cleans
+            raise
         self.last_saved_step = step
         self.last_save_seconds = time.perf_counter() - t0
         log.info("Saved %s in %.3fs", self.storage.describe(checkpoint_name(step)), self.last_save_seconds)
@@ -280,7 +284,10 @@ class CheckpointManager:
         return manifest
 
     def _after_commit(self, manifest: dict[str, Any]) -> None:
-        self.metrics_log.flush()
+        try:
+            self.metrics_log.flush()
+        except CheckpointError as e:  # the checkpoint is committed; the rows are retried later
+            log.warning("Could not append to metrics.csv: %s", e)
         self._record_run()
         for hook in self._post_commit:
             hook(manifest)
@@ -313,6 +320,7 @@ class CheckpointManager:
                     deleted.append(d.step)
                     log.info("Retention deleted %s (%s)", d.name, "; ".join(d.reasons))
                 except CheckpointError as e:
+                    self._debris_cleaned = False  # a half-done delete is debris: next save cleans
                     log.warning("Retention could not delete %s: %s", d.name, e)
         return deleted
 

@@ -109,7 +109,12 @@ def write_checkpoint(
             if storage.exists(name):
                 trash = f".trash-{name}-{uuid.uuid4().hex[:8]}"
                 storage.rename_dir(name, trash)
-            storage.rename_dir(staging, name)
+            try:
+                storage.rename_dir(staging, name)
+            except BaseException:
+                if trash is not None:  # put the old checkpoint of this step back
+                    _rename_quietly(storage, trash, name)
+                raise
             storage.sync_dir("")
             if trash is not None:
                 _remove_quietly(storage, trash)
@@ -118,6 +123,13 @@ def write_checkpoint(
             _remove_quietly(storage, staging)
         raise
     return manifest
+
+
+def _rename_quietly(storage: Storage, src: str, dst: str) -> None:
+    try:
+        storage.rename_dir(src, dst)
+    except (CheckpointError, OSError) as e:
+        log.warning("Could not move %s back to %s: %s", storage.describe(src), storage.describe(dst), e)
 
 
 def _remove_quietly(storage: Storage, rel: str) -> None:
