@@ -407,6 +407,8 @@ class CheckpointManager:
             reader = CheckpointReader(self.storage, c.name, c.manifest)
             try:
                 restore_state(state, _VerifyingReader(reader, self.verify_on_restore), strict=strict)
+                if self.verify_on_restore:
+                    reader.verify_unread()  # files restore did not need (config.yaml...) too
             except CorruptCheckpointError as e:
                 failures.append(str(e))
                 log.warning(

@@ -113,6 +113,22 @@ class CheckpointReader:
         self.storage = storage
         self.name = name
         self.manifest = manifest
+        self.checked: set[str] = set()  # files whose every byte was verified by a read
+
+    def verify_unread(self) -> None:
+        """Verify every file of the manifest no read has checked yet (config.yaml, extras...)."""
+        for fname, entry in self.manifest["files"].items():
+            if fname in self.checked:
+                continue
+            verifier = VERIFIERS.get(entry["kind"])
+            if verifier is None:
+                continue
+            try:
+                verifier(self.storage, self.name, fname, entry)
+            except CorruptCheckpointError as e:
+                e.file = e.file or fname
+                raise
+            self.checked.add(fname)
 
     @property
     def where(self) -> str:
@@ -127,7 +143,9 @@ class CheckpointReader:
             raise CorruptCheckpointError(
                 f"{self.where}: the manifest lists no file {fname!r}.", path=self.where, file=fname
             )
-        return read_blob(self.storage, self.name, fname, entry)
+        data = read_blob(self.storage, self.name, fname, entry)
+        self.checked.add(fname)
+        return data
 
     def json(self, fname: str) -> Any:
         raw = self.blob(fname)
@@ -160,4 +178,7 @@ class CheckpointReader:
             raise CorruptCheckpointError(
                 f"{self.where}: {fname} is not a tensor file.", path=self.where, file=fname
             )
-        return reader(self.storage, self.name, fname, entry, targets=targets, names=names, verify=verify)
+        out = reader(self.storage, self.name, fname, entry, targets=targets, names=names, verify=verify)
+        if verify and (names is None or set(entry.get("tensors", {})) <= set(names)):
+            self.checked.add(fname)
+        return out

@@ -14,7 +14,6 @@ A failure at any point leaves either the previous state or debris; never a torn 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -25,7 +24,7 @@ import torch
 
 from ckptguard.catalog import find_debris
 from ckptguard.errors import CheckpointError
-from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name
+from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest
 from ckptguard.storage.base import Storage, join
 from ckptguard.tensorfile import digest_bytes, write_tensor_file
 
@@ -102,7 +101,7 @@ def write_checkpoint(
             "files": files,
         }
         manifest["save_seconds"] = round(time.perf_counter() - t0 + float(fields.get("save_seconds", 0.0)), 6)
-        write_blob(storage, join(staging, MANIFEST), json.dumps(manifest, indent=1, sort_keys=False).encode())
+        write_blob(storage, join(staging, MANIFEST), encode_manifest(manifest))
         storage.sync_dir(staging)
         if storage.atomic_rename:
             trash = None
