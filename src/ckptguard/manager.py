@@ -406,9 +406,7 @@ class CheckpointManager:
                 continue
             reader = CheckpointReader(self.storage, c.name, c.manifest)
             try:
-                restore_state(state, _VerifyingReader(reader, self.verify_on_restore), strict=strict)
-                if self.verify_on_restore:
-                    reader.verify_unread()  # files restore did not need (config.yaml...) too
+                _load_verified(state, reader, verify=self.verify_on_restore, strict=strict)
             except CorruptCheckpointError as e:
                 failures.append(str(e))
                 log.warning(
@@ -455,6 +453,29 @@ class CheckpointManager:
         finally:
             guard.uninstall()
             self._guard = previous
+
+
+# What hostile-but-checksummed state.json contents make plain Python code raise.
+_MALFORMED_STATE = (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError, OverflowError)
+
+
+def _load_verified(state: TrainState, reader: CheckpointReader, *, verify: bool, strict: bool) -> None:
+    """restore_state with integrity checks around it; malformed contents become corruption."""
+    if verify:
+        reader.check_headers()  # before the manifest's shapes are compared with the model
+    try:
+        restore_state(state, _VerifyingReader(reader, verify), strict=strict)
+    except CheckpointError:
+        raise
+    except _MALFORMED_STATE as e:
+        raise CorruptCheckpointError(
+            f"{reader.where}/state.json does not describe a state ckptguard can load "
+            f"({type(e).__name__}: {e}). The checkpoint is damaged or hostile; restore skips it.",
+            path=reader.where,
+            file="state.json",
+        ) from e
+    if verify:
+        reader.verify_unread()  # files restore did not need (config.yaml...) too
 
 
 class _VerifyingReader:
