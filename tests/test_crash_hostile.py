@@ -208,11 +208,17 @@ def test_unknown_format_version(run: Path, good_run: dict[str, Any], version: ob
     m = load_manifest(run / STEP2)
     m["format_version"] = version
     save_manifest(run / STEP2, m)
-    if isinstance(version, int) and not isinstance(version, bool):
-        with pytest.raises(FormatVersionError, match=r"Upgrade ckptguard \('pip install -U ckptguard'\)"):
-            read_manifest(LocalStorage(run), STEP2)
-    text = assert_refused(run, good_run["w1"])
-    assert ("format version" in text) == (isinstance(version, int) and not isinstance(version, bool))
+    if not isinstance(version, int) or isinstance(version, bool):
+        assert "format_version must be an integer" in assert_refused(run, good_run["w1"])
+        return
+    upgrade = r"version %d; this ckptguard reads up to version 1. Upgrade ckptguard \('pip install -U ckptguard'\)" % version
+    with pytest.raises(FormatVersionError, match=upgrade):
+        read_manifest(LocalStorage(run), STEP2)
+    assert "format version" in "; ".join(str(p) for p in cg.verify(run / STEP2).problems)
+    # The newest checkpoint is from a newer ckptguard: restore says so instead of resuming older state.
+    with cg.CheckpointManager(run) as mgr, pytest.raises(FormatVersionError, match=upgrade):
+        mgr.restore(make_setup(hidden=4)["state"])
+    assert not (run / STEP2 / "STATUS.json").exists()  # not marked corrupt: it is not
 
 
 # ---- pickle payloads never run ------------------------------------------------------------

@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
-from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, mark_status, scan
+from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, mark_status, read_manifest, scan
 from ckptguard.environment import collect_environment
 from ckptguard.errors import (
     AsyncSaveError,
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    FormatVersionError,
     StoragePermissionError,
 )
 from ckptguard.lock import RunLock
@@ -397,6 +398,8 @@ class CheckpointManager:
             candidates = [c for c in reversed(ckpts) if c.status not in BAD_STATUSES]
         failures: list[str] = []
         for c in candidates:
+            if c.manifest is None:
+                _raise_if_newer_format(self.storage, c.name)
             if c.problems or c.manifest is None:
                 msg = f"{c.path}: " + "; ".join(c.problems)
                 failures.append(msg)
@@ -453,6 +456,16 @@ class CheckpointManager:
         finally:
             guard.uninstall()
             self._guard = previous
+
+
+def _raise_if_newer_format(storage: Storage, name: str) -> None:
+    """A newer checkpoint than any we can read: upgrading beats silently resuming older state."""
+    try:
+        read_manifest(storage, name)
+    except FormatVersionError:
+        raise
+    except CheckpointError:
+        return
 
 
 # What hostile-but-checksummed state.json contents make plain Python code raise.
