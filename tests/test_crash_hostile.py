@@ -255,7 +255,8 @@ RUN_FILES = ["ckptguard.json", "metrics.csv", "probe.safetensors", ".ckptguard.l
 def test_pickle_payload_anywhere_is_never_executed(good_run: dict[str, Any], tmp_path: Path, kind: str) -> None:
     sentinel = tmp_path / "ran"
     payload = payloads(sentinel)[kind]
-    targets = []
+    targets: list[Path] = []
+    damaged: list[bool] = []
     for where in INSIDE + RUN_FILES:
         for resealed in (False, True):
             if resealed and where not in ("state.json", "config.yaml", "model.safetensors"):
@@ -274,6 +275,9 @@ def test_pickle_payload_anywhere_is_never_executed(good_run: dict[str, Any], tmp
             else:
                 target.write_bytes(payload)
             targets.append(run)
+            # verify (checksums) must fail step 2, except for a resealed blob: its bytes are what
+            # the manifest says, and only restore, which parses it, can refuse it (it does)
+            damaged.append(where in INSIDE and where != "STATUS.json" and not (resealed and where != "model.safetensors"))
             cg.verify(run)
             cg.verify(run / STEP2)
             s = make_setup(hidden=4, seed=3)
@@ -284,11 +288,13 @@ def test_pickle_payload_anywhere_is_never_executed(good_run: dict[str, Any], tmp
             except CheckpointError:
                 pass
             assert not sentinel.exists(), f"pickle in {where} was executed"
-    # The CLI too, in one real subprocess per command over every hostile run.
-    for cmd in ("ls", "inspect", "verify"):
-        result = run_cli_many([[cmd, str(r)] for r in targets] + [[cmd, str(r / STEP2)] for r in targets])
-        assert all(code in (0, 1, 2) for code in result["codes"]), result
-        assert "Traceback" not in result["stderr"], result["stderr"][-3000:]
+    # The CLI too, in one real subprocess over every hostile run and command.
+    argvs = [[cmd, str(t)] for cmd in ("ls", "inspect", "verify") for r in targets for t in (r, r / STEP2)]
+    result = run_cli_many(argvs)
+    assert all(code in (0, 1, 2) for code in result["codes"]), result
+    assert "Traceback" not in result["stderr"], result["stderr"][-3000:]
+    verify_step2 = result["codes"][-2 * len(targets) + 1 :: 2]
+    assert [code for code, bad in zip(verify_step2, damaged) if bad] == [1] * sum(damaged)
     assert not sentinel.exists()
 
 
@@ -369,5 +375,10 @@ def test_cli_subprocess_messages(good_run: dict[str, Any], tmp_path: Path) -> No
     p = cli("verify", str(run))
     assert p.returncode == 1 and "Traceback" not in p.stderr + p.stdout
     assert "step-000000001" in p.stdout and "ok" in p.stdout and "refusing file path" in p.stdout
+    p = cli("verify", "--json", str(run))
+    report = json.loads(p.stdout)
+    assert p.returncode == 1 and report["ok"] is False
+    assert [c["ok"] for c in report["checkpoints"]] == [True, False]
+    assert "refusing file path" in report["problems"][0]
     p = cli("verify", str(tmp_path / "missing"))
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
