@@ -9,6 +9,7 @@ cleans the debris. Retention deletes (keep_last=1) are part of every save swept 
 from __future__ import annotations
 
 import errno
+import time
 import shutil
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,72 @@ def test_faulty_storage_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(cg.StorageError, match="injected fault #1"):
         fs.rename_dir("a", "b")
     assert (tmp_path / "a").is_dir() and not (tmp_path / "b").exists()
+
+
+def test_fault_at_every_op_of_an_object_store_save(trained: dict[str, Any]) -> None:
+    """fsspec backends (no atomic rename): the manifest, uploaded last, is the commit marker.
+
+    Sync only: the async path runs the same writer (swept above on the local backend)."""
+    async_save = False
+    import uuid
+
+    from ckptguard.storage import FsspecStorage
+
+    s = trained["setup"]
+
+    def fresh(**fault: Any) -> tuple[FaultyStorage, cg.CheckpointManager]:
+        fs = FaultyStorage(FsspecStorage(f"memory://crash-{uuid.uuid4().hex}/run"), **fault)
+        mgr = cg.CheckpointManager(fs, async_save=async_save, retention=cg.Retention(keep_last=1))
+        mgr.restore(make_setup(seed=7)["state"])  # nothing yet
+        fs.arm(None)
+        with cg.CheckpointManager(fs, lock=False) as first:  # step 1 holds the step-1 weights
+            other = make_setup()
+            _train(other, 1)
+            first.save(1, other["state"], force=True)
+        return fs, mgr
+
+    fs, mgr = fresh()
+    n = count_ops(fs, lambda: _save(mgr, 2, s["state"]))
+    mgr.close()
+    commit_at = next(e.index for e in fs.log if e.op == "fsync" and e.path == "step-000000002/MANIFEST.json")
+    for k in range(1, n + 1):
+        fs, mgr = fresh()
+        fs.arm(k)
+        try:
+            _save(mgr, 2, s["state"])
+            raised = False
+        except CheckpointError as e:
+            raised = True
+            assert not async_save or isinstance(e, AsyncSaveError)
+        committed = k > commit_at
+        assert raised or committed, (k, fs.failed)
+        fs.arm(None)
+        steps = [c.step for c in scan(fs)]
+        assert (2 in steps if committed else steps == [1]), (k, fs.failed, steps)
+        assert all(c.valid for c in scan(fs))
+        other = make_setup(seed=7)
+        got = mgr.restore(other["state"])
+        assert got == (2 if committed else 1), (k, fs.failed, got)
+        assert same_weights(_weights(other), trained["w2"] if committed else trained["w1"])
+        _save(mgr, 3, s["state"])
+        mgr.close()
+        assert find_debris(fs) == [], (k, fs.failed)
+        assert [c.step for c in scan(fs) if c.valid] == [got, 3]
+    FAULTS_INJECTED.append(n)
+
+
+def test_async_failure_surfaces_on_the_next_save(trained: dict[str, Any], tmp_path: Path) -> None:
+    s = trained["setup"]
+    fs, mgr = _fresh(trained, tmp_path / "run", True, fail_at=2, error=errno.EIO)
+    assert mgr.save(2, s["state"], force=True)  # returns at once; the write fails behind
+    time.sleep(0.05)
+    with pytest.raises(AsyncSaveError, match="committed are intact") as info:
+        for _ in range(200):  # until the background write has failed
+            mgr.save(3, s["state"], force=False)
+            time.sleep(0.05)
+    assert isinstance(info.value.__cause__, cg.StorageError)
+    assert "injected fault #2" in str(info.value)
+    fs.arm(None)
+    mgr.save(4, s["state"], force=True)
+    mgr.close()
+    assert find_debris(fs) == [] and [c.step for c in scan(fs)] == [4]  # keep_last=1
