@@ -9,8 +9,8 @@ cleans the debris. Retention deletes (keep_last=1) are part of every save swept 
 from __future__ import annotations
 
 import errno
-import time
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FULL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trainlib import make_setup, same_weights, train_step
@@ -21,8 +22,6 @@ from trainlib import make_setup, same_weights, train_step
 import ckptguard as cg
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
 from ckptguard.manifest import STATUS
-
-from conftest import FULL
 
 EXAMPLES = 3000 if FULL else 1000
 STEP2 = "step-000000002"

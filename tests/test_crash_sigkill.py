@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FULL
 from crash_child import Big, base, child, expected, set_step
 
 import ckptguard as cg
 from ckptguard.catalog import find_debris
 from ckptguard.storage import LocalStorage
-
-from conftest import FULL
 
 KILLS = 40 if FULL else 6
 
