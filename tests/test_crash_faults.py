@@ -8,6 +8,7 @@ cleans the debris. Retention deletes (keep_last=1) are part of every save swept 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import time
@@ -238,3 +239,44 @@ def test_async_failure_surfaces_on_the_next_save(trained: dict[str, Any], tmp_pa
     mgr.save(4, s["state"], force=True)
     mgr.close()
     assert find_debris(fs) == [] and [c.step for c in scan(fs)] == [4]  # keep_last=1
+
+
+def test_fault_at_every_op_of_a_resave_of_the_same_step(trained: dict[str, Any], tmp_path: Path) -> None:
+    """Re-saving an existing step swaps directories with two renames: the old one comes back on
+    a failure between them, so a whole step 1 (old or new weights) always exists."""
+    s = trained["setup"]
+    fs, mgr = _fresh(trained, tmp_path / "count", False)
+    n = count_ops(fs, lambda: _save(mgr, 1, s["state"]))
+    mgr.close()
+    commit_at = next(e.index for e in fs.log if e.op == "rename" and e.path == "step-000000001")
+    for k in range(1, n + 1):
+        fs, mgr = _fresh(trained, tmp_path / f"k{k}", False, fail_at=k)
+        with contextlib.suppress(CheckpointError):
+            _save(mgr, 1, s["state"])
+        assert fs.failed is not None and fs.failed.index == k
+        fs.arm(None)
+        other = make_setup(seed=7)
+        assert mgr.restore(other["state"]) == 1, (k, fs.failed)
+        assert same_weights(_weights(other), trained["w2"] if k > commit_at else trained["w1"]), (k, fs.failed)
+        _save(mgr, 3, s["state"])
+        mgr.close()
+        assert find_debris(fs) == [] and cg.verify(tmp_path / f"k{k}").ok, (k, fs.failed)
+    FAULTS_INJECTED.append(n)
+
+
+def test_kill_between_the_two_renames_of_a_resave(trained: dict[str, Any], tmp_path: Path) -> None:
+    """The on-disk state a SIGKILL leaves between 'step-1 -> .trash' and '.tmp -> step-1'."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["base"], run)
+    (run / "step-000000001").rename(run / ".trash-step-000000001-0badc0de")
+    (run / ".tmp-step-000000001-12345678").mkdir()
+    (run / ".tmp-step-000000001-12345678" / "model.safetensors").write_bytes(b"partial")
+    (run / ".trash-step-000000002-feedf00d").mkdir()  # a delete that had uncommitted already
+    storage = LocalStorage(run)
+    assert scan(storage) == [] and len(find_debris(storage)) == 3
+    removed = clean_debris(storage)
+    assert sorted(removed) == [".tmp-step-000000001-12345678", ".trash-step-000000002-feedf00d"]
+    other = make_setup(seed=7)
+    with cg.CheckpointManager(run) as mgr:
+        assert mgr.restore(other["state"]) == 1
+    assert same_weights(_weights(other), trained["w1"]) and find_debris(storage) == []

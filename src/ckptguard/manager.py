@@ -282,6 +282,8 @@ class CheckpointManager:
         self.last_save_seconds = time.perf_counter() - t0
         log.info("Saved %s in %.3fs", self.storage.describe(checkpoint_name(step)), self.last_save_seconds)
         self._after_commit(manifest)
+        if any(n.startswith((".tmp-", ".trash-")) for n in self.storage.listdir("")):
+            self._debris_cleaned = False  # a cleanup failed quietly: the next save retries it
         return manifest
 
     def _after_commit(self, manifest: dict[str, Any]) -> None:
