@@ -26,7 +26,7 @@ from ckptguard.storage import LocalStorage
 from ckptguard.testing import FaultyStorage, count_ops
 from ckptguard.writer import clean_debris, delete_checkpoint
 
-FAULTS_INJECTED: list[int] = []  # summed into the report by the last test of this module
+FAULTS_INJECTED: list[int] = []  # n of each sweep run in this process (each also printed; see -s)
 
 
 def _weights(s: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -106,6 +106,7 @@ def _sweep(trained: dict[str, Any], tmp: Path, async_save: bool, *, sticky: bool
         assert cg.verify(fs.inner.url).ok  # type: ignore[attr-defined]
         shutil.rmtree(tmp / f"k{k}")
     FAULTS_INJECTED.append(n)
+    print(f"\nfault sweep ({'async' if async_save else 'sync'}, sticky={sticky}): {n} faults injected")
     return n
 
 
@@ -144,6 +145,7 @@ def test_fault_at_every_op_of_a_delete(trained: dict[str, Any], tmp_path: Path) 
         assert find_debris(fs) == []
         assert cg.verify(run).ok
     FAULTS_INJECTED.append(n)
+    print(f"\nfault sweep (delete_checkpoint): {n} faults injected")
 
 
 def test_enospc_is_a_disk_full_error_and_training_continues(trained: dict[str, Any], tmp_path: Path, async_save: bool) -> None:
@@ -222,6 +224,7 @@ def test_fault_at_every_op_of_an_object_store_save(trained: dict[str, Any]) -> N
         assert find_debris(fs) == [], (k, fs.failed)
         assert [c.step for c in scan(fs) if c.valid] == [got, 3]
     FAULTS_INJECTED.append(n)
+    print(f"\nfault sweep (fsspec memory://): {n} faults injected")
 
 
 def test_async_failure_surfaces_on_the_next_save(trained: dict[str, Any], tmp_path: Path) -> None:
@@ -262,6 +265,7 @@ def test_fault_at_every_op_of_a_resave_of_the_same_step(trained: dict[str, Any],
         mgr.close()
         assert find_debris(fs) == [] and cg.verify(tmp_path / f"k{k}").ok, (k, fs.failed)
     FAULTS_INJECTED.append(n)
+    print(f"\nfault sweep (re-save of a step): {n} faults injected")
 
 
 def test_kill_between_the_two_renames_of_a_resave(trained: dict[str, Any], tmp_path: Path) -> None:
