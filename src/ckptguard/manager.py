@@ -25,14 +25,13 @@ from typing import Any
 
 import torch
 
-from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, mark_status, read_manifest, scan
+from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, mark_status, scan
 from ckptguard.environment import collect_environment
 from ckptguard.errors import (
     AsyncSaveError,
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    FormatVersionError,
     StoragePermissionError,
 )
 from ckptguard.lock import RunLock
@@ -40,10 +39,11 @@ from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
 from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.reader import CheckpointReader
+from ckptguard.safeload import load_verified, raise_if_newer_format
 from ckptguard.retention import Retention, plan_retention
 from ckptguard.schedule import SaveSchedule
 from ckptguard.staging import Stager
-from ckptguard.state import Snapshot, TrainState, capture, restore_state
+from ckptguard.state import Snapshot, TrainState, capture
 from ckptguard.storage import Storage, open_storage
 from ckptguard.writer import clean_debris, delete_checkpoint, write_checkpoint
 
@@ -401,7 +401,7 @@ class CheckpointManager:
         failures: list[str] = []
         for c in candidates:
             if c.manifest is None:
-                _raise_if_newer_format(self.storage, c.name)
+                raise_if_newer_format(self.storage, c.name)
             if c.problems or c.manifest is None:
                 msg = f"{c.path}: " + "; ".join(c.problems)
                 failures.append(msg)
@@ -411,7 +411,7 @@ class CheckpointManager:
                 continue
             reader = CheckpointReader(self.storage, c.name, c.manifest)
             try:
-                _load_verified(state, reader, verify=self.verify_on_restore, strict=strict)
+                load_verified(state, reader, verify=self.verify_on_restore, strict=strict)
             except CorruptCheckpointError as e:
                 failures.append(str(e))
                 log.warning(
@@ -458,54 +458,6 @@ class CheckpointManager:
         finally:
             guard.uninstall()
             self._guard = previous
-
-
-def _raise_if_newer_format(storage: Storage, name: str) -> None:
-    """A newer checkpoint than any we can read: upgrading beats silently resuming older state."""
-    try:
-        read_manifest(storage, name)
-    except FormatVersionError:
-        raise
-    except CheckpointError:
-        return
-
-
-# What hostile-but-checksummed state.json contents make plain Python code raise.
-_MALFORMED_STATE = (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError, OverflowError)
-
-
-def _load_verified(state: TrainState, reader: CheckpointReader, *, verify: bool, strict: bool) -> None:
-    """restore_state with integrity checks around it; malformed contents become corruption."""
-    if verify:
-        reader.check_headers()  # before the manifest's shapes are compared with the model
-    try:
-        restore_state(state, _VerifyingReader(reader, verify), strict=strict)
-    except CheckpointError:
-        raise
-    except _MALFORMED_STATE as e:
-        raise CorruptCheckpointError(
-            f"{reader.where}/state.json does not describe a state ckptguard can load "
-            f"({type(e).__name__}: {e}). The checkpoint is damaged or hostile; restore skips it.",
-            path=reader.where,
-            file="state.json",
-        ) from e
-    if verify:
-        reader.verify_unread()  # files restore did not need (config.yaml...) too
-
-
-class _VerifyingReader:
-    """Passes the manager's verify_on_restore choice to tensor reads."""
-
-    def __init__(self, inner: CheckpointReader, verify: bool) -> None:
-        self._inner = inner
-        self._verify = verify
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def tensors(self, fname: str, **kw: Any) -> dict[str, torch.Tensor]:
-        kw.setdefault("verify", self._verify)
-        return self._inner.tensors(fname, **kw)
 
 
 def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
