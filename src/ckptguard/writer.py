@@ -141,8 +141,9 @@ def _remove_quietly(storage: Storage, rel: str, *, uncommit: bool = False) -> No
 
 
 def _put_back(storage: Storage, name: str) -> bool:
-    """A ``.trash-step-N-*`` that still has its manifest and no ``step-N`` beside it is the old
-    checkpoint of a re-save killed between its two renames: rename it back instead of deleting."""
+    """A ``.trash-step-N-*`` that still has its manifest and no ``step-N`` beside it is whole: the
+    old checkpoint of a re-save killed between its two renames (or a delete killed before it
+    uncommitted). Rename it back instead of deleting it."""
     if not (storage.atomic_rename and name.startswith(".trash-")):
         return False
     original = name[len(".trash-") :].rsplit("-", 1)[0]
@@ -154,7 +155,10 @@ def _put_back(storage: Storage, name: str) -> bool:
     except (CheckpointError, OSError) as e:
         log.warning("Could not move %s back to %s: %s", storage.describe(name), original, e)
         return False
-    log.warning("Put %s back as %s (a save was interrupted while replacing it).", name, original)
+    log.info(
+        "Put %s back as %s: a save replacing it or a delete was interrupted (retention decides "
+        "again whether to keep it).", name, original,
+    )
     return True
 
 
