@@ -422,6 +422,9 @@ def restore_checkpoint(coord: Coordinator, state: TrainState, reader: Any, *, st
             if not isinstance(reader.storage, LocalStorage):
                 raise UnsupportedStateError(f"{where}: sharded (DCP) checkpoints are read from local or shared filesystems only.")
             verify_dcp_files(reader.storage.describe(reader.name), reader.manifest["files"], where)
+            checked = getattr(reader, "checked", None)
+            if isinstance(checked, set):  # verified above, streaming: not again in verify_unread
+                checked.update(f for f in reader.manifest["files"] if f.startswith(DCP_DIR + "/"))
         elif is_sharded(state.model):
             raise UnsupportedStateError(
                 f"{where} holds replicated (full) model state, the model is sharded (FSDP2/DTensor). "

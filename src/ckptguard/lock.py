@@ -38,6 +38,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _local_storage(storage: Storage) -> LocalStorage | None:
+    """The LocalStorage behind ``storage`` (also behind wrappers exposing ``.inner``), or None."""
+    for _ in range(16):
+        if isinstance(storage, LocalStorage):
+            return storage
+        inner = getattr(storage, "inner", None)
+        if inner is None:
+            return None
+        storage = inner
+    return None
+
+
 class RunLock:
     """Exclusive writer lock of a run directory. Use as a context manager or acquire()/release()."""
 
@@ -58,8 +70,9 @@ class RunLock:
     def acquire(self) -> None:
         if self._held:
             return
-        if isinstance(self.storage, LocalStorage):
-            self._acquire_local(self.storage)
+        local = _local_storage(self.storage)
+        if local is not None:
+            self._acquire_local(local)
         else:
             self._acquire_object()
         self._held = True
@@ -103,7 +116,7 @@ class RunLock:
 
     def refresh(self) -> None:
         """Keep an object-store lock fresh (called at every save)."""
-        if self._held and not isinstance(self.storage, LocalStorage):
+        if self._held and _local_storage(self.storage) is None:
             self.storage.replace_file(LOCK_NAME, json.dumps(_record()).encode())
 
     def release(self) -> None:

@@ -46,6 +46,7 @@ from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.reader import CheckpointReader
 from ckptguard.retention import Decision, Retention
 from ckptguard.runrecord import RUN_FILE, RunRecord, read_run_record
+from ckptguard.safeload import load_verified, raise_if_newer_format
 from ckptguard.schedule import SaveSchedule, observed_mtbf
 from ckptguard.staging import Stager
 from ckptguard.state import Snapshot, TrainState, capture
@@ -330,11 +331,17 @@ class CheckpointManager:
             self._lock.refresh()
         fields = dict(fields)
         writer_kw = {"tensor_writer": self._incremental.writer()} if self._incremental else {}
-        manifest = write_checkpoint(self.storage, step, files, blobs, fields, **writer_kw)
+        try:
+            manifest = write_checkpoint(self.storage, step, files, blobs, fields, **writer_kw)
+        except BaseException:
+            self._debris_cleaned = False  # the failed save may have left debris: next save cleans
+            raise
         self.last_saved_step = step
         self.last_save_seconds = time.perf_counter() - t0
         log.info("Saved %s in %.3fs", self.storage.describe(checkpoint_name(step)), self.last_save_seconds)
         self._after_commit(manifest)
+        if any(n.startswith((".tmp-", ".trash-")) for n in self.storage.listdir("")):
+            self._debris_cleaned = False  # a cleanup failed quietly: the next save retries it
         return manifest
 
     def add_post_commit_hook(self, hook: Callable[[dict[str, Any]], None]) -> None:
@@ -342,7 +349,10 @@ class CheckpointManager:
         self._post_commit.append(hook)
 
     def _after_commit(self, manifest: dict[str, Any]) -> None:
-        self.metrics_log.flush()
+        try:
+            self.metrics_log.flush()
+        except CheckpointError as e:  # the checkpoint is committed; the rows are retried later
+            log.warning("Could not append to metrics.csv: %s", e)
         self._record_run()
         for hook in self._post_commit:
             hook(manifest)
@@ -390,6 +400,7 @@ class CheckpointManager:
                     deleted.append(d.step)
                     log.info("Retention deleted %s (%s)", d.name, "; ".join(d.reasons))
                 except CheckpointError as e:
+                    self._debris_cleaned = False  # a half-done delete is debris: next save cleans
                     log.warning("Retention could not delete %s: %s", d.name, e)
         record_events(self.storage, "pruned", deleted, reason="retention")
         return deleted
@@ -470,6 +481,8 @@ class CheckpointManager:
             candidates = [c for c in reversed(ckpts) if c.status not in BAD_STATUSES]
         failures: list[str] = []
         for c in candidates:
+            if c.manifest is None:
+                raise_if_newer_format(self.storage, c.name)
             if c.problems or c.manifest is None:
                 msg = f"{c.path}: " + "; ".join(c.problems)
                 failures.append(msg)
@@ -479,7 +492,10 @@ class CheckpointManager:
                 continue
             reader = CheckpointReader(self.storage, c.name, c.manifest)
             try:
-                report = restore_checkpoint(self._coord, state, _VerifyingReader(reader, self.verify_on_restore), strict=strict)
+                report = load_verified(
+                    state, reader, verify=self.verify_on_restore, strict=strict,
+                    restore=lambda st, rd, strict: restore_checkpoint(self._coord, st, rd, strict=strict),
+                )
             except CorruptCheckpointError as e:
                 failures.append(str(e))
                 log.warning(
@@ -532,21 +548,6 @@ class CheckpointManager:
         finally:
             guard.uninstall()
             self._guard = previous
-
-
-class _VerifyingReader:
-    """Passes the manager's verify_on_restore choice to tensor reads."""
-
-    def __init__(self, inner: CheckpointReader, verify: bool) -> None:
-        self._inner = inner
-        self._verify = verify
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def tensors(self, fname: str, **kw: Any) -> dict[str, torch.Tensor]:
-        kw.setdefault("verify", self._verify)
-        return self._inner.tensors(fname, **kw)
 
 
 def _log_report(where: str, report: Any) -> None:

@@ -18,7 +18,8 @@ Schema (``format_version`` 1)::
                "state.json": {"kind": "blob", "size": ..., "xxh3_128": ...}},
      "metrics": {...}, "config_hash": "sha256:..." | null, "environment": {...},
      "probe": null | {...}, "verification": {"status": "unverified" | "verified" | "failed"},
-     "extra": {...}}
+     "extra": {...},
+     "manifest_xxh3_128": "<xxh3-128 of every byte of the file before this member>"}
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptguard.errors import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
-from ckptguard.tensorfile import MAX_HEADER, ST_TO_DTYPE, numel
+from ckptguard.tensorfile import MAX_HEADER, ST_TO_DTYPE, digest_bytes, numel
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "STATUS",
     "checkpoint_name",
+    "encode_manifest",
     "parse_manifest",
     "parse_step",
     "safe_relpath",
@@ -166,13 +168,7 @@ FILE_KIND_VALIDATORS: dict[str, Callable[[dict[str, Any], str, str], None]] = {
 }
 
 
-def validate_manifest(data: object, where: str) -> dict[str, Any]:
-    """Validate parsed manifest data; return it or raise a CheckpointError subclass."""
-    if not isinstance(data, dict):
-        raise _fail(where, "top level must be an object")
-    if data.get("format") != FORMAT:
-        raise _fail(where, f"'format' must be {FORMAT!r}, found {data.get('format')!r}")
-    version = data.get("format_version")
+def _check_version(version: object, where: str) -> None:
     if not isinstance(version, int) or isinstance(version, bool):
         raise _fail(where, f"format_version must be an integer, found {version!r}")
     if version > FORMAT_VERSION or version < 1:
@@ -181,6 +177,15 @@ def validate_manifest(data: object, where: str) -> dict[str, Any]:
             f"up to version {FORMAT_VERSION}. Upgrade ckptguard ('pip install -U ckptguard') to "
             "read it."
         )
+
+
+def validate_manifest(data: object, where: str) -> dict[str, Any]:
+    """Validate parsed manifest data; return it or raise a CheckpointError subclass."""
+    if not isinstance(data, dict):
+        raise _fail(where, "top level must be an object")
+    if data.get("format") != FORMAT:
+        raise _fail(where, f"'format' must be {FORMAT!r}, found {data.get('format')!r}")
+    _check_version(data.get("format_version"), where)
     _int(data.get("step"), where, "step")
     files = data.get("files")
     if not isinstance(files, dict) or not files:
@@ -202,11 +207,49 @@ def validate_manifest(data: object, where: str) -> dict[str, Any]:
     return data
 
 
+# The manifest checksums itself: its last member is the xxh3-128 of every byte before it, so a
+# flipped byte anywhere in MANIFEST.json (a digit of a metric, a space) is detected too.
+SELF_DIGEST_KEY = "manifest_xxh3_128"
+_TAIL = re.compile(rb',\n "' + SELF_DIGEST_KEY.encode() + rb'": "([0-9a-f]{32})"\n\}\n\Z')
+
+
+def encode_manifest(manifest: dict[str, Any]) -> bytes:
+    """The bytes of MANIFEST.json: indented JSON ending with its own checksum."""
+    body = {k: v for k, v in manifest.items() if k != SELF_DIGEST_KEY}
+    raw = json.dumps(body, indent=1, sort_keys=False).encode()
+    assert raw.endswith(b"\n}"), "a manifest is a non-empty JSON object"
+    prefix = raw[:-2]
+    return prefix + b',\n "' + SELF_DIGEST_KEY.encode() + b'": "' + digest_bytes(prefix).encode() + b'"\n}\n'
+
+
+def _check_self_digest(raw: bytes, where: str) -> None:
+    m = _TAIL.search(raw)
+    if m is None:
+        raise _fail(
+            where,
+            f"it does not end with its own checksum ({SELF_DIGEST_KEY!r}): the file was truncated, "
+            "extended or edited",
+        )
+    if digest_bytes(raw[: m.start()]) != m.group(1).decode():
+        raise CorruptCheckpointError(
+            f"{where} does not match its own checksum: bytes of the manifest changed after the "
+            "save (bit rot or an edit). Restore skips this checkpoint; 'ckptguard verify' gives "
+            "details.",
+            path=where,
+            file=MANIFEST,
+        )
+
+
 def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """Parse and validate MANIFEST.json bytes (untrusted input)."""
     if len(raw) > MAX_MANIFEST_BYTES:
         raise _fail(where, f"{len(raw)} bytes is larger than any manifest ckptguard writes")
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise _fail(where, f"not valid JSON ({e})") from e
+    # Version first: a newer format may checksum itself differently.
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        _check_version(data.get("format_version"), where)
+    _check_self_digest(raw, where)
     return validate_manifest(data, where)

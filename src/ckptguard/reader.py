@@ -14,7 +14,7 @@ import torch
 
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ckptguard.storage.base import Storage, join
-from ckptguard.tensorfile import digest_bytes, read_tensor_file
+from ckptguard.tensorfile import check_header, digest_bytes, read_tensor_file
 
 __all__ = ["CheckpointReader", "READERS", "VERIFIERS", "verify_files"]
 
@@ -113,6 +113,51 @@ class CheckpointReader:
         self.storage = storage
         self.name = name
         self.manifest = manifest
+        self.checked: set[str] = set()  # files whose every byte was verified by a read
+
+    def verify_unread(self) -> None:
+        """Verify every file of the manifest no read has checked yet (config.yaml, extras...)."""
+        for fname, entry in self.manifest["files"].items():
+            if fname in self.checked:
+                continue
+            verifier = VERIFIERS.get(entry["kind"])
+            if verifier is None:
+                continue
+            try:
+                verifier(self.storage, self.name, fname, entry)
+            except CorruptCheckpointError as e:
+                e.file = e.file or fname
+                raise
+            self.checked.add(fname)
+
+    def check_headers(self) -> None:
+        """Check every local tensor file's safetensors header before any data is used.
+
+        The header must match its checksum and describe exactly the manifest's tensors (dtype,
+        shape, offsets); a consistent but lying manifest is refused here, before any shape in it
+        is compared with a live model.
+        """
+        for fname, entry in self.manifest["files"].items():
+            if entry["kind"] != "tensors":
+                continue
+            rel = join(self.name, fname)
+            where = self.storage.describe(rel)
+            if self.storage.is_symlink(rel):
+                raise UnsafeCheckpointError(f"{where} is a symbolic link; refusing to follow it.", path=where, file=fname)
+            with self.storage.open_read(rel) as fh:
+                head = fh.read(int(entry["header_size"]))
+            if len(head) != entry["header_size"] or digest_bytes(head) != entry["header_xxh3_128"]:
+                raise CorruptCheckpointError(
+                    f"{where}: the safetensors header does not match its checksum in the manifest. "
+                    "The file is corrupt; restore falls back to an older checkpoint.",
+                    path=where,
+                    file=fname,
+                )
+            try:
+                check_header(head, entry, where)
+            except CorruptCheckpointError as e:
+                e.file = fname
+                raise
 
     @property
     def where(self) -> str:
@@ -127,7 +172,9 @@ class CheckpointReader:
             raise CorruptCheckpointError(
                 f"{self.where}: the manifest lists no file {fname!r}.", path=self.where, file=fname
             )
-        return read_blob(self.storage, self.name, fname, entry)
+        data = read_blob(self.storage, self.name, fname, entry)
+        self.checked.add(fname)
+        return data
 
     def json(self, fname: str) -> Any:
         raw = self.blob(fname)
@@ -160,4 +207,7 @@ class CheckpointReader:
             raise CorruptCheckpointError(
                 f"{self.where}: {fname} is not a tensor file.", path=self.where, file=fname
             )
-        return reader(self.storage, self.name, fname, entry, targets=targets, names=names, verify=verify)
+        out = reader(self.storage, self.name, fname, entry, targets=targets, names=names, verify=verify)
+        if verify and (names is None or set(entry.get("tensors", {})) <= set(names)):
+            self.checked.add(fname)
+        return out

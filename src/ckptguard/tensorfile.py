@@ -23,6 +23,7 @@ from ckptguard.storage.base import Writer
 
 __all__ = [
     "CHUNK",
+    "check_header",
     "DTYPE_TO_ST",
     "ST_TO_DTYPE",
     "digest_bytes",
@@ -173,6 +174,8 @@ def read_tensor_file(
             "file is corrupt; restore falls back to an older checkpoint.",
             path=where,
         )
+    if verify:
+        check_header(head, entry, where)
     wanted = set(entry["tensors"]) if names is None else set(names)
     out: dict[str, torch.Tensor] = {}
     scratch: torch.Tensor | None = None
@@ -226,6 +229,39 @@ def read_tensor_file(
                 path=where,
             )
     return out
+
+
+def check_header(head: bytes, entry: Mapping[str, Any], where: str) -> None:
+    """The file's own safetensors header must describe exactly what the manifest says.
+
+    Other safetensors readers trust the file's header, so a manifest whose dtypes, shapes or
+    offsets disagree with it is refused (a hostile or mismatched checkpoint).
+    """
+    def bad(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{where}: the safetensors header disagrees with the manifest ({what}). The "
+            "checkpoint is damaged or hostile; do not load it.",
+            path=where,
+        )
+
+    (length,) = struct.unpack("<Q", head[:8])
+    if length != len(head) - 8:
+        raise bad(f"header length field says {length} bytes, the manifest {len(head) - 8}")
+    try:
+        header = json.loads(head[8:].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"header is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    names = set(header) - {"__metadata__"}
+    if names != set(entry["tensors"]):
+        raise bad(f"tensor names differ: {sorted(names ^ set(entry['tensors']))[:5]}")
+    for name, info in entry["tensors"].items():
+        h = header[name]
+        if not isinstance(h, dict) or (h.get("dtype"), h.get("shape"), h.get("data_offsets")) != (
+            info["dtype"], list(info["shape"]), list(info["offsets"])
+        ):
+            raise bad(f"tensor {name!r}: file says {h!r}, manifest says {info['dtype']} {info['shape']} at {info['offsets']}")
 
 
 def numel(shape: Iterable[int]) -> int:

@@ -14,7 +14,6 @@ A failure at any point leaves either the previous state or debris; never a torn 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -25,7 +24,7 @@ import torch
 
 from ckptguard.catalog import find_debris
 from ckptguard.errors import CheckpointError
-from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name
+from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
 from ckptguard.storage.base import Storage, join
 from ckptguard.tensorfile import digest_bytes, write_tensor_file
 
@@ -118,17 +117,22 @@ def write_checkpoint(
             "files": files,
         }
         manifest["save_seconds"] = round(time.perf_counter() - t0 + float(fields.get("save_seconds", 0.0)), 6)
-        write_blob(storage, join(staging, MANIFEST), json.dumps(manifest, indent=1, sort_keys=False).encode())
+        write_blob(storage, join(staging, MANIFEST), encode_manifest(manifest))
         storage.sync_dir(staging)
         if storage.atomic_rename:
             trash = None
             if storage.exists(name):
                 trash = f".trash-{name}-{uuid.uuid4().hex[:8]}"
                 storage.rename_dir(name, trash)
-            storage.rename_dir(staging, name)
+            try:
+                storage.rename_dir(staging, name)
+            except BaseException:
+                if trash is not None:  # put the old checkpoint of this step back
+                    _rename_quietly(storage, trash, name)
+                raise
             storage.sync_dir("")
             if trash is not None:
-                _remove_quietly(storage, trash)
+                _remove_quietly(storage, trash, uncommit=True)
     except BaseException:
         if storage.atomic_rename and staging is not None:
             _remove_quietly(storage, staging)
@@ -136,11 +140,42 @@ def write_checkpoint(
     return manifest
 
 
-def _remove_quietly(storage: Storage, rel: str) -> None:
+def _rename_quietly(storage: Storage, src: str, dst: str) -> None:
     try:
+        storage.rename_dir(src, dst)
+    except (CheckpointError, OSError) as e:
+        log.warning("Could not move %s back to %s: %s", storage.describe(src), storage.describe(dst), e)
+
+
+def _remove_quietly(storage: Storage, rel: str, *, uncommit: bool = False) -> None:
+    try:
+        if uncommit:  # a trash dir that keeps its manifest is whole and gets put back
+            storage.remove_file(join(rel, MANIFEST))
         storage.remove_tree(rel)
     except (CheckpointError, OSError) as e:
         log.warning("Could not remove %s (%s); the next save or 'ckptguard prune' retries.", storage.describe(rel), e)
+
+
+def _put_back(storage: Storage, name: str) -> bool:
+    """A ``.trash-step-N-*`` that still has its manifest and no ``step-N`` beside it is whole: the
+    old checkpoint of a re-save killed between its two renames (or a delete killed before it
+    uncommitted). Rename it back instead of deleting it."""
+    if not (storage.atomic_rename and name.startswith(".trash-")):
+        return False
+    original = name[len(".trash-") :].rsplit("-", 1)[0]
+    if parse_step(original) is None or storage.exists(original) or not storage.exists(join(name, MANIFEST)):
+        return False
+    try:
+        storage.rename_dir(name, original)
+        storage.sync_dir("")
+    except (CheckpointError, OSError) as e:
+        log.warning("Could not move %s back to %s: %s", storage.describe(name), original, e)
+        return False
+    log.info(
+        "Put %s back as %s: a save replacing it or a delete was interrupted (retention decides "
+        "again whether to keep it).", name, original,
+    )
+    return True
 
 
 def delete_checkpoint(storage: Storage, name: str) -> None:
@@ -149,6 +184,7 @@ def delete_checkpoint(storage: Storage, name: str) -> None:
         trash = f".trash-{name}-{uuid.uuid4().hex[:8]}"
         storage.rename_dir(name, trash)
         storage.sync_dir("")
+        storage.remove_file(join(trash, MANIFEST))  # a trash dir with a manifest is whole
         storage.remove_tree(trash)
     else:
         storage.remove_file(join(name, MANIFEST))
@@ -159,6 +195,8 @@ def clean_debris(storage: Storage) -> list[str]:
     """Remove leftovers of interrupted saves and deletes. Call only while holding the run lock."""
     removed = []
     for name in find_debris(storage):
+        if _put_back(storage, name):
+            continue
         try:
             storage.remove_tree(name)
             removed.append(name)

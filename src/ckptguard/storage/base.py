@@ -132,4 +132,9 @@ def translate_os_error(err: OSError, where: str, doing: str) -> Exception:
             f"No such file or directory while {doing} {where}. Check the path; did the run "
             "directory move?"
         )
+    if code == errno.ENOTDIR:
+        return StorageError(
+            f"Not a directory while {doing} {where}: a part of that path is a file. Point the run "
+            "at a directory (or move the file away)."
+        )
     return StorageError(f"I/O error while {doing} {where}: {err}. Check the storage and retry.")
