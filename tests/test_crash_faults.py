@@ -8,6 +8,8 @@ cleans the debris. Retention deletes (keep_last=1) are part of every save swept 
 
 from __future__ import annotations
 
+import json
+
 import contextlib
 import errno
 import shutil
@@ -56,7 +58,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def _fresh(trained: dict[str, Any], dest: Path, async_save: bool, **fault: Any) -> tuple[FaultyStorage, cg.CheckpointManager]:
     shutil.copytree(trained["base"], dest)
     fs = FaultyStorage(LocalStorage(dest), **fault)
-    mgr = cg.CheckpointManager(fs, async_save=async_save, retention=cg.Retention(keep_last=1))
+    base_id = json.loads((dest / "step-000000001" / "MANIFEST.json").read_text())["run_id"]
+    # continue the base run's history (its lineage) without restoring: retention may prune step 1
+    mgr = cg.CheckpointManager(fs, async_save=async_save, retention=cg.Retention(keep_last=1), run_id=base_id)
     return fs, mgr
 
 
@@ -187,13 +191,14 @@ def test_fault_at_every_op_of_an_object_store_save(trained: dict[str, Any]) -> N
 
     def fresh(**fault: Any) -> tuple[FaultyStorage, cg.CheckpointManager]:
         fs = FaultyStorage(FsspecStorage(f"memory://crash-{uuid.uuid4().hex}/run"), **fault)
-        mgr = cg.CheckpointManager(fs, async_save=async_save, retention=cg.Retention(keep_last=1))
-        mgr.restore(make_setup(seed=7)["state"])  # nothing yet
+        armed = fs.fail_at
         fs.arm(None)
-        with cg.CheckpointManager(fs, lock=False) as first:  # step 1 holds the step-1 weights
+        with cg.CheckpointManager(fs) as first:  # step 1 holds the step-1 weights
             other = make_setup()
             _train(other, 1)
             first.save(1, other["state"], force=True)
+        mgr = cg.CheckpointManager(fs, async_save=async_save, retention=cg.Retention(keep_last=1), run_id=first.run_id)
+        fs.arm(armed)
         return fs, mgr
 
     fs, mgr = fresh()

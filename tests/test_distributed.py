@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import ckptguard as cg
+from ckptguard.manifest import encode_manifest
 from ckptguard.catalog import read_manifest
 from ckptguard.dcp_io import DCP_METADATA, safe_load_metadata
 from trainlib import Net, NoisyDataset
@@ -217,7 +218,8 @@ def test_dcp_reads_only_files_the_manifest_lists(fsdp: tuple[Path, Path], tmp_pa
     mpath = copy / f"step-{STOP:09d}" / "MANIFEST.json"
     m = json.loads(mpath.read_text())
     del m["files"]["dcp/__1_0.distcp"]  # the metadata still points at it
-    mpath.write_text(json.dumps(m))
+    m.pop("manifest_xxh3_128", None)
+    mpath.write_bytes(encode_manifest(m))  # a consistent, self-checksummed but lying manifest
     _, _, state = _plain()
     with cg.CheckpointManager(copy, lock=False) as mgr, pytest.raises(cg.CorruptCheckpointError, match="does not vouch for"):
         mgr.restore(state)

@@ -93,6 +93,9 @@ class CheckpointManager:
         incremental: store tensor data by content in ``RUN/objects/`` so that a tensor a retained
             checkpoint already holds is referenced, not written again (see ckptguard.incremental);
             unreferenced data is garbage-collected after each commit (ckptguard.gc).
+        run_id: the run's lineage (recorded in every manifest). By default a new one, replaced by
+            the restored checkpoint's on restore; retention only prunes this lineage's checkpoints.
+            Pass an existing id to continue a run's history without restoring from it.
     """
 
     def __init__(
@@ -112,12 +115,15 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         lock: bool = True,
         incremental: bool = False,
+        run_id: str | None = None,
     ) -> None:
+        if run_id is not None and (not isinstance(run_id, str) or not run_id.replace("-", "").replace("_", "").isalnum()):
+            raise ValueError(f"run_id must be a non-empty string of letters, digits, '-' and '_', got {run_id!r}")
         self.storage: Storage = open_storage(directory, storage_options)
         if every not in (None, "auto"):
             raise ValueError(f"every= accepts only 'auto' (or None), got {every!r}; use every_steps/every_seconds")
         self.schedule = SaveSchedule(every_steps, every_seconds, auto=every == "auto", mtbf_seconds=mtbf_seconds)
-        self.run_id = new_run_id()  # lineage; a restore adopts the restored checkpoint's
+        self.run_id = run_id or new_run_id()  # lineage; a restore adopts the restored checkpoint's
         self._own_lineages: set[str | None] = {self.run_id}
         self._run_record = RunRecord(self.storage, self.run_id)
         if self.schedule.auto:
