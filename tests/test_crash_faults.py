@@ -8,10 +8,9 @@ cleans the debris. Retention deletes (keep_last=1) are part of every save swept 
 
 from __future__ import annotations
 
-import json
-
 import contextlib
 import errno
+import json
 import shutil
 import time
 from pathlib import Path
