@@ -45,6 +45,7 @@ from ckptguard.staging import Stager
 from ckptguard.state import Snapshot, TrainState, capture, restore_state
 from ckptguard.storage import Storage, open_storage
 from ckptguard.writer import clean_debris, delete_checkpoint, write_checkpoint
+from ckptguard.parallel_io import default_tensor_writer, lower_thread_priority
 
 __all__ = ["CheckpointManager", "RUN_FILE"]
 
@@ -110,6 +111,8 @@ class CheckpointManager:
         self._pending: cf.Future[dict[str, Any]] | None = None
         self._async_error: BaseException | None = None
         self._stager = Stager()
+        self.tensor_writer = default_tensor_writer(self.storage)
+        self.last_waited_seconds: float | None = None
         self._guard: PreemptionGuard | None = None
         self._closed = False
         self._debris_cleaned = False
@@ -238,19 +241,25 @@ class CheckpointManager:
         if snap.config_yaml is not None:
             blobs["config.yaml"] = snap.config_yaml
         if self.async_save and not sync:
+            waited = 0.0
             if self._pending is not None and not self._pending.done():
                 w0 = time.perf_counter()
                 self._pending_result()
-                log.info("save(step=%d) waited %.3fs for the previous async save", step, time.perf_counter() - w0)
+                waited = time.perf_counter() - w0
+                log.info("save(step=%d) waited %.3fs for the previous async save", step, waited)
             else:
                 self._pending_result()
             files = self._stager.stage(snap.tensor_files)
             blocked = time.perf_counter() - t0
             fields["blocked_seconds"] = round(blocked, 6)
+            fields["waited_seconds"] = round(waited, 6)
             self.last_blocked_seconds = blocked
+            self.last_waited_seconds = waited
             self.schedule.saved()
             if self._executor is None:
-                self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptguard-save")
+                self._executor = cf.ThreadPoolExecutor(
+                    1, thread_name_prefix="ckptguard-save", initializer=lower_thread_priority
+                )
             self._pending = self._executor.submit(self._write_and_commit, step, files, blobs, fields, t0)
         else:
             self.wait()
@@ -272,7 +281,7 @@ class CheckpointManager:
         if self._lock is not None:
             self._lock.refresh()
         fields = dict(fields)
-        manifest = write_checkpoint(self.storage, step, files, blobs, fields)
+        manifest = write_checkpoint(self.storage, step, files, blobs, fields, tensor_writer=self.tensor_writer)
         self.last_saved_step = step
         self.last_save_seconds = time.perf_counter() - t0
         log.info("Saved %s in %.3fs", self.storage.describe(checkpoint_name(step)), self.last_save_seconds)
