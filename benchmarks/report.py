@@ -9,6 +9,7 @@ MB = 1e6
 SAVE_LABELS = {
     "ckptguard_sync": "ckptguard sync save",
     "ckptguard_async": "ckptguard async save",
+    "ckptguard_buffered": "ckptguard sync save, buffered (no O_DIRECT)",
     "torch_save": "torch.save + fsync",
     "safetensors": "safetensors save_file + fsync",
     "dcp_1thread": "DCP save, 1 thread",
@@ -70,6 +71,8 @@ def _save_rows(res: dict[str, Any]) -> list[list[str]]:
     save = res["save"]
     raw = {r: save["raw_write"][r]["durable"] for r in ("first", "resave")}
     for m, label in SAVE_LABELS.items():
+        if m not in save:
+            continue
         f, r = save[m]["first"], save[m]["resave"]
         blocked = f"{f['blocked']:.3f} / {r['blocked']:.3f}" if m.endswith("async") else ""
         rows.append([

@@ -33,6 +33,7 @@ from report import render_markdown, render_tables, targets  # noqa: E402
 SAVE_METHODS = [
     "ckptguard_sync",
     "ckptguard_async",
+    "ckptguard_buffered",
     "torch_save",
     "safetensors",
     "dcp_1thread",
@@ -69,21 +70,26 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def bench_saves(spec: StateSpec, reps: int, tmp: Path, log: Any) -> dict[str, Any]:
+    log("saves: timing (all methods in one process, interleaved)")
+    d = tmp / "save-timing"
+    d.mkdir()
+    timing = run_job({"op": "save_timing", "methods": SAVE_METHODS, "spec": spec.__dict__, "reps": reps, "dir": str(d)})
+    shutil.rmtree(d, ignore_errors=True)
     out: dict[str, Any] = {}
     for method in SAVE_METHODS:
-        log(f"save: {method}")
+        log(f"saves: peak memory of {method}")
         d = tmp / f"save-{method}"
         d.mkdir()
-        res = run_job({"op": "save", "method": method, "spec": spec.__dict__, "reps": reps, "dir": str(d)})
+        mem = run_job({"op": "save_memory", "method": method, "spec": spec.__dict__, "dir": str(d)})
         shutil.rmtree(d, ignore_errors=True)
         out[method] = {
             regime: {
                 "blocked": median(rows, "blocked"),
                 "durable": median(rows, "durable"),
-                "extra_rss": max(r["extra_rss"] for r in rows),
+                "extra_rss": mem["extra_rss"],
                 "all": [round(r["durable"], 3) for r in rows],
             }
-            for regime, rows in res.items()
+            for regime, rows in timing[method].items()
         }
     return out
 

@@ -81,6 +81,10 @@ class Saver:
         if method.startswith("ckptguard"):
             self.mgr = cg.CheckpointManager(root / "run", async_save=method == "ckptguard_async")
             self.mgr._environment = collect_environment()  # one-off git call, not a save cost
+            if method == "ckptguard_buffered":
+                from ckptguard.parallel_io import ParallelTensorWriter
+
+                self.mgr.tensor_writer = ParallelTensorWriter(direct=False)
         if method == "raw_write":
             self.raw = raw_buffer(sum(t.numel() * t.element_size() for t in flat_tensors(model, opt).values()))
         if method == "copy_reused":
@@ -157,6 +161,57 @@ def job_save(job: dict[str, Any]) -> dict[str, Any]:
     if saver.mgr is not None:
         saver.mgr.close()
     return out
+
+
+def job_save_timing(job: dict[str, Any]) -> dict[str, Any]:
+    """All methods in one process, repetitions interleaved (rep-major) so that machine noise and
+    page-cache state hit every method alike. ``first``: a repetition's outputs stay until every
+    method has written (new page cache each time); ``resave``: each method deletes its previous
+    output before writing (its pages are reused)."""
+    spec = StateSpec(**job["spec"])
+    model, opt = build_state(spec)
+    root = Path(job["dir"])
+    methods = job["methods"]
+    savers = {}
+    for m in methods:
+        (root / m).mkdir(parents=True, exist_ok=True)
+        savers[m] = Saver(m, model, opt, root / m)
+    out: dict[str, Any] = {m: {"first": [], "resave": []} for m in methods}
+    reps = job["reps"]
+    for rep in range(reps):  # first-write regime; rotate the order: no method always goes first
+        order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+        for m in order:
+            blocked, durable = savers[m].save(rep)
+            out[m]["first"].append({"blocked": blocked, "durable": durable})
+        for m in order:
+            savers[m].remove(rep)
+    for rep in range(reps + 1):  # re-save regime (the first round only warms up)
+        for m in methods:
+            if rep:
+                savers[m].remove(rep - 1)
+            blocked, durable = savers[m].save(rep)
+            if rep:
+                out[m]["resave"].append({"blocked": blocked, "durable": durable})
+    for m in methods:
+        savers[m].remove(reps)
+        if savers[m].mgr is not None:
+            savers[m].mgr.close()
+    return out
+
+
+def job_save_memory(job: dict[str, Any]) -> dict[str, Any]:
+    """Peak extra RSS of one save (after a warm-up save, as in a training run), in a fresh process."""
+    spec = StateSpec(**job["spec"])
+    model, opt = build_state(spec)
+    saver = Saver(job["method"], model, opt, Path(job["dir"]))
+    saver.save(0)
+    saver.remove(0)
+    with PeakRSS() as mem:
+        saver.save(1)
+    saver.remove(1)
+    if saver.mgr is not None:
+        saver.mgr.close()
+    return {"extra_rss": mem.extra}
 
 
 # ---- restores ---------------------------------------------------------------------------------------
@@ -305,7 +360,7 @@ def job_steptime(job: dict[str, Any]) -> dict[str, Any]:
     return {"step_seconds": sorted(times[1:])[len(times[1:]) // 2]}
 
 
-JOBS = {"save": job_save, "prepare": job_prepare, "restore": job_restore, "train": job_train, "steptime": job_steptime}
+JOBS = {"save": job_save, "save_timing": job_save_timing, "save_memory": job_save_memory, "prepare": job_prepare, "restore": job_restore, "train": job_train, "steptime": job_steptime}
 
 if __name__ == "__main__":
     import logging

@@ -92,12 +92,17 @@ class ParallelTensorWriter:
 
 
 def default_tensor_writer(storage: Storage) -> Callable[[Storage, str, Mapping[str, torch.Tensor]], dict[str, Any]]:
-    """Parallel positional writes on local storage; the plain sequential writer elsewhere."""
+    """Parallel O_DIRECT writes on local storage; the plain sequential writer elsewhere.
+
+    O_DIRECT because growing the page cache costs more than the disk on the VMs measured
+    (PERF-NOTES.md, BENCHMARKS.md); where a filesystem refuses it the writer falls back to
+    buffered parallel writes.
+    """
     from ckptguard.storage.local import LocalStorage
     from ckptguard.writer import write_local_tensor_file
 
     if isinstance(storage, LocalStorage):
-        return ParallelTensorWriter()
+        return ParallelTensorWriter(direct=True)
     return write_local_tensor_file
 
 
