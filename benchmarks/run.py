@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             results["restore"] = bench_restores(spec, reps, tmp, log)
         if "train" not in skip:
             train_spec = StateSpec(layers=4, width=256) if args.quick else StateSpec(layers=12, width=1024)
-            seconds, interval = (2.0, 0.7) if args.quick else (40.0, 10.0)
+            seconds, interval = (2.0, 0.7) if args.quick else (30.0, 10.0)
             results["train"] = bench_training(train_spec, seconds, interval, 1 if args.quick else 2, tmp, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,7 @@ import ckptguard as cg
 from ckptguard.errors import AsyncSaveError, CheckpointError
 from ckptguard.parallel_io import ParallelTensorWriter
 from ckptguard.storage import open_storage
+from ckptguard.storage.base import Writer
 from ckptguard.writer import write_local_tensor_file
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -155,7 +156,7 @@ class _FailingStorage:
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
 
-    def create(self, path: str):  # noqa: ANN201 - Writer
+    def create(self, path: str) -> Writer:
         if path.endswith(".safetensors"):
             if self._ok <= 0:
                 raise OSError(28, "No space left on device (injected)")
@@ -203,7 +204,7 @@ def test_async_save_is_committed_at_interpreter_exit(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, "-c", EXIT_SCRIPT, str(run), str(tmp_path / "ref.pt")],
-        env=env, capture_output=True, text=True, timeout=120,
+        check=False, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     report = cg.verify(str(run / "step-000000007"))

@@ -32,7 +32,14 @@ import torch
 import xxhash
 
 from ckptguard.storage.base import Storage, Writer
-from ckptguard.tensorfile import digest_bytes, merkle_root, plan_tensor_file, tensor_view, write_tensor_file
+from ckptguard.tensorfile import (
+    digest_bytes,
+    plan_tensor_file,
+    tensor_file_entry,
+    tensor_view,
+    write_tensor_file,
+)
+from ckptguard.writer import write_file, write_local_tensor_file
 
 __all__ = [
     "BACKGROUND_NICE",
@@ -78,17 +85,12 @@ class ParallelTensorWriter:
             raise ValueError(f"piece_bytes must be a positive multiple of {ALIGN}, got {self.piece_bytes}")
 
     def __call__(self, storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        w = storage.create(rel)
-        try:
+        def body(w: Writer) -> dict[str, Any]:
             if hasattr(w, "pwritev"):
-                entry = write_tensor_file_parallel(w, tensors, options=self)
-            else:
-                entry = write_tensor_file(w, tensors)
-            w.close()
-        except BaseException:
-            w.abort()
-            raise
-        return entry
+                return write_tensor_file_parallel(w, tensors, options=self)
+            return write_tensor_file(w, tensors)
+
+        return write_file(storage, rel, body)
 
 
 def default_tensor_writer(storage: Storage) -> Callable[[Storage, str, Mapping[str, torch.Tensor]], dict[str, Any]]:
@@ -99,7 +101,6 @@ def default_tensor_writer(storage: Storage) -> Callable[[Storage, str, Mapping[s
     buffered parallel writes.
     """
     from ckptguard.storage.local import LocalStorage
-    from ckptguard.writer import write_local_tensor_file
 
     if isinstance(storage, LocalStorage):
         return ParallelTensorWriter(direct=True)
@@ -118,7 +119,7 @@ def lower_thread_priority(nice: int = BACKGROUND_NICE) -> None:
         log.debug("Could not lower the writer thread's priority: %s", e)
 
 
-def _segments(head: bytes, views: Sequence[memoryview]) -> list[_Segment]:
+def _segments(head: bytes | bytearray, views: Sequence[memoryview]) -> list[_Segment]:
     segs = [_Segment(0, memoryview(head))]
     offset = len(head)
     for v in views:
@@ -222,15 +223,7 @@ def write_tensor_file_parallel(
         _run(job, len(batches), options.threads)
     for i, n in enumerate(names):
         table[n]["xxh3_128"] = digests[i]
-    header_digest = digest_bytes(head)
-    return {
-        "kind": "tensors",
-        "size": size,
-        "header_size": len(head),
-        "header_xxh3_128": header_digest,
-        "xxh3_128": merkle_root(header_digest, (e["xxh3_128"] for e in table.values())),
-        "tensors": table,
-    }
+    return tensor_file_entry(head, table)
 
 
 def _run(job: Callable[[int], None], n: int, threads: int) -> None:
