@@ -110,20 +110,16 @@ def bench_restores(spec: StateSpec, reps: int, tmp: Path, log: Any) -> dict[str,
     return out
 
 
-def bench_training(spec: StateSpec, seconds: float, interval: float, reps: int, tmp: Path, log: Any) -> dict[str, Any]:
+def bench_training(spec: StateSpec, seconds: float, interval: float, cycles: int, tmp: Path, log: Any) -> dict[str, Any]:
     batch = 64
-    step = run_job({"op": "steptime", "spec": spec.__dict__, "batch": batch})["step_seconds"]
-    every = max(1, round(interval / step))
-    rows: dict[str, list[dict[str, Any]]] = {"none": [], "sync": [], "async": []}
-    for _ in range(reps):
-        for mode in rows:  # interleaved, so that machine noise hits every mode alike
-            log(f"training: {mode}")
-            rows[mode].append(run_job({"op": "train", "mode": mode, "spec": spec.__dict__, "batch": batch,
-                                       "every": every, "seconds": seconds, "dir": str(tmp)}))
+    log("training throughput: none / async / sync, interleaved in one process")
+    res = run_job({"op": "train", "spec": spec.__dict__, "batch": batch, "interval": interval,
+                   "seconds": seconds, "cycles": cycles, "dir": str(tmp)})
     return {
-        "spec": spec.__dict__, "batch": batch, "step_seconds": step, "every": every, "seconds": seconds,
+        "spec": spec.__dict__, "batch": batch, "step_seconds": res["step_seconds"], "every": res["every"],
+        "seconds": seconds,
         "modes": {m: {"rate": median(r, "rate"), "saves": median(r, "saves"), "blocked": median(r, "blocked"),
-                      "all": [round(x["rate"], 3) for x in r]} for m, r in rows.items()},
+                      "all": [round(x["rate"], 3) for x in r]} for m, r in res["modes"].items()},
     }
 
 
@@ -146,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default=None, help="markdown file to update (default BENCHMARKS.md in full mode)")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: save,restore,train")
+    ap.add_argument("--merge", default=None, help="JSON of an earlier run whose skipped parts are reused")
     args = ap.parse_args(argv)
     spec = QUICK if args.quick else FULL
     global IN_PROCESS
@@ -174,9 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         if "train" not in skip:
             train_spec = StateSpec(layers=4, width=256) if args.quick else StateSpec(layers=12, width=1024)
             seconds, interval = (2.0, 0.7) if args.quick else (30.0, 10.0)
-            results["train"] = bench_training(train_spec, seconds, interval, 1 if args.quick else 2, tmp, log)
+            results["train"] = bench_training(train_spec, seconds, interval, 1 if args.quick else 3, tmp, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        for part in ("save", "restore", "train"):
+            if part in skip and part in earlier:
+                results[part] = earlier[part]
+                results.setdefault("merged", []).append(f"{part} from {earlier['machine']['date']}")
     results["targets"] = targets(results)
     render_tables(results)
     if args.json:

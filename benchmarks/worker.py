@@ -309,58 +309,56 @@ def job_restore(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_train(job: dict[str, Any]) -> dict[str, Any]:
-    """Train for ``seconds``; save every ``every`` steps (mode none/sync/async); steps per second."""
+    """One process, modes interleaved (none, async, sync) for ``cycles`` cycles of ``seconds``
+    each, so that load from other jobs on the machine hits every mode alike; steps per second."""
     spec = StateSpec(**job["spec"])
     model, opt = build_state(spec)
     torch.manual_seed(0)
+    torch.set_flush_denormal(True)  # else shrinking activations turn denormal and steps slow 5x
     x = torch.randn(job["batch"], spec.width)
-    mode = job["mode"]
-    mgr = None
-    if mode != "none":
-        mgr = cg.CheckpointManager(Path(job["dir"]) / f"train-{mode}", async_save=mode == "async", every_steps=job["every"], retention=cg.Retention(keep_last=1))
-        mgr._environment = collect_environment()
+    y = torch.randn(job["batch"], spec.width)
     state = cg.TrainState(model=model, optimizer=opt)
 
     def step() -> None:
-        loss = model(x).square().mean()
+        loss = (model(x) - y).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for _ in range(3):  # warm-up
-        step()
-    steps, saves, blocked = 0, 0, 0.0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < job["seconds"]:
-        step()
-        steps += 1
-        if mgr is not None:
-            b0 = time.perf_counter()
-            if mgr.save(steps, state):
-                saves += 1
-                blocked += time.perf_counter() - b0
-    elapsed = time.perf_counter() - t0
-    if mgr is not None:
-        mgr.close()
-        shutil.rmtree(Path(job["dir"]) / f"train-{mode}", ignore_errors=True)
-    return {"steps": steps, "seconds": elapsed, "rate": steps / elapsed, "saves": saves, "blocked": blocked}
-
-
-def job_steptime(job: dict[str, Any]) -> dict[str, Any]:
-    spec = StateSpec(**job["spec"])
-    model, opt = build_state(spec)
-    x = torch.randn(job["batch"], spec.width)
     times = []
-    for _ in range(6):
+    for _ in range(8):  # warm-up, and the step time that sets the save interval
         t0 = time.perf_counter()
-        model(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
         times.append(time.perf_counter() - t0)
-    return {"step_seconds": sorted(times[1:])[len(times[1:]) // 2]}
+    step_s = sorted(times[2:])[len(times[2:]) // 2]
+    every = max(1, round(job["interval"] / step_s))
+    out: dict[str, Any] = {"step_seconds": step_s, "every": every, "modes": {"none": [], "async": [], "sync": []}}
+    for cycle in range(job["cycles"]):
+        for mode in out["modes"]:
+            run = Path(job["dir"]) / f"train-{mode}-{cycle}"
+            mgr = None
+            if mode != "none":
+                mgr = cg.CheckpointManager(run, async_save=mode == "async", every_steps=every, retention=cg.Retention(keep_last=1))
+                mgr._environment = collect_environment()
+            steps, saves, blocked = 0, 0, 0.0
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < job["seconds"]:
+                step()
+                steps += 1
+                if mgr is not None:
+                    b0 = time.perf_counter()
+                    if mgr.save(steps, state):
+                        saves += 1
+                        blocked += time.perf_counter() - b0
+            elapsed = time.perf_counter() - t0
+            if mgr is not None:
+                mgr.close()
+            shutil.rmtree(run, ignore_errors=True)
+            out["modes"][mode].append({"rate": steps / elapsed, "saves": saves, "blocked": blocked})
+    return out
 
 
-JOBS = {"save": job_save, "save_timing": job_save_timing, "save_memory": job_save_memory, "prepare": job_prepare, "restore": job_restore, "train": job_train, "steptime": job_steptime}
+JOBS = {"save": job_save, "save_timing": job_save_timing, "save_memory": job_save_memory, "prepare": job_prepare, "restore": job_restore, "train": job_train}
 
 if __name__ == "__main__":
     import logging
