@@ -37,6 +37,7 @@ from ckptguard.errors import (
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
+from ckptguard.parallel_io import default_tensor_writer, lower_thread_priority
 from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.reader import CheckpointReader
 from ckptguard.retention import Retention, plan_retention
@@ -45,7 +46,6 @@ from ckptguard.staging import Stager
 from ckptguard.state import Snapshot, TrainState, capture, restore_state
 from ckptguard.storage import Storage, open_storage
 from ckptguard.writer import clean_debris, delete_checkpoint, write_checkpoint
-from ckptguard.parallel_io import default_tensor_writer, lower_thread_priority
 
 __all__ = ["CheckpointManager", "RUN_FILE"]
 

@@ -329,9 +329,8 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
                 unwrap_model(ts.model).load_state_dict(leftovers, strict=False)
 
     if ts.optimizers and "optimizers" in state:
-        from ckptguard.mismatch import load_optimizers
-
         from ckptguard.inplace import optimizer_targets
+        from ckptguard.mismatch import load_optimizers
 
         targets = optimizer_targets(ts) if report.clean else None  # read into existing state
         opt_tensors = reader.tensors(OPTIM_FILE, targets=targets) if reader.has(OPTIM_FILE) else {}
