@@ -326,11 +326,11 @@ def job_train(job: dict[str, Any]) -> dict[str, Any]:
         opt.step()
 
     times = []
-    for _ in range(8):  # warm-up, and the step time that sets the save interval
+    for _ in range(20):  # warm-up, and the step time that sets the save interval
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    step_s = sorted(times[2:])[len(times[2:]) // 2]
+    step_s = sorted(times[10:])[len(times[10:]) // 2]  # the first steps are slower (allocation)
     every = max(1, round(job["interval"] / step_s))
     out: dict[str, Any] = {"step_seconds": step_s, "every": every, "modes": {"none": [], "async": [], "sync": []}}
     for cycle in range(job["cycles"]):
