@@ -29,9 +29,12 @@ test-full: venv
 
 bench: venv
 	$(BIN)/python benchmarks/run.py --quick
+	$(BIN)/python benchmarks/incremental.py --quick
 
 bench-full: venv
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/incremental.py
+	$(BIN)/python benchmarks/checksums.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -41,6 +41,7 @@ from ckptguard.incremental import IncrementalRun
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog
+from ckptguard.parallel_io import default_tensor_writer, lower_thread_priority
 from ckptguard.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.reader import CheckpointReader
@@ -154,6 +155,8 @@ class CheckpointManager:
         self._pending: cf.Future[dict[str, Any]] | None = None
         self._async_error: BaseException | None = None
         self._stager = Stager()
+        self.tensor_writer = default_tensor_writer(self.storage)
+        self.last_waited_seconds: float | None = None
         self._guard: PreemptionGuard | None = None
         self._closed = False
         self._debris_cleaned = False
@@ -302,19 +305,25 @@ class CheckpointManager:
         if snap.config_yaml is not None:
             blobs["config.yaml"] = snap.config_yaml
         if self.async_save and not sync:
+            waited = 0.0
             if self._pending is not None and not self._pending.done():
                 w0 = time.perf_counter()
                 self._pending_result()
-                log.info("save(step=%d) waited %.3fs for the previous async save", step, time.perf_counter() - w0)
+                waited = time.perf_counter() - w0
+                log.info("save(step=%d) waited %.3fs for the previous async save", step, waited)
             else:
                 self._pending_result()
             files = self._stager.stage(snap.tensor_files)
             blocked = time.perf_counter() - t0
             fields["blocked_seconds"] = round(blocked, 6)
+            fields["waited_seconds"] = round(waited, 6)
             self.last_blocked_seconds = blocked
+            self.last_waited_seconds = waited
             self.schedule.saved(cost=blocked)
             if self._executor is None:
-                self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptguard-save")
+                self._executor = cf.ThreadPoolExecutor(
+                    1, thread_name_prefix="ckptguard-save", initializer=lower_thread_priority
+                )
             self._pending = self._executor.submit(self._write_and_commit, step, files, blobs, fields, t0)
         else:
             self.wait()
@@ -336,9 +345,9 @@ class CheckpointManager:
         if self._lock is not None:
             self._lock.refresh()
         fields = dict(fields)
-        writer_kw = {"tensor_writer": self._incremental.writer()} if self._incremental else {}
+        tensor_writer = self._incremental.writer() if self._incremental else self.tensor_writer
         try:
-            manifest = write_checkpoint(self.storage, step, files, blobs, fields, **writer_kw)
+            manifest = write_checkpoint(self.storage, step, files, blobs, fields, tensor_writer=tensor_writer)
         except BaseException:
             self._debris_cleaned = False  # the failed save may have left debris: next save cleans
             raise

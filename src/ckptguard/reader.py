@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
-from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from ckptguard.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
+from ckptguard.parallel_io import read_ahead
 from ckptguard.storage.base import Storage, join
 from ckptguard.tensorfile import check_header, digest_bytes, read_tensor_file
 
@@ -45,6 +50,7 @@ def _read_local_tensors(
             file=fname,
         )
     with storage.open_read(rel) as fh:
+        read_ahead(fh)
         try:
             return read_tensor_file(
                 fh, entry, where, targets=targets, names=names, verify=verify, keep=keep

@@ -334,9 +334,11 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
                 unwrap_model(ts.model).load_state_dict(leftovers, strict=False)
 
     if ts.optimizers and "optimizers" in state:
+        from ckptguard.inplace import optimizer_targets
         from ckptguard.mismatch import load_optimizers
 
-        opt_tensors = reader.tensors(OPTIM_FILE) if reader.has(OPTIM_FILE) else {}
+        targets = optimizer_targets(ts) if report.clean else None  # read into existing state
+        opt_tensors = reader.tensors(OPTIM_FILE, targets=targets) if reader.has(OPTIM_FILE) else {}
         load_optimizers(ts, state["optimizers"], opt_tensors, report, where, strict=strict)
 
     for name, sched in ts.schedulers.items():

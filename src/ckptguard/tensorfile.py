@@ -30,6 +30,7 @@ __all__ = [
     "merkle_root",
     "plan_tensor_file",
     "read_tensor_file",
+    "tensor_file_entry",
     "tensor_view",
     "write_tensor_file",
 ]
@@ -119,12 +120,17 @@ def write_tensor_file(
     The caller closes the writer (which makes the file durable).
     """
     head, table = plan_tensor_file(tensors, metadata)
-    header_digest = digest_bytes(head)
     writer.write(head)
     for name, t in tensors.items():
         view = tensor_view(t)
         table[name]["xxh3_128"] = digest_bytes(view)
         writer.write(view)
+    return tensor_file_entry(head, table)
+
+
+def tensor_file_entry(head: bytes, table: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest entry of a written tensor file; ``table`` holds every tensor's digest."""
+    header_digest = digest_bytes(head)
     size = len(head) + sum(e["offsets"][1] - e["offsets"][0] for e in table.values())
     return {
         "kind": "tensors",

@@ -18,44 +18,44 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ckptguard.catalog import find_debris
 from ckptguard.errors import CheckpointError
 from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
-from ckptguard.storage.base import Storage, join
+from ckptguard.storage.base import Storage, Writer, join
 from ckptguard.tensorfile import digest_bytes, write_tensor_file
 
-__all__ = ["FileWriters", "begin_checkpoint", "clean_debris", "delete_checkpoint", "write_checkpoint"]
+__all__ = ["FileWriters", "begin_checkpoint", "clean_debris", "delete_checkpoint", "write_checkpoint", "write_file"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A writer of one tensor file: (storage, relpath, tensors) -> manifest entry. Incremental saves
 # and parallel writers plug in here.
 TensorFileWriter = Callable[[Storage, str, Mapping[str, torch.Tensor]], dict[str, Any]]
 
 
-def write_local_tensor_file(storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+def write_file(storage: Storage, rel: str, body: Callable[[Writer], T]) -> T:
+    """Create ``rel``, let ``body`` write it, close (durable); on any failure abort and re-raise."""
     w = storage.create(rel)
     try:
-        entry = write_tensor_file(w, tensors)
+        out = body(w)
         w.close()
     except BaseException:
         w.abort()
         raise
-    return entry
+    return out
+
+
+def write_local_tensor_file(storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return write_file(storage, rel, lambda w: write_tensor_file(w, tensors))
 
 
 def write_blob(storage: Storage, rel: str, data: bytes) -> dict[str, Any]:
-    w = storage.create(rel)
-    try:
-        w.write(data)
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
+    write_file(storage, rel, lambda w: w.write(data))
     return {"kind": "blob", "size": len(data), "xxh3_128": digest_bytes(data)}
 
 
