@@ -1,6 +1,7 @@
 """One benchmark measurement in a fresh process: ``python worker.py '<json job>'`` prints JSON.
 
-Jobs: ``save`` (a method, both write regimes, N repetitions), ``prepare`` (write a checkpoint for a
+Jobs: ``save_timing`` (every method, both write regimes, interleaved), ``save_memory`` (one
+method's peak extra RSS), ``prepare`` (write a checkpoint for a
 restore method), ``restore`` (one cold restore with peak extra RSS), ``train`` (training throughput
 with no / sync / async saves).
 """
@@ -139,28 +140,6 @@ class Saver:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-
-
-def job_save(job: dict[str, Any]) -> dict[str, Any]:
-    spec = StateSpec(**job["spec"])
-    model, opt = build_state(spec)
-    root = Path(job["dir"])
-    saver = Saver(job["method"], model, opt, root)
-    out: dict[str, Any] = {}
-    for regime in ("first", "resave"):
-        rows = []
-        for rep in range(job["reps"]):
-            if regime == "resave" and rep > 0:
-                saver.remove(rep - 1)  # free the previous output's pages: they are reused
-            with PeakRSS() as mem:
-                blocked, durable = saver.save(rep)
-            rows.append({"blocked": blocked, "durable": durable, "extra_rss": mem.extra})
-        out[regime] = rows
-        for rep in range(job["reps"]):
-            saver.remove(rep)
-    if saver.mgr is not None:
-        saver.mgr.close()
-    return out
 
 
 def job_save_timing(job: dict[str, Any]) -> dict[str, Any]:
@@ -358,7 +337,7 @@ def job_train(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-JOBS = {"save": job_save, "save_timing": job_save_timing, "save_memory": job_save_memory, "prepare": job_prepare, "restore": job_restore, "train": job_train}
+JOBS = {"save_timing": job_save_timing, "save_memory": job_save_memory, "prepare": job_prepare, "restore": job_restore, "train": job_train}
 
 if __name__ == "__main__":
     import logging
