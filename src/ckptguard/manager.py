@@ -155,7 +155,7 @@ class CheckpointManager:
         self._pending: cf.Future[dict[str, Any]] | None = None
         self._async_error: BaseException | None = None
         self._stager = Stager()
-        self.tensor_writer = default_tensor_writer(self.storage)
+        self.tensor_writer = default_tensor_writer(self.storage, background=self.async_save)
         self.last_waited_seconds: float | None = None
         self._guard: PreemptionGuard | None = None
         self._closed = False

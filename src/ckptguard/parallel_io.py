@@ -28,10 +28,12 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 
-from ckptguard.storage.base import Storage, Writer
+from ckptguard.errors import CheckpointError
+from ckptguard.storage.base import Storage, Writer, translate_os_error
 from ckptguard.tensorfile import (
     digest_bytes,
     plan_tensor_file,
@@ -97,8 +99,14 @@ class ParallelTensorWriter:
         return write_file(storage, rel, body)
 
 
-def default_tensor_writer(storage: Storage) -> Callable[[Storage, str, Mapping[str, torch.Tensor]], dict[str, Any]]:
+def default_tensor_writer(
+    storage: Storage, *, background: bool = False
+) -> Callable[[Storage, str, Mapping[str, torch.Tensor]], dict[str, Any]]:
     """Parallel O_DIRECT writes on local storage; the plain sequential writer elsewhere.
+
+    ``background=True`` (async saves) writes with one thread: training runs beside it, and on a
+    2-core machine a second writer thread took a core from training (a compute loop beside a
+    writer busy all the time slowed 44% with 2 threads, 32% with 1).
 
     O_DIRECT because growing the page cache costs more than the disk on the VMs measured
     (PERF-NOTES.md, BENCHMARKS.md); where a filesystem refuses it the writer falls back to
@@ -108,7 +116,7 @@ def default_tensor_writer(storage: Storage) -> Callable[[Storage, str, Mapping[s
     from ckptguard.writer import write_local_tensor_file
 
     if isinstance(storage, LocalStorage):
-        return ParallelTensorWriter(direct=True)
+        return ParallelTensorWriter(threads=1 if background else 2, direct=True)
     return write_local_tensor_file
 
 
@@ -208,6 +216,17 @@ def write_tensor_file_parallel(
 
     The caller closes the writer (which fsyncs the file).
     """
+    try:
+        return _write_parallel(writer, tensors, metadata, options)
+    except CheckpointError:
+        raise
+    except OSError as e:  # full disk, I/O error: the library's errors, with the path
+        raise translate_os_error(e, str(getattr(writer, "path", "?")), "writing") from e
+
+
+def _write_parallel(
+    writer: Writer, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, options: ParallelTensorWriter
+) -> dict[str, Any]:
     head, table = plan_tensor_file(tensors, metadata)
     names = list(tensors)
     views = [tensor_view(tensors[n]) for n in names]
@@ -316,17 +335,19 @@ def _run_direct(
             return
         if getattr(local, "buf", None) is None:
             local.buf = mmap.mmap(-1, piece)  # page-aligned anonymous memory, reused by the thread
-            local.t = torch.frombuffer(local.buf, dtype=torch.uint8)
-        bt: torch.Tensor = local.t
+            local.arr = np.frombuffer(local.buf, dtype=np.uint8)
+        bt: np.ndarray = local.arr
         base = k * piece
         end = 0
         for s in chunks[k]:
             a = s.offset - base
-            bt[a : a + len(s.view)].copy_(torch.frombuffer(s.view, dtype=torch.uint8))  # GIL-free
+            # numpy's copy is one memcpy without the GIL; torch's copy_ here would start an OpenMP
+            # team per writer thread that competes with training for the cores.
+            np.copyto(bt[a : a + len(s.view)], np.frombuffer(s.view, dtype=np.uint8))
             end = a + len(s.view)
         length = -(-end // ALIGN) * ALIGN
         if length > end:
-            bt[end:length].zero_()
+            bt[end:length] = 0
         view = memoryview(local.buf)[:length]
         try:
             off = base
