@@ -25,14 +25,12 @@ from typing import Any
 
 import torch
 
-from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, mark_status, scan
+from ckptguard.catalog import CheckpointInfo, scan
 from ckptguard.distributed import coordinator, preempt_code, restore_checkpoint, signum_of
 from ckptguard.environment import collect_environment
 from ckptguard.errors import (
     AsyncSaveError,
     CheckpointError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
     StoragePermissionError,
 )
 from ckptguard.gc import collect_garbage
@@ -40,19 +38,18 @@ from ckptguard.history import record_events
 from ckptguard.incremental import IncrementalRun
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
-from ckptguard.metrics_log import MetricsLog
+from ckptguard.metrics_log import MetricsLog, plain_metrics
 from ckptguard.parallel_io import default_tensor_writer, lower_thread_priority
 from ckptguard.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
-from ckptguard.reader import CheckpointReader
-from ckptguard.retention import Decision, Retention
+from ckptguard.retention import Decision, Retention, apply_decisions
 from ckptguard.runrecord import RUN_FILE, RunRecord, read_run_record
-from ckptguard.safeload import load_verified, raise_if_newer_format
+from ckptguard.restoring import restore_first_valid, select_candidates
 from ckptguard.schedule import SaveSchedule, observed_mtbf
 from ckptguard.staging import Stager
 from ckptguard.state import Snapshot, TrainState, capture
 from ckptguard.storage import Storage, open_storage
-from ckptguard.writer import clean_debris, delete_checkpoint, write_checkpoint
+from ckptguard.writer import clean_debris, write_checkpoint
 
 __all__ = ["CheckpointManager", "RUN_FILE"]
 
@@ -265,7 +262,7 @@ class CheckpointManager:
             self._environment = collect_environment()
         fields: dict[str, Any] = {
             "reason": reason,
-            "metrics": _plain_metrics(metrics),
+            "metrics": plain_metrics(metrics),
             "config_hash": snap.config_hash,
             "environment": self._environment,
             "probe": None,
@@ -406,17 +403,9 @@ class CheckpointManager:
     def _apply_retention(self) -> list[int]:
         if self.retention.keeps_everything:
             return []
-        decisions = self.plan_retention()
-        deleted = []
-        for d in decisions:
-            if not d.keep:
-                try:
-                    delete_checkpoint(self.storage, d.name)
-                    deleted.append(d.step)
-                    log.info("Retention deleted %s (%s)", d.name, "; ".join(d.reasons))
-                except CheckpointError as e:
-                    self._debris_cleaned = False  # a half-done delete is debris: next save cleans
-                    log.warning("Retention could not delete %s: %s", d.name, e)
+        deleted, failed = apply_decisions(self.storage, self.plan_retention())
+        if failed:
+            self._debris_cleaned = False  # a half-done delete is debris: the next save cleans it
         record_events(self.storage, "pruned", deleted, reason="retention")
         return deleted
 
@@ -482,66 +471,23 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        ckpts = self.checkpoints()
-        if step is not None:
-            chosen = [c for c in ckpts if c.step == step]
-            if not chosen:
-                have = ", ".join(str(c.step) for c in ckpts[-10:]) or "none"
-                raise CheckpointNotFoundError(
-                    f"No checkpoint for step {step} in {self.storage.url} (steps available: {have}). "
-                    "Run 'ckptguard ls' to list them."
-                )
-            candidates = chosen
-        else:
-            candidates = [c for c in reversed(ckpts) if c.status not in BAD_STATUSES]
-        failures: list[str] = []
-        for c in candidates:
-            if c.manifest is None:
-                raise_if_newer_format(self.storage, c.name)
-            if c.problems or c.manifest is None:
-                msg = f"{c.path}: " + "; ".join(c.problems)
-                failures.append(msg)
-                log.warning("Skipping checkpoint %s: %s", c.path, "; ".join(c.problems))
-                if c.status != "invalid" or c.manifest is not None:
-                    mark_status(self.storage, c.name, "corrupt", "; ".join(c.problems))
-                continue
-            reader = CheckpointReader(self.storage, c.name, c.manifest)
-            try:
-                report = load_verified(
-                    state, reader, verify=self.verify_on_restore, strict=strict,
-                    restore=lambda st, rd, strict: restore_checkpoint(self._coord, st, rd, strict=strict),
-                )
-            except CorruptCheckpointError as e:
-                failures.append(str(e))
-                log.warning(
-                    "Checkpoint %s is corrupt (%s): %s. Falling back to the previous one.",
-                    c.path, e.file or "?", e,
-                )
-                mark_status(self.storage, c.name, "corrupt", str(e))
-                continue
-            self.last_restore_report = report
-            _log_report(c.path, report)
-            if failures:
-                log.warning("Restored step %d from %s after skipping %d corrupt checkpoint(s).", c.step, c.path, len(failures))
-            else:
-                log.info("Restored step %d from %s", c.step, c.path)
-            self.resumed_from = c.step
-            self.last_saved_step = c.step
-            rid = c.manifest.get("run_id")
-            self.run_id = rid if isinstance(rid, str) else self.run_id
-            self._own_lineages = {self.run_id} if isinstance(rid, str) else {self.run_id, None}
-            self._run_record.session.update(run_id=self.run_id, resumed_from=c.step)
-            self.schedule.saved()
-            return c.step
-        if failures:
-            raise CorruptCheckpointError(
-                f"No valid checkpoint in {self.storage.url}: {len(failures)} failed verification:\n  "
-                + "\n  ".join(failures[:10])
-                + "\nRun 'ckptguard verify' on the run for details. The live objects may hold "
-                "partially restored values: re-create them before training from scratch.",
-                path=self.storage.url,
-            )
-        return None
+        candidates = select_candidates(self.checkpoints(), step, self.storage.url)
+        found = restore_first_valid(
+            self.storage, candidates, state, verify=self.verify_on_restore, strict=strict,
+            restore=lambda st, rd, strict: restore_checkpoint(self._coord, st, rd, strict=strict),
+        )
+        if found is None:
+            return None
+        c, report = found
+        self.last_restore_report = report
+        self.resumed_from = c.step
+        self.last_saved_step = c.step
+        rid = (c.manifest or {}).get("run_id")
+        self.run_id = rid if isinstance(rid, str) else self.run_id
+        self._own_lineages = {self.run_id} if isinstance(rid, str) else {self.run_id, None}
+        self._run_record.session.update(run_id=self.run_id, resumed_from=c.step)
+        self.schedule.saved()
+        return c.step
 
     # ---- preemption ---------------------------------------------------------------------------
 
@@ -563,27 +509,3 @@ class CheckpointManager:
         finally:
             guard.uninstall()
             self._guard = previous
-
-
-def _log_report(where: str, report: Any) -> None:
-    if not report.clean or report.notes:
-        log.warning("Restored %s with differences:\n%s", where, report.table())
-
-
-def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (metrics or {}).items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
-        if isinstance(v, bool):
-            out[str(k)] = v
-        elif isinstance(v, (int, float)):
-            out[str(k)] = v if v == v and abs(v) != float("inf") else str(v)
-        elif isinstance(v, str):
-            out[str(k)] = v
-        else:
-            try:
-                out[str(k)] = float(v)
-            except (TypeError, ValueError):
-                continue
-    return out

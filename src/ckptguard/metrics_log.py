@@ -14,10 +14,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from ckptguard.errors import CheckpointError
 from ckptguard.storage.base import Storage
 
-__all__ = ["METRICS_FILE", "MetricsLog", "read_metrics"]
+__all__ = ["METRICS_FILE", "MetricsLog", "plain_metrics", "read_metrics"]
 
 METRICS_FILE = "metrics.csv"
 BASE = ["step", "wall_time"]
@@ -113,3 +115,23 @@ class MetricsLog:
         for r in rows:
             w.writerow([_fmt(r[c]) if c in r else "" for c in self._columns])
         return buf.getvalue().encode()
+
+
+def plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Metrics as JSON-able values (tensors and numpy scalars to numbers, non-finite to text)."""
+    out: dict[str, Any] = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool):
+            out[str(k)] = v
+        elif isinstance(v, (int, float)):
+            out[str(k)] = v if v == v and abs(v) != float("inf") else str(v)
+        elif isinstance(v, str):
+            out[str(k)] = v
+        else:
+            try:
+                out[str(k)] = float(v)
+            except (TypeError, ValueError):
+                continue
+    return out

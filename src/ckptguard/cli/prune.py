@@ -19,10 +19,10 @@ from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.gc import collect
 from ckptguard.lock import RunLock
 from ckptguard.pins import lineage_protection, pinned_steps
-from ckptguard.retention import Decision, Retention, budget_overrun, plan_retention
+from ckptguard.retention import Decision, Retention, apply_decisions, budget_overrun, plan_retention
 from ckptguard.runrecord import read_run_record
 from ckptguard.storage import Storage, open_storage
-from ckptguard.writer import clean_debris, delete_checkpoint
+from ckptguard.writer import clean_debris
 
 # flag dest -> Retention field
 _FLAGS = {
@@ -94,12 +94,7 @@ def run(args: argparse.Namespace) -> int:
         debris = find_debris(storage)
         failed: dict[int, str] = {}
         if not args.dry_run:
-            for d in decisions:
-                if not d.keep:
-                    try:
-                        delete_checkpoint(storage, d.name)
-                    except CheckpointError as e:
-                        failed[d.step] = str(e)
+            failed = apply_decisions(storage, decisions)[1]
             debris = clean_debris(storage)
             gc_report = collect(storage)  # free shared data (incremental runs) nothing references
             if gc_report.deleted:
