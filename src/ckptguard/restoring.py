@@ -64,7 +64,7 @@ def restore_first_valid(
         except CorruptCheckpointError as e:
             failures.append(str(e))
             log.warning(
-                "Checkpoint %s is corrupt (%s): %s. Falling back to the previous one.", c.path, e.file or "?", e
+                "Checkpoint %s is corrupt (%s); falling back to the previous one. %s", c.path, e.file or "?", e
             )
             mark_status(storage, c.name, "corrupt", str(e))
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -17,7 +18,9 @@ _err: Console | None = None
 def console() -> Console:
     global _console
     if _console is None:
-        _console = Console(soft_wrap=False)
+        # Piped output (scripts, CI logs) gets a wide table instead of rich's 80-column default.
+        width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
+        _console = Console(soft_wrap=False, width=width)
     return _console
 
 
