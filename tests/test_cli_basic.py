@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
 import ckptguard as cg

@@ -17,7 +17,7 @@ import pytest
 from conftest import FULL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from trainlib import make_setup, same_weights, train_step
+from trainlib import make_setup, same_weights, two_step_run
 
 import ckptguard as cg
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
@@ -40,14 +40,7 @@ class _Capture(logging.Handler):
 @pytest.fixture(scope="module")
 def fuzz_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run = tmp_path_factory.mktemp("fuzz") / "run"
-    s = make_setup(hidden=4)
-    it = iter(s["loader"])
-    with cg.CheckpointManager(run) as mgr:
-        for step in (1, 2):
-            train_step(s, *next(it))
-            if step == 1:
-                w1 = {k: v.clone() for k, v in s["model"].state_dict().items()}
-            mgr.save(step, s["state"], force=True)
+    w1 = two_step_run(run)
     files = sorted(p.name for p in (run / STEP2).iterdir())
     assert {"MANIFEST.json", "model.safetensors", "optimizer.safetensors", "state.json", "config.yaml"} <= set(files)
     originals = {f: (run / STEP2 / f).read_bytes() for f in files}

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from trainlib import make_setup, same_weights, train_step
+from trainlib import make_setup, same_weights, two_step_run
 
 import ckptguard as cg
 from ckptguard.catalog import read_manifest
@@ -39,14 +39,7 @@ PY = sys.executable
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run = tmp_path_factory.mktemp("hostile") / "run"
-    s = make_setup(hidden=4)
-    it = iter(s["loader"])
-    with cg.CheckpointManager(run) as mgr:
-        for step in (1, 2):
-            train_step(s, *next(it))
-            if step == 1:
-                w1 = {k: v.clone() for k, v in s["model"].state_dict().items()}
-            mgr.save(step, s["state"], force=True, metrics={"loss": 1.0})
+    w1 = two_step_run(run, metrics={"loss": 1.0})
     return {"run": run, "w1": w1}
 
 

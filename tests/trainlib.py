@@ -129,3 +129,16 @@ def run_training(
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def two_step_run(run: Any, **save_kw: Any) -> dict[str, torch.Tensor]:
+    """A tiny run with checkpoints at steps 1 and 2; returns the step-1 weights."""
+    s = make_setup(hidden=4)
+    it = iter(s["loader"])
+    with cg.CheckpointManager(run) as mgr:
+        for step in (1, 2):
+            train_step(s, *next(it))
+            if step == 1:
+                w1 = {k: v.clone() for k, v in s["model"].state_dict().items()}
+            mgr.save(step, s["state"], force=True, **save_kw)
+    return w1
