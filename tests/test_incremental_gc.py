@@ -70,8 +70,7 @@ def crash_during_save(run: Path, step: int, storage: CrashingStorage, async_save
         storage.dead = True
     finally:
         mgr._closed = True  # the process is gone: no close(), no cleanup
-        if mgr._executor is not None:
-            mgr._executor.shutdown(wait=True)
+        mgr._background.shutdown()
     return weights(model)
 
 

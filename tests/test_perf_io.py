@@ -173,8 +173,8 @@ def test_async_error_surfaces_on_next_call(tmp_path: Path, surface: str) -> None
     mgr.save(1, state, force=True)  # returns at once; the background write fails
     with pytest.raises(AsyncSaveError, match="No space left"):
         if surface == "save":
-            if mgr._pending is not None:
-                mgr._pending.exception()  # let it finish so the next save sees the error
+            if mgr._background.pending is not None:
+                mgr._background.pending.exception()  # let it finish so the next save sees the error
             mgr.save(2, state, force=True)
         elif surface == "wait":
             mgr.wait()

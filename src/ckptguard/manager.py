@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import atexit
-import concurrent.futures as cf
 import contextlib
 import json
 import logging
@@ -25,11 +24,11 @@ from typing import Any
 
 import torch
 
+from ckptguard.background import BackgroundSaves
 from ckptguard.catalog import CheckpointInfo, scan
 from ckptguard.distributed import coordinator, preempt_code, restore_checkpoint, signum_of
 from ckptguard.environment import collect_environment
 from ckptguard.errors import (
-    AsyncSaveError,
     CheckpointError,
     StoragePermissionError,
 )
@@ -39,7 +38,7 @@ from ckptguard.incremental import IncrementalRun
 from ckptguard.lock import RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog, plain_metrics
-from ckptguard.parallel_io import default_tensor_writer, lower_thread_priority
+from ckptguard.parallel_io import default_tensor_writer
 from ckptguard.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.retention import Decision, Retention, apply_decisions
@@ -148,9 +147,7 @@ class CheckpointManager:
         self._lock = RunLock(self.storage) if lock and self._coord.is_primary else None
         self._locked = False
         self._environment: dict[str, Any] | None = None
-        self._executor: cf.ThreadPoolExecutor | None = None
-        self._pending: cf.Future[dict[str, Any]] | None = None
-        self._async_error: BaseException | None = None
+        self._background = BackgroundSaves(self.storage.url)
         self._stager = Stager()
         self.tensor_writer = default_tensor_writer(self.storage, background=self.async_save)
         self.last_waited_seconds: float | None = None
@@ -228,7 +225,7 @@ class CheckpointManager:
         call saves synchronously, waits until it is durable and exits the process.
         """
         self._check_open()
-        self._raise_async_error()
+        self._background.raise_if_failed()
         if metrics and self._coord.is_primary:
             self.metrics_log.record(step, metrics)
         preempted = self._guard is not None and self._guard.poll()
@@ -303,13 +300,13 @@ class CheckpointManager:
             blobs["config.yaml"] = snap.config_yaml
         if self.async_save and not sync:
             waited = 0.0
-            if self._pending is not None and not self._pending.done():
+            if self._background.busy:
                 w0 = time.perf_counter()
-                self._pending_result()
+                self._background.result()
                 waited = time.perf_counter() - w0
                 log.info("save(step=%d) waited %.3fs for the previous async save", step, waited)
             else:
-                self._pending_result()
+                self._background.result()
             files = self._stager.stage(snap.tensor_files)
             blocked = time.perf_counter() - t0
             fields["blocked_seconds"] = round(blocked, 6)
@@ -317,11 +314,7 @@ class CheckpointManager:
             self.last_blocked_seconds = blocked
             self.last_waited_seconds = waited
             self.schedule.saved(cost=blocked)
-            if self._executor is None:
-                self._executor = cf.ThreadPoolExecutor(
-                    1, thread_name_prefix="ckptguard-save", initializer=lower_thread_priority
-                )
-            self._pending = self._executor.submit(self._write_and_commit, step, files, blobs, fields, t0)
+            self._background.submit(self._write_and_commit, step, files, blobs, fields, t0)
         else:
             self.wait()
             self._write_and_commit(step, snap.tensor_files, blobs, fields, t0)
@@ -411,30 +404,9 @@ class CheckpointManager:
 
     # ---- async plumbing -----------------------------------------------------------------------
 
-    def _pending_result(self) -> None:
-        fut, self._pending = self._pending, None
-        if fut is None:
-            return
-        try:
-            fut.result()
-        except BaseException as e:  # noqa: BLE001 - re-raised as AsyncSaveError
-            self._async_error = e
-        self._raise_async_error()
-
-    def _raise_async_error(self) -> None:
-        if self._pending is not None and self._pending.done():
-            self._pending_result()
-            return
-        err, self._async_error = self._async_error, None
-        if err is not None:
-            raise AsyncSaveError(
-                f"A background save to {self.storage.url} failed: {err}. The checkpoints already "
-                "committed are intact; fix the cause and save again."
-            ) from err
-
     def wait(self) -> None:
         """Block until the pending async save is durable; raise its error if it failed."""
-        self._pending_result()
+        self._background.result()
 
     def close(self) -> None:
         """Wait for pending saves, flush metrics, release the lock. Safe to call twice."""
@@ -444,8 +416,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
+            self._background.shutdown()
             with contextlib.suppress(CheckpointError):
                 self.metrics_log.flush()
             if self._guard is not None:
