@@ -46,8 +46,14 @@ import xxhash
 from ckptguard.catalog import BAD_STATUSES, CheckpointInfo
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
 from ckptguard.manifest import _fail, _hex, _int, validate_tensor_table
+from ckptguard.parallel_io import ParallelTensorWriter, write_views
 from ckptguard.storage.base import Storage, join
-from ckptguard.tensorfile import ST_TO_DTYPE, digest_bytes, plan_tensor_file, tensor_view
+from ckptguard.tensorfile import (
+    ST_TO_DTYPE,
+    digest_bytes,
+    plan_tensor_file,
+    tensor_view,
+)
 
 __all__ = [
     "CHUNK_BYTES",
@@ -287,36 +293,43 @@ class IncrementalSave:
         pos = 0
         packs: dict[str, int] = {}
         root = xxhash.xxh3_128()
+        new_parts: list[memoryview] = []
+        for tname, t in tensors.items():  # hash first: what is already stored is only referenced
+            view = tensor_view(t)
+            chunks = []
+            for start in range(0, len(view), self.chunk_bytes):
+                part = view[start : start + self.chunk_bytes]
+                digest = digest_bytes(part)
+                root.update(bytes.fromhex(digest))
+                hit = self.index.find(digest, len(part))
+                if hit is None:
+                    new_parts.append(part)
+                    hit = (pack, pos)
+                    self.index.add(digest, len(part), pack, pos)
+                    pos += len(part)
+                    self.written_bytes += len(part)
+                else:
+                    self.reused_bytes += len(part)
+                chunks.append({"digest": digest, "size": len(part), "pack": hit[0], "offset": hit[1]})
+                if hit[0] != pack:
+                    packs[hit[0]] = self.index.pack_size[hit[0]]
+            if len(chunks) == 1:
+                table[tname]["xxh3_128"] = chunks[0]["digest"]
+            table[tname]["chunks"] = chunks
         try:
-            for tname, t in tensors.items():
-                view = tensor_view(t)
-                chunks = []
-                for start in range(0, len(view), self.chunk_bytes):
-                    part = view[start : start + self.chunk_bytes]
-                    digest = digest_bytes(part)
-                    root.update(bytes.fromhex(digest))
-                    hit = self.index.find(digest, len(part))
-                    if hit is None:
-                        if writer is None:
-                            storage.makedirs(OBJECTS)
-                            writer = storage.create(pack_path(pack))
+            if new_parts:
+                storage.makedirs(OBJECTS)
+                writer = storage.create(pack_path(pack))
+                if hasattr(writer, "pwritev"):  # local files: the parallel O_DIRECT path
+                    write_views(writer, new_parts, ParallelTensorWriter(direct=True))
+                else:
+                    for part in new_parts:
                         writer.write(part)
-                        hit = (pack, pos)
-                        self.index.add(digest, len(part), pack, pos)
-                        pos += len(part)
-                        self.written_bytes += len(part)
-                    else:
-                        self.reused_bytes += len(part)
-                    chunks.append({"digest": digest, "size": len(part), "pack": hit[0], "offset": hit[1]})
-                    if hit[0] != pack:
-                        packs[hit[0]] = self.index.pack_size[hit[0]]
-                if len(chunks) == 1:
-                    table[tname]["xxh3_128"] = chunks[0]["digest"]
-                table[tname]["chunks"] = chunks
-            if writer is not None:
                 writer.close()
                 storage.sync_dir(OBJECTS)
         except BaseException:
+            for digest in [c["digest"] for e in table.values() for c in e["chunks"] if c["pack"] == pack]:
+                self.index.chunks.pop(digest, None)  # never reference what did not become durable
             if writer is not None:
                 writer.abort()
             raise

@@ -267,6 +267,36 @@ def _write_parallel(
     return tensor_file_entry(head, table)
 
 
+def write_views(writer: Writer, views: Sequence[memoryview], options: ParallelTensorWriter) -> None:
+    """Write the concatenation of ``views`` through ``writer`` (which needs ``pwritev``) with the
+    same parallel, O_DIRECT-when-possible path as tensor files. The caller closes the writer."""
+    try:
+        segs = _segments(b"", views)
+        size = sum(len(v) for v in views)
+        done = False
+        if options.direct:
+            fd = _open_direct(writer)
+            if fd is not None:
+                try:
+                    chunks = _split(segs, options.piece_bytes)
+                    done = _run_direct(fd, chunks, [[] for _ in chunks], options, lambda which: None)
+                finally:
+                    os.close(fd)
+                if done:
+                    writer.truncate(size)  # type: ignore[attr-defined]
+        if not done:
+            batches = _batches(segs, options.piece_bytes)
+
+            def job(b: int) -> None:
+                writer.pwritev([x.view for x in batches[b]], batches[b][0].offset)  # type: ignore[attr-defined]
+
+            _run(job, len(batches), options.threads)
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise translate_os_error(e, str(getattr(writer, "path", "?")), "writing") from e
+
+
 def _run(job: Callable[[int], None], n: int, threads: int) -> None:
     """Run ``job(0..n-1)`` on ``threads`` threads; re-raise the first error.
 
