@@ -239,7 +239,33 @@ def _write_parallel(
         for i in which:
             digests[i] = xxhash.xxh3_128(views[i]).hexdigest()  # releases the GIL
 
-    done = False
+    _write_segments(writer, segs, size, options, starts, hash_some)
+    for i, n in enumerate(names):
+        table[n]["xxh3_128"] = digests[i]
+    return tensor_file_entry(head, table)
+
+
+def write_views(writer: Writer, views: Sequence[memoryview], options: ParallelTensorWriter) -> None:
+    """Write the concatenation of ``views`` through ``writer`` (which needs ``pwritev``) with the
+    same parallel, O_DIRECT-when-possible path as tensor files. The caller closes the writer."""
+    try:
+        _write_segments(writer, _segments(b"", views), sum(len(v) for v in views), options, {}, lambda which: None)
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise translate_os_error(e, str(getattr(writer, "path", "?")), "writing") from e
+
+
+def _write_segments(
+    writer: Writer,
+    segs: Sequence[_Segment],
+    size: int,
+    options: ParallelTensorWriter,
+    starts: Mapping[int, int],
+    hash_some: Callable[[Sequence[int]], None],
+) -> None:
+    """Write ``segs`` (a file of ``size`` bytes): O_DIRECT when asked and allowed, else buffered
+    ``pwritev``; after each piece, ``hash_some`` hashes the views that piece completed."""
     if options.direct:
         fd = _open_direct(writer)
         if fd is not None:
@@ -250,51 +276,17 @@ def _write_parallel(
                 os.close(fd)
             if done:
                 writer.truncate(size)  # type: ignore[attr-defined]
-            else:
-                log.info("O_DIRECT refused for %s; writing buffered.", getattr(writer, "path", "?"))
-    if not done:
-        batches = _batches(segs, options.piece_bytes)
-        plan = _hash_plan(batches, starts)
+                return
+            log.info("O_DIRECT refused for %s; writing buffered.", getattr(writer, "path", "?"))
+    batches = _batches(segs, options.piece_bytes)
+    plan = _hash_plan(batches, starts)
 
-        def job(b: int) -> None:
-            batch = batches[b]
-            writer.pwritev([s.view for s in batch], batch[0].offset)  # type: ignore[attr-defined]
-            hash_some(plan[b])
+    def job(b: int) -> None:
+        batch = batches[b]
+        writer.pwritev([x.view for x in batch], batch[0].offset)  # type: ignore[attr-defined]
+        hash_some(plan[b])
 
-        _run(job, len(batches), options.threads)
-    for i, n in enumerate(names):
-        table[n]["xxh3_128"] = digests[i]
-    return tensor_file_entry(head, table)
-
-
-def write_views(writer: Writer, views: Sequence[memoryview], options: ParallelTensorWriter) -> None:
-    """Write the concatenation of ``views`` through ``writer`` (which needs ``pwritev``) with the
-    same parallel, O_DIRECT-when-possible path as tensor files. The caller closes the writer."""
-    try:
-        segs = _segments(b"", views)
-        size = sum(len(v) for v in views)
-        done = False
-        if options.direct:
-            fd = _open_direct(writer)
-            if fd is not None:
-                try:
-                    chunks = _split(segs, options.piece_bytes)
-                    done = _run_direct(fd, chunks, [[] for _ in chunks], options, lambda which: None)
-                finally:
-                    os.close(fd)
-                if done:
-                    writer.truncate(size)  # type: ignore[attr-defined]
-        if not done:
-            batches = _batches(segs, options.piece_bytes)
-
-            def job(b: int) -> None:
-                writer.pwritev([x.view for x in batches[b]], batches[b][0].offset)  # type: ignore[attr-defined]
-
-            _run(job, len(batches), options.threads)
-    except CheckpointError:
-        raise
-    except OSError as e:
-        raise translate_os_error(e, str(getattr(writer, "path", "?")), "writing") from e
+    _run(job, len(batches), options.threads)
 
 
 def _run(job: Callable[[int], None], n: int, threads: int) -> None:
