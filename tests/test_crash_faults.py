@@ -68,6 +68,20 @@ def _save(mgr: cg.CheckpointManager, step: int, state: cg.TrainState) -> None:
     mgr.wait()
 
 
+def _check_recovery(fs: FaultyStorage, mgr: cg.CheckpointManager, trained: dict[str, Any], k: int, committed: bool) -> None:
+    """After a fault: restore gives the last whole checkpoint exactly, and training goes on."""
+    other = make_setup(seed=7)
+    got = mgr.restore(other["state"])
+    assert got == (2 if committed else 1), (k, fs.failed, got)
+    assert same_weights(_weights(other), trained["w2"] if committed else trained["w1"])
+    # Training goes on: the next save works and cleans every leftover.
+    _save(mgr, 3, trained["setup"]["state"])
+    mgr.close()
+    assert find_debris(fs) == [], (k, fs.failed)
+    # keep_last=1, and retention never deletes the checkpoint the run resumed from
+    assert [c.step for c in scan(fs) if c.valid] == [got, 3]
+
+
 def _sweep(trained: dict[str, Any], tmp: Path, async_save: bool, *, sticky: bool, error: int) -> int:
     s = trained["setup"]
     fs, mgr = _fresh(trained, tmp / "count", async_save)
@@ -96,16 +110,7 @@ def _sweep(trained: dict[str, Any], tmp: Path, async_save: bool, *, sticky: bool
         assert all(c.valid for c in listed), [(c.name, c.problems) for c in listed]
         steps = [c.step for c in listed]
         assert (2 in steps) == committed, (k, fs.failed, steps)
-        other = make_setup(seed=7)
-        got = mgr.restore(other["state"])
-        assert got == (2 if committed else 1), (k, fs.failed, got)
-        assert same_weights(_weights(other), trained["w2"] if committed else trained["w1"])
-        # Training goes on: the next save works and cleans every leftover.
-        _save(mgr, 3, s["state"])
-        mgr.close()
-        assert find_debris(fs) == [], (k, fs.failed)
-        # keep_last=1, and retention never deletes the checkpoint the run resumed from
-        assert [c.step for c in scan(fs) if c.valid] == [got, 3]
+        _check_recovery(fs, mgr, trained, k, committed)
         assert cg.verify(fs.inner.url).ok  # type: ignore[attr-defined]
         shutil.rmtree(tmp / f"k{k}")
     FAULTS_INJECTED.append(n)
@@ -219,14 +224,7 @@ def test_fault_at_every_op_of_an_object_store_save(trained: dict[str, Any]) -> N
         steps = [c.step for c in scan(fs)]
         assert (2 in steps if committed else steps == [1]), (k, fs.failed, steps)
         assert all(c.valid for c in scan(fs))
-        other = make_setup(seed=7)
-        got = mgr.restore(other["state"])
-        assert got == (2 if committed else 1), (k, fs.failed, got)
-        assert same_weights(_weights(other), trained["w2"] if committed else trained["w1"])
-        _save(mgr, 3, s["state"])
-        mgr.close()
-        assert find_debris(fs) == [], (k, fs.failed)
-        assert [c.step for c in scan(fs) if c.valid] == [got, 3]
+        _check_recovery(fs, mgr, trained, k, committed)
     FAULTS_INJECTED.append(n)
     print(f"\nfault sweep (fsspec memory://): {n} faults injected")
 
