@@ -40,6 +40,7 @@ SAVE_METHODS = [
     "dcp_2threads",
     "dcp_async",
     "raw_write",
+    "raw_direct",
     "copy_reused",
 ]
 RESTORE_METHODS = ["ckptguard", "torch_load", "safetensors", "dcp", "raw_read"]
@@ -88,6 +89,7 @@ def bench_saves(spec: StateSpec, reps: int, tmp: Path, log: Any) -> dict[str, An
                 "durable": median(rows, "durable"),
                 "extra_rss": mem["extra_rss"],
                 "all": [round(r["durable"], 3) for r in rows],
+                "all_blocked": [round(r["blocked"], 3) for r in rows],
             }
             for regime, rows in timing[method].items()
         }
@@ -119,7 +121,10 @@ def bench_training(spec: StateSpec, seconds: float, interval: float, cycles: int
         "spec": spec.__dict__, "batch": batch, "step_seconds": res["step_seconds"], "every": res["every"],
         "seconds": seconds,
         "modes": {m: {"rate": median(r, "rate"), "saves": median(r, "saves"), "blocked": median(r, "blocked"),
-                      "all": [round(x["rate"], 3) for x in r]} for m, r in res["modes"].items()},
+                      "cost": median(r, "cost"), "slowed": median(r, "slowed"),
+                      "overlapped_steps": median(r, "overlapped_steps"),
+                      "all": [round(x["rate"], 3) for x in r],
+                      "all_cost": [round(x["cost"], 4) for x in r]} for m, r in res["modes"].items()},
     }
 
 

@@ -6,20 +6,32 @@ correct: same bytes, same tensors, errors surfaced, nothing lost at interpreter 
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import ckptguard as cg
 from ckptguard.errors import AsyncSaveError, CheckpointError
-from ckptguard.parallel_io import ParallelTensorWriter
+from ckptguard.parallel_io import (
+    IOV_MAX,
+    ParallelTensorWriter,
+    Segment,
+    _pieces,
+    _segments,
+    write_segments,
+)
 from ckptguard.storage import open_storage
 from ckptguard.storage.base import Writer
 from ckptguard.writer import write_local_tensor_file
@@ -59,6 +71,75 @@ def test_parallel_writer_matches_sequential_bytes(tmp_path: Path, writer: Parall
     assert loaded.keys() == tensors.keys()
     for k, t in tensors.items():
         assert torch.equal(loaded[k], t), k
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 20), max_size=12),
+    piece=st.integers(1, 8),
+    aligned=st.booleans(),
+)
+def test_pieces_cover_the_stream_exactly(sizes: list[int], piece: int, aligned: bool) -> None:
+    data = bytes(range(256)) * 2
+    views = [memoryview(data[:n]) for n in sizes]
+    pieces = list(_pieces(_segments(b"", views), piece, aligned=aligned))
+    flat = [seg for p in pieces for seg in p]
+    assert b"".join(bytes(seg.view) for seg in flat) == b"".join(bytes(v) for v in views)
+    offset = 0
+    for seg in flat:  # contiguous, in file order, nothing empty
+        assert seg.offset == offset and len(seg.view)
+        offset += len(seg.view)
+    for k, p in enumerate(pieces):
+        n = sum(len(seg.view) for seg in p)
+        if aligned:  # job k is exactly [k * piece, (k + 1) * piece), the last one may be short
+            assert p[0].offset == k * piece
+            assert n == piece or k == len(pieces) - 1
+        assert n <= piece and len(p) <= IOV_MAX
+
+
+def test_lazy_segments_are_written_while_later_ones_are_produced(tmp_path: Path) -> None:
+    """Incremental saves hash chunk k+1 while chunk k is written: the writer must not wait
+    for the whole stream."""
+    produced: list[int] = []
+    produced_when_written: list[int] = []
+    blocks = [bytes([i]) * 4096 for i in range(6)]
+
+    def lazy() -> Iterator[Segment]:
+        for i, b in enumerate(blocks):
+            produced.append(i)
+            yield Segment(i * 4096, memoryview(b))
+
+    storage = open_storage(tmp_path)
+    w = storage.create("pack")
+    size = write_segments(w, lazy(), ParallelTensorWriter(threads=1, piece_bytes=4096, direct=True),
+                          after=lambda piece: produced_when_written.append(len(produced)))
+    w.close()
+    assert size == 6 * 4096
+    assert (tmp_path / "pack").read_bytes() == b"".join(blocks)
+    assert produced_when_written == [1, 2, 3, 4, 5, 6]  # piece k written before k+1 was produced
+
+
+def test_refused_o_direct_mid_stream_falls_back_to_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that accepts O_DIRECT opens but refuses the writes (EINVAL) still gets the
+    whole file, including the segments produced before the refusal."""
+    real_pwrite = os.pwrite
+    calls = {"n": 0}
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    blocks = [bytes([i + 1]) * 5000 for i in range(7)]
+    storage = open_storage(tmp_path)
+    w = storage.create("f")
+    segs = _segments(b"head", (memoryview(b) for b in blocks))
+    assert write_segments(w, segs, ParallelTensorWriter(threads=2, piece_bytes=8192, direct=True)) == 4 + 7 * 5000
+    w.close()
+    assert calls["n"] >= 3
+    assert (tmp_path / "f").read_bytes() == b"head" + b"".join(blocks)
 
 
 def test_parallel_writer_options_are_validated() -> None:
@@ -130,6 +211,33 @@ def test_staging_buffers_are_reused_across_async_saves(run_dir: Path) -> None:
     restored, restored_opt = _model_and_opt(3)
     with cg.CheckpointManager(run_dir) as mgr:
         mgr.restore(cg.TrainState(model=restored, optimizer=restored_opt), step=2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
+
+
+def test_first_async_save_uses_buffers_prepared_by_an_earlier_call(run_dir: Path) -> None:
+    """A save() that is not due allocates the host buffers in the background; the first real
+    save copies into exactly those buffers (no allocation on the training thread)."""
+    model, opt = _model_and_opt(0)
+    model(torch.randn(5, 16)).sum().backward()
+    opt.step()  # Adam's moments exist: the optimizer's tensors are prepared too
+    state = cg.TrainState(model=model, optimizer=opt)
+    with cg.CheckpointManager(run_dir, async_save=True, every_steps=3) as mgr:
+        assert not mgr._stager.prepared
+        assert mgr.save(1, state) is False
+        assert mgr._stager.prepared
+        mgr._stager._join()
+        prepared = {k: b.data_ptr() for k, b in mgr._stager._buffers.items()}
+        n_opt = sum(1 for f, _ in prepared if f.startswith("optim"))
+        assert n_opt >= 2 * len(list(model.parameters()))  # at least exp_avg and exp_avg_sq of each
+        assert all(not b.any() for b in mgr._stager._buffers.values())  # touched (zero-filled)
+        assert mgr.save(2, state) is False  # prepared once only
+        assert mgr.save(3, state) is True
+        staged = {k: b.data_ptr() for k, b in mgr._stager._buffers.items()}
+        mgr.wait()
+    assert prepared == staged
+    restored, restored_opt = _model_and_opt(3)
+    with cg.CheckpointManager(run_dir) as mgr:
+        assert mgr.restore(cg.TrainState(model=restored, optimizer=restored_opt)) == 3
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
 
 

@@ -14,16 +14,19 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import threading
 import time
 from typing import Any
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
 from ckptguard.manifest import MANIFEST, STATUS, checkpoint_name, parse_manifest, parse_step
 from ckptguard.storage.base import Storage, join
+from ckptguard.tensorfile import digest_bytes
 
 __all__ = [
     "BAD_STATUSES",
     "CheckpointInfo",
+    "ManifestCache",
     "find_debris",
     "info_for",
     "mark_status",
@@ -57,7 +60,57 @@ class CheckpointInfo:
         return self.status == "verified"
 
 
-def read_manifest(storage: Storage, name: str) -> dict[str, Any]:
+class ManifestCache:
+    """The manifests of one run, parsed and validated once per distinct content.
+
+    Every read still reads the bytes (so a replaced manifest is never served stale); only when
+    they hash to what was parsed before is the parse skipped: 5 ms for a 300-tensor manifest,
+    13-17 ms for an incremental one with chunk lists, at every save, for every retained
+    checkpoint (retention, GC and deduplication each list the run). Cached manifests are shared:
+    treat them as read-only.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._parsed: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._lock = threading.Lock()  # an async save's thread and the caller's both list the run
+
+    def parse(self, name: str, raw: bytes, where: str) -> dict[str, Any]:
+        key = digest_bytes(raw)
+        with self._lock:
+            hit = self._parsed.get(name)
+        if hit is None or hit[0] != key:
+            hit = (key, parse_manifest(raw, where))
+            with self._lock:
+                self._parsed[name] = hit
+        return hit[1]
+
+    def committed(self, *, strict: bool) -> list[tuple[str, dict[str, Any]]]:
+        """(name, manifest) of every ``step-*`` directory with a manifest, by name. ``strict``:
+        raise the CheckpointError of an unreadable manifest instead of skipping it."""
+        out = []
+        present = set()
+        for name in sorted(self.storage.listdir("")):
+            if parse_step(name) is None or not self.storage.exists(join(name, MANIFEST)):
+                continue
+            present.add(name)
+            try:
+                out.append((name, read_manifest(self.storage, name, cache=self)))
+            except CheckpointError:
+                if strict:
+                    raise
+        self.forget_except(present)
+        return out
+
+    def forget_except(self, present: set[str]) -> None:
+        with self._lock:
+            for gone in set(self._parsed) - present:
+                del self._parsed[gone]
+
+
+def read_manifest(storage: Storage, name: str, *, cache: ManifestCache | None = None) -> dict[str, Any]:
+    """Read, parse and validate ``name/MANIFEST.json`` (``cache``: skip the parse of bytes seen
+    before)."""
     where = storage.describe(join(name, MANIFEST))
     if storage.is_symlink(name) or storage.is_symlink(join(name, MANIFEST)):
         raise UnsafeCheckpointError(
@@ -70,7 +123,8 @@ def read_manifest(storage: Storage, name: str) -> dict[str, Any]:
             f"{where} does not exist: {storage.describe(name)} is not a committed checkpoint "
             "(an interrupted save leaves such debris; 'ckptguard prune' removes it)."
         )
-    manifest = parse_manifest(storage.read_bytes(join(name, MANIFEST)), where)
+    raw = storage.read_bytes(join(name, MANIFEST))
+    manifest = cache.parse(name, raw, where) if cache is not None else parse_manifest(raw, where)
     step = parse_step(name)
     if step is not None and manifest["step"] != step:
         from ckptguard.manifest import _fail
@@ -120,12 +174,14 @@ def _size_problems(storage: Storage, name: str, manifest: dict[str, Any]) -> lis
     return problems
 
 
-def info_for(storage: Storage, name: str, *, check_files: bool = True) -> CheckpointInfo:
+def info_for(
+    storage: Storage, name: str, *, check_files: bool = True, cache: ManifestCache | None = None
+) -> CheckpointInfo:
     """Describe one checkpoint directory without hashing its data."""
     step = parse_step(name)
     path = storage.describe(name)
     try:
-        manifest = read_manifest(storage, name)
+        manifest = read_manifest(storage, name, cache=cache)
     except CheckpointError as e:
         return CheckpointInfo(
             step=step if step is not None else -1, name=name, path=path, valid=False, metrics={},
@@ -155,13 +211,16 @@ def info_for(storage: Storage, name: str, *, check_files: bool = True) -> Checkp
     )
 
 
-def scan(storage: Storage, *, check_files: bool = True) -> list[CheckpointInfo]:
-    """Every ``step-*`` directory of the run that has a manifest, ordered by step number."""
+def scan(storage: Storage, *, check_files: bool = True, cache: ManifestCache | None = None) -> list[CheckpointInfo]:
+    """Every ``step-*`` directory of the run that has a manifest, ordered by step number.
+    ``cache``: a ManifestCache of the run (a manager keeps one across saves)."""
     out = []
     for name in storage.listdir(""):
         if parse_step(name) is None or not storage.exists(join(name, MANIFEST)):
             continue
-        out.append(info_for(storage, name, check_files=check_files))
+        out.append(info_for(storage, name, check_files=check_files, cache=cache))
+    if cache is not None:
+        cache.forget_except({c.name for c in out})
     out.sort(key=lambda c: c.step)
     return out
 

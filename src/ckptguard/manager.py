@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ckptguard.background import BackgroundSaves
-from ckptguard.catalog import CheckpointInfo, scan
+from ckptguard.catalog import CheckpointInfo, ManifestCache, scan
 from ckptguard.distributed import coordinator, preempt_code, restore_checkpoint, signum_of
 from ckptguard.environment import collect_environment
 from ckptguard.errors import (
@@ -134,7 +134,8 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.probe = probe
         self.verify_on_restore = verify_on_restore
-        self._incremental = IncrementalRun(self.storage) if incremental else None
+        self._manifests = ManifestCache(self.storage)  # parsed once, across saves
+        self._incremental = IncrementalRun(self.storage, manifests=self._manifests) if incremental else None
         self.resumed_from: int | None = None
         self.last_saved_step: int | None = None
         self.last_save_seconds: float | None = None
@@ -199,7 +200,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """All committed checkpoints of the run, oldest first (by step number)."""
-        return scan(self.storage)
+        return scan(self.storage, cache=self._manifests)
 
     def latest(self) -> CheckpointInfo | None:
         """The newest valid checkpoint, or None."""
@@ -232,6 +233,8 @@ class CheckpointManager:
         code = preempt_code(preempted, self._guard.signum if self._guard is not None else None)
         due, code = self._coord.agree_save(step, force or self.schedule.due(step), code)
         if not (due or code):
+            if self.async_save and not self._stager.prepared:
+                self._prepare_staging(step, state)
             return False
         if code:
             if self._guard is None:
@@ -240,6 +243,14 @@ class CheckpointManager:
             self._preemption_exit(step, state, metrics)
         self._save_now(step, state, metrics, reason="forced" if force and not self.schedule.due(step) else "periodic")
         return True
+
+    def _prepare_staging(self, step: int, state: TrainState) -> None:
+        """Allocate the async host buffers in the background before the first save needs them."""
+        try:
+            self._stager.prepare(capture(state, step).tensor_files)
+        except CheckpointError as e:  # the save itself will report it
+            log.debug("Not preparing staging buffers: %s", e)
+            self._stager.prepared = True
 
     def _preemption_exit(self, step: int, state: TrainState, metrics: Mapping[str, Any] | None) -> None:
         assert self._guard is not None
@@ -362,7 +373,7 @@ class CheckpointManager:
         for hook in self._post_commit:
             hook(manifest)
         self._apply_retention()
-        collect_garbage(self.storage, self._incremental.manifests if self._incremental else None)
+        collect_garbage(self.storage, self._manifests)
 
     def _record_run(self) -> None:
         """Merge the policy, the save interval and this session into RUN/ckptguard.json."""

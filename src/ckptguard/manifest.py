@@ -214,11 +214,25 @@ _TAIL = re.compile(rb',\n "' + SELF_DIGEST_KEY.encode() + rb'": "([0-9a-f]{32})"
 
 
 def encode_manifest(manifest: dict[str, Any]) -> bytes:
-    """The bytes of MANIFEST.json: indented JSON ending with its own checksum."""
+    """The bytes of MANIFEST.json: one line per field and per file, ending with its own checksum.
+
+    Only the two outer levels are indented: a file entry's tensor table is one compact line.
+    ``json.dumps(indent=...)`` runs the pure-Python encoder, 2-5x slower than the C one on the
+    thousands of entries an incremental manifest holds (30-50 ms per save measured).
+    """
     body = {k: v for k, v in manifest.items() if k != SELF_DIGEST_KEY}
-    raw = json.dumps(body, indent=1, sort_keys=False).encode()
-    assert raw.endswith(b"\n}"), "a manifest is a non-empty JSON object"
-    prefix = raw[:-2]
+    assert body, "a manifest is a non-empty JSON object"
+
+    def compact(v: Any) -> str:
+        return json.dumps(v, separators=(",", ":"))
+
+    def field(k: str, v: Any) -> str:
+        if k == "files" and isinstance(v, dict) and v:
+            inner = ",\n".join(f"  {compact(name)}: {compact(entry)}" for name, entry in v.items())
+            return f" {compact(k)}: {{\n{inner}\n }}"
+        return f" {compact(k)}: {compact(v)}"
+
+    prefix = ("{\n" + ",\n".join(field(k, v) for k, v in body.items())).encode()
     return prefix + b',\n "' + SELF_DIGEST_KEY.encode() + b'": "' + digest_bytes(prefix).encode() + b'"\n}\n'
 
 

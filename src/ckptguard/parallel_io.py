@@ -25,8 +25,8 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,9 +45,11 @@ from ckptguard.tensorfile import (
 __all__ = [
     "BACKGROUND_NICE",
     "ParallelTensorWriter",
+    "Segment",
     "default_tensor_writer",
     "lower_thread_priority",
     "read_ahead",
+    "write_segments",
     "write_tensor_file_parallel",
 ]
 
@@ -59,8 +61,8 @@ BACKGROUND_NICE = 10  # niceness of async writer threads: training keeps the cor
 
 
 @dataclasses.dataclass(frozen=True)
-class _Segment:
-    """The bytes of ``view`` land at file offset ``offset``."""
+class Segment:
+    """The bytes of ``view`` land at file offset ``offset`` (the unit ``write_segments`` takes)."""
 
     offset: int
     view: memoryview
@@ -149,60 +151,53 @@ def read_ahead(fh: object) -> None:
         log.debug("No read-ahead: %s", e)
 
 
-def _segments(head: bytes | bytearray, views: Sequence[memoryview]) -> list[_Segment]:
-    segs = [_Segment(0, memoryview(head))]
-    offset = len(head)
-    for v in views:
+def _segments(head: bytes | bytearray, views: Iterable[memoryview], offset: int = 0) -> Iterator[Segment]:
+    """``head`` then ``views``, laid end to end from ``offset`` (empty views are skipped)."""
+    for v in (memoryview(head), *views):
         if len(v):
-            segs.append(_Segment(offset, v))
+            yield Segment(offset, v)
         offset += len(v)
-    return segs
 
 
-def _batches(segs: Sequence[_Segment], piece: int) -> list[list[_Segment]]:
-    """Split the file into runs of about ``piece`` bytes (large tensors are cut into pieces)."""
-    out: list[list[_Segment]] = []
-    cur: list[_Segment] = []
-    cur_bytes = 0
+def _pieces(segs: Iterable[Segment], piece: int, *, aligned: bool) -> Iterator[list[Segment]]:
+    """Group contiguous segments (in file order, from offset 0) into write jobs of ``piece``
+    bytes, each yielded as soon as it is complete, so that a lazy ``segs`` (incremental saves
+    hash while earlier pieces are written) keeps the writers busy. ``aligned``: job k covers
+    exactly ``[k * piece, (k + 1) * piece)`` (O_DIRECT); otherwise a job also ends at IOV_MAX
+    segments (one ``pwritev`` each)."""
+    cur: list[Segment] = []
+    boundary = piece
     for seg in segs:
         view, offset = seg.view, seg.offset
         while len(view):
-            take = min(len(view), piece - cur_bytes)
-            cur.append(_Segment(offset, view[:take]))
-            cur_bytes += take
+            take = min(len(view), boundary - offset)
+            cur.append(Segment(offset, view[:take]))
             view, offset = view[take:], offset + take
-            if cur_bytes >= piece or len(cur) >= IOV_MAX:
-                out.append(cur)
-                cur, cur_bytes = [], 0
+            if offset == boundary or (not aligned and len(cur) >= IOV_MAX):
+                yield cur
+                cur, boundary = [], offset + piece
     if cur:
-        out.append(cur)
-    return out
+        yield cur
 
 
-def _split(segs: Sequence[_Segment], piece: int) -> list[list[_Segment]]:
-    """Cut the file into aligned chunks of ``piece`` bytes (for O_DIRECT)."""
-    size = segs[-1].offset + len(segs[-1].view) if segs else 0
-    out: list[list[_Segment]] = [[] for _ in range((size + piece - 1) // piece)]
-    for s in segs:
-        pos = 0
-        while pos < len(s.view):
-            off = s.offset + pos
-            k = off // piece
-            take = min(len(s.view) - pos, (k + 1) * piece - off)
-            out[k].append(_Segment(off, s.view[pos : pos + take]))
-            pos += take
-    return out
+class _Recorded:
+    """Segments as they are produced, kept so that a refused O_DIRECT write can start over."""
 
+    def __init__(self, segs: Iterable[Segment]) -> None:
+        self.source = iter(segs)
+        self.seen: list[Segment] = []
+        self.size = 0
 
-def _hash_plan(groups: Sequence[Sequence[_Segment]], starts: Mapping[int, int]) -> list[list[int]]:
-    """For each group, the tensors that begin in it (each tensor is hashed by exactly one job)."""
-    plan: list[list[int]] = [[] for _ in groups]
-    for g, group in enumerate(groups):
-        for seg in group:
-            i = starts.get(seg.offset)
-            if i is not None:
-                plan[g].append(i)
-    return plan
+    def __iter__(self) -> Iterator[Segment]:
+        for seg in self.source:
+            self.seen.append(seg)
+            self.size = max(self.size, seg.offset + len(seg.view))
+            yield seg
+
+    def all(self) -> list[Segment]:
+        for _ in self:  # produce what is left
+            pass
+        return self.seen
 
 
 def write_tensor_file_parallel(
@@ -230,26 +225,34 @@ def _write_parallel(
     head, table = plan_tensor_file(tensors, metadata)
     names = list(tensors)
     views = [tensor_view(tensors[n]) for n in names]
-    size = len(head) + sum(len(v) for v in views)
     digests = [digest_bytes(b"") if not len(v) else "" for v in views]
     starts = {len(head) + table[n]["offsets"][0]: i for i, n in enumerate(names) if len(views[i])}
-    segs = _segments(bytearray(head), views)
 
-    def hash_some(which: Sequence[int]) -> None:
-        for i in which:
-            digests[i] = xxhash.xxh3_128(views[i]).hexdigest()  # releases the GIL
+    def hash_started(piece: Sequence[Segment]) -> None:
+        """Hash the tensors that begin in ``piece`` (each tensor is hashed by exactly one job)."""
+        for seg in piece:
+            i = starts.get(seg.offset)
+            if i is not None:
+                digests[i] = xxhash.xxh3_128(views[i]).hexdigest()  # releases the GIL
 
-    _write_segments(writer, segs, size, options, starts, hash_some)
+    write_segments(writer, _segments(bytearray(head), views), options, hash_started)
     for i, n in enumerate(names):
         table[n]["xxh3_128"] = digests[i]
     return tensor_file_entry(head, table)
 
 
-def write_views(writer: Writer, views: Sequence[memoryview], options: ParallelTensorWriter) -> None:
-    """Write the concatenation of ``views`` through ``writer`` (which needs ``pwritev``) with the
-    same parallel, O_DIRECT-when-possible path as tensor files. The caller closes the writer."""
+def write_segments(
+    writer: Writer,
+    segs: Iterable[Segment],
+    options: ParallelTensorWriter,
+    after: Callable[[Sequence[Segment]], None] = lambda piece: None,
+) -> int:
+    """Write contiguous ``segs`` (file order, from offset 0; may be produced lazily) through
+    ``writer``, which needs ``pwritev``: O_DIRECT when asked and allowed, else buffered, on
+    ``options.threads`` threads; ``after(piece)`` runs once per written piece, on its thread.
+    Returns the file size. The caller closes the writer (which fsyncs the file)."""
     try:
-        _write_segments(writer, _segments(b"", views), sum(len(v) for v in views), options, {}, lambda which: None)
+        return _write_segments(writer, _Recorded(segs), options, after)
     except CheckpointError:
         raise
     except OSError as e:
@@ -257,61 +260,55 @@ def write_views(writer: Writer, views: Sequence[memoryview], options: ParallelTe
 
 
 def _write_segments(
-    writer: Writer,
-    segs: Sequence[_Segment],
-    size: int,
-    options: ParallelTensorWriter,
-    starts: Mapping[int, int],
-    hash_some: Callable[[Sequence[int]], None],
-) -> None:
-    """Write ``segs`` (a file of ``size`` bytes): O_DIRECT when asked and allowed, else buffered
-    ``pwritev``; after each piece, ``hash_some`` hashes the views that piece completed."""
+    writer: Writer, segs: _Recorded, options: ParallelTensorWriter, after: Callable[[Sequence[Segment]], None]
+) -> int:
     if options.direct:
         fd = _open_direct(writer)
         if fd is not None:
             try:
-                chunks = _split(segs, options.piece_bytes)
-                done = _run_direct(fd, chunks, _hash_plan(chunks, starts), options, hash_some)
+                done = _run_direct(fd, _pieces(segs, options.piece_bytes, aligned=True), options, after)
             finally:
                 os.close(fd)
             if done:
-                writer.truncate(size)  # type: ignore[attr-defined]
-                return
+                writer.truncate(segs.size)  # type: ignore[attr-defined]
+                return segs.size
             log.info("O_DIRECT refused for %s; writing buffered.", getattr(writer, "path", "?"))
-    batches = _batches(segs, options.piece_bytes)
-    plan = _hash_plan(batches, starts)
+            segs = _Recorded(segs.all())
 
-    def job(b: int) -> None:
-        batch = batches[b]
+    def job(batch: list[Segment]) -> None:
         writer.pwritev([x.view for x in batch], batch[0].offset)  # type: ignore[attr-defined]
-        hash_some(plan[b])
+        after(batch)
 
-    _run(job, len(batches), options.threads)
+    _run(job, _pieces(segs, options.piece_bytes, aligned=False), options.threads)
+    return segs.size
 
 
-def _run(job: Callable[[int], None], n: int, threads: int) -> None:
-    """Run ``job(0..n-1)`` on ``threads`` threads; re-raise the first error.
+Job = TypeVar("Job")
+
+
+def _run(job: Callable[[Job], None], todo: Iterator[Job], threads: int) -> None:
+    """Run ``job`` on every item of ``todo`` with ``threads`` threads; re-raise the first error.
+    Items are taken under a lock, so a lazy ``todo`` produces them one at a time.
 
     Plain threads rather than an executor: an async save still running at interpreter exit must
     be able to finish, and executors refuse new work once shutdown has begun.
     """
     errors: list[BaseException] = []
     lock = threading.Lock()
-    todo = iter(range(n))
 
     def worker() -> None:
         while not errors:
-            with lock:
-                b = next(todo, None)
-            if b is None:
-                return
             try:
-                job(b)
+                with lock:
+                    item = next(todo, None)
+                if item is None:
+                    return
+                job(item)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller
                 errors.append(e)
 
     helpers: list[threading.Thread] = []
-    for k in range(min(threads, n) - 1):
+    for k in range(threads - 1):
         t = threading.Thread(target=worker, name=f"ckptguard-write-{k}", daemon=True)
         try:
             t.start()
@@ -342,26 +339,25 @@ def _open_direct(writer: Writer) -> int | None:
 
 def _run_direct(
     fd: int,
-    chunks: list[list[_Segment]],
-    plan: list[list[int]],
+    pieces: Iterator[list[Segment]],
     options: ParallelTensorWriter,
-    hash_some: Any,
+    after: Callable[[Sequence[Segment]], None],
 ) -> bool:
-    """Write aligned chunks through per-thread page-aligned buffers; False if O_DIRECT is refused."""
+    """Write aligned pieces through per-thread page-aligned buffers; False if O_DIRECT is refused."""
     piece = options.piece_bytes
     local = threading.local()
     refused = threading.Event()
 
-    def job(k: int) -> None:
+    def job(segs: list[Segment]) -> None:
         if refused.is_set():
             return
         if getattr(local, "buf", None) is None:
             local.buf = mmap.mmap(-1, piece)  # page-aligned anonymous memory, reused by the thread
             local.arr = np.frombuffer(local.buf, dtype=np.uint8)
         bt: np.ndarray = local.arr
-        base = k * piece
+        base = segs[0].offset
         end = 0
-        for s in chunks[k]:
+        for s in segs:
             a = s.offset - base
             # numpy's copy is one memcpy without the GIL; torch's copy_ here would start an OpenMP
             # team per writer thread that competes with training for the cores.
@@ -383,7 +379,7 @@ def _run_direct(
             return
         finally:
             view.release()
-        hash_some(plan[k])
+        after(segs)
 
-    _run(job, len(chunks), options.threads)
+    _run(job, pieces, options.threads)
     return not refused.is_set()

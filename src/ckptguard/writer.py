@@ -104,6 +104,9 @@ def write_checkpoint(
             files[fname] = tensor_writer(storage, join(staging, fname), tensors)
         for fname, data in blobs.items():
             files[fname] = write_blob(storage, join(staging, fname), data)
+        finish = getattr(tensor_writer, "finish", None)
+        if finish is not None:  # e.g. incremental saves: sync the shared objects once
+            finish(storage)
         now = time.time()
         manifest: dict[str, Any] = {
             "format": FORMAT,
