@@ -143,8 +143,14 @@ def test_corrupt_chunk_is_never_reused_by_later_saves(run_dir: Path) -> None:
     assert same_weights(fresh_model.state_dict(), model.state_dict())
 
 
-def test_object_store_memory_url(async_save: bool) -> None:
-    url = f"memory://ckptguard-incr-{uuid.uuid4().hex[:8]}/run"
+@pytest.mark.parametrize("store", ["memory", "s3"])
+def test_object_store(store: str, async_save: bool, request: pytest.FixtureRequest) -> None:
+    """Deduplication, GC of unreferenced packs and bit-exact restores on fsspec storage: an
+    in-memory store and a real S3-protocol server (moto on 127.0.0.1)."""
+    if store == "s3":
+        url = request.getfixturevalue("s3_url")
+    else:
+        url = f"memory://ckptguard-incr-{uuid.uuid4().hex[:8]}/run"
     saved = finetune(url, 4, async_save=async_save, retention=cg.Retention(keep_last=2))
     storage = open_storage(url)
     kept = [c.step for c in scan(storage)]

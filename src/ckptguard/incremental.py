@@ -52,6 +52,7 @@ from ckptguard.parallel_io import ParallelTensorWriter, Segment, write_segments
 from ckptguard.storage.base import Storage, join
 from ckptguard.tensorfile import (
     ST_TO_DTYPE,
+    destination,
     digest_bytes,
     plan_tensor_file,
     tensor_view,
@@ -201,10 +202,11 @@ class IncrementalRun:
         self.storage = storage
         self.chunk_bytes = chunk_bytes
         self.manifests = manifests if manifests is not None else ManifestCache(storage)
+        self.io = ParallelTensorWriter(direct=True)  # its staging buffers serve every save
 
     def writer(self) -> IncrementalSave:
         """The tensor writer for the next save (indexes what committed checkpoints hold)."""
-        return IncrementalSave(trusted_index(self.manifests), self.chunk_bytes)
+        return IncrementalSave(trusted_index(self.manifests), self.chunk_bytes, self.io)
 
 
 def build_index(ckpts: Iterable[CheckpointInfo]) -> ChunkIndex:
@@ -245,11 +247,12 @@ class IncrementalSave:
     ``finish`` syncs ``objects/`` once before the manifest is written.
     """
 
-    def __init__(self, index: ChunkIndex, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, index: ChunkIndex, chunk_bytes: int = CHUNK_BYTES, io: ParallelTensorWriter | None = None) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
         self.index = index
         self.chunk_bytes = chunk_bytes
+        self.io = io if io is not None else ParallelTensorWriter(direct=True)
         self.written_bytes = 0
         self.reused_bytes = 0
         self.new_packs = 0
@@ -297,7 +300,7 @@ class IncrementalSave:
                 writer = storage.create(pack_path(pack))
                 segs = itertools.chain([first], todo)
                 if hasattr(writer, "pwritev"):  # local files: the parallel O_DIRECT path
-                    write_segments(writer, segs, ParallelTensorWriter(direct=True))
+                    write_segments(writer, segs, self.io)
                 else:
                     for seg in segs:
                         writer.write(seg.view)
@@ -374,14 +377,7 @@ def read_chunked(
             if tname not in wanted:
                 continue
             dtype, shape = ST_TO_DTYPE[info["dtype"]], tuple(info["shape"])
-            target = None if targets is None else targets.get(tname)
-            if not keep:
-                dest = None
-            elif (target is not None and target.dtype == dtype and tuple(target.shape) == shape
-                  and target.device.type == "cpu" and target.is_contiguous()):
-                dest = target.detach()
-            else:
-                dest = torch.empty(shape, dtype=dtype)
+            dest = destination(dtype, shape, None if targets is None else targets.get(tname), keep=keep)
             view = tensor_view(dest) if dest is not None else None
             pos = 0
             for c in info["chunks"]:

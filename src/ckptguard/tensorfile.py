@@ -24,6 +24,7 @@ from ckptguard.storage.base import Writer
 __all__ = [
     "CHUNK",
     "check_header",
+    "destination",
     "DTYPE_TO_ST",
     "ST_TO_DTYPE",
     "digest_bytes",
@@ -194,20 +195,7 @@ def read_tensor_file(
         dtype = ST_TO_DTYPE[info["dtype"]]
         shape = tuple(info["shape"])
         nbytes = end - begin
-        target = None if targets is None else targets.get(name)
-        dest: torch.Tensor | None
-        if not keep:
-            dest = None
-        elif (
-            target is not None
-            and target.dtype == dtype
-            and tuple(target.shape) == shape
-            and target.device.type == "cpu"
-            and target.is_contiguous()
-        ):
-            dest = target.detach()
-        else:
-            dest = torch.empty(shape, dtype=dtype)
+        dest = destination(dtype, shape, None if targets is None else targets.get(name), keep=keep)
         h = xxhash.xxh3_128()
         if dest is not None:
             view = tensor_view(dest) if nbytes else memoryview(b"")
@@ -235,6 +223,25 @@ def read_tensor_file(
                 path=where,
             )
     return out
+
+
+def destination(
+    dtype: torch.dtype, shape: tuple[int, ...], target: torch.Tensor | None, *, keep: bool = True
+) -> torch.Tensor | None:
+    """Where a tensor read from a checkpoint lands: ``target`` itself when its dtype, shape and
+    layout match (read in place, no second copy), else a new CPU tensor; None when only
+    verifying (``keep=False``)."""
+    if not keep:
+        return None
+    if (
+        target is not None
+        and target.dtype == dtype
+        and tuple(target.shape) == shape
+        and target.device.type == "cpu"
+        and target.is_contiguous()
+    ):
+        return target.detach()
+    return torch.empty(shape, dtype=dtype)
 
 
 def check_header(head: bytes, entry: Mapping[str, Any], where: str) -> None:
