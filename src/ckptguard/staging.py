@@ -13,6 +13,7 @@ that is not due); ``stage`` waits for that thread before using them.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 
@@ -21,6 +22,8 @@ import torch
 from ckptguard.parallel_io import lower_thread_priority
 
 __all__ = ["Stager"]
+
+log = logging.getLogger(__name__)
 
 
 class Stager:
@@ -54,13 +57,20 @@ class Stager:
 
         def run() -> None:
             lower_thread_priority()
-            for key, t in wanted:
-                buf = self._allocate(t)
-                buf.reshape(-1).view(torch.uint8).numpy().fill(0)  # fault the pages in; numpy: no OpenMP team
-                self._buffers[key] = buf
+            try:
+                for key, t in wanted:
+                    buf = self._allocate(t)
+                    buf.reshape(-1).view(torch.uint8).numpy().fill(0)  # fault the pages in; numpy: no OpenMP team
+                    self._buffers[key] = buf
+            except (RuntimeError, MemoryError) as e:  # the save allocates what is missing, and reports
+                log.debug("Preparing staging buffers stopped: %s", e)
 
-        self._preparing = threading.Thread(target=run, name="ckptguard-stage-prepare", daemon=True)
-        self._preparing.start()
+        thread = threading.Thread(target=run, name="ckptguard-stage-prepare", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutting down: the save allocates them
+            return
+        self._preparing = thread
 
     def _join(self) -> None:
         if self._preparing is not None:
