@@ -281,7 +281,8 @@ def write_segments(
 ) -> int:
     """Write contiguous ``segs`` (file order, from offset 0; may be produced lazily) through
     ``writer``, which needs ``pwritev``: O_DIRECT when asked and allowed, else buffered, on
-    ``options.threads`` threads; ``after(piece)`` runs once per written piece, on its thread.
+    ``options.threads`` threads. ``after(piece)`` runs once per piece, on the thread that staged
+    (O_DIRECT) or wrote (buffered) it; again for pieces re-written after O_DIRECT was refused.
     Returns the file size. The caller closes the writer (which fsyncs the file)."""
     try:
         return _write_segments(writer, _Recorded(segs), options, after)
