@@ -83,6 +83,46 @@ def test_keep_last_ring_buffer(run_dir: Path, async_save: bool) -> None:
         assert [c.step for c in mgr.checkpoints()] == [4, 5]
 
 
+def test_pruned_checkpoints_vanish_at_once_and_their_data_is_freed_in_the_background(run_dir: Path) -> None:
+    """Retention uncommits and hides a pruned checkpoint before save() returns; the reaper frees
+    its bytes beside training, and close() waits for it."""
+    with cg.CheckpointManager(run_dir, retention=cg.Retention(keep_last=1)) as mgr:
+        for s in range(1, 5):
+            mgr.save(s, _state(s), force=True)
+            assert [c.step for c in mgr.checkpoints()] == [s]  # no wait needed
+            assert not any(n.startswith("step-") and n != f"step-{s:09d}" for n in _names(run_dir))
+            assert not any((run_dir / n / "MANIFEST.json").exists() for n in _names(run_dir) if n.startswith(".trash-"))
+        assert mgr._debris_cleaned  # what the reaper is removing is not debris to clean again
+    assert [n for n in _names(run_dir) if n.startswith((".trash-", "step-"))] == ["step-000000004"]
+
+
+def test_failed_background_removal_is_debris_for_the_next_save(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptguard.storage.local import LocalStorage
+
+    real = LocalStorage.remove_tree
+    failures = []
+
+    def remove_tree(self: LocalStorage, rel: str) -> None:
+        if rel.startswith(".trash-") and not failures:
+            failures.append(rel)
+            raise OSError(5, "Input/output error")
+        real(self, rel)
+
+    monkeypatch.setattr(LocalStorage, "remove_tree", remove_tree)
+    with cg.CheckpointManager(run_dir, retention=cg.Retention(keep_last=1)) as mgr:
+        mgr.save(1, _state(1), force=True)
+        mgr.save(2, _state(2), force=True)  # prunes 1; its removal fails on the reaper thread
+        mgr.wait()
+        assert failures and failures[0] in _names(run_dir)  # left behind, logged, not raised
+        mgr.save(3, _state(3), force=True)  # cleans it, prunes 2
+        assert [c.step for c in mgr.checkpoints()] == [3]
+    assert [n for n in _names(run_dir) if n.startswith((".trash-", "step-"))] == ["step-000000003"]
+
+
+def _names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir())
+
+
 def test_metrics_csv_is_appended_and_survives_new_columns(run_dir: Path) -> None:
     with cg.CheckpointManager(run_dir, every_steps=2) as mgr:
         for s in range(1, 5):

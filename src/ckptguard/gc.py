@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 from ckptguard.errors import CheckpointError
 from ckptguard.incremental import (
@@ -58,9 +59,17 @@ def referenced_packs(storage: Storage, cache: ManifestCache | None = None) -> tu
     return packs, newest
 
 
-def collect(storage: Storage, *, dry_run: bool = False, cache: ManifestCache | None = None) -> GcReport:
+def collect(
+    storage: Storage,
+    *,
+    dry_run: bool = False,
+    cache: ManifestCache | None = None,
+    reap: Callable[..., None] | None = None,
+) -> GcReport:
     """Delete packs no committed manifest references. Call only while holding the run lock.
-    ``cache``: a ManifestCache of the run (re-reads only manifests that changed)."""
+    ``cache``: a ManifestCache of the run (re-reads only manifests that changed). ``reap``: hand
+    each pack to this (``reap(path, file=True)``, a background remover) instead of deleting it
+    here; safe because no later save can reference a pack no committed manifest references."""
     if not storage.exists(OBJECTS):
         return GcReport(0, (), 0, ())
     try:
@@ -82,7 +91,9 @@ def collect(storage: Storage, *, dry_run: bool = False, cache: ManifestCache | N
         rel = pack_path(name)
         try:
             size = storage.size(rel)
-            if not dry_run:
+            if not dry_run and reap is not None:
+                reap(rel, file=True)
+            elif not dry_run:
                 storage.remove_file(rel)
         except CheckpointError as e:
             log.warning("GC could not delete %s (%s); the next GC retries.", storage.describe(rel), e)
@@ -94,11 +105,13 @@ def collect(storage: Storage, *, dry_run: bool = False, cache: ManifestCache | N
     return GcReport(len(live), tuple(deleted), freed, tuple(kept))
 
 
-def collect_garbage(storage: Storage, cache: ManifestCache | None = None) -> GcReport | None:
+def collect_garbage(
+    storage: Storage, cache: ManifestCache | None = None, reap: Callable[..., None] | None = None
+) -> GcReport | None:
     """The manager's after-commit GC (after retention): never raises a CheckpointError; a failed
     pass only leaves unreferenced packs for the next one."""
     try:
-        return collect(storage, cache=cache)
+        return collect(storage, cache=cache, reap=reap)
     except CheckpointError as e:
         log.warning("GC of %s failed (%s); the next save or 'ckptguard prune' retries.", storage.describe(OBJECTS), e)
         return None

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ckptguard.background import BackgroundSaves
+from ckptguard.background import BackgroundSaves, Reaper
 from ckptguard.catalog import CheckpointInfo, ManifestCache, scan
 from ckptguard.distributed import coordinator, preempt_code, restore_checkpoint, signum_of
 from ckptguard.environment import collect_environment
@@ -149,6 +149,7 @@ class CheckpointManager:
         self._locked = False
         self._environment: dict[str, Any] | None = None
         self._background = BackgroundSaves(self.storage.url)
+        self._reaper = Reaper(self.storage)  # frees pruned checkpoints' data beside training
         self._stager = Stager()
         self.tensor_writer = default_tensor_writer(self.storage, background=self.async_save)
         self.last_waited_seconds: float | None = None
@@ -233,8 +234,8 @@ class CheckpointManager:
         code = preempt_code(preempted, self._guard.signum if self._guard is not None else None)
         due, code = self._coord.agree_save(step, force or self.schedule.due(step), code)
         if not (due or code):
-            if self.async_save and not self._stager.prepared:
-                self._prepare_staging(step, state)
+            if self.async_save and not self._stager.prepared:  # allocate the host buffers early
+                self._stager.prepare(lambda: capture(state, step).tensor_files)
             return False
         if code:
             if self._guard is None:
@@ -243,14 +244,6 @@ class CheckpointManager:
             self._preemption_exit(step, state, metrics)
         self._save_now(step, state, metrics, reason="forced" if force and not self.schedule.due(step) else "periodic")
         return True
-
-    def _prepare_staging(self, step: int, state: TrainState) -> None:
-        """Allocate the async host buffers in the background before the first save needs them."""
-        try:
-            self._stager.prepare(capture(state, step).tensor_files)
-        except CheckpointError as e:  # the save itself will report it
-            log.debug("Not preparing staging buffers: %s", e)
-            self._stager.prepared = True
 
     def _preemption_exit(self, step: int, state: TrainState, metrics: Mapping[str, Any] | None) -> None:
         assert self._guard is not None
@@ -327,7 +320,7 @@ class CheckpointManager:
             self.schedule.saved(cost=blocked)
             self._background.submit(self._write_and_commit, step, files, blobs, fields, t0)
         else:
-            self.wait()
+            self._background.result()
             self._write_and_commit(step, snap.tensor_files, blobs, fields, t0)
             self.last_blocked_seconds = time.perf_counter() - t0
             self.schedule.saved(cost=self.last_blocked_seconds)
@@ -340,7 +333,9 @@ class CheckpointManager:
         fields: dict[str, Any],
         t0: float,
     ) -> dict[str, Any]:
-        if not self._debris_cleaned:
+        if not self._debris_cleaned or self._reaper.failed:
+            self._reaper.wait()  # what it is removing is not debris
+            self._reaper.failed = 0
             clean_debris(self.storage)
             self._debris_cleaned = True
         if self._lock is not None:
@@ -356,7 +351,8 @@ class CheckpointManager:
         self.last_save_seconds = time.perf_counter() - t0
         log.info("Saved %s in %.3fs", self.storage.describe(checkpoint_name(step)), self.last_save_seconds)
         self._after_commit(manifest)
-        if any(n.startswith((".tmp-", ".trash-")) for n in self.storage.listdir("")):
+        reaping = self._reaper.pending
+        if any(n.startswith((".tmp-", ".trash-")) and n not in reaping for n in self.storage.listdir("")):
             self._debris_cleaned = False  # a cleanup failed quietly: the next save retries it
         return manifest
 
@@ -373,7 +369,7 @@ class CheckpointManager:
         for hook in self._post_commit:
             hook(manifest)
         self._apply_retention()
-        collect_garbage(self.storage, self._manifests)
+        collect_garbage(self.storage, self._manifests, reap=self._reaper)
 
     def _record_run(self) -> None:
         """Merge the policy, the save interval and this session into RUN/ckptguard.json."""
@@ -407,7 +403,7 @@ class CheckpointManager:
     def _apply_retention(self) -> list[int]:
         if self.retention.keeps_everything:
             return []
-        deleted, failed = apply_decisions(self.storage, self.plan_retention())
+        deleted, failed = apply_decisions(self.storage, self.plan_retention(), reap=self._reaper)
         if failed:
             self._debris_cleaned = False  # a half-done delete is debris: the next save cleans it
         record_events(self.storage, "pruned", deleted, reason="retention")
@@ -416,8 +412,12 @@ class CheckpointManager:
     # ---- async plumbing -----------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until the pending async save is durable; raise its error if it failed."""
-        self._background.result()
+        """Block until the pending async save is durable and the data of the checkpoints
+        retention pruned is freed; raise the save's error if it failed."""
+        try:
+            self._background.result()
+        finally:
+            self._reaper.wait()
 
     def close(self) -> None:
         """Wait for pending saves, flush metrics, release the lock. Safe to call twice."""
@@ -428,6 +428,7 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._background.shutdown()
+            self._reaper.wait()  # removals finish under the run lock
             with contextlib.suppress(CheckpointError):
                 self.metrics_log.flush()
             if self._guard is not None:

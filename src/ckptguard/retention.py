@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ckptguard.catalog import CheckpointInfo
@@ -351,8 +351,11 @@ def budget_overrun(decisions: Sequence[Decision], retention: Retention) -> int:
     return max(0, sum(d.size_bytes for d in decisions if d.keep) - int(retention.max_bytes))
 
 
-def apply_decisions(storage: Any, decisions: Sequence[Decision]) -> tuple[list[int], dict[int, str]]:
+def apply_decisions(
+    storage: Any, decisions: Sequence[Decision], *, reap: Callable[[str], None] | None = None
+) -> tuple[list[int], dict[int, str]]:
     """Delete every checkpoint a plan does not keep (manifest first: a crash leaves debris).
+    ``reap``: frees the uncommitted data instead of this call (see ``delete_checkpoint``).
 
     Returns (deleted steps, {step: error} for deletes that failed); never raises for one.
     """
@@ -368,7 +371,7 @@ def apply_decisions(storage: Any, decisions: Sequence[Decision]) -> tuple[list[i
         if d.keep:
             continue
         try:
-            delete_checkpoint(storage, d.name)
+            delete_checkpoint(storage, d.name, reap=reap)
             deleted.append(d.step)
             log.info("Retention deleted %s (%s)", d.name, "; ".join(d.reasons))
         except CheckpointError as e:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
+from ckptguard.errors import CheckpointError
 from ckptguard.parallel_io import lower_thread_priority
 
 __all__ = ["Stager"]
@@ -48,12 +49,18 @@ class Stager:
             buf = self._buffers[key] = self._allocate(t)
         return buf  # type: ignore[return-value]
 
-    def prepare(self, files: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Allocate and touch the buffers ``files`` will need, on a low-priority thread; once."""
+    def prepare(self, files: Callable[[], Mapping[str, Mapping[str, torch.Tensor]]]) -> None:
+        """Allocate and touch the buffers that ``files()`` (the tensors a save would stage) will
+        need, on a low-priority thread; once. A CheckpointError from ``files()`` is left for the
+        save itself to report."""
         if self.prepared:
             return
         self.prepared = True
-        wanted = [((f, n), t) for f, g in files.items() for n, t in g.items()]
+        try:
+            wanted = [((f, n), t) for f, g in files().items() for n, t in g.items()]
+        except CheckpointError as e:
+            log.debug("Not preparing staging buffers: %s", e)
+            return
 
         def run() -> None:
             lower_thread_priority()

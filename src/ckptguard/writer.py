@@ -181,17 +181,23 @@ def _put_back(storage: Storage, name: str) -> bool:
     return True
 
 
-def delete_checkpoint(storage: Storage, name: str) -> None:
-    """Uncommit first (remove the manifest), then delete the rest: a crash leaves only debris."""
+def delete_checkpoint(storage: Storage, name: str, *, reap: Callable[[str], None] | None = None) -> None:
+    """Uncommit first (remove the manifest), then delete the rest: a crash leaves only debris.
+
+    ``reap``: hand the uncommitted leftover (a path under the run) to this instead of removing
+    it here, e.g. a :class:`~ckptguard.background.Reaper` that frees the bytes in the background.
+    Either way the checkpoint is gone from every listing when this returns.
+    """
+    remove = reap if reap is not None else storage.remove_tree
     if storage.atomic_rename:
         trash = f".trash-{name}-{uuid.uuid4().hex[:8]}"
         storage.rename_dir(name, trash)
         storage.sync_dir("")
         storage.remove_file(join(trash, MANIFEST))  # a trash dir with a manifest is whole
-        storage.remove_tree(trash)
+        remove(trash)
     else:
         storage.remove_file(join(name, MANIFEST))
-        storage.remove_tree(name)
+        remove(name)
 
 
 def clean_debris(storage: Storage) -> list[str]:
