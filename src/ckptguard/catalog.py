@@ -27,6 +27,7 @@ __all__ = [
     "BAD_STATUSES",
     "CheckpointInfo",
     "ManifestCache",
+    "committed_names",
     "find_debris",
     "info_for",
     "mark_status",
@@ -89,11 +90,8 @@ class ManifestCache:
         """(name, manifest) of every ``step-*`` directory with a manifest, by name. ``strict``:
         raise the CheckpointError of an unreadable manifest instead of skipping it."""
         out = []
-        present = set()
-        for name in sorted(self.storage.listdir("")):
-            if parse_step(name) is None or not self.storage.exists(join(name, MANIFEST)):
-                continue
-            present.add(name)
+        present = committed_names(self.storage)
+        for name in sorted(present):
             try:
                 out.append((name, read_manifest(self.storage, name, cache=self)))
             except CheckpointError:
@@ -106,6 +104,11 @@ class ManifestCache:
         with self._lock:
             for gone in set(self._parsed) - present:
                 del self._parsed[gone]
+
+
+def committed_names(storage: Storage) -> set[str]:
+    """Names of the ``step-*`` directories of the run that hold a manifest."""
+    return {n for n in storage.listdir("") if parse_step(n) is not None and storage.exists(join(n, MANIFEST))}
 
 
 def read_manifest(storage: Storage, name: str, *, cache: ManifestCache | None = None) -> dict[str, Any]:
@@ -214,13 +217,10 @@ def info_for(
 def scan(storage: Storage, *, check_files: bool = True, cache: ManifestCache | None = None) -> list[CheckpointInfo]:
     """Every ``step-*`` directory of the run that has a manifest, ordered by step number.
     ``cache``: a ManifestCache of the run (a manager keeps one across saves)."""
-    out = []
-    for name in storage.listdir(""):
-        if parse_step(name) is None or not storage.exists(join(name, MANIFEST)):
-            continue
-        out.append(info_for(storage, name, check_files=check_files, cache=cache))
+    names = committed_names(storage)
+    out = [info_for(storage, name, check_files=check_files, cache=cache) for name in names]
     if cache is not None:
-        cache.forget_except({c.name for c in out})
+        cache.forget_except(names)
     out.sort(key=lambda c: c.step)
     return out
 

@@ -18,6 +18,7 @@ Rules (each one is what makes a crash at any instant harmless):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
@@ -78,6 +79,7 @@ def collect(
         log.warning("GC of %s stopped, nothing deleted: a manifest could not be read (%s). Fix or "
                     "remove that checkpoint, then run 'ckptguard prune'.", storage.describe(OBJECTS), e)
         return GcReport(0, (), 0, (), stopped=str(e))
+    remove = storage.remove_file if reap is None else functools.partial(reap, file=True)
     deleted: list[str] = []
     kept: list[str] = []
     freed = 0
@@ -91,10 +93,8 @@ def collect(
         rel = pack_path(name)
         try:
             size = storage.size(rel)
-            if not dry_run and reap is not None:
-                reap(rel, file=True)
-            elif not dry_run:
-                storage.remove_file(rel)
+            if not dry_run:
+                remove(rel)
         except CheckpointError as e:
             log.warning("GC could not delete %s (%s); the next GC retries.", storage.describe(rel), e)
             continue

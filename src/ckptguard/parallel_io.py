@@ -241,19 +241,9 @@ def write_tensor_file_parallel(
 ) -> dict[str, Any]:
     """Like ``tensorfile.write_tensor_file``, with several threads; ``writer`` needs ``pwritev``.
 
-    The caller closes the writer (which fsyncs the file).
+    The caller closes the writer (which fsyncs the file). OS errors (full disk...) come out of
+    ``write_segments`` as the library's errors, with the path.
     """
-    try:
-        return _write_parallel(writer, tensors, metadata, options)
-    except CheckpointError:
-        raise
-    except OSError as e:  # full disk, I/O error: the library's errors, with the path
-        raise translate_os_error(e, str(getattr(writer, "path", "?")), "writing") from e
-
-
-def _write_parallel(
-    writer: Writer, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, options: ParallelTensorWriter
-) -> dict[str, Any]:
     head, table = plan_tensor_file(tensors, metadata)
     names = list(tensors)
     views = [tensor_view(tensors[n]) for n in names]
