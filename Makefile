@@ -1,37 +1,47 @@
-# One-command set-up: `make demo` and `make test` create .venv and install what is needed.
+# One-command set-up: `make demo` and `make test` create .venv and install what each needs.
+# `make demo` installs the project with the demo extra only; `make test` adds the test/dev extras.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+DEMO := $(VENV)/.installed-demo
+DEV := $(VENV)/.installed-dev
 TORCH_PIN := torch==2.13.0
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
 .PHONY: venv demo test test-full bench bench-full clean
 
-venv: $(STAMP)
+venv: $(DEV)
 
-$(STAMP): pyproject.toml
+# The interpreter and torch. The pinned CPU build is installed only when no torch is importable:
+# an unpinned install would pull a multi-GB CUDA build.
+$(BASE):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# Install the pinned CPU build only when no torch is importable: an unpinned
-	# install would pull a multi-GB CUDA build.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_PIN)"
+	touch $(BASE)
 
-demo: venv
+$(DEMO): $(BASE) pyproject.toml
+	$(PIP) -e ".[demo]"
+	touch $(DEMO)
+
+$(DEV): $(BASE) pyproject.toml
+	$(PIP) -e ".[dev]"
+	touch $(DEV)
+
+demo: $(DEMO)
 	$(BIN)/ckptguard demo
 
-test: venv
+test: $(DEV)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
-test-full: venv
+test-full: $(DEV)
 	CKPTGUARD_TEST_FULL=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
-bench: venv
+bench: $(DEV)
 	$(BIN)/python benchmarks/run.py --quick
 	$(BIN)/python benchmarks/incremental.py --quick
 
-bench-full: venv
+bench-full: $(DEV)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/checksums.py
