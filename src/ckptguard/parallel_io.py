@@ -32,10 +32,9 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 import xxhash
 
 from ckptguard.errors import CheckpointError
@@ -47,6 +46,9 @@ from ckptguard.tensorfile import (
     tensor_view,
     write_tensor_file,
 )
+
+if TYPE_CHECKING:  # tensors arrive from callers; listing and verifying import no torch
+    import torch
 
 __all__ = [
     "BACKGROUND_NICE",
