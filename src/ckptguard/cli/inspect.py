@@ -24,11 +24,11 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_target(args.ckpt, want="checkpoint")
+    kind = check_target(args.ckpt, want="checkpoint")
     storage, names = resolve_target(args.ckpt)
     committed = sorted(n for n in names if storage.exists(join(n, MANIFEST)))
     if not committed:
-        if len(names) == 1:  # a step directory without a manifest
+        if kind == "checkpoint" and len(names) == 1:  # a step directory without a manifest
             raise CheckpointNotFoundError(
                 f"{storage.describe(names[0])} has no {MANIFEST}: it is not a committed checkpoint "
                 "(debris of an interrupted save, removed by the next save or 'ckptguard prune')."
@@ -40,12 +40,11 @@ def run(args: argparse.Namespace) -> int:
         )
     name = committed[-1]
     info = info_for(storage, name)  # the same status 'ckptguard ls' shows
-    if info.manifest is None:
-        from ckptguard.cli.common import fail
+    if info.manifest is None:  # unreadable: exit 2 like any unreadable input
         from ckptguard.errors import CorruptCheckpointError
 
-        return fail(CorruptCheckpointError(f"{storage.describe(name)} cannot be inspected: {'; '.join(info.problems)} "
-                                           f"Run 'ckptguard verify {storage.describe(name)}'."), code=1)
+        raise CorruptCheckpointError(f"{storage.describe(name)} cannot be inspected: {'; '.join(info.problems)} "
+                                     f"Run 'ckptguard verify {storage.describe(name)}'.")
     m = info.manifest
     if args.json:
         print_json({**m, "status": info.status, "valid": info.valid, "problems": list(info.problems)})
