@@ -140,7 +140,7 @@ def log_config_drift(reader: Any, config: Any) -> list[ConfigChange]:
         if _hash(today) == reader.manifest.get("config_hash"):
             return []
         saved = yaml.safe_load(reader.blob("config.yaml")) if reader.has("config.yaml") else None
-    except (CheckpointError, yaml.YAMLError, RecursionError, TypeError, ValueError) as e:
+    except (CheckpointError, yaml.YAMLError, RecursionError, TypeError, ValueError, KeyError) as e:
         log.warning("Could not compare today's config with %s/config.yaml: %s", where, e)
         return []
     changes = config_diff(saved, today)
