@@ -312,6 +312,10 @@ def test_commands_beside_a_live_writer(capsys: pytest.CaptureFixture[str], run: 
     assert run_cli(capsys, "inspect", run)[0] == 0
     code, out, _ = run_cli(capsys, "prune", run, "--dry-run")
     assert code == 0
+    code, out, _ = run_cli(capsys, "pin", run, "20")
+    assert code == 0 and "pinned step 20" in out  # a marker file: safe beside the writer
+    code, out, _ = run_cli(capsys, "export", run, "-o", run.parent / "live.safetensors")
+    assert code == 0 and "of step 30" in out
     code, _, err = run_cli(capsys, "prune", run, "--keep-last", "1")
     assert code == 2 and str(live_writer.pid) in err
     assert sorted(p.name for p in run.glob("step-*")) == ["step-000000010", "step-000000020", "step-000000030"]
@@ -434,3 +438,57 @@ def test_real_processes_end_without_traceback(run: Path, paths: dict[str, Path],
         p = subprocess.run([sys.executable, "-m", "ckptguard.cli", *argv], capture_output=True, text=True, timeout=300)
         assert p.returncode == want, (argv, p.stdout, p.stderr)
         assert "Traceback" not in p.stderr, p.stderr
+
+
+# ---- the same situations across the commands that take a checkpoint or a run -------------------
+
+CKPT_COMMANDS = {
+    "verify": ([], 1, "no checkpoints found", "missing: not a committed checkpoint"),
+    "inspect": ([], 2, "No committed checkpoint in", "step directories without a manifest"),
+    "doctor": ([], 2, "No checkpoint in", "step-000000030"),
+    "export": (["-o", "{tmp}/o.safetensors"], 2, "holds no valid checkpoint", "holds no valid checkpoint"),
+}
+
+
+@pytest.mark.parametrize("cmd", sorted(CKPT_COMMANDS))
+def test_empty_and_debris_only_runs(capsys: pytest.CaptureFixture[str], paths: dict[str, Path], tmp_path: Path, cmd: str) -> None:
+    extra, code_want, empty_words, debris_words = CKPT_COMMANDS[cmd]
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    for which, words in (("empty", empty_words), ("debris", debris_words)):
+        code, out, err = run_cli(capsys, cmd, paths[which], *extra)
+        assert code == code_want, (which, out, err)
+        assert words in out + err, (which, out, err)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_diff_of_two_runs_and_of_a_damaged_one(capsys: pytest.CaptureFixture[str], run: Path, runs: dict[str, Path], paths: dict[str, Path]) -> None:
+    code, out, _ = run_cli(capsys, "diff", run, runs["incremental"], "--json")
+    d = json.loads(out)
+    assert code == 0 and d["step_a"] == d["step_b"] == 20 and {t["status"] for t in d["tensors"]} <= {"same", "changed"}
+    code, _, err = run_cli(capsys, "diff", paths["debris"], run)
+    assert code == 2 and "No committed checkpoint" in err
+    entry = json.loads((run / "step-000000020" / "MANIFEST.json").read_text())["files"]["model.safetensors"]
+    f = run / "step-000000020" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[entry["header_size"] + entry["tensors"]["weight"]["offsets"][0]] ^= 0x01  # a tensor diff reads
+    f.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "diff", run / "step-000000010", run / "step-000000020")
+    assert code == 2 and "does not match its checksum" in err and "model.safetensors" in err
+
+
+def test_export_of_a_run_whose_newest_is_rotten(capsys: pytest.CaptureFixture[str], run: Path, tmp_path: Path) -> None:
+    _flip_data(run / "step-000000020")  # same size: listed valid until its bytes are read
+    code, _, err = run_cli(capsys, "export", run, "-o", tmp_path / "m.safetensors")
+    assert code == 2 and "does not match its checksum" in err and not (tmp_path / "m.safetensors").exists()
+    code, out, _ = run_cli(capsys, "export", run / "step-000000010", "-o", tmp_path / "m.safetensors")
+    assert code == 0 and "of step 10" in out
+
+
+def test_plot_of_a_run(capsys: pytest.CaptureFixture[str], run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    if not (run / "metrics.csv").exists():
+        pytest.skip("the manager wrote no metrics.csv")
+    code, out, _ = run_cli(capsys, "plot", run, "-o", tmp_path / "loss.png")
+    assert code == 0 and "wrote" in out and (tmp_path / "loss.png").stat().st_size > 0
+    code, _, err = run_cli(capsys, "plot", run, "-o", tmp_path / "x.png", "--metric", "nope")
+    assert code == 2 and "nope" in err
