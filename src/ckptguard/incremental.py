@@ -51,8 +51,8 @@ from ckptguard.parallel_io import ParallelTensorWriter, Segment, write_segments
 from ckptguard.storage.base import Storage, join
 from ckptguard.tensorfile import (
     destination,
-    dtype_tables,
     digest_bytes,
+    dtype_tables,
     plan_tensor_file,
     tensor_view,
 )
