@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 import ckptguard as cg
@@ -44,7 +45,7 @@ def _make_run(path: Path, *, incremental: bool = False, steps: tuple[int, ...] =
     m = nn.Linear(3, 2)
     with cg.CheckpointManager(path, incremental=incremental) as mgr:
         for s in steps:
-            with __import__("torch").no_grad():
+            with torch.no_grad():
                 m.weight.add_(0.5)
             mgr.save(s, cg.TrainState(model=m, config=CONFIG), metrics={"loss": 1.0 / s}, force=True)
     return path
