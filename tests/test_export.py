@@ -81,3 +81,79 @@ def test_ls_shows_logical_and_physical_sizes(tmp_path: Path, capsys: pytest.Capt
     assert main(["ls", str(run)]) == 0
     text = capsys.readouterr().out
     assert "logical" in text and "physical" in text and "run total" in text
+
+
+def _declare_huge_tensor(ckpt: Path, nbytes: int, *, sparse: bool) -> None:
+    """Rewrite ``model.safetensors`` and the manifest, self-consistently (every checksum right),
+    to declare one F32 tensor of ``nbytes``; the data is a sparse hole or simply absent."""
+    import struct
+
+    from ckptguard.manifest import encode_manifest
+    from ckptguard.tensorfile import digest_bytes, merkle_root
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    head = struct.pack("<Q", len(header)) + header
+    f = ckpt / "model.safetensors"
+    f.write_bytes(head)
+    if sparse:
+        with open(f, "r+b") as fh:
+            fh.truncate(len(head) + nbytes)  # a hole: no block allocated
+    tensor_digest = "0" * 32
+    manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+    manifest.pop("manifest_xxh3_128", None)
+    manifest["files"]["model.safetensors"] = {
+        "kind": "tensors", "size": len(head) + nbytes, "header_size": len(head),
+        "header_xxh3_128": digest_bytes(head), "xxh3_128": merkle_root(digest_bytes(head), [tensor_digest]),
+        "tensors": {"w": {"dtype": "F32", "shape": [nbytes // 4], "offsets": [0, nbytes], "xxh3_128": tensor_digest}},
+    }
+    (ckpt / "MANIFEST.json").write_bytes(encode_manifest(manifest))
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-1TiB", "missing-data-1TiB"])
+def test_export_refuses_a_huge_declared_tensor_before_allocating(tmp_path: Path, sparse: bool) -> None:
+    """Issue 13 item 5: a self-consistent manifest declaring a 1 TiB tensor is refused at once."""
+    import time
+
+    from ckptguard.catalog import read_manifest
+    from ckptguard.export import export_checkpoint
+    from ckptguard.storage import open_storage
+
+    run = tmp_path / "run"
+    run_training(run, 5, every_steps=5)
+    ckpt = run / "step-000000005"
+    _declare_huge_tensor(ckpt, 1 << 40, sparse=sparse)
+    read_manifest(open_storage(str(run)), "step-000000005")  # the manifest itself is valid
+    out = tmp_path / "model.safetensors"
+    t0 = time.monotonic()
+    with pytest.raises(cg.CheckpointError) as info:
+        export_checkpoint(ckpt, out)
+    assert time.monotonic() - t0 < 60
+    msg = str(info.value)
+    assert f"model.safetensors declares {1 << 40} bytes of tensors but only" in msg and "Nothing was allocated" in msg
+    assert str(ckpt) in msg and "ckptguard verify" in msg
+    assert not out.exists()
+    assert main(["export", str(ckpt), "-o", str(out)]) == 2
+
+
+def test_export_refuses_what_this_machine_cannot_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizes really stored but over the memory available are refused before allocating. A machine
+    with less memory than a test checkpoint cannot be arranged here, so available memory is set
+    below the checkpoint's real size (the only stand-in in this file)."""
+    import math
+
+    from ckptguard import export as export_mod
+    from ckptguard.catalog import read_manifest
+    from ckptguard.storage import open_storage
+
+    run = tmp_path / "run"
+    run_training(run, 5, every_steps=5)
+    storage = open_storage(str(run))
+    manifest = read_manifest(storage, "step-000000005")
+    real = sum(4 * math.prod(i["shape"]) for i in manifest["files"]["model.safetensors"]["tensors"].values())
+    assert export_mod.check_declared_sizes(storage, "step-000000005", manifest, ["model.safetensors"]) == real
+    monkeypatch.setattr(export_mod, "available_memory", lambda: real - 1)
+    out = tmp_path / "model.safetensors"
+    with pytest.raises(cg.CheckpointError, match=f"exporting needs {real} bytes of memory for its tensors, this machine has {real - 1} available"):
+        export_mod.export_checkpoint(run / "step-000000005", out)
+    assert not out.exists()

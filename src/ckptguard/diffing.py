@@ -6,6 +6,9 @@ read one at a time, each verified against its manifest checksum, so memory stays
 
 >>> d = diff("runs/a/step-000000400", "runs/b/step-000000400")
 >>> d.tensors[0]   # TensorChange(name='head.weight', max_abs=0.012, rel=0.003, ...)
+
+``values=False`` compares tensors by their recorded checksums only (no tensor is read, torch is
+not imported): ``ckptguard diff --metadata``.
 """
 
 from __future__ import annotations
@@ -19,17 +22,17 @@ from typing import Any
 import yaml
 
 from ckptguard.catalog import read_manifest
+from ckptguard.configdrift import config_diff
 from ckptguard.errors import CheckpointNotFoundError
-from ckptguard.hparams import flatten, values_differ
 from ckptguard.manifest import MANIFEST
 from ckptguard.reader import CheckpointReader
-from ckptguard.state import MODEL_FILE
 from ckptguard.storage.base import join
 from ckptguard.verify import resolve_target
 
 __all__ = ["CheckpointDiff", "TensorChange", "dict_diff", "diff"]
 
 _ENV_IGNORE = frozenset({"pid"})
+MODEL_FILE = "model.safetensors"  # ckptguard.state's name (not imported: it imports torch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +81,7 @@ class CheckpointDiff:
 
 def dict_diff(a: Any, b: Any, ignore: frozenset[str] = frozenset()) -> list[tuple[str, Any, Any]]:
     """(dotted key, value in a, value in b) for every leaf that differs; absent is ``None``."""
-    fa, fb = flatten(a or {}), flatten(b or {})
-    out = []
-    for k in sorted(set(fa) | set(fb)):
-        if k.split(".")[0] in ignore:
-            continue
-        if k not in fa or k not in fb or values_differ(fa[k], fb[k]):
-            out.append((k, fa.get(k), fb.get(k)))
-    return out
+    return [(c.key, c.old, c.new) for c in config_diff(a or {}, b or {}) if c.key.split(".")[0] not in ignore]
 
 
 def _open(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> CheckpointReader:
@@ -106,7 +102,13 @@ def _probe(m: Mapping[str, Any]) -> Any:
     return None if p is None else {k: p.get(k) for k in ("hash", "mean", "std", "max_abs")}
 
 
-def tensor_changes(ra: CheckpointReader, rb: CheckpointReader, progress: Callable[[str], None] | None = None) -> list[TensorChange]:
+def _digest(e: Mapping[str, Any]) -> Any:
+    return e.get("xxh3_128") or tuple(c.get("digest") for c in e.get("chunks") or ()) or None
+
+
+def tensor_changes(
+    ra: CheckpointReader, rb: CheckpointReader, progress: Callable[[str], None] | None = None, values: bool = True
+) -> list[TensorChange]:
     ta, tb = ra.tensor_table(MODEL_FILE), rb.tensor_table(MODEL_FILE)
     out = []
     for name in sorted(set(ta) | set(tb)):
@@ -119,8 +121,11 @@ def tensor_changes(ra: CheckpointReader, rb: CheckpointReader, progress: Callabl
             continue
         if progress is not None:
             progress(name)
-        if ea.get("xxh3_128") and ea.get("xxh3_128") == eb.get("xxh3_128"):
+        if _digest(ea) is not None and _digest(ea) == _digest(eb):
             out.append(TensorChange(name, sa, sb, da, db, 0.0, 0.0))
+            continue
+        if not values:
+            out.append(TensorChange(name, sa, sb, da, db))  # differs by checksum; magnitude not read
             continue
         x = ra.tensors(MODEL_FILE, names=[name])[name]
         y = rb.tensors(MODEL_FILE, names=[name])[name]
@@ -141,8 +146,12 @@ def diff(
     *,
     storage_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    values: bool = True,
 ) -> CheckpointDiff:
-    """Compare two checkpoints (paths or URLs; a run means its newest checkpoint)."""
+    """Compare two checkpoints (paths or URLs; a run means its newest checkpoint).
+
+    ``values=False``: tensors are compared by checksum only (nothing read, no torch).
+    """
     ra, rb = _open(a, storage_options), _open(b, storage_options)
     ma, mb = ra.manifest, rb.manifest
     metrics_a, metrics_b = ma.get("metrics") or {}, mb.get("metrics") or {}
@@ -153,6 +162,6 @@ def diff(
         + [(k, ma.get(k), mb.get(k)) for k in ("format_version", "config_hash") if ma.get(k) != mb.get(k)],
         metrics={k: (metrics_a.get(k), metrics_b.get(k)) for k in sorted(set(metrics_a) | set(metrics_b))},
         probe=(_probe(ma), _probe(mb)),
-        tensors=tensor_changes(ra, rb, progress),
+        tensors=tensor_changes(ra, rb, progress, values),
     )
 

@@ -9,7 +9,8 @@ storage integrity, key/shape/dtype differences, behaviour drift on the probe bat
 cleanly, runs differently"), optimizer state missing for trainable parameters (and state for
 parameters no longer trained), optimizer and scheduler hyper-parameters the restore would
 silently override (with the LR at the saved step under both), missing RNG state, and environment
-drift (git commit and changed files, library versions, format version). Nothing is modified: the
+drift (git commit and changed files, library versions, format version), and config drift (today's
+config against the checkpoint's ``config.yaml``, key by key). Nothing is modified: the
 current objects are only read; the checkpoint's weights go into a CPU copy of the model.
 """
 
@@ -24,10 +25,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import nn
 
 from ckptguard.catalog import read_manifest, read_status
 from ckptguard.codec import decode
+from ckptguard.configdrift import config_diff
 from ckptguard.environment import _git, collect_environment
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.hparams import lr_at_step, optimizer_hparam_diffs, scheduler_diffs
@@ -107,6 +110,9 @@ def load_factory(spec: str) -> Callable[[], Any]:
             path = Path(mod_name)
             if not path.is_file():
                 raise CheckpointNotFoundError(f"--model {spec!r}: {path} does not exist.")
+            folder = str(path.resolve().parent)
+            if folder not in sys.path:  # its sibling modules import as under 'python file.py'
+                sys.path.insert(0, folder)
             unique = f"_ckptguard_factory_{abs(hash(str(path.resolve())))}"
             loader = importlib.util.spec_from_file_location(unique, path)
             assert loader is not None and loader.loader is not None
@@ -303,6 +309,25 @@ def check_environment(manifest: Mapping[str, Any], now: Mapping[str, Any], cwd: 
     return out
 
 
+def check_config(reader: CheckpointReader, today: Any, source: str) -> list[Finding]:
+    """Today's config against the checkpoint's ``config.yaml``, key by key."""
+    if today is None:
+        return [Finding("info", "config.unchecked", "no current config given (--config today.yaml, or a factory "
+                        "returning TrainState(config=...)): config drift not checked")]
+    if not reader.has("config.yaml"):
+        return [Finding("info", "config.unrecorded", "the checkpoint stored no config.yaml: today's config cannot be compared")]
+    try:
+        saved = yaml.safe_load(reader.blob("config.yaml"))
+    except (CheckpointError, yaml.YAMLError, RecursionError) as e:
+        return [Finding("warning", "config.unreadable", f"config.yaml cannot be read: {e}")]
+    changes = config_diff(saved, today)
+    if not changes:
+        return []
+    return [Finding("warning", "config.changed",
+                    f"{len(changes)} config key(s) differ between the checkpoint's config.yaml and {source} "
+                    "(the restored run trains with today's values)", tuple(str(c) for c in changes))]
+
+
 # ---- the whole examination -----------------------------------------------------------------------
 
 
@@ -313,8 +338,13 @@ def doctor(
     cwd: str | None = None,
     storage_options: dict[str, Any] | None = None,
     environment: Mapping[str, Any] | None = None,
+    config: Any = None,
+    config_source: str = "today's config",
 ) -> DoctorReport:
-    """Examine ``ckpt`` (a checkpoint, or a run: its newest) against the current objects."""
+    """Examine ``ckpt`` (a checkpoint, or a run: its newest) against the current objects.
+
+    ``config``: today's config (default: the TrainState's ``config``), compared key by key.
+    """
     storage, names = resolve_target(ckpt, storage_options)
     if not names:
         raise CheckpointNotFoundError(f"No checkpoint in {storage.describe('')}.")
@@ -343,6 +373,10 @@ def doctor(
         extra = reader.tensors(EXTRA_FILE) if reader.has(EXTRA_FILE) and EXTRA_FILE not in broken else {}
         findings += check_schedulers(ts, state, extra)
         findings += check_rng(ts, state)
+    if config is None and ts.config is not None:
+        config, config_source = ts.config, "the factory's TrainState(config=...)"
+    if "config.yaml" not in broken:
+        findings += check_config(reader, config, config_source)
     findings += check_environment(manifest, environment if environment is not None else collect_environment(cwd), cwd)
     order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
     findings.sort(key=lambda f: order[f.severity])

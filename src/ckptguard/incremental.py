@@ -40,9 +40,8 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
 import xxhash
 
 from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, ManifestCache
@@ -51,12 +50,15 @@ from ckptguard.manifest import _fail, _hex, _int, validate_tensor_table
 from ckptguard.parallel_io import ParallelTensorWriter, Segment, write_segments
 from ckptguard.storage.base import Storage, join
 from ckptguard.tensorfile import (
-    ST_TO_DTYPE,
     destination,
     digest_bytes,
+    dtype_tables,
     plan_tensor_file,
     tensor_view,
 )
+
+if TYPE_CHECKING:  # tensors arrive from callers; listing and verifying import no torch
+    import torch
 
 __all__ = [
     "CHUNK_BYTES",
@@ -371,13 +373,15 @@ def read_chunked(
     wanted = set(entry["tensors"]) if names is None else set(names)
     handles: dict[str, BinaryIO] = {}
     out: dict[str, torch.Tensor] = {}
-    scratch: torch.Tensor | None = None
+    scratch: bytearray | None = None
     try:
         for tname, info in entry["tensors"].items():
             if tname not in wanted:
                 continue
-            dtype, shape = ST_TO_DTYPE[info["dtype"]], tuple(info["shape"])
-            dest = destination(dtype, shape, None if targets is None else targets.get(tname), keep=keep)
+            shape = tuple(info["shape"])
+            dest = None if not keep else destination(
+                dtype_tables()[1][info["dtype"]], shape, None if targets is None else targets.get(tname)
+            )
             view = tensor_view(dest) if dest is not None else None
             pos = 0
             for c in info["chunks"]:
@@ -396,9 +400,9 @@ def read_chunked(
                 if view is not None:
                     part = view[pos : pos + n]
                 else:
-                    if scratch is None or scratch.numel() < n:
-                        scratch = torch.empty(n, dtype=torch.uint8)
-                    part = memoryview(scratch.numpy()).cast("B")[:n]
+                    if scratch is None or len(scratch) < n:
+                        scratch = bytearray(n)
+                    part = memoryview(scratch)[:n]
                 fh.seek(c["offset"])
                 if _readinto(fh, part) != n:
                     raise _corrupt(where, fname, tname, obj, f"is truncated at chunk {c['digest']}")
@@ -421,14 +425,3 @@ def verify_chunked(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, 
     """``VERIFIERS['chunked']``: read and hash every chunk without keeping it."""
     read_chunked(storage, ckpt, fname, entry, keep=False)
 
-
-def register() -> None:
-    """Plug the ``chunked`` kind into the manifest validator, the readers and the verifiers."""
-    from ckptguard import manifest, reader
-
-    manifest.FILE_KIND_VALIDATORS[KIND] = validate_chunked
-    reader.READERS[KIND] = read_chunked
-    reader.VERIFIERS[KIND] = verify_chunked
-
-
-register()

@@ -26,6 +26,7 @@ import torch
 
 from ckptguard.background import BackgroundSaves, Reaper
 from ckptguard.catalog import CheckpointInfo, ManifestCache, scan
+from ckptguard.configdrift import log_config_drift
 from ckptguard.distributed import coordinator, preempt_code, restore_checkpoint, signum_of
 from ckptguard.environment import collect_environment
 from ckptguard.errors import (
@@ -41,6 +42,7 @@ from ckptguard.metrics_log import MetricsLog, plain_metrics
 from ckptguard.parallel_io import default_tensor_writer
 from ckptguard.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
+from ckptguard.reader import CheckpointReader
 from ckptguard.retention import Decision, Retention, apply_decisions
 from ckptguard.runrecord import RUN_FILE, RunRecord, read_run_record
 from ckptguard.restoring import restore_first_valid, select_candidates
@@ -462,6 +464,7 @@ class CheckpointManager:
         if found is None:
             return None
         c, report = found
+        log_config_drift(CheckpointReader(self.storage, c.name, c.manifest or {}), state.config)  # WARNING per changed key
         self.last_restore_report = report
         self.resumed_from = c.step
         self.last_saved_step = c.step

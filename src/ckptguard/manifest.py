@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptguard.errors import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
-from ckptguard.tensorfile import MAX_HEADER, ST_TO_DTYPE, digest_bytes, numel
+from ckptguard.tensorfile import MAX_HEADER, digest_bytes, numel
 
 __all__ = [
     "FORMAT_VERSION",
@@ -120,7 +120,7 @@ def validate_tensor_table(table: object, where: str, name: str) -> int:
         if not isinstance(info, dict):
             raise _fail(where, f"tensor {tname!r} entry must be an object")
         dtype = info.get("dtype")
-        if dtype not in ST_TO_DTYPE:
+        if dtype not in ITEMSIZE:
             raise _fail(where, f"tensor {tname!r} has unknown dtype {dtype!r}")
         shape = info.get("shape")
         if not isinstance(shape, list) or len(shape) > 64:
@@ -162,9 +162,16 @@ def _validate_tensors(entry: dict[str, Any], where: str, name: str) -> None:
         raise _fail(where, f"files[{name!r}] size {size} != header {header} + data {data}")
 
 
+def _validate_chunked(entry: dict[str, Any], where: str, name: str) -> None:
+    from ckptguard.incremental import validate_chunked  # wired here: incremental imports this module
+
+    validate_chunked(entry, where, name)
+
+
 FILE_KIND_VALIDATORS: dict[str, Callable[[dict[str, Any], str, str], None]] = {
     "blob": _validate_blob,
     "tensors": _validate_tensors,
+    "chunked": _validate_chunked,
 }
 
 

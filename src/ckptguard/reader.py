@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptguard.errors import (
     CheckpointError,
@@ -21,9 +19,12 @@ from ckptguard.parallel_io import read_ahead
 from ckptguard.storage.base import Storage, join
 from ckptguard.tensorfile import check_header, digest_bytes, read_tensor_file
 
+if TYPE_CHECKING:  # reading tensors imports torch; verifying bytes does not
+    import torch
+
 __all__ = ["CheckpointReader", "READERS", "VERIFIERS", "verify_files"]
 
-TensorReader = Callable[..., dict[str, torch.Tensor]]
+TensorReader = Callable[..., "dict[str, torch.Tensor]"]
 
 
 def _read_local_tensors(
@@ -60,7 +61,13 @@ def _read_local_tensors(
             raise
 
 
-READERS: dict[str, TensorReader] = {"tensors": _read_local_tensors}
+def _read_chunked(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any], **kw: Any) -> dict[str, torch.Tensor]:
+    from ckptguard.incremental import read_chunked  # wired here: incremental imports this package's catalog
+
+    return read_chunked(storage, ckpt, fname, entry, **kw)
+
+
+READERS: dict[str, TensorReader] = {"tensors": _read_local_tensors, "chunked": _read_chunked}
 
 
 def _verify_tensors(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> None:
@@ -75,6 +82,7 @@ def _verify_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, An
 VERIFIERS: dict[str, Callable[[Storage, str, str, Mapping[str, Any]], None]] = {
     "tensors": _verify_tensors,
     "blob": _verify_blob,
+    "chunked": _verify_tensors,
 }
 
 

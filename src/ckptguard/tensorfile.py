@@ -13,20 +13,24 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Mapping
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
 import xxhash
 
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 from ckptguard.storage.base import Writer
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: verifying and listing need no torch
+    import torch
 
 __all__ = [
     "CHUNK",
     "check_header",
     "destination",
     "DTYPE_TO_ST",
+    "ST_ITEMSIZE",
     "ST_TO_DTYPE",
+    "dtype_tables",
     "digest_bytes",
     "merkle_root",
     "plan_tensor_file",
@@ -39,24 +43,34 @@ __all__ = [
 CHUNK = 16 * 1024 * 1024
 MAX_HEADER = 100 * 1024 * 1024
 
-DTYPE_TO_ST: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
+# safetensors dtype name -> (torch attribute, bytes per element); torch dtypes are looked up lazily
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1), "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
 }
-ST_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_ST.items()}
+ST_ITEMSIZE: dict[str, int] = {k: size for k, (_, size) in _DTYPES.items()}
+_tables: tuple[dict[Any, str], dict[str, Any]] | None = None
+
+
+def dtype_tables() -> tuple[dict[torch.dtype, str], dict[str, torch.dtype]]:
+    """``(DTYPE_TO_ST, ST_TO_DTYPE)``, built (importing torch) on first use."""
+    global _tables
+    if _tables is None:
+        import torch
+
+        to_st = {getattr(torch, attr): st for st, (attr, _) in _DTYPES.items()}
+        _tables = (to_st, {v: k for k, v in to_st.items()})
+    return _tables
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: DTYPE_TO_ST / ST_TO_DTYPE stay importable names
+    if name == "DTYPE_TO_ST":
+        return dtype_tables()[0]
+    if name == "ST_TO_DTYPE":
+        return dtype_tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def digest_bytes(data: bytes | memoryview) -> str:
@@ -72,7 +86,9 @@ def merkle_root(header_digest: str, tensor_digests: Iterable[str]) -> str:
 
 def tensor_view(t: torch.Tensor) -> memoryview:
     """The raw bytes of a CPU tensor as a flat memoryview (zero-copy when contiguous)."""
-    if t.dtype not in DTYPE_TO_ST:
+    import torch
+
+    if t.dtype not in dtype_tables()[0]:
         raise UnsupportedStateError(
             f"Tensor dtype {t.dtype} cannot be stored in safetensors. Convert it (e.g. complex to "
             "torch.view_as_real) before saving."
@@ -90,17 +106,18 @@ def plan_tensor_file(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> tuple[bytes, dict[str, dict[str, Any]]]:
     """Build the safetensors header and the manifest's tensor table (offsets, dtype, shape)."""
+    to_st = dtype_tables()[0]
     header: dict[str, Any] = {}
     table: dict[str, dict[str, Any]] = {}
     offset = 0
     for name, t in tensors.items():
-        if t.dtype not in DTYPE_TO_ST:
+        if t.dtype not in to_st:
             raise UnsupportedStateError(
                 f"Tensor {name!r} has dtype {t.dtype}, which safetensors cannot store. Convert it "
                 "before saving."
             )
         nbytes = t.numel() * t.element_size()
-        info = {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape)}
+        info = {"dtype": to_st[t.dtype], "shape": list(t.shape)}
         header[name] = {**info, "data_offsets": [offset, offset + nbytes]}
         table[name] = {**info, "offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -185,17 +202,19 @@ def read_tensor_file(
         check_header(head, entry, where)
     wanted = set(entry["tensors"]) if names is None else set(names)
     out: dict[str, torch.Tensor] = {}
-    scratch: torch.Tensor | None = None
+    scratch: bytearray | None = None
     ordered = sorted(entry["tensors"].items(), key=lambda kv: kv[1]["offsets"][0])
     for name, info in ordered:
         begin, end = info["offsets"]
         if name not in wanted:
             continue
         fh.seek(header_size + begin)
-        dtype = ST_TO_DTYPE[info["dtype"]]
         shape = tuple(info["shape"])
         nbytes = end - begin
-        dest = destination(dtype, shape, None if targets is None else targets.get(name), keep=keep)
+        dest = None
+        if keep:
+            dtype = dtype_tables()[1][info["dtype"]]
+            dest = destination(dtype, shape, None if targets is None else targets.get(name), keep=keep)
         h = xxhash.xxh3_128()
         if dest is not None:
             view = tensor_view(dest) if nbytes else memoryview(b"")
@@ -207,12 +226,12 @@ def read_tensor_file(
             out[name] = dest
         else:
             if scratch is None:
-                scratch = torch.empty(min(CHUNK, max(nbytes, 1)), dtype=torch.uint8)
+                scratch = bytearray(min(CHUNK, max(nbytes, 1)))
             for pos in range(0, nbytes, CHUNK):
                 n = min(CHUNK, nbytes - pos)
-                if scratch.numel() < n:
-                    scratch = torch.empty(n, dtype=torch.uint8)
-                part = memoryview(scratch.numpy()).cast("B")[:n]
+                if len(scratch) < n:
+                    scratch = bytearray(n)
+                part = memoryview(scratch)[:n]
                 _read_exact_into(fh, part, where)
                 h.update(part)
         if verify and h.hexdigest() != info["xxh3_128"]:
@@ -233,6 +252,8 @@ def destination(
     verifying (``keep=False``)."""
     if not keep:
         return None
+    import torch
+
     if (
         target is not None
         and target.dtype == dtype

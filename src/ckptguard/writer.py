@@ -18,15 +18,16 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptguard.catalog import find_debris
 from ckptguard.errors import CheckpointError
 from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
 from ckptguard.storage.base import Storage, Writer, join
 from ckptguard.tensorfile import digest_bytes, write_tensor_file
+
+if TYPE_CHECKING:  # tensors arrive from callers; pruning imports no torch
+    import torch
 
 __all__ = ["FileWriters", "begin_checkpoint", "clean_debris", "delete_checkpoint", "write_checkpoint", "write_file"]
 
@@ -35,7 +36,7 @@ T = TypeVar("T")
 
 # A writer of one tensor file: (storage, relpath, tensors) -> manifest entry. Incremental saves
 # and parallel writers plug in here.
-TensorFileWriter = Callable[[Storage, str, Mapping[str, torch.Tensor]], dict[str, Any]]
+TensorFileWriter = Callable[[Storage, str, "Mapping[str, torch.Tensor]"], dict[str, Any]]
 
 
 def write_file(storage: Storage, rel: str, body: Callable[[Writer], T]) -> T:

@@ -1,7 +1,11 @@
 """The ``ckptguard`` command line. One module per command; each has ``register(subparsers)``.
 
-Exit codes: 0 all sound; 1 the command ran and found problems (verify, doctor); 2 bad input
-(missing path, unreadable checkpoint, wrong arguments). ``--json`` prints machine-readable output.
+Exit codes: 0 all sound; 1 the command ran and found problems (verify; doctor on errors, or on
+warnings with ``--strict``); 2 bad input (missing path, a regular file or a checkpoint where a run
+is expected, unreadable checkpoint, an existing export target without ``--force``, wrong
+arguments). ``--json`` prints machine-readable output. Pinned by tests/test_cli_endings.py.
+Command modules import torch only inside ``run`` where they need it, so ``ls``, ``inspect``,
+``verify``, ``prune``, ``pin`` and ``diff --metadata`` start without it.
 """
 
 from __future__ import annotations

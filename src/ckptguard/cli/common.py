@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any
 
 from rich.console import Console
 
-__all__ = ["console", "err_console", "fail", "human_bytes", "print_json", "add_json_flag"]
+__all__ = ["add_json_flag", "check_target", "console", "err_console", "fail", "human_bytes", "path_kind", "print_json"]
 
 _console: Console | None = None
 _err: Console | None = None
@@ -50,3 +51,69 @@ def human_bytes(n: float) -> str:
 def fail(e: BaseException, code: int = 2) -> int:
     err_console().print(f"[bold red]error:[/] {e}", highlight=False)
     return code
+
+
+# ---- what a path given on the command line is ------------------------------------------------
+
+_STEP_RE = re.compile(r"^step-\d{9,}$")
+
+
+def path_kind(path: str) -> str:
+    """``url``, ``missing``, ``file``, ``checkpoint`` (a step directory or one holding MANIFEST.json),
+    ``run`` (any other directory). Local paths only are looked at; URLs are left to the storage."""
+    if "://" in path:
+        return "url"
+    p = path.rstrip("/") or "/"
+    if not os.path.lexists(p):
+        return "missing"
+    if not os.path.isdir(p):
+        return "file"
+    if _STEP_RE.match(os.path.basename(os.path.abspath(p))) or os.path.lexists(os.path.join(p, "MANIFEST.json")):
+        return "checkpoint"
+    return "run"
+
+
+def _what_file(p: str) -> str:
+    name = os.path.basename(p)
+    if name == "MANIFEST.json":
+        return f"the manifest of the checkpoint {os.path.dirname(os.path.abspath(p))}"
+    if name.endswith(".safetensors"):
+        return "a safetensors file"
+    if not os.path.isfile(p):
+        return "not a regular file or a directory"
+    return f"a regular file ({os.path.getsize(p)} bytes)"
+
+
+def check_target(path: str, *, want: str, flag: str = "") -> str:
+    """Refuse, with a message that says what ``path`` is and what to pass, a path that is missing
+    or not a directory. ``want``: ``run`` (ls, prune, pin, plot) or ``checkpoint`` (a checkpoint
+    or a run: verify, inspect, doctor, export, diff). Returns :func:`path_kind`."""
+    from ckptguard.errors import CheckpointNotFoundError
+
+    kind = path_kind(path)
+    what = "a run directory (runs/exp1)" if want == "run" else "a checkpoint directory (runs/exp1/step-000001200) or a run directory"
+    label = f"{flag} {path}" if flag else path
+    if kind == "missing":
+        parent = os.path.dirname(os.path.abspath(path.rstrip("/")))
+        hint = "" if os.path.isdir(parent) else f" (nor does its folder {parent})"
+        raise CheckpointNotFoundError(f"{label} does not exist{hint}. Pass {what}.")
+    if kind == "file":
+        p = path.rstrip("/")
+        if os.path.basename(p) == "MANIFEST.json":
+            hint = f"pass its folder {os.path.dirname(os.path.abspath(p))}"
+        else:
+            hint = f"pass {what}"
+        raise CheckpointNotFoundError(f"{label} is {_what_file(p)}, not a directory: {hint}.")
+    return kind
+
+
+def require_run(path: str, command: str) -> None:
+    """For commands that act on a whole run: refuse a checkpoint directory, naming its run."""
+    if check_target(path, want="run") == "checkpoint":
+        from ckptguard.errors import CheckpointNotFoundError
+
+        run = os.path.dirname(os.path.abspath(path.rstrip("/")))
+        raise CheckpointNotFoundError(
+            f"{path} is a checkpoint directory; '{command}' works on a whole run. Its run is {run}: "
+            f"run 'ckptguard {command} {run} ...'."
+        )

@@ -82,6 +82,11 @@ def _drive(
 def run(args: argparse.Namespace) -> int:
     c = console()
     steps, every = args.steps, args.every
+    if every < 1 or steps < 4 * every:
+        from ckptguard.cli.common import fail
+
+        return fail(ValueError(f"demo needs --every >= 1 and --steps >= 4 x --every (got --steps {steps} --every {every}): "
+                               "it kills the run twice between saves."))
     work = args.dir or tempfile.mkdtemp(prefix="ckptguard-demo-")
     os.makedirs(work, exist_ok=True)
     ref_dir, run_dir = os.path.join(work, "reference"), os.path.join(work, "preempted")

@@ -8,7 +8,7 @@ from typing import Any
 from rich.progress import Progress
 from rich.table import Table
 
-from ckptguard.cli.common import add_json_flag, console, print_json
+from ckptguard.cli.common import add_json_flag, check_target, console, print_json
 from ckptguard.diffing import CheckpointDiff, diff
 
 
@@ -17,6 +17,8 @@ def register(sub: Any) -> None:
     p.add_argument("a", help="checkpoint directory or URL (a run means its newest checkpoint)")
     p.add_argument("b", help="checkpoint directory or URL")
     p.add_argument("--all", action="store_true", help="list unchanged tensors too")
+    p.add_argument("--metadata", action="store_true",
+                   help="compare tensors by checksum only (reads no tensor data; fast, no torch)")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -67,11 +69,14 @@ def render(d: CheckpointDiff, show_all: bool = False) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_target(args.a, want="checkpoint")
+    check_target(args.b, want="checkpoint")
+    values = not args.metadata
     if args.json:
-        print_json(diff(args.a, args.b).to_json())
+        print_json(diff(args.a, args.b, values=values).to_json())
         return 0
     with Progress(transient=True, console=console()) as prog:
         task = prog.add_task("comparing tensors", total=None)
-        d = diff(args.a, args.b, progress=lambda n: prog.update(task, description=f"comparing {n}"))
+        d = diff(args.a, args.b, progress=lambda n: prog.update(task, description=f"comparing {n}"), values=values)
     render(d, args.all)
     return 0

@@ -6,8 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from ckptguard.cli.common import add_json_flag, console, human_bytes, print_json
-from ckptguard.export import export_checkpoint
+from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 
 
 def register(sub: Any) -> None:
@@ -23,12 +22,16 @@ def register(sub: Any) -> None:
         "--full", action="store_true",
         help="the whole state: model/, optimizer/, state/ tensors plus the JSON state in __metadata__",
     )
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     add_json_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = export_checkpoint(args.checkpoint, args.output, full=args.full)
+    from ckptguard.export import export_checkpoint
+
+    check_target(args.checkpoint, want="checkpoint")
+    result = export_checkpoint(args.checkpoint, args.output, full=args.full, overwrite=args.force)
     if args.json:
         print_json(dataclasses.asdict(result))
         return 0

@@ -7,8 +7,11 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.catalog import read_manifest
-from ckptguard.cli.common import add_json_flag, console, human_bytes, print_json
+from ckptguard.catalog import info_for
+from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
+from ckptguard.errors import CheckpointNotFoundError
+from ckptguard.manifest import MANIFEST
+from ckptguard.storage.base import join
 from ckptguard.verify import resolve_target
 
 
@@ -21,15 +24,30 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    kind = check_target(args.ckpt, want="checkpoint")
     storage, names = resolve_target(args.ckpt)
-    if not names:
-        from ckptguard.errors import CheckpointNotFoundError
+    committed = sorted(n for n in names if storage.exists(join(n, MANIFEST)))
+    if not committed:
+        if kind == "checkpoint" and len(names) == 1:  # a step directory without a manifest
+            raise CheckpointNotFoundError(
+                f"{storage.describe(names[0])} has no {MANIFEST}: it is not a committed checkpoint "
+                "(debris of an interrupted save, removed by the next save or 'ckptguard prune')."
+            )
+        raise CheckpointNotFoundError(
+            f"No committed checkpoint in {storage.describe('')}"
+            + (f" ({len(names)} step directories without a manifest: debris of interrupted saves)" if names else "")
+            + ". Pass a run directory or RUN/step-N; 'ckptguard ls' lists a run."
+        )
+    name = committed[-1]
+    info = info_for(storage, name)  # the same status 'ckptguard ls' shows
+    if info.manifest is None:  # unreadable: exit 2 like any unreadable input
+        from ckptguard.errors import CorruptCheckpointError
 
-        raise CheckpointNotFoundError(f"No checkpoint in {storage.describe('')}.")
-    name = names[-1]
-    m = read_manifest(storage, name)
+        raise CorruptCheckpointError(f"{storage.describe(name)} cannot be inspected: {'; '.join(info.problems)} "
+                                     f"Run 'ckptguard verify {storage.describe(name)}'.")
+    m = info.manifest
     if args.json:
-        print_json(m)
+        print_json({**m, "status": info.status, "valid": info.valid, "problems": list(info.problems)})
         return 0
     c = console()
     env = m.get("environment") or {}
@@ -42,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         ("step", str(m["step"])),
         ("created", f"{m.get('created')}  (save took {m.get('save_seconds', 0):.3f}s, reason: {m.get('reason', '')})"),
         ("format", f"{m.get('format')} v{m.get('format_version')}, checksum {m.get('checksum')}"),
-        ("verification", str((m.get("verification") or {}).get("status"))),
+        ("status", info.status if info.valid else f"{info.status}: {'; '.join(info.problems)}"),
         ("metrics", ", ".join(f"{k}={v}" for k, v in (m.get("metrics") or {}).items()) or "-"),
         ("config hash", str(m.get("config_hash"))),
         ("git", f"{git.get('commit', '?')[:12]}{' (dirty)' if git.get('dirty') else ''}" if git else "not a git work tree"),

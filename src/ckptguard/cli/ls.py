@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from rich.table import Table
 
 from ckptguard.catalog import find_debris, scan
-from ckptguard.cli.common import add_json_flag, console, human_bytes, print_json
+from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.sizes import run_sizes
 from ckptguard.storage import open_storage
@@ -22,11 +23,26 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    storage = open_storage(args.run)
+    only: str | None = None
+    if check_target(args.run, want="run") == "checkpoint":
+        # A checkpoint directory: list its run, showing that one checkpoint.
+        text = os.path.abspath(args.run.rstrip("/"))
+        parent, only = os.path.dirname(text), os.path.basename(text)
+        storage = open_storage(parent)
+    else:
+        storage = open_storage(args.run)
     if not storage.isdir(""):
-        raise CheckpointNotFoundError(f"{storage.describe('')} does not exist. Check the run directory.")
+        raise CheckpointNotFoundError(f"{storage.describe('')} does not exist. Pass a run directory (runs/exp1).")
     ckpts = scan(storage)
-    debris = find_debris(storage)
+    if only is not None:
+        ckpts = [c for c in ckpts if c.name == only]
+        if not ckpts:
+            raise CheckpointNotFoundError(
+                f"{args.run} is a checkpoint directory, not a run, and not a committed checkpoint of its run "
+                f"{storage.describe('')} (no valid MANIFEST.json: debris of an interrupted save?). "
+                f"Run 'ckptguard ls {storage.describe('')}' or 'ckptguard verify {args.run}'."
+            )
+    debris = find_debris(storage) if only is None else []
     sizes = run_sizes(storage, ckpts)  # logical vs physical: see ckptguard.sizes
     if args.json:
         print_json(
@@ -67,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
             style=style,
         )
     console().print(t)
+    if only is not None:
+        console().print(f"{args.run} is one checkpoint of the run {storage.describe('')}: "
+                        f"'ckptguard ls {storage.describe('')}' lists them all.", highlight=False)
+        return 0
+    if not ckpts:
+        console().print("no committed checkpoint in this directory" + (" (only leftovers of interrupted saves)" if debris else "")
+                        + ": is it the run directory?", highlight=False)
     console().print(
         f"run total: logical {human_bytes(sizes.logical)}, physical {human_bytes(sizes.physical)} on "
         "storage (physical per checkpoint = bytes it added that no older checkpoint holds)",

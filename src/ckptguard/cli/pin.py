@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ckptguard.cli.common import add_json_flag, console, print_json
+from ckptguard.cli.common import add_json_flag, console, print_json, require_run
 from ckptguard.pins import pin, unpin
 from ckptguard.storage import open_storage
 
@@ -29,6 +29,7 @@ def register(sub: Any) -> None:
 
 
 def run_pin(args: argparse.Namespace) -> int:
+    require_run(args.run, "pin")
     storage = open_storage(args.run)
     pin(storage, args.step, args.note)
     if args.json:
@@ -39,6 +40,7 @@ def run_pin(args: argparse.Namespace) -> int:
 
 
 def run_unpin(args: argparse.Namespace) -> int:
+    require_run(args.run, "unpin")
     storage = open_storage(args.run)
     was = unpin(storage, args.step)
     if args.json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ckptguard.cli.common import add_json_flag, console, print_json
+from ckptguard.cli.common import add_json_flag, console, print_json, require_run
 
 
 def register(sub: Any) -> None:
@@ -21,6 +21,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_run(args.run, "plot")
     try:
         import matplotlib  # noqa: F401
 

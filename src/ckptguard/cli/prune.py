@@ -14,7 +14,7 @@ from typing import Any
 from rich.table import Table
 
 from ckptguard.catalog import find_debris, scan
-from ckptguard.cli.common import add_json_flag, console, err_console, human_bytes, print_json
+from ckptguard.cli.common import add_json_flag, console, err_console, human_bytes, print_json, require_run
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.gc import collect
 from ckptguard.lock import RunLock
@@ -82,6 +82,7 @@ def plan(storage: Storage, retention: Retention) -> list[Decision]:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_run(args.run, "prune")
     storage = open_storage(args.run)
     if not storage.isdir(""):
         raise CheckpointNotFoundError(f"{storage.describe('')} does not exist. Check the run directory.")

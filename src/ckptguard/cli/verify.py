@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from ckptguard.catalog import scan
-from ckptguard.cli.common import add_json_flag, console, human_bytes, print_json
+from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 from ckptguard.cli.progress import delayed_progress
 from ckptguard.verify import resolve_target, verify
 
@@ -22,6 +22,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_target(args.target, want="checkpoint")
     storage, names = resolve_target(args.target)
     if args.json:
         report = verify(args.target)
