@@ -20,7 +20,6 @@ so three facts are kept and checked here:
   The file *name* is the record (the body is for people), so a damaged body still distrusts.
   GC removes the records of a pack when no committed manifest references it any more (no save
   can reference it again: saves find chunks only through committed manifests).
-- **Stored bytes** of a set of checkpoints (``max_bytes`` budgets): :func:`stored_bytes`.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
@@ -46,7 +45,6 @@ __all__ = [
     "pack_problems",
     "read_distrust",
     "record_distrust",
-    "stored_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -200,19 +198,3 @@ def pack_problems(manifest: Mapping[str, Any], stats: PackStats) -> list[str]:
                     f"{bad['pack']} at offset {bad['offset']}, recorded in {DISTRUST_DIR}/)"
                 )
     return problems
-
-
-def stored_bytes(manifests: Iterable[Mapping[str, Any]]) -> int:
-    """Bytes a set of checkpoints holds on storage: each one's own files (manifest sizes) plus
-    every shared pack any of them references, counted once (a pack is freed only when no kept
-    checkpoint references it). Manifests and STATUS files are not counted."""
-    own = 0
-    packs: dict[str, int] = {}
-    for manifest in manifests:
-        for entry in manifest["files"].values():
-            shared = entry.get("packs")
-            if isinstance(shared, dict):
-                packs.update(shared)
-            else:
-                own += int(entry.get("size", 0))
-    return own + sum(int(v) for v in packs.values())
