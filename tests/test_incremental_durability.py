@@ -12,16 +12,23 @@ whose packs are gone, and ``clean_debris`` puts that checkpoint back.
 
 from __future__ import annotations
 
+import json
 import posixpath
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 import ckptguard as cg
+from ckptguard.catalog import ManifestCache
+from ckptguard.gc import collect
+from ckptguard.incremental import IncrementalSave, trusted_index
 from ckptguard.storage.local import LocalStorage
 from ckptguard.testing import FaultyStorage
+from ckptguard.writer import clean_debris
 
 
 def replay(log: list[tuple[str, str]]) -> int:
@@ -82,3 +89,112 @@ def test_the_crash_model_rejects_the_old_order() -> None:
         raise AssertionError("the crash model accepted an undurable uncommit")
     fixed = old[:4] + [("fsync", ".trash-step-000000001-aaaa"), ("fsync", "")] + old[4:]
     assert replay(fixed) == 1
+
+
+# ---- damage records survive pruning; GC forgets them only with their pack ---------------------
+
+
+def small_run(run: Path, steps: int, **mgr_kw: object) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    state = cg.TrainState(model=model, optimizer=opt)
+    with cg.CheckpointManager(run, every_steps=1, incremental=True, **mgr_kw) as mgr:  # type: ignore[arg-type]
+        for step in range(1, steps + 1):
+            model(torch.randn(2, 16)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            mgr.save(step, state)
+
+
+def body_chunk(run: Path, step: int) -> dict[str, object]:
+    m = json.loads((run / f"step-{step:09d}" / "MANIFEST.json").read_text())
+    return m["files"]["model.safetensors"]["tensors"]["0.weight"]["chunks"][0]
+
+
+def test_a_recorded_chunk_is_never_referenced_again_even_when_trusted_as_checked(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    small_run(run, 3)
+    c = body_chunk(run, 1)
+    assert body_chunk(run, 3) == c  # shared by all three
+    with open(run / "objects" / c["pack"], "r+b") as f:
+        f.seek(c["offset"] + 5)
+        b = f.read(1)
+        f.seek(c["offset"] + 5)
+        f.write(bytes([b[0] ^ 1]))
+    report = cg.verify(run)
+    assert not report.ok
+    record = run / "objects" / "distrusted" / f"{c['pack']}@{c['offset']}.json"
+    body = json.loads(record.read_text())
+    assert (body["format"], body["version"], body["pack"], body["offset"], body["digest"]) == (
+        "ckptguard-distrust", 1, c["pack"], c["offset"], c["digest"])
+    # ls and retention: every checkpoint referencing it is invalid, and says why
+    with cg.CheckpointManager(run, incremental=True) as mgr:
+        infos = mgr.checkpoints()
+    assert [i.valid for i in infos] == [False, False, False]
+    assert all("failed a check" in "; ".join(i.problems) and "0.weight" in "; ".join(i.problems) for i in infos)
+    # prune the two newest by hand: step 1 still references the pack, the record stays
+    for s in (2, 3):
+        shutil.rmtree(run / f"step-{s:09d}")
+    storage = LocalStorage(run)
+    idx = trusted_index(ManifestCache(storage))
+    assert idx.find(c["digest"], c["size"]) is None  # the damaged location is not offered
+    # a save that believes the location was just checked still writes a fresh copy
+    torch.manual_seed(0)
+    body = nn.Linear(16, 16).weight.detach().clone()  # the frozen layer's bytes, as saved
+    save = IncrementalSave(idx, checked={(c["pack"], c["offset"]): 0})
+    entry = save(storage, "x/model.safetensors", {"0.weight": body})
+    (chunk,) = entry["tensors"]["0.weight"]["chunks"]
+    assert chunk["digest"] == c["digest"] and chunk["pack"] != c["pack"]
+    assert (save.reused_bytes, save.written_bytes) == (0, 16 * 16 * 4)
+    # GC forgets the record only when no committed manifest references the pack any more
+    assert c["pack"] not in collect(storage).deleted and record.exists()
+    shutil.rmtree(run / "step-000000001")
+    small_run(run, 1)  # a new step 1 (a fresh copy of the body); its GC frees the old pack
+    assert not (run / "objects" / c["pack"]).exists() and not record.exists()
+    assert body_chunk(run, 1)["pack"] != c["pack"]
+
+
+def test_a_missing_pack_is_recorded_and_ls_says_so(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    small_run(run, 2)
+    c = body_chunk(run, 2)
+    (run / "objects" / c["pack"]).unlink()
+    with cg.CheckpointManager(run, incremental=True) as mgr:
+        infos = mgr.checkpoints()
+        assert [i.valid for i in infos] == [False, False]
+        assert all(f"shared pack objects/{c['pack']} is missing" in "; ".join(i.problems) for i in infos)
+        model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
+        with pytest.raises(cg.CheckpointError, match="No valid checkpoint"):
+            mgr.restore(cg.TrainState(model=model))
+    # a resized pack is as bad as a missing one
+    run2 = tmp_path / "run2"
+    small_run(run2, 1)
+    c2 = body_chunk(run2, 1)
+    with open(run2 / "objects" / c2["pack"], "ab") as f:
+        f.write(b"x")
+    with cg.CheckpointManager(run2, incremental=True) as mgr:
+        (info,) = mgr.checkpoints()
+    assert not info.valid and "bytes, the manifest recorded" in "; ".join(info.problems)
+
+
+def test_a_whole_trash_checkpoint_keeps_its_packs_until_put_back(tmp_path: Path) -> None:
+    """A delete killed after its rename leaves .trash-step-N-* with its manifest; the next save
+    puts it back, so GC in between must not delete its packs."""
+    run = tmp_path / "run"
+    small_run(run, 2)
+    storage = LocalStorage(run)
+    mine = {body_chunk(run, 1)["pack"]} | {
+        ch["pack"]
+        for e in json.loads((run / "step-000000001" / "MANIFEST.json").read_text())["files"].values()
+        for t in (e.get("tensors") or {}).values() for ch in t.get("chunks") or ()
+    }
+    (run / "step-000000001").rename(run / ".trash-step-000000001-0badcafe")
+    report = collect(storage)
+    assert report.stopped == "" and not (set(report.deleted) & mine)
+    assert all((run / "objects" / p).exists() for p in mine)
+    assert clean_debris(storage) == []  # put back, not removed
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
+    with cg.CheckpointManager(run, incremental=True) as mgr:
+        assert mgr.restore(cg.TrainState(model=model), step=1) == 1
