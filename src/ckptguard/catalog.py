@@ -1,7 +1,8 @@
 """Finding checkpoints in a run: committed ones, their status marks, and debris.
 
 A checkpoint is ``step-NNNNNNNNN/`` with a ``MANIFEST.json`` that parses and validates and whose
-files exist with the recorded sizes. ``STATUS.json`` beside the manifest carries what was learned
+files exist with the recorded sizes (for incremental checkpoints: the shared packs too, and no
+chunk a check found damaged; see :mod:`ckptguard.trust`). ``STATUS.json`` beside the manifest carries what was learned
 after the commit (verified by the probe, failed verification, found corrupt); it is not covered by
 the manifest's checksums and can only make a checkpoint *less* trusted.
 Everything else under the run (``.tmp-*``, ``.trash-*``, step directories without a manifest) is

@@ -50,8 +50,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
 
@@ -59,18 +57,24 @@ import torch
 import xxhash
 
 from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, ManifestCache
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ckptguard.chunked_read import read_chunked, verify_chunked
+from ckptguard.errors import CheckpointError
 from ckptguard.manifest import _fail, _hex, _int, validate_tensor_table
 from ckptguard.parallel_io import ParallelTensorWriter, Segment, write_segments
-from ckptguard.storage.base import Storage, join
-from ckptguard.tensorfile import (
-    ST_TO_DTYPE,
-    destination,
-    digest_bytes,
-    plan_tensor_file,
-    tensor_view,
+from ckptguard.storage.base import Storage
+from ckptguard.tensorfile import digest_bytes, plan_tensor_file, tensor_view
+from ckptguard.trust import (
+    OBJECTS,
+    PACK_RE,
+    Distrust,
+    PackStats,
+    new_pack_name,
+    pack_path,
+    pack_time,
+    read_distrust,
+    read_full,
+    record_distrust,
 )
-from ckptguard.trust import OBJECTS, PACK_RE, Distrust, PackStats, read_distrust, record_distrust
 
 __all__ = [
     "CHUNK_BYTES",
@@ -85,6 +89,7 @@ __all__ = [
     "build_index_from",
     "chunk_refs",
     "pack_path",
+    "pack_time",
     "read_chunked",
     "trusted_index",
     "validate_chunked",
@@ -96,23 +101,6 @@ log = logging.getLogger(__name__)
 KIND = "chunked"
 CHUNK_BYTES = 64 * 1024 * 1024
 COPY_FORWARD_BELOW = 0.5
-
-
-def pack_path(name: str) -> str:
-    """The run-relative path of a pack; refuses any name that is not a pack name."""
-    if not isinstance(name, str) or not PACK_RE.match(name):
-        raise CorruptCheckpointError(f"refusing object name {name!r}: not a ckptguard pack name.")
-    return join(OBJECTS, name)
-
-
-def pack_time(name: str) -> float | None:
-    """Creation time (unix seconds) encoded in a pack name, or None for other names."""
-    m = PACK_RE.match(name)
-    return int(m.group(1)) / 1000.0 if m else None
-
-
-def new_pack_name() -> str:
-    return f"p-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}.pack"
 
 
 # ---- manifest entries --------------------------------------------------------------------------
@@ -353,7 +341,7 @@ class IncrementalSave:
                 fh = self._handles[rel] = storage.open_read(rel)
             buf = bytearray(size)
             fh.seek(offset)
-            got = _readinto(fh, memoryview(buf))
+            got = read_full(fh, memoryview(buf))
         except (CheckpointError, OSError) as e:
             log.warning("Not reusing a chunk of %s in this save: reading it back failed (%s)", storage.describe(rel), e)
             self.index.drop(pack, offset)
@@ -462,112 +450,6 @@ class IncrementalSave:
         sync per save, not one per pack)."""
         if self.new_packs:
             storage.sync_dir(OBJECTS)
-
-
-# ---- reading -----------------------------------------------------------------------------------
-
-
-def _corrupt(
-    ckpt_where: str, fname: str, tname: str, obj: str, what: str, *, record: tuple[Storage, str, int | None, str | None] | None = None
-) -> CorruptCheckpointError:
-    """The error for a damaged shared chunk; ``record``: (storage, pack, offset or None for the
-    whole pack, digest) to remember durably, so that no later save references it again."""
-    if record is not None:
-        storage, pack, offset, digest = record
-        record_distrust(storage, pack, offset, digest=digest, reason=f"{ckpt_where}: {fname}: {what}")
-    return CorruptCheckpointError(
-        f"{ckpt_where}: tensor {tname!r} of {fname}: shared object {obj} {what}. Every checkpoint "
-        "that references this chunk is affected ('ckptguard verify RUN' lists them); restore "
-        "falls back to an older checkpoint that does not use it.",
-        path=obj,
-        file=fname,
-    )
-
-
-def _readinto(fh: BinaryIO, view: memoryview) -> int:
-    pos = 0
-    while pos < len(view):
-        n = fh.readinto(view[pos:])  # type: ignore[attr-defined]
-        if not n:
-            break
-        pos += n
-    return pos
-
-
-def read_chunked(
-    storage: Storage,
-    ckpt: str,
-    fname: str,
-    entry: Mapping[str, Any],
-    *,
-    targets: Mapping[str, torch.Tensor] | None = None,
-    names: Iterable[str] | None = None,
-    verify: bool = True,
-    keep: bool = True,
-) -> dict[str, torch.Tensor]:
-    """``READERS['chunked']``: read chunks straight into the target tensors, verifying each."""
-    where = storage.describe(ckpt)
-    wanted = set(entry["tensors"]) if names is None else set(names)
-    handles: dict[str, BinaryIO] = {}
-    out: dict[str, torch.Tensor] = {}
-    scratch: torch.Tensor | None = None
-    try:
-        for tname, info in entry["tensors"].items():
-            if tname not in wanted:
-                continue
-            dtype, shape = ST_TO_DTYPE[info["dtype"]], tuple(info["shape"])
-            dest = destination(dtype, shape, None if targets is None else targets.get(tname), keep=keep)
-            view = tensor_view(dest) if dest is not None else None
-            pos = 0
-            for c in info["chunks"]:
-                rel = pack_path(c["pack"])
-                obj = storage.describe(rel)
-                fh = handles.get(rel)
-                if fh is None:
-                    try:
-                        size = storage.size(rel)
-                    except CheckpointNotFoundError as e:
-                        raise _corrupt(where, fname, tname, obj, "is missing", record=(storage, c["pack"], None, None)) from e
-                    except CheckpointError as e:
-                        raise _corrupt(where, fname, tname, obj, f"could not be read ({e})") from e
-                    if size != entry["packs"][c["pack"]]:
-                        raise _corrupt(
-                            where, fname, tname, obj, f"is {size} bytes, the manifest recorded {entry['packs'][c['pack']]}",
-                            record=(storage, c["pack"], None, None),
-                        )
-                    fh = handles[rel] = storage.open_read(rel)
-                n = c["size"]
-                if view is not None:
-                    part = view[pos : pos + n]
-                else:
-                    if scratch is None or scratch.numel() < n:
-                        scratch = torch.empty(n, dtype=torch.uint8)
-                    part = memoryview(scratch.numpy()).cast("B")[:n]
-                fh.seek(c["offset"])
-                if _readinto(fh, part) != n:
-                    raise _corrupt(
-                        where, fname, tname, obj, f"is truncated at chunk {c['digest']}",
-                        record=(storage, c["pack"], None, None),
-                    )
-                if verify and digest_bytes(part) != c["digest"]:
-                    raise _corrupt(
-                        where, fname, tname, obj,
-                        f"does not match chunk {c['digest']} (offset {c['offset']}, {n} bytes): the "
-                        "bytes changed after the save (bit rot or tampering)",
-                        record=(storage, c["pack"], c["offset"], c["digest"]),
-                    )
-                pos += n
-            if dest is not None:
-                out[tname] = dest
-    finally:
-        for fh in handles.values():
-            fh.close()
-    return out
-
-
-def verify_chunked(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> None:
-    """``VERIFIERS['chunked']``: read and hash every chunk without keeping it."""
-    read_chunked(storage, ckpt, fname, entry, keep=False)
 
 
 def register() -> None:

@@ -29,10 +29,11 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptguard.storage.base import Storage, join
 
 __all__ = [
@@ -42,6 +43,10 @@ __all__ = [
     "Distrust",
     "PackStats",
     "forget_distrust",
+    "new_pack_name",
+    "pack_path",
+    "pack_time",
+    "read_full",
     "pack_problems",
     "read_distrust",
     "record_distrust",
@@ -55,6 +60,34 @@ PACK_RE = re.compile(r"^p-(\d{13})-([0-9a-f]{8})\.pack$")
 RECORD_RE = re.compile(r"^(p-\d{13}-[0-9a-f]{8}\.pack)(?:@(\d{1,15}))?\.json$")
 RECORD_FORMAT = "ckptguard-distrust"
 RECORD_VERSION = 1
+
+
+def pack_path(name: str) -> str:
+    """The run-relative path of a pack; refuses any name that is not a pack name."""
+    if not isinstance(name, str) or not PACK_RE.match(name):
+        raise CorruptCheckpointError(f"refusing object name {name!r}: not a ckptguard pack name.")
+    return join(OBJECTS, name)
+
+
+def pack_time(name: str) -> float | None:
+    """Creation time (unix seconds) encoded in a pack name, or None for other names."""
+    m = PACK_RE.match(name)
+    return int(m.group(1)) / 1000.0 if m else None
+
+
+def new_pack_name() -> str:
+    return f"p-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}.pack"
+
+
+def read_full(fh: BinaryIO, view: memoryview) -> int:
+    """Read into all of ``view`` (short only at the end of the file); return the bytes read."""
+    pos = 0
+    while pos < len(view):
+        n = fh.readinto(view[pos:])  # type: ignore[attr-defined]
+        if not n:
+            break
+        pos += n
+    return pos
 
 
 @dataclasses.dataclass(frozen=True)
