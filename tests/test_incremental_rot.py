@@ -5,8 +5,12 @@ one chunk of the frozen layer is damaged right after step 10 is saved (one flipp
 pack deleted), training goes on to step 40, and then every listed checkpoint is restored
 explicitly on a fresh manager. The damage may cost only the checkpoints that already referenced
 the damaged chunk when it was damaged; every later checkpoint must restore, bit for bit.
-Measured on the code before this fix (keep_last=2, no probe): 0 of 2 kept checkpoints restorable
-for a flipped bit and for a deleted pack (``restore`` raised "No valid checkpoint").
+Restorable checkpoints measured on the code before this fix (bit flip / deleted pack alike):
+keep_last=2 without a probe 0 of 2 (``restore`` raised "No valid checkpoint"), with a probe 2 of 2;
+keeping all 20 checkpoints (the damaged chunk shared by steps 2-10) 0 of 20 without a probe and 14
+of 20 with one (step 12 referenced the damaged chunk too); keep_every=10 with a probe lost step 20
+(it went back to the damaged copy once the probe-failed checkpoint was pruned). After: 2 of 2,
+15 of 20 (exactly the checkpoints saved after the damage) and no later step lost.
 """
 
 from __future__ import annotations
@@ -147,3 +151,16 @@ def test_damage_costs_only_the_checkpoints_that_referenced_it(tmp_path: Path, ho
     assert restorable(run, weights) == [s for s in every if s not in hit]
     report = cg.verify(run)
     assert not report.ok and any(("objects" in p) for p in map(str, report.problems)), report.problems
+
+
+@pytest.mark.parametrize("how", ["bitflip", "delete"])
+def test_probe_run_keeping_the_damaged_checkpoint_never_references_it_again(tmp_path: Path, how: str) -> None:
+    """keep_every=10 keeps step 10 (and its damaged chunk) for good: a probe-failed checkpoint
+    is pruned, yet no later save may go back to the damaged copy (before: the distrust went
+    with the pruned checkpoint and the index preferred the oldest copy)."""
+    run = tmp_path / "run"
+    weights, hit = train(run, how, probe=True, retention=cg.Retention(keep_last=2, keep_every=10))
+    listed = listed_steps(run)
+    assert {20, 30, TOTAL - EVERY, TOTAL} <= set(listed)
+    assert restorable(run, weights) == [s for s in listed if s not in hit and s > DAMAGE_AT]
+    assert [s for s in listed if s <= DAMAGE_AT and s not in hit] == []
