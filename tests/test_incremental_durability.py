@@ -24,11 +24,12 @@ from torch import nn
 
 import ckptguard as cg
 from ckptguard.catalog import ManifestCache
+from ckptguard.chunked_read import verify_chunked
 from ckptguard.gc import collect
 from ckptguard.incremental import IncrementalSave, trusted_index
 from ckptguard.storage.local import LocalStorage
 from ckptguard.testing import FaultyStorage
-from ckptguard.writer import clean_debris
+from ckptguard.writer import clean_debris, delete_checkpoint
 
 
 def replay(log: list[tuple[str, str]]) -> int:
@@ -198,3 +199,52 @@ def test_a_whole_trash_checkpoint_keeps_its_packs_until_put_back(tmp_path: Path)
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
     with cg.CheckpointManager(run, incremental=True) as mgr:
         assert mgr.restore(cg.TrainState(model=model), step=1) == 1
+
+
+def flip(run: Path, c: dict[str, object]) -> None:
+    with open(run / "objects" / str(c["pack"]), "r+b") as f:
+        f.seek(int(c["offset"]) + 3)  # type: ignore[call-overload]
+        b = f.read(1)
+        f.seek(int(c["offset"]) + 3)  # type: ignore[call-overload]
+        f.write(bytes([b[0] ^ 0x80]))
+
+
+def test_restore_records_the_chunk_it_found_damaged(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    small_run(run, 1)
+    c = body_chunk(run, 1)
+    flip(run, c)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
+    with cg.CheckpointManager(run, incremental=True) as mgr:
+        with pytest.raises(cg.CheckpointError, match="does not match chunk"):
+            mgr.restore(cg.TrainState(model=model))
+    assert (run / "objects" / "distrusted" / f"{c['pack']}@{c['offset']}.json").exists()
+
+
+def test_a_finding_that_cannot_be_recorded_still_fails_the_read(tmp_path: Path) -> None:
+    """A read-only run: the record is lost (logged), the damaged checkpoint is still refused."""
+    run = tmp_path / "run"
+    small_run(run, 1)
+    c = body_chunk(run, 1)
+    flip(run, c)
+    fs = FaultyStorage(LocalStorage(run), fail_at=1, ops={"mkdir", "replace"}, sticky=True)
+    entry = json.loads((run / "step-000000001" / "MANIFEST.json").read_text())["files"]["model.safetensors"]
+    with pytest.raises(cg.CheckpointError, match="does not match chunk") as err:
+        verify_chunked(fs, "step-000000001", "model.safetensors", entry)
+    assert "'0.weight'" in str(err.value) and c["pack"] in str(err.value)
+    assert fs.failed is not None and not (run / "objects" / "distrusted").exists()
+
+
+def test_gc_deletes_nothing_when_the_uncommit_cannot_be_made_durable(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    small_run(run, 2)
+    storage = LocalStorage(run)
+    delete_checkpoint(storage, "step-000000001")
+    stray = run / "objects" / "p-0000000000001-00000000.pack"  # unreferenced, older than any commit
+    stray.write_bytes(b"x" * 10)
+    fs = FaultyStorage(storage, fail_at=1, ops={"fsync"}, sticky=True)
+    report = collect(fs)
+    assert (report.deleted, fs.failed.op if fs.failed else None) == ((), "fsync")
+    assert "injected fault" in report.stopped and stray.exists()
+    report = collect(storage)  # the next pass frees it
+    assert report.deleted == (stray.name,) and report.stopped == "" and not stray.exists()
