@@ -1,7 +1,8 @@
 """Finding checkpoints in a run: committed ones, their status marks, and debris.
 
 A checkpoint is ``step-NNNNNNNNN/`` with a ``MANIFEST.json`` that parses and validates and whose
-files exist with the recorded sizes. ``STATUS.json`` beside the manifest carries what was learned
+files exist with the recorded sizes (for incremental checkpoints: the shared packs too, and no
+chunk a check found damaged; see :mod:`ckptguard.trust`). ``STATUS.json`` beside the manifest carries what was learned
 after the commit (verified by the probe, failed verification, found corrupt); it is not covered by
 the manifest's checksums and can only make a checkpoint *less* trusted.
 Everything else under the run (``.tmp-*``, ``.trash-*``, step directories without a manifest) is
@@ -22,6 +23,7 @@ from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsafeChe
 from ckptguard.manifest import MANIFEST, STATUS, checkpoint_name, parse_manifest, parse_step
 from ckptguard.storage.base import Storage, join
 from ckptguard.tensorfile import digest_bytes
+from ckptguard.trust import PackStats, pack_problems
 
 __all__ = [
     "BAD_STATUSES",
@@ -178,9 +180,11 @@ def _size_problems(storage: Storage, name: str, manifest: dict[str, Any]) -> lis
 
 
 def info_for(
-    storage: Storage, name: str, *, check_files: bool = True, cache: ManifestCache | None = None
+    storage: Storage, name: str, *, check_files: bool = True, cache: ManifestCache | None = None,
+    packs: PackStats | None = None,
 ) -> CheckpointInfo:
-    """Describe one checkpoint directory without hashing its data."""
+    """Describe one checkpoint directory without hashing its data. ``check_files`` also stats
+    its files and the shared packs it references (``packs``: stats shared by one listing)."""
     step = parse_step(name)
     path = storage.describe(name)
     try:
@@ -191,6 +195,8 @@ def info_for(
             size_bytes=0, created=None, status="invalid", problems=(str(e),),
         )
     problems = _size_problems(storage, name, manifest) if check_files else []
+    if check_files:  # shared data counts: missing/resized packs, chunks that failed a check
+        problems += pack_problems(manifest, packs if packs is not None else PackStats(storage))
     status_rec = read_status(storage, name)
     status = (status_rec or {}).get("status") or (
         (manifest.get("verification") or {}).get("status") or "committed"
@@ -218,7 +224,8 @@ def scan(storage: Storage, *, check_files: bool = True, cache: ManifestCache | N
     """Every ``step-*`` directory of the run that has a manifest, ordered by step number.
     ``cache``: a ManifestCache of the run (a manager keeps one across saves)."""
     names = committed_names(storage)
-    out = [info_for(storage, name, check_files=check_files, cache=cache) for name in names]
+    packs = PackStats(storage)
+    out = [info_for(storage, name, check_files=check_files, cache=cache, packs=packs) for name in names]
     if cache is not None:
         cache.forget_except(names)
     out.sort(key=lambda c: c.step)

@@ -12,7 +12,16 @@ Rules (each one is what makes a crash at any instant harmless):
    filling are newer than every commit and are left alone.
 3. Checkpoints are deleted manifest first (``writer.delete_checkpoint``); packs are deleted one by
    one afterwards. A crash mid-GC leaves only unreferenced packs, which the next GC removes.
-4. Only names matching ``incremental.PACK_RE`` directly under ``objects/`` are ever deleted.
+   Before the first pack is deleted, the manifests' removal is made durable: every
+   ``.trash-*`` directory of the run is synced (the manifest was unlinked inside it) and then
+   the run directory (a trash directory already removed). Without this, a crash could bring a
+   pruned checkpoint's manifest back (and ``clean_debris`` put it back) after the pack
+   deletions had reached the disk (the next save's ``objects/`` sync makes them durable).
+4. A ``.trash-*`` directory that still holds a manifest is a checkpoint a killed re-save or
+   delete left whole; the next save may put it back, so its packs count as referenced.
+5. Only names matching ``incremental.PACK_RE`` directly under ``objects/`` are ever deleted.
+6. The damage records of packs no committed manifest references (``objects/distrusted/``,
+   see :mod:`ckptguard.trust`) are removed: no save can reference such a pack again.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import functools
 import logging
 from collections.abc import Callable
 
+from ckptguard.catalog import read_manifest
 from ckptguard.errors import CheckpointError
 from ckptguard.incremental import (
     OBJECTS,
@@ -31,7 +41,9 @@ from ckptguard.incremental import (
     pack_path,
     pack_time,
 )
-from ckptguard.storage.base import Storage
+from ckptguard.manifest import MANIFEST
+from ckptguard.storage.base import Storage, join
+from ckptguard.trust import forget_distrust
 
 __all__ = ["GcReport", "collect", "collect_garbage", "referenced_packs"]
 
@@ -57,7 +69,25 @@ def referenced_packs(storage: Storage, cache: ManifestCache | None = None) -> tu
     for _, manifest in (cache or ManifestCache(storage)).committed(strict=True):
         newest = max(newest, float(manifest.get("created_unix") or 0.0))
         packs.update(p for _, _, p, _ in chunk_refs(manifest))
+    for name in storage.listdir(""):  # whole trash directories may be put back (rule 4)
+        if name.startswith(".trash-") and storage.exists(join(name, MANIFEST)):
+            try:
+                packs.update(p for _, _, p, _ in chunk_refs(read_manifest(storage, name)))
+            except CheckpointError as e:  # unreadable: put back, it is not a valid checkpoint
+                log.info("GC: ignoring the unreadable manifest of %s (%s)", storage.describe(name), e)
     return packs, newest
+
+
+def make_uncommits_durable(storage: Storage) -> None:
+    """Rule 3: sync every ``.trash-*`` directory, then the run directory. Raises CheckpointError
+    when the run directory cannot be synced (the caller then deletes nothing)."""
+    for name in storage.listdir(""):
+        if name.startswith(".trash-"):
+            try:
+                storage.sync_dir(name)
+            except CheckpointError:  # removed meanwhile: its removal is synced with the run dir
+                pass
+    storage.sync_dir("")
 
 
 def collect(
@@ -83,6 +113,7 @@ def collect(
     deleted: list[str] = []
     kept: list[str] = []
     freed = 0
+    doomed = []
     for name in storage.listdir(OBJECTS):
         if not PACK_RE.match(name) or name in live:
             continue
@@ -90,6 +121,15 @@ def collect(
         if created is None or created >= newest:
             kept.append(name)  # possibly being written by a save that has not committed yet
             continue
+        doomed.append(name)
+    if doomed and not dry_run:
+        try:
+            make_uncommits_durable(storage)
+        except CheckpointError as e:
+            log.warning("GC of %s stopped, nothing deleted: the pruned manifests' removal could not "
+                        "be made durable (%s).", storage.describe(OBJECTS), e)
+            return GcReport(len(live), (), 0, tuple(kept), stopped=str(e))
+    for name in doomed:
         rel = pack_path(name)
         try:
             size = storage.size(rel)
@@ -102,6 +142,11 @@ def collect(
         freed += size
     if deleted:
         log.info("GC %s %d unreferenced pack(s), %d bytes", "would delete" if dry_run else "deleted", len(deleted), freed)
+    if not dry_run:
+        try:
+            forget_distrust(storage, live)
+        except CheckpointError as e:
+            log.warning("GC could not list %s (%s); the next GC retries.", storage.describe(OBJECTS), e)
     return GcReport(len(live), tuple(deleted), freed, tuple(kept))
 
 

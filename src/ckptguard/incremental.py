@@ -20,6 +20,20 @@ pack, which on local disks is written (parallel, O_DIRECT) while the next chunks
 are closed (fsync'd / uploaded) and ``objects/`` synced before the manifest is written, so a
 committed manifest only ever references durable bytes.
 
+Shared data is trusted only as far as it was checked (see :mod:`ckptguard.trust`). Before a save
+references a stored chunk, the pack holding it must exist with its recorded size (one stat per
+pack per save) and the location must not have failed a check before (the run's durable
+``objects/distrusted/`` records, written by restore, ``verify``, the probe's read-back and saves);
+and the chunk's bytes are read back from the pack and hashed (``IncrementalRun(reverify_every=1)``:
+at every save, at most once per save; ``k`` > 1 re-reads a location at most every ``k`` saves of
+the manager). A copy that fails is recorded and the next copy tried; with none left the chunk is
+written again. Among copies, one referenced by a probe-verified checkpoint is preferred, then the
+newest pack. The guarantee: damage to a stored chunk that the filesystem shows (a changed byte, a
+truncated, resized or deleted pack) never reaches a checkpoint saved after it, so it costs at most
+the checkpoints that already referenced it; with ``reverify_every=k`` a flipped byte may reach the
+next ``k - 1`` saves. Bytes the OS serves from its page cache are what is checked: rot below a
+cached page is found by the next read that misses the cache (restore, ``verify``).
+
 Why packs and not one object per chunk: on this kind of machine an fsync costs ~5 ms (a disk cache
 flush), so 300 tensors written as 300 files took 1.5-2.3 s where one file took 0.23 s; on object
 stores each object is a request. One pack per tensor file costs what the plain format costs.
@@ -36,25 +50,29 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import re
-import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import xxhash
 
 from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, ManifestCache
-from ckptguard.errors import CheckpointError, CorruptCheckpointError
+from ckptguard.chunked_read import read_chunked, verify_chunked
+from ckptguard.errors import CheckpointError
 from ckptguard.manifest import _fail, _hex, _int, validate_tensor_table
 from ckptguard.parallel_io import ParallelTensorWriter, Segment, write_segments
-from ckptguard.storage.base import Storage, join
-from ckptguard.tensorfile import (
-    destination,
-    digest_bytes,
-    dtype_tables,
-    plan_tensor_file,
-    tensor_view,
+from ckptguard.storage.base import Storage
+from ckptguard.tensorfile import digest_bytes, plan_tensor_file, tensor_view
+from ckptguard.trust import (
+    OBJECTS,
+    PACK_RE,
+    Distrust,
+    PackStats,
+    new_pack_name,
+    pack_path,
+    pack_time,
+    read_distrust,
+    read_full,
+    record_distrust,
 )
 
 if TYPE_CHECKING:  # tensors arrive from callers; listing and verifying import no torch
@@ -73,6 +91,7 @@ __all__ = [
     "build_index_from",
     "chunk_refs",
     "pack_path",
+    "pack_time",
     "read_chunked",
     "trusted_index",
     "validate_chunked",
@@ -82,27 +101,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KIND = "chunked"
-OBJECTS = "objects"
 CHUNK_BYTES = 64 * 1024 * 1024
 COPY_FORWARD_BELOW = 0.5
-PACK_RE = re.compile(r"^p-(\d{13})-([0-9a-f]{8})\.pack$")
-
-
-def pack_path(name: str) -> str:
-    """The run-relative path of a pack; refuses any name that is not a pack name."""
-    if not isinstance(name, str) or not PACK_RE.match(name):
-        raise CorruptCheckpointError(f"refusing object name {name!r}: not a ckptguard pack name.")
-    return join(OBJECTS, name)
-
-
-def pack_time(name: str) -> float | None:
-    """Creation time (unix seconds) encoded in a pack name, or None for other names."""
-    m = PACK_RE.match(name)
-    return int(m.group(1)) / 1000.0 if m else None
-
-
-def new_pack_name() -> str:
-    return f"p-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}.pack"
 
 
 # ---- manifest entries --------------------------------------------------------------------------
@@ -163,77 +163,125 @@ def pack_sizes(manifest: Mapping[str, Any]) -> dict[str, int]:
 # ---- the index of what retained checkpoints hold -----------------------------------------------
 
 
+Copy = tuple[str, int, int]  # (pack, offset, size)
+
+
 @dataclasses.dataclass
 class ChunkIndex:
-    """Chunks that committed, trusted checkpoints reference: digest -> (pack, offset, size)."""
+    """Chunks that committed, trusted checkpoints reference: digest -> stored copies, best first
+    (referenced by a probe-verified checkpoint, then the newest pack)."""
 
-    chunks: dict[str, tuple[str, int, int]] = dataclasses.field(default_factory=dict)
+    chunks: dict[str, list[Copy]] = dataclasses.field(default_factory=dict)
     pack_size: dict[str, int] = dataclasses.field(default_factory=dict)
     pack_live: dict[str, int] = dataclasses.field(default_factory=dict)
 
+    def candidates(self, digest: str, size: int) -> list[tuple[str, int]]:
+        """Where ``digest`` could be referenced from, best first; empty: write it (again)."""
+        out = []
+        for pack, offset, n in self.chunks.get(digest, ()):
+            total = self.pack_size.get(pack, 0)
+            if n != size or (total and self.pack_live.get(pack, 0) < COPY_FORWARD_BELOW * total):
+                continue  # copy forward: let the mostly-dead pack die
+            out.append((pack, offset))
+        return out
+
     def find(self, digest: str, size: int) -> tuple[str, int] | None:
-        """Where to reference ``digest`` from, or None to write it (again)."""
-        hit = self.chunks.get(digest)
-        if hit is None or hit[2] != size:
-            return None
-        pack, offset, _ = hit
-        total = self.pack_size.get(pack, 0)
-        if total and self.pack_live.get(pack, 0) < COPY_FORWARD_BELOW * total:
-            return None  # copy forward: let the mostly-dead pack die
-        return pack, offset
+        """The best copy of ``digest`` (unchecked), or None to write it."""
+        found = self.candidates(digest, size)
+        return found[0] if found else None
 
     def add(self, digest: str, size: int, pack: str, offset: int) -> None:
-        self.chunks[digest] = (pack, offset, size)
+        """A copy this save wrote: the newest, preferred from now on."""
+        self.chunks.setdefault(digest, []).insert(0, (pack, offset, size))
+
+    def drop(self, pack: str, offset: int | None = None) -> None:
+        """Forget the copies in ``pack`` (at ``offset``, or all of them)."""
+        for digest in list(self.chunks):
+            kept = [c for c in self.chunks[digest] if c[0] != pack or (offset is not None and c[1] != offset)]
+            if kept:
+                self.chunks[digest] = kept
+            else:
+                del self.chunks[digest]
 
 
-def trusted_index(manifests: ManifestCache) -> ChunkIndex:
-    """The chunks that committed checkpoints not marked corrupt or failed hold."""
+def trusted_index(manifests: ManifestCache, distrust: Distrust | None = None) -> ChunkIndex:
+    """The chunks that committed checkpoints not marked corrupt or failed hold, less the
+    locations recorded as damaged (``distrust``, default: read from the run)."""
     from ckptguard.catalog import read_status
 
     infos = []
     for name, manifest in manifests.committed(strict=False):
-        status = (read_status(manifests.storage, name) or {}).get("status", "committed")
-        infos.append((manifest, status in BAD_STATUSES))
-    return build_index_from(infos)
+        status = (read_status(manifests.storage, name) or {}).get("status") or "committed"
+        infos.append((manifest, status in BAD_STATUSES, status == "verified"))
+    return build_index_from(infos, read_distrust(manifests.storage) if distrust is None else distrust)
 
 
 class IncrementalRun:
-    """What a manager keeps for incremental saves: the manifest cache behind dedup and GC."""
+    """What a manager keeps for incremental saves: the manifest cache behind dedup and GC, and
+    when each stored chunk was last read back (``reverify_every``: re-read a reused chunk at
+    most every that many saves; 1, the default, re-reads at every save)."""
 
-    def __init__(self, storage: Storage, chunk_bytes: int = CHUNK_BYTES, manifests: ManifestCache | None = None) -> None:
+    def __init__(
+        self, storage: Storage, chunk_bytes: int = CHUNK_BYTES, manifests: ManifestCache | None = None,
+        *, reverify_every: int = 1,
+    ) -> None:
+        if reverify_every < 1:
+            raise ValueError(f"reverify_every must be >= 1, got {reverify_every}")
         self.storage = storage
         self.chunk_bytes = chunk_bytes
         self.manifests = manifests if manifests is not None else ManifestCache(storage)
         self.io = ParallelTensorWriter(direct=True)  # its staging buffers serve every save
+        self.reverify_every = reverify_every
+        self.saves = 0
+        self.checked_at: dict[tuple[str, int], int] = {}  # (pack, offset) -> save that read it
 
     def writer(self) -> IncrementalSave:
         """The tensor writer for the next save (indexes what committed checkpoints hold)."""
-        return IncrementalSave(trusted_index(self.manifests), self.chunk_bytes, self.io)
+        self.saves += 1
+        distrust = read_distrust(self.storage)
+        fresh = {k: n for k, n in self.checked_at.items() if self.saves - n < self.reverify_every}
+        self.checked_at = {k: n for k, n in fresh.items() if not distrust.bad(*k)}
+        return IncrementalSave(
+            trusted_index(self.manifests, distrust), self.chunk_bytes, self.io, checked=self.checked_at, save_no=self.saves
+        )
 
 
 def build_index(ckpts: Iterable[CheckpointInfo]) -> ChunkIndex:
     """Index the chunks of committed checkpoints as listed by ``catalog.scan``."""
-    return build_index_from((c.manifest, c.status in BAD_STATUSES) for c in ckpts if c.manifest is not None)
+    return build_index_from(
+        (c.manifest, c.status in BAD_STATUSES, c.status == "verified") for c in ckpts if c.manifest is not None
+    )
 
 
-def build_index_from(manifests: Iterable[tuple[Mapping[str, Any], bool]]) -> ChunkIndex:
-    """Index the chunks of committed manifests, given as (manifest, marked bad). Digests that a
-    checkpoint marked corrupt or failed references are never reused (writing them again costs
-    space, never correctness)."""
+def build_index_from(
+    manifests: Iterable[tuple[Mapping[str, Any], bool] | tuple[Mapping[str, Any], bool, bool]],
+    distrust: Distrust | None = None,
+) -> ChunkIndex:
+    """Index the chunks of committed manifests, given as (manifest, marked bad[, verified]).
+    Locations that a checkpoint marked corrupt or failed references, or that ``distrust`` names,
+    are never reused (writing them again costs space, never correctness)."""
     idx = ChunkIndex()
-    distrust: set[str] = set()
+    bad: set[tuple[str, int]] = set()
+    best: dict[str, dict[tuple[str, int], tuple[bool, float, int]]] = {}
     live: dict[str, set[tuple[int, int]]] = {}
-    for manifest, bad in manifests:
+    for item in manifests:
+        manifest, is_bad, verified = item[0], item[1], bool(item[2]) if len(item) > 2 else False
         refs = list(chunk_refs(manifest))
-        if bad:
-            distrust.update(d for d, _, _, _ in refs)
+        if is_bad:
+            bad.update((p, o) for _, _, p, o in refs)
             continue
         idx.pack_size.update(pack_sizes(manifest))
         for digest, size, pack, offset in refs:
-            idx.chunks.setdefault(digest, (pack, offset, size))
+            copies = best.setdefault(digest, {})
+            prev = copies.get((pack, offset))
+            rank = (verified or bool(prev and prev[0]), pack_time(pack) or 0.0, size)
+            copies[(pack, offset)] = rank
             live.setdefault(pack, set()).add((offset, size))
-    for d in distrust:
-        idx.chunks.pop(d, None)
+    for digest, copies in best.items():
+        ok = [(r, p, o) for (p, o), r in copies.items() if (p, o) not in bad and not (distrust and distrust.bad(p, o))]
+        if ok:
+            ok.sort(key=lambda x: (x[0][0], x[0][1], x[1]), reverse=True)
+            idx.chunks[digest] = [(p, o, r[2]) for r, p, o in ok]
     idx.pack_live = {p: sum(n for _, n in spans) for p, spans in live.items()}
     return idx
 
@@ -244,20 +292,88 @@ def build_index_from(manifests: Iterable[tuple[Mapping[str, Any], bool]]) -> Chu
 class IncrementalSave:
     """The tensor-file writer of one save: ``write_checkpoint(..., tensor_writer=IncrementalSave(...))``.
 
-    Per tensor file: hash every chunk, reference known ones, append new ones to a pack created
-    for this file (written while later chunks hash), close the pack (durable), return the entry;
-    ``finish`` syncs ``objects/`` once before the manifest is written.
+    Per tensor file: hash every chunk, reference known ones that pass their checks (pack present
+    with its size, location never found damaged, bytes read back hash right), append the others
+    to a pack created for this file (written while later chunks hash), close the pack (durable),
+    return the entry; ``finish`` syncs ``objects/`` once before the manifest is written.
+    ``checked``: (pack, offset) locations read back recently enough to skip (shared across saves
+    by :class:`IncrementalRun`; those this save reads are added with ``save_no``).
     """
 
-    def __init__(self, index: ChunkIndex, chunk_bytes: int = CHUNK_BYTES, io: ParallelTensorWriter | None = None) -> None:
+    def __init__(
+        self, index: ChunkIndex, chunk_bytes: int = CHUNK_BYTES, io: ParallelTensorWriter | None = None,
+        *, checked: dict[tuple[str, int], int] | None = None, save_no: int = 0,
+    ) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
         self.index = index
         self.chunk_bytes = chunk_bytes
         self.io = io if io is not None else ParallelTensorWriter(direct=True)
+        self.checked = checked if checked is not None else {}
+        self.save_no = save_no
         self.written_bytes = 0
         self.reused_bytes = 0
+        self.reverified_bytes = 0
         self.new_packs = 0
+        self._stats: PackStats | None = None
+        self._handles: dict[str, BinaryIO] = {}
+
+    # -- checks before a stored chunk is referenced --
+
+    def _pack_ok(self, storage: Storage, pack: str) -> bool:
+        if self._stats is None:
+            self._stats = PackStats(storage)
+        expected = self.index.pack_size.get(pack)
+        problem = self._stats.problem(pack, expected) if expected is not None else "has no recorded size"
+        if problem is None:
+            return True
+        if expected is not None and self._stats.missing_or_resized(pack, expected):
+            record_distrust(storage, pack, None, reason=f"save: {problem}")
+            self.index.drop(pack)
+        else:  # could not even stat it: do not reference it in this save
+            log.warning("Not reusing chunks of %s in this save: %s", storage.describe(pack_path(pack)), problem)
+            self.index.drop(pack)
+        return False
+
+    def _bytes_ok(self, storage: Storage, pack: str, offset: int, size: int, digest: str) -> bool:
+        rel = pack_path(pack)
+        try:
+            fh = self._handles.get(rel)
+            if fh is None:
+                fh = self._handles[rel] = storage.open_read(rel)
+            buf = bytearray(size)
+            fh.seek(offset)
+            got = read_full(fh, memoryview(buf))
+        except (CheckpointError, OSError) as e:
+            log.warning("Not reusing a chunk of %s in this save: reading it back failed (%s)", storage.describe(rel), e)
+            self.index.drop(pack, offset)
+            return False
+        self.reverified_bytes += got
+        if got == size and digest_bytes(memoryview(buf)) == digest:
+            return True
+        what = "is truncated" if got != size else "does not match its digest"
+        record_distrust(storage, pack, offset, digest=digest, reason=f"save: the chunk at offset {offset} {what}")
+        self.index.drop(pack, offset)
+        return False
+
+    def _reuse(self, storage: Storage, digest: str, size: int, pack_now: str) -> tuple[str, int] | None:
+        """The first copy of ``digest`` that passes its checks, or None (write it again)."""
+        for pack, offset in self.index.candidates(digest, size):
+            if pack == pack_now:  # written earlier in this very file
+                return pack, offset
+            if not self._pack_ok(storage, pack):
+                continue
+            if (pack, offset) in self.checked or self._bytes_ok(storage, pack, offset, size, digest):
+                self.checked.setdefault((pack, offset), self.save_no)
+                return pack, offset
+        return None
+
+    def _close_handles(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+    # -- one tensor file --
 
     def __call__(self, storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         _, table = plan_tensor_file(tensors)
@@ -265,6 +381,7 @@ class IncrementalSave:
         packs: dict[str, int] = {}
         root = xxhash.xxh3_128()
         pos = 0
+        written: list[int] = []
 
         def new_chunks() -> Iterator[Segment]:
             """Hash every chunk in order; yield those to write (what is stored is referenced).
@@ -277,10 +394,11 @@ class IncrementalSave:
                     part = view[start : start + self.chunk_bytes]
                     digest = digest_bytes(part)
                     root.update(bytes.fromhex(digest))
-                    hit = self.index.find(digest, len(part))
+                    hit = self._reuse(storage, digest, len(part), pack)
                     if hit is None:
                         hit = (pack, pos)
                         self.index.add(digest, len(part), pack, pos)
+                        written.append(pos)
                         self.written_bytes += len(part)
                         yield Segment(pos, part)
                         pos += len(part)
@@ -294,9 +412,9 @@ class IncrementalSave:
                 table[tname]["chunks"] = chunks
 
         todo = new_chunks()
-        first = next(todo, None)  # a pack only when something is new
         writer = None
         try:
+            first = next(todo, None)  # a pack only when something is new
             if first is not None:
                 storage.makedirs(OBJECTS)
                 writer = storage.create(pack_path(pack))
@@ -309,15 +427,17 @@ class IncrementalSave:
                 writer.close()
                 self.new_packs += 1
         except BaseException:
-            for digest in [d for d, (p, _, _) in self.index.chunks.items() if p == pack]:
-                del self.index.chunks[digest]  # never reference what did not become durable
+            self.index.drop(pack)  # never reference what did not become durable
             if writer is not None:
                 writer.abort()
             raise
+        finally:
+            self._close_handles()
         if writer is not None:
             packs[pack] = pos
             self.index.pack_size[pack] = pos
             self.index.pack_live[pack] = pos
+            self.checked.update(((pack, o), self.save_no) for o in written)  # hashed as written
         return {
             "kind": KIND,
             "size": sum(e["offsets"][1] - e["offsets"][0] for e in table.values()),
@@ -332,96 +452,3 @@ class IncrementalSave:
         sync per save, not one per pack)."""
         if self.new_packs:
             storage.sync_dir(OBJECTS)
-
-
-# ---- reading -----------------------------------------------------------------------------------
-
-
-def _corrupt(ckpt_where: str, fname: str, tname: str, obj: str, what: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"{ckpt_where}: tensor {tname!r} of {fname}: shared object {obj} {what}. Every checkpoint "
-        "that references this chunk is affected ('ckptguard verify RUN' lists them); restore "
-        "falls back to an older checkpoint that does not use it.",
-        path=obj,
-        file=fname,
-    )
-
-
-def _readinto(fh: BinaryIO, view: memoryview) -> int:
-    pos = 0
-    while pos < len(view):
-        n = fh.readinto(view[pos:])  # type: ignore[attr-defined]
-        if not n:
-            break
-        pos += n
-    return pos
-
-
-def read_chunked(
-    storage: Storage,
-    ckpt: str,
-    fname: str,
-    entry: Mapping[str, Any],
-    *,
-    targets: Mapping[str, torch.Tensor] | None = None,
-    names: Iterable[str] | None = None,
-    verify: bool = True,
-    keep: bool = True,
-) -> dict[str, torch.Tensor]:
-    """``READERS['chunked']``: read chunks straight into the target tensors, verifying each."""
-    where = storage.describe(ckpt)
-    wanted = set(entry["tensors"]) if names is None else set(names)
-    handles: dict[str, BinaryIO] = {}
-    out: dict[str, torch.Tensor] = {}
-    scratch: bytearray | None = None
-    try:
-        for tname, info in entry["tensors"].items():
-            if tname not in wanted:
-                continue
-            shape = tuple(info["shape"])
-            dest = None if not keep else destination(
-                dtype_tables()[1][info["dtype"]], shape, None if targets is None else targets.get(tname)
-            )
-            view = tensor_view(dest) if dest is not None else None
-            pos = 0
-            for c in info["chunks"]:
-                rel = pack_path(c["pack"])
-                obj = storage.describe(rel)
-                fh = handles.get(rel)
-                if fh is None:
-                    try:
-                        size = storage.size(rel)
-                    except CheckpointError as e:
-                        raise _corrupt(where, fname, tname, obj, "is missing") from e
-                    if size != entry["packs"][c["pack"]]:
-                        raise _corrupt(where, fname, tname, obj, f"is {size} bytes, the manifest recorded {entry['packs'][c['pack']]}")
-                    fh = handles[rel] = storage.open_read(rel)
-                n = c["size"]
-                if view is not None:
-                    part = view[pos : pos + n]
-                else:
-                    if scratch is None or len(scratch) < n:
-                        scratch = bytearray(n)
-                    part = memoryview(scratch)[:n]
-                fh.seek(c["offset"])
-                if _readinto(fh, part) != n:
-                    raise _corrupt(where, fname, tname, obj, f"is truncated at chunk {c['digest']}")
-                if verify and digest_bytes(part) != c["digest"]:
-                    raise _corrupt(
-                        where, fname, tname, obj,
-                        f"does not match chunk {c['digest']} (offset {c['offset']}, {n} bytes): the "
-                        "bytes changed after the save (bit rot or tampering)",
-                    )
-                pos += n
-            if dest is not None:
-                out[tname] = dest
-    finally:
-        for fh in handles.values():
-            fh.close()
-    return out
-
-
-def verify_chunked(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> None:
-    """``VERIFIERS['chunked']``: read and hash every chunk without keeping it."""
-    read_chunked(storage, ckpt, fname, entry, keep=False)
-

@@ -62,7 +62,7 @@ def _read_local_tensors(
 
 
 def _read_chunked(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any], **kw: Any) -> dict[str, torch.Tensor]:
-    from ckptguard.incremental import read_chunked  # wired here: incremental imports this package's catalog
+    from ckptguard.chunked_read import read_chunked  # wired here: chunked_read imports this package's catalog
 
     return read_chunked(storage, ckpt, fname, entry, **kw)
 

@@ -33,6 +33,7 @@ __all__ = [
     "Retention",
     "budget_overrun",
     "plan_retention",
+    "stored_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,34 @@ class Decision:
     reasons: tuple[str, ...]
     size_bytes: int = 0
     protected: bool = False
+    own_bytes: int | None = None  # bytes in its own files (None: size_bytes); for budgets
+    packs: tuple[tuple[str, int], ...] = ()  # shared packs it references, with sizes (incremental)
+
+
+def stored_fields(c: CheckpointInfo) -> dict[str, Any]:
+    """``own_bytes`` and ``packs`` of a checkpoint's Decision, from its manifest: what it really
+    stores is its own files plus shared packs that other checkpoints may reference too."""
+    files = (c.manifest or {}).get("files")
+    if not isinstance(files, dict):
+        return {}
+    own, packs = 0, dict[str, int]()
+    for entry in files.values():
+        if isinstance(entry.get("packs"), dict):
+            packs.update(entry["packs"])
+        else:
+            own += int(entry.get("size", 0))
+    return {"own_bytes": own, "packs": tuple(sorted(packs.items()))}
+
+
+def stored_size(decisions: Sequence[Decision]) -> int:
+    """Bytes the given checkpoints really store together: each one's own files, plus every
+    shared pack any of them references counted once (it is freed only when none is kept)."""
+    packs: dict[str, int] = {}
+    own = 0
+    for d in decisions:
+        own += d.size_bytes if d.own_bytes is None else d.own_bytes
+        packs.update(d.packs)
+    return own + sum(packs.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +233,8 @@ class Retention:
     ``total_steps``): the Checkpoint Rot policy, see :class:`KeepPhased` (``phase_head``,
     ``phase_tail``, ``phase_thin``). ``keep_config_changes``: every checkpoint that preceded a
     config change. ``max_bytes``: a byte budget; the oldest checkpoints that only a policy (not an
-    invariant) keeps are deleted until the kept ones fit. ``policies``: more Policy objects.
+    invariant) keeps are deleted until the kept ones fit, counting bytes really stored (an
+    incremental run's shared packs once, see :func:`stored_size`). ``policies``: more Policy objects.
     Invariants always win: the newest valid checkpoint, the best one (when ``metric`` is set), the
     one the run resumed from and pinned ones are never deleted.
 
@@ -315,23 +345,32 @@ def plan_retention(
         reasons = tuple(dict.fromkeys(hard[c.step] + soft[c.step]))
         if not reasons:
             reasons = (("not valid: " + "; ".join(c.problems)) if not c.valid else "outside the policy",)
-            out.append(Decision(c.step, c.name, False, reasons, c.size_bytes))
+            out.append(Decision(c.step, c.name, False, reasons, c.size_bytes, **stored_fields(c)))
         else:
-            out.append(Decision(c.step, c.name, True, reasons, c.size_bytes, protected=bool(hard[c.step])))
+            out.append(Decision(c.step, c.name, True, reasons, c.size_bytes, protected=bool(hard[c.step]), **stored_fields(c)))
     if retention.max_bytes is not None:
         out = _apply_budget(out, int(retention.max_bytes))
     return out
 
 
 def _apply_budget(decisions: list[Decision], budget: int) -> list[Decision]:
-    """Delete the oldest checkpoints that only a policy keeps until the kept ones fit."""
-    total = sum(d.size_bytes for d in decisions if d.keep)
+    """Delete the oldest checkpoints that only a policy keeps until the kept ones fit; the bytes
+    counted are those really stored (:func:`stored_size`: shared packs once)."""
+    kept = [d for d in decisions if d.keep]
+    total = stored_size(kept)
+    users: dict[str, int] = {}
+    for d in kept:
+        for pack, _ in d.packs:
+            users[pack] = users.get(pack, 0) + 1
     out = list(decisions)
     for i, d in enumerate(out):
         if total <= budget:
             break
         if d.keep and not d.protected:
-            total -= d.size_bytes
+            total -= d.size_bytes if d.own_bytes is None else d.own_bytes
+            for pack, size in d.packs:  # a pack is freed with the last kept checkpoint using it
+                users[pack] -= 1
+                total -= size if users[pack] == 0 else 0
             out[i] = dataclasses.replace(
                 d, keep=False, reasons=(f"over byte budget {budget} (was: {'; '.join(d.reasons)})",)
             )
@@ -348,7 +387,7 @@ def budget_overrun(decisions: Sequence[Decision], retention: Retention) -> int:
     """Bytes kept beyond ``retention.max_bytes`` (0 when within budget or no budget set)."""
     if retention.max_bytes is None:
         return 0
-    return max(0, sum(d.size_bytes for d in decisions if d.keep) - int(retention.max_bytes))
+    return max(0, stored_size([d for d in decisions if d.keep]) - int(retention.max_bytes))
 
 
 def apply_decisions(
