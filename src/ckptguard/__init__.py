@@ -21,6 +21,7 @@ from ckptguard.errors import (
     DiskFullError,
     FormatVersionError,
     RunLockedError,
+    RunLockLostError,
     StateMismatchError,
     StorageError,
     StoragePermissionError,
@@ -29,6 +30,7 @@ from ckptguard.errors import (
     UnsupportedStateError,
 )
 from ckptguard.health import LossGuard
+from ckptguard.lock import LockPolicy
 from ckptguard.manager import CheckpointManager
 from ckptguard.retention import KeepBeforeConfigChange, KeepBest, KeepEvery, KeepLast, KeepPhased, Retention
 from ckptguard.sampler import ResumableSampler
@@ -49,10 +51,12 @@ __all__ = [
     "KeepEvery",
     "KeepLast",
     "KeepPhased",
+    "LockPolicy",
     "LossGuard",
     "ResumableSampler",
     "Retention",
     "RunLockedError",
+    "RunLockLostError",
     "StateMismatchError",
     "Stateful",
     "StorageError",
