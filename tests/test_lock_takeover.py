@@ -36,7 +36,7 @@ from ckptguard.storage import FsspecStorage, open_storage
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
-STALE, BEAT, EVERY = 4.0, 0.5, 8.0  # the holder saves every 8 s: twice the stale time
+STALE, BEAT, EVERY = 5.0, 0.5, 10.0  # the holder saves every 10 s: twice the stale time
 
 
 def _child(run: str, out: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -145,9 +145,9 @@ def test_stopped_local_writer_keeps_the_run(tmp_path: Path) -> None:
         _wait("the first commit", lambda: len(_progress(out)) >= 1, a)
         a.send_signal(signal.SIGSTOP)
         _, state = build()
-        b = cg.CheckpointManager(run, lock=LockPolicy(stale_after=STALE, orphan_wait=0.0))
+        b = cg.CheckpointManager(run, lock=LockPolicy(stale_after=1.0, orphan_wait=0.0))
         assert b.restore(state) is not None
-        until = time.monotonic() + STALE + 1
+        until = time.monotonic() + 2
         while time.monotonic() < until:  # a flock never goes stale while its holder lives
             with pytest.raises(cg.RunLockedError) as info:
                 b.save(10**6, state, force=True)

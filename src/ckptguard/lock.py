@@ -240,7 +240,7 @@ class RunLock:
         """Take the lock (a no-op while held); RunLockedError names the holder when another has it."""
         with self._mutex:
             if self._lost is not None:
-                raise self._lost
+                raise self._lost_again()
             if self._held:
                 return
             self._since = time.time()
@@ -379,11 +379,17 @@ class RunLock:
         self._stop.set()
         return self._lost
 
+    def _lost_again(self) -> RunLockLostError:
+        assert self._lost is not None
+        return RunLockLostError(*self._lost.args)
+
     def check(self) -> None:
         """Raise RunLockLostError unless this lock still holds the run (called before a commit)."""
+        if os.getpid() != self._owner_pid:
+            return  # a forked child: its parent's lock is none of its business
         with self._mutex:
             if self._lost is not None:
-                raise self._lost
+                raise self._lost_again()
             if not self._held or os.getpid() != self._owner_pid:
                 return
             if self._local is not None:
@@ -418,9 +424,11 @@ class RunLock:
 
     def refresh(self) -> None:
         """Check the holder, then renew an object-store record (the heartbeat calls this)."""
+        if os.getpid() != self._owner_pid:
+            return
         with self._mutex:
             if self._lost is not None:
-                raise self._lost
+                raise self._lost_again()
             if not self._held or os.getpid() != self._owner_pid:
                 return
             if self._local is not None:
@@ -444,6 +452,8 @@ class RunLock:
 
     def release(self) -> None:
         """Give the lock up (only this session's record is ever removed)."""
+        if self._held and os.getpid() != self._owner_pid:
+            return  # a forked child never releases its parent's lock (nor waits on its mutex)
         thread = self._thread
         self._stop.set()
         if thread is not None and thread is not threading.current_thread():
