@@ -7,6 +7,8 @@
 - A writer whose lock was taken over stops before its commit (sync and async saves), commits
   nothing, writes nothing more, and leaves the new holder's lock alone.
 - Stores without conditional writes: the record is read back before the lock counts as taken.
+- When a record may be taken over (stale, exited holder, reused pid, unreadable), against a
+  reference of that rule.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from lock_child import build
 
@@ -206,3 +209,62 @@ def test_stale_or_unreadable_record_is_taken_over(tmp_path: Path, caplog: pytest
     storage.replace_file(LOCK_NAME, b"\x00not json")
     with RunLock(storage) as lock:
         assert _lock_record(url)["session"] == lock.session
+
+
+# ---- when a record may be taken over, against its meaning --------------------------------------------
+
+_DEAD_PID: list[int] = []
+
+
+def _dead_pid() -> int:
+    if not _DEAD_PID:
+        proc = subprocess.Popen(["true"])
+        proc.wait()
+        _DEAD_PID.append(proc.pid)
+    return _DEAD_PID[0]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    same_host=st.booleans(), same_boot=st.booleans(), same_ns=st.booleans(),
+    who=st.sampled_from(["me", "dead", "init"]), old_since=st.booleans(),
+    age=st.floats(0, 3000), theirs=st.sampled_from([None, 60.0, 600.0, 1800.0]), session_ok=st.booleans(),
+)
+def test_takeover_decision_matches_its_meaning(
+    same_host: bool, same_boot: bool, same_ns: bool, who: str, old_since: bool, age: float,
+    theirs: float | None, session_ok: bool,
+) -> None:
+    """Reference: a record may be taken over iff it is unreadable, or its holder is a process this
+    machine can see (same host, boot and pid namespace) that has exited or whose pid now belongs to
+    a younger process, or it was not refreshed for max(our, its) stale time."""
+    import psutil
+
+    limit = max(600.0, theirs if theirs is not None else 600.0)
+    assume(abs(age - limit) > 30)  # the clock moves while the test runs
+    me = {"host": socket.gethostname(), "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+          "pidns": os.readlink("/proc/self/ns/pid")}
+    pid = {"me": os.getpid(), "dead": _dead_pid(), "init": 1}[who]
+    now = time.time()
+    since = 1.0 if old_since else now - age
+    record: dict[str, Any] = {
+        "session": "e" * 32, "pid": pid, "host": me["host"] if same_host else "elsewhere",
+        "boot_id": me["boot_id"] if same_boot else "another-boot", "pidns": me["pidns"] if same_ns else "pid:[1]",
+        "since": since, "refreshed": now - age,
+    }
+    if theirs is not None:
+        record["stale_after"] = theirs
+    visible = same_host and same_boot and same_ns
+    gone = not psutil.pid_exists(pid) or psutil.Process(pid).create_time() > since + 5
+    expected = (visible and gone) or age > limit
+    storage = open_storage(f"memory://decide-{uuid.uuid4().hex}/run")
+    storage.makedirs("")
+    storage.replace_file(LOCK_NAME, json.dumps(record).encode() if session_ok else b"{broken")
+    lock = RunLock(storage, policy=LockPolicy(stale_after=600.0))
+    try:
+        lock.acquire()
+        took = True
+    except cg.RunLockedError:
+        took = False
+    finally:
+        lock.release()
+    assert took == (expected or not session_ok)
