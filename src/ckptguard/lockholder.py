@@ -16,8 +16,7 @@ from typing import Any
 
 __all__ = ["describe_holder", "holder_state", "identity", "parse_record", "processes_holding"]
 
-# ---- who holds it -------------------------------------------------------------------------------
-
+_PID_MAX = 2**22  # Linux's largest pid_max
 
 def _read_small(path: str) -> str | None:
     try:
@@ -62,7 +61,7 @@ def _pid_alive(pid: int) -> bool:
 def holder_state(record: dict[str, Any]) -> str:
     """``"alive"``, ``"exited"`` or ``"unknown"`` (another host, container or boot: not checkable)."""
     pid = record.get("pid")
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid <= _PID_MAX:
         return "unknown"
     me = identity()
     if any(record.get(k) != me[k] or me[k] is None for k in ("host", "boot_id", "pidns")):
@@ -86,14 +85,20 @@ def parse_record(raw: bytes | None) -> dict[str, Any] | None:
 def _when(t: Any) -> str:
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
         return "an unknown time"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    except (OverflowError, OSError, ValueError):
+        return "an unknown time"
 
 
 def describe_holder(rec: dict[str, Any] | None, state: str) -> str:
     """One phrase naming a holder: pid, host, session, since, last refresh, whether it is alive."""
     if not rec:
         return "an unknown holder (its record is missing or unreadable)"
-    text = f"pid {rec.get('pid')} on host {rec.get('host')} (session {str(rec.get('session', '?'))[:12]}), since {_when(rec.get('since'))}"
+    text = (
+        f"pid {str(rec.get('pid'))[:20]} on host {str(rec.get('host'))[:100]} "
+        f"(session {str(rec.get('session', '?'))[:12]}), since {_when(rec.get('since'))}"
+    )
     refreshed = rec.get("refreshed")
     if isinstance(refreshed, (int, float)) and not isinstance(refreshed, bool):
         text += f", last refreshed {max(0.0, time.time() - refreshed):.0f}s ago"
