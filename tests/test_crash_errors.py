@@ -175,7 +175,8 @@ def test_missing_directory(tmp_path: Path) -> None:
 
 
 def _hold_lock(run: str, ready: str) -> None:
-    cg.CheckpointManager(run)
+    mgr = cg.CheckpointManager(run)
+    mgr.pin(1)  # the first write takes the lock (a manager that only restores takes none)
     Path(ready).write_text(str(os.getpid()))
     time.sleep(600)
 
@@ -196,10 +197,10 @@ def test_second_live_process_is_refused_until_it_dies(tmp_path: Path) -> None:
             assert proc.is_alive() and time.monotonic() < deadline
             time.sleep(0.01)
         with pytest.raises(cg.RunLockedError) as info:
-            cg.CheckpointManager(run)
+            cg.CheckpointManager(run).save(2, s["state"], force=True)
         msg = str(info.value)
         assert f"pid {proc.pid}" in msg and socket.gethostname() in msg and str(run) in msg
-        assert "Stop that run first" in msg
+        assert "Stop that run first" in msg and ": alive." in msg
         # Reading is safe while it is locked.
         assert cg.verify(run).ok
         with cg.CheckpointManager(run, lock=False) as reader:

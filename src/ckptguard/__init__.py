@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "DiskFullError": "ckptguard.errors",
     "FormatVersionError": "ckptguard.errors",
     "RunLockedError": "ckptguard.errors",
+    "RunLockLostError": "ckptguard.errors",
     "StateMismatchError": "ckptguard.errors",
     "StorageError": "ckptguard.errors",
     "StoragePermissionError": "ckptguard.errors",
@@ -33,6 +34,7 @@ _LAZY: dict[str, str] = {
     "UnsupportedStateError": "ckptguard.errors",
     "CheckpointInfo": "ckptguard.catalog",
     "LossGuard": "ckptguard.health",
+    "LockPolicy": "ckptguard.lock",
     "CheckpointManager": "ckptguard.manager",
     "KeepBeforeConfigChange": "ckptguard.retention",
     "KeepBest": "ckptguard.retention",
@@ -54,6 +56,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
         CorruptCheckpointError,
         DiskFullError,
         FormatVersionError,
+        RunLockLostError,
         RunLockedError,
         StateMismatchError,
         StorageError,
@@ -63,6 +66,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
         UnsupportedStateError,
     )
     from ckptguard.health import LossGuard
+    from ckptguard.lock import LockPolicy
     from ckptguard.manager import CheckpointManager
     from ckptguard.retention import KeepBeforeConfigChange, KeepBest, KeepEvery, KeepLast, KeepPhased, Retention
     from ckptguard.sampler import ResumableSampler
@@ -101,10 +105,12 @@ __all__ = [
     "KeepEvery",
     "KeepLast",
     "KeepPhased",
+    "LockPolicy",
     "LossGuard",
     "ResumableSampler",
     "Retention",
     "RunLockedError",
+    "RunLockLostError",
     "StateMismatchError",
     "Stateful",
     "StorageError",

@@ -256,11 +256,11 @@ def save_distributed(
 
     def prepare() -> str:
         mgr._acquire_lock()
+        if mgr._lock is not None:
+            mgr._lock.refresh()  # before removing debris: a writer that lost the run removes nothing
         if not mgr._debris_cleaned:
             clean_debris(storage)
             mgr._debris_cleaned = True
-        if mgr._lock is not None:
-            mgr._lock.refresh()
         return begin_checkpoint(storage, step)
 
     staging = _on_primary(coord, prepare, f"preparing {storage.describe(checkpoint_name(step))}")
@@ -307,7 +307,10 @@ def save_distributed(
             blobs["config.yaml"] = snap.config_yaml
         fields["save_seconds"] = time.perf_counter() - t0
         committed.update(
-            write_checkpoint(storage, step, tensor_files, blobs, fields, staging=staging, written=entries)
+            write_checkpoint(
+                storage, step, tensor_files, blobs, fields, staging=staging, written=entries,
+                before_commit=mgr._lock.check if mgr._lock is not None else None,
+            )
         )
         return str(committed["name"])
 

@@ -19,6 +19,7 @@ __all__ = [
     "DiskFullError",
     "StoragePermissionError",
     "RunLockedError",
+    "RunLockLostError",
     "AsyncSaveError",
     "TrainingDivergedError",
 ]
@@ -78,6 +79,10 @@ class StoragePermissionError(StorageError, PermissionError):
 
 class RunLockedError(CheckpointError):
     """Another live process is writing to the same run directory."""
+
+
+class RunLockLostError(RunLockedError):
+    """Another writer took the run over while this one held it; the save stopped before its commit."""
 
 
 class AsyncSaveError(CheckpointError):

@@ -31,12 +31,11 @@ from ckptguard.distributed import coordinator, preempt_code, restore_checkpoint,
 from ckptguard.environment import collect_environment
 from ckptguard.errors import (
     CheckpointError,
-    StoragePermissionError,
 )
 from ckptguard.gc import collect_garbage
 from ckptguard.history import record_events
 from ckptguard.incremental import IncrementalRun
-from ckptguard.lock import RunLock
+from ckptguard.lock import LockPolicy, RunLock
 from ckptguard.manifest import checkpoint_name
 from ckptguard.metrics_log import MetricsLog, plain_metrics
 from ckptguard.parallel_io import default_tensor_writer
@@ -88,7 +87,9 @@ class CheckpointManager:
             committed checkpoint fails verification.
         verify_on_restore: check every byte against the manifest's checksums when restoring.
         storage_options: passed to fsspec for URLs.
-        lock: take the run's writer lock (one writing process per run).
+        lock: take the run's writer lock (one writer per run) at the first write (save, pin,
+            unpin); a manager that only restores takes none. A ``LockPolicy`` tunes it (stale time
+            and heartbeat of object-store locks); False: no lock (the caller guarantees one writer).
         incremental: store tensor data by content in ``RUN/objects/`` so that a tensor a retained
             checkpoint already holds is referenced, not written again (see ckptguard.incremental);
             unreferenced data is garbage-collected after each commit (ckptguard.gc).
@@ -112,7 +113,7 @@ class CheckpointManager:
         on_verification_failure: Callable[[dict[str, Any]], None] | None = None,
         verify_on_restore: bool = True,
         storage_options: dict[str, Any] | None = None,
-        lock: bool = True,
+        lock: bool | LockPolicy = True,
         incremental: bool = False,
         run_id: str | None = None,
     ) -> None:
@@ -147,7 +148,8 @@ class CheckpointManager:
         if self._coord.active and self.async_save:
             log.info("async_save is not used in a distributed run: saves are collective and synchronous.")
             self.async_save = False
-        self._lock = RunLock(self.storage) if lock and self._coord.is_primary else None
+        policy = lock if isinstance(lock, LockPolicy) else None
+        self._lock = RunLock(self.storage, policy=policy) if lock and self._coord.is_primary else None
         self._locked = False
         self._environment: dict[str, Any] | None = None
         self._background = BackgroundSaves(self.storage.url)
@@ -166,7 +168,6 @@ class CheckpointManager:
             from ckptguard.verification import attach_verifier
 
             self.verifier = attach_verifier(self, probe, drift_epsilon=drift_epsilon, on_failure=on_verification_failure)
-        self._acquire_lock(quiet=True)
         atexit.register(_wait_at_exit, weakref.ref(self))
 
     # ---- context manager ----------------------------------------------------------------------
@@ -188,16 +189,11 @@ class CheckpointManager:
 
     # ---- lock ---------------------------------------------------------------------------------
 
-    def _acquire_lock(self, *, quiet: bool = False) -> None:
-        if self._lock is None or self._locked:
-            return
-        try:
-            self._lock.acquire()
+    def _acquire_lock(self) -> None:
+        """Take the writer lock at the first write (RunLockLostError once another took the run)."""
+        if self._lock is not None:
+            self._lock.acquire()  # a no-op while held
             self._locked = True
-        except StoragePermissionError:
-            if not quiet:
-                raise
-            log.info("%s is not writable; restore works, saving will fail.", self.storage.url)
 
     # ---- listing ------------------------------------------------------------------------------
 
@@ -230,6 +226,8 @@ class CheckpointManager:
         """
         self._check_open()
         self._background.raise_if_failed()
+        if not self._coord.active:
+            self._acquire_lock()  # a writer from its first save() (metrics.csv included)
         if metrics and self._coord.is_primary:
             self.metrics_log.record(step, metrics)
         preempted = self._guard is not None and self._guard.poll()
@@ -335,17 +333,20 @@ class CheckpointManager:
         fields: dict[str, Any],
         t0: float,
     ) -> dict[str, Any]:
+        if self._lock is not None:
+            self._lock.refresh()  # before removing debris: a writer that lost the run removes nothing
         if not self._debris_cleaned or self._reaper.failed:
             self._reaper.wait()  # what it is removing is not debris
             self._reaper.failed = 0
             clean_debris(self.storage)
             self._debris_cleaned = True
-        if self._lock is not None:
-            self._lock.refresh()
         fields = dict(fields)
         tensor_writer = self._incremental.writer() if self._incremental else self.tensor_writer
         try:
-            manifest = write_checkpoint(self.storage, step, files, blobs, fields, tensor_writer=tensor_writer)
+            manifest = write_checkpoint(
+                self.storage, step, files, blobs, fields, tensor_writer=tensor_writer,
+                before_commit=self._lock.check if self._lock is not None else None,
+            )
         except BaseException:
             self._debris_cleaned = False  # the failed save may have left debris: next save cleans
             raise
@@ -396,10 +397,12 @@ class CheckpointManager:
 
     def pin(self, step: int, note: str = "") -> None:
         """Protect checkpoint ``step`` from retention (a ``PINNED`` marker; see ckptguard.pins)."""
+        self._acquire_lock()
         pin(self.storage, step, note)
 
     def unpin(self, step: int) -> bool:
         """Remove the pin of checkpoint ``step``; return whether it was pinned."""
+        self._acquire_lock()
         return unpin(self.storage, step)
 
     def _apply_retention(self) -> list[int]:
@@ -431,11 +434,13 @@ class CheckpointManager:
             self._closed = True
             self._background.shutdown()
             self._reaper.wait()  # removals finish under the run lock
+            lost = self._lock is not None and self._lock.lost  # the run is another writer's now
             with contextlib.suppress(CheckpointError):
-                self.metrics_log.flush()
+                if not lost:
+                    self.metrics_log.flush()
             if self._guard is not None:
                 self._guard.uninstall()
-            if self._locked and self._run_record.session.get("saves"):
+            if self._locked and not lost and self._run_record.session.get("saves"):
                 self._run_record.session["clean"] = not self._run_record.session["preempted"]
                 self._run_record.write(save_interval=self.schedule.describe())
             if self._lock is not None and self._locked:

@@ -87,13 +87,15 @@ def write_checkpoint(
     tensor_writer: TensorFileWriter = write_local_tensor_file,
     staging: str | None = None,
     written: Mapping[str, Mapping[str, Any]] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write and commit one checkpoint; return its manifest.
 
     ``fields`` are extra manifest fields (metrics, environment, reason...). ``staging`` and
     ``written`` (manifest entries of files other processes already wrote into ``staging``) come
-    from a distributed save (see :func:`begin_checkpoint`). Raises a CheckpointError subclass on
-    failure, after removing what it wrote when it can.
+    from a distributed save (see :func:`begin_checkpoint`). ``before_commit`` runs right before the
+    manifest is written and stops the save by raising (the run lock's last check). Raises a
+    CheckpointError subclass on failure, after removing what it wrote when it can.
     """
     name = checkpoint_name(step)
     t0 = time.perf_counter()
@@ -121,6 +123,8 @@ def write_checkpoint(
             "files": files,
         }
         manifest["save_seconds"] = round(time.perf_counter() - t0 + float(fields.get("save_seconds", 0.0)), 6)
+        if before_commit is not None:
+            before_commit()
         write_blob(storage, join(staging, MANIFEST), encode_manifest(manifest))
         storage.sync_dir(staging)
         if storage.atomic_rename:

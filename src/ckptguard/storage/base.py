@@ -20,6 +20,7 @@ Every backend passes the same conformance suite (``tests/test_storage_conformanc
 from __future__ import annotations
 
 import errno
+import hashlib
 import posixpath
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -30,7 +31,7 @@ from ckptguard.errors import (
     StoragePermissionError,
 )
 
-__all__ = ["Storage", "Writer", "join", "translate_os_error"]
+__all__ = ["ConditionalWrites", "EmulatedConditionalWrites", "Storage", "Writer", "content_version", "join", "translate_os_error"]
 
 
 @runtime_checkable
@@ -138,3 +139,69 @@ def translate_os_error(err: OSError, where: str, doing: str) -> Exception:
             "at a directory (or move the file away)."
         )
     return StorageError(f"I/O error while {doing} {where}: {err}. Check the storage and retry.")
+
+
+@runtime_checkable
+class ConditionalWrites(Protocol):
+    """Compare-and-swap on one small object: the primitive of the object-store run lock.
+
+    Optional: backends that have it say so by providing these members (``FsspecStorage`` does;
+    local runs lock with ``flock``). A *version* is an opaque token that changes with every write
+    (the S3 ETag; a content digest elsewhere). ``conditional_writes_atomic`` is True when the
+    store itself decides the condition (S3 ``If-None-Match``/``If-Match``; ``memory://`` under one
+    process-wide lock); False when it is emulated by a read before the write, which two writers
+    can both pass, so the caller must read back what it wrote (see ckptguard.lock).
+    """
+
+    conditional_writes_atomic: bool
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """The object's bytes and version, read together; None when it does not exist."""
+        ...
+
+    def write_if(self, path: str, data: bytes, *, expect: str | None) -> str | None:
+        """Write ``data`` only if the object's version is ``expect`` (None: only if it does not
+        exist); return the new version, or None when the condition did not hold (nothing written)."""
+        ...
+
+    def remove_if(self, path: str, *, expect: str) -> bool:
+        """Remove the object only if its version is ``expect``; return whether it was removed."""
+        ...
+
+
+def content_version(data: bytes) -> str:
+    """A version token for stores without one of their own: a digest of the content."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+class EmulatedConditionalWrites:
+    """Conditional writes over any Storage: read, compare, write. Not atomic (two writers can both
+    pass the compare): callers read back what they wrote."""
+
+    conditional_writes_atomic = False
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        if not self.storage.exists(path):
+            return None
+        try:
+            data = self.storage.read_bytes(path)
+        except CheckpointNotFoundError:  # removed since
+            return None
+        return data, content_version(data)
+
+    def write_if(self, path: str, data: bytes, *, expect: str | None) -> str | None:
+        current = self.read_versioned(path)
+        if (current[1] if current is not None else None) != expect:
+            return None
+        self.storage.replace_file(path, data)
+        return content_version(data)
+
+    def remove_if(self, path: str, *, expect: str) -> bool:
+        current = self.read_versioned(path)
+        if current is None or current[1] != expect:
+            return False
+        self.storage.remove_file(path)
+        return True

@@ -27,11 +27,12 @@ import io
 import posixpath
 import shutil
 import tempfile
+import threading
 from typing import Any, BinaryIO
 
 from ckptguard.errors import CheckpointNotFoundError, StorageError
 from ckptguard.retry import RetryPolicy
-from ckptguard.storage.base import translate_os_error
+from ckptguard.storage.base import content_version, translate_os_error
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "FsspecStorage"]
 
@@ -255,3 +256,132 @@ class FsspecStorage:
         """One PUT: readers see the old or the new object, never a mix."""
         self._call("writing", path, self.fs.pipe_file, self._p(path), bytes(data))
         self._fresh(path)
+
+    # ---- conditional writes: the run lock's primitive (storage.base.ConditionalWrites) --------
+
+    def _conditional_kind(self) -> str:
+        protocol = self.fs.protocol
+        names = protocol if isinstance(protocol, (tuple, list)) else (protocol,)
+        return "s3" if "s3" in names else "memory" if "memory" in names else "emulated"
+
+    @property
+    def conditional_writes_atomic(self) -> bool:
+        """True on S3 (``If-None-Match``/``If-Match``) and ``memory://`` (one process-wide lock);
+        elsewhere a conditional write is a read, a compare and a write (see ckptguard.lock)."""
+        return self._conditional_kind() != "emulated"
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """The object's bytes (at most 1 MiB) and its version (S3: the ETag), read together."""
+        if self._conditional_kind() == "s3":
+            self._fresh(path)
+            out: tuple[bytes, str] | None = self._call("reading", path, self._s3_get_versioned, self._p(path))
+            return out
+        with _MEMORY_CAS:
+            return self._read_plain_versioned(path)
+
+    def write_if(self, path: str, data: bytes, *, expect: str | None) -> str | None:
+        """Write only over version ``expect`` (None: only where nothing exists); the new version,
+        or None when the condition did not hold and nothing was written."""
+        data = bytes(data)
+        if self._conditional_kind() == "s3":
+            cond: dict[str, Any] = {"mode": "create"} if expect is None else {"IfMatch": expect}
+            try:
+                version: str | None = self._call("writing", path, self._s3_put_if, self._p(path), data, cond)
+            finally:
+                self._fresh(path)
+            return version
+        with _MEMORY_CAS:  # atomic for memory:// (one process); a read-then-write elsewhere
+            current = self._read_plain_versioned(path)
+            if (current[1] if current is not None else None) != expect:
+                return None
+            self.replace_file(path, data)
+        return content_version(data)
+
+    def remove_if(self, path: str, *, expect: str) -> bool:
+        """Remove only over version ``expect``; whether it was removed."""
+        if self._conditional_kind() == "s3":
+            try:
+                removed: bool = self._call("deleting", path, self._s3_remove_if, self._p(path), expect)
+            finally:
+                self._fresh(path)
+            return removed
+        with _MEMORY_CAS:
+            current = self._read_plain_versioned(path)
+            if current is None or current[1] != expect:
+                return False
+            self.remove_file(path)
+        return True
+
+    def _read_plain_versioned(self, path: str) -> tuple[bytes, str] | None:
+        try:
+            data = self.read_bytes(path)
+        except CheckpointNotFoundError:
+            return None
+        return data, content_version(data)
+
+    def _s3_get_versioned(self, full: str) -> tuple[bytes, str] | None:
+        import fsspec.asyn
+
+        bucket, key, _ = self.fs.split_path(full)
+        try:
+            resp = self.fs.call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        body = resp["Body"]
+        try:
+            data = fsspec.asyn.sync(self.fs.loop, body.read, _MAX_CONDITIONAL_BYTES)
+        finally:
+            try:
+                body.close()
+            except Exception:  # noqa: BLE001 - the bytes are read; a close error changes nothing
+                pass
+        return bytes(data), str(resp["ETag"])
+
+    def _s3_put_if(self, full: str, data: bytes, cond: dict[str, Any]) -> str | None:
+        try:
+            out = self.fs.pipe_file(full, data, **cond)
+        except FileExistsError:  # If-None-Match: something is there
+            return None
+        except OSError as e:
+            if _condition_failed(e, missing_ok="IfMatch" in cond):
+                return None
+            raise
+        etag = out.get("ETag") if isinstance(out, dict) else None
+        if etag is None:  # an s3fs that returns nothing: ask for the version just written
+            bucket, key, _ = self.fs.split_path(full)
+            etag = self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
+        return str(etag)
+
+    def _s3_remove_if(self, full: str, expect: str) -> bool:
+        bucket, key, _ = self.fs.split_path(full)
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=expect)
+        except OSError as e:
+            if _condition_failed(e, missing_ok=True):
+                return False
+            raise
+        return True
+
+
+_MEMORY_CAS = threading.RLock()  # memory:// lives in this process: one lock makes write_if atomic
+_MAX_CONDITIONAL_BYTES = 2**20  # lock records are a few hundred bytes
+
+
+def _condition_failed(err: BaseException, *, missing_ok: bool) -> bool:
+    """Whether an S3 error means "the condition did not hold" (412, or 409 when two conditional
+    writes raced; with ``missing_ok`` also a missing key under ``If-Match``)."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            break
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = str((response.get("Error") or {}).get("Code", ""))
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return True
+            if missing_ok and code == "NoSuchKey":
+                return True
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return False
