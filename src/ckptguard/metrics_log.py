@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from ckptguard.errors import CheckpointError
-from ckptguard.storage.base import Storage
+from ckptguard.storage.base import Storage, read_capped
 
 __all__ = ["METRICS_FILE", "MetricsLog", "plain_metrics", "read_metrics"]
 
 METRICS_FILE = "metrics.csv"
 BASE = ["step", "wall_time"]
+MAX_METRICS_BYTES = 512 * 1024 * 1024  # millions of rows; read whole by plot and new columns
 
 
 def _fmt(v: Any) -> str:
@@ -35,7 +36,7 @@ def read_metrics(storage: Storage) -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, rows) of the run's metrics.csv; torn or malformed lines are skipped."""
     if not storage.exists(METRICS_FILE):
         return list(BASE), []
-    text = storage.read_bytes(METRICS_FILE).decode("utf-8", errors="replace")
+    text = read_capped(storage, METRICS_FILE, MAX_METRICS_BYTES, "a metrics log").decode("utf-8", errors="replace")
     lines = text.splitlines()
     if not lines:
         return list(BASE), []

@@ -6,12 +6,12 @@ checks one without keeping data. ``blob`` files are small (JSON, YAML) and read 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
+from ckptguard import safejson
 from ckptguard.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -185,8 +185,8 @@ class CheckpointReader:
     def json(self, fname: str) -> Any:
         raw = self.blob(fname)
         try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            return safejson.loads(raw)
+        except ValueError as e:
             raise CorruptCheckpointError(
                 f"{self.storage.describe(join(self.name, fname))} is not valid JSON ({e}).",
                 path=self.where,
