@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+import xxhash
 
 from ckptguard import safejson
 from ckptguard.errors import (
@@ -19,11 +20,12 @@ from ckptguard.errors import (
 )
 from ckptguard.parallel_io import read_ahead
 from ckptguard.storage.base import Storage, join
-from ckptguard.tensorfile import check_header, digest_bytes, read_tensor_file
+from ckptguard.tensorfile import CHUNK, check_header, digest_bytes, read_tensor_file
 
 __all__ = ["CheckpointReader", "READERS", "VERIFIERS", "verify_files"]
 
 TensorReader = Callable[..., dict[str, torch.Tensor]]
+MAX_JSON_BYTES = 256 * 1024 * 1024  # a blob read whole (state.json, config.yaml, a rank file)
 
 
 def _read_local_tensors(
@@ -69,7 +71,29 @@ def _verify_tensors(storage: Storage, ckpt: str, fname: str, entry: Mapping[str,
 
 
 def _verify_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> None:
-    read_blob(storage, ckpt, fname, entry)
+    if entry["size"] <= MAX_JSON_BYTES:
+        read_blob(storage, ckpt, fname, entry)
+        return
+    rel = join(ckpt, fname)  # a large blob (a DCP shard): hashed as it streams, never held whole
+    where = storage.describe(rel)
+    if storage.is_symlink(rel):
+        raise UnsafeCheckpointError(f"{where} is a symbolic link; refusing to follow it.", path=where)
+    size = storage.size(rel)
+    if size != entry["size"]:
+        raise CorruptCheckpointError(
+            f"{where} is {size} bytes, the manifest recorded {entry['size']}.", path=where, file=fname
+        )
+    h = xxhash.xxh3_128()
+    with storage.open_read(rel) as fh:
+        while part := fh.read(CHUNK):
+            h.update(part)
+    if h.hexdigest() != entry["xxh3_128"]:
+        raise CorruptCheckpointError(
+            f"{where} does not match its checksum in the manifest: the bytes changed after the "
+            "save (bit rot or tampering).",
+            path=where,
+            file=fname,
+        )
 
 
 VERIFIERS: dict[str, Callable[[Storage, str, str, Mapping[str, Any]], None]] = {
@@ -177,6 +201,14 @@ class CheckpointReader:
         if entry is None or entry["kind"] != "blob":
             raise CorruptCheckpointError(
                 f"{self.where}: the manifest lists no file {fname!r}.", path=self.where, file=fname
+            )
+        if entry["size"] > MAX_JSON_BYTES:  # read whole: refused before reading (declared size)
+            raise CorruptCheckpointError(
+                f"{self.storage.describe(join(self.name, fname))} is declared as {entry['size']} bytes, "
+                f"more than the {MAX_JSON_BYTES} a small file of a checkpoint (state.json, config.yaml) "
+                "may have. The checkpoint is damaged or hostile; restore skips it.",
+                path=self.where,
+                file=fname,
             )
         data = read_blob(self.storage, self.name, fname, entry)
         self.checked.add(fname)

@@ -32,8 +32,8 @@ _KINDS = (
 def _not_regular(display: str, mode: int) -> UnsafeCheckpointError:
     kind = next((name for test, name in _KINDS if test(mode)), "special file")
     return UnsafeCheckpointError(
-        f"{display} is a {kind}, not a regular file; refusing to read it (ckptguard never "
-        "follows links inside a run, nor reads pipes or devices, which could hang or never end). "
+        f"{display} is a {kind}, not a regular file; refusing to open it (ckptguard never "
+        "follows links inside a run, nor opens pipes or devices, which could hang or never end). "
         "The run was altered (e.g. by a tar extracted as root): move that entry away.",
         path=display,
     )
