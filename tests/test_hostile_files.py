@@ -198,11 +198,11 @@ def run_child(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def cases() -> Iterator[tuple[str, str]]:
-    """Every target x kind under FULL; by default every kind on the manifest, state.json and
-    STATUS.json, and a rotating sample of two kinds on each other sidecar."""
+    """Every target x kind with CKPTGUARD_TEST_FULL=1 (49 runs); by default every kind on the
+    manifest, a FIFO in STATUS.json, and one kind (rotating) on each other file (14 runs)."""
     for i, rel in enumerate(CAPS):
         for j, kind in enumerate(KINDS):
-            if FULL or rel in (f"{STEP2}/MANIFEST.json", f"{STEP2}/STATUS.json", f"{STEP2}/state.json") or (i + j) % 4 == 0 or kind == "fifo":
+            if FULL or rel == f"{STEP2}/MANIFEST.json" or (i + j) % len(KINDS) == 0 or (rel, kind) == (f"{STEP2}/STATUS.json", "fifo"):
                 yield rel, kind
 
 
@@ -225,35 +225,42 @@ def test_every_command_and_restore_end_on_hostile_files(good_run: dict[str, Any]
         jobs.append({"restore": str(run), "save": True})
         meta.append((rel, kind, "restore"))
     results = run_child(jobs)
-    slowest = 0.0
+    wrong: list[Any] = []  # every deviation at once, not just the first
     for (rel, kind, what), res in zip(meta, results):
         case = f"{what} with {kind} at {rel}"
-        slowest = max(slowest, res["seconds"])
-        assert res["seconds"] < PER_COMMAND_S, (case, res["seconds"])
-        assert not res.get("crash"), (case, res["crash"])
-        if what == "restore":
-            assert "error" not in res, (case, res["error"])
-            bad_ckpt = rel in IN_CHECKPOINT
-            assert res["step"] == (1 if bad_ckpt else 2), case
-            assert res["digest"] == good_run["digests"][res["step"]], case  # bit for bit
-            assert res["saved"] is True, case
-            if rel.endswith(("STATUS.json", "ckptguard.json")):  # read at restore: said so
-                assert any(rel.split("/")[-1] in w and "absent" in w for w in res["warnings"]), (case, res["warnings"])
+        if res["seconds"] >= PER_COMMAND_S or res.get("crash"):
+            wrong.append((case, res["seconds"], res.get("crash")))
             continue
-        assert "Traceback" not in res["stderr"] + res["stdout"], (case, res["stderr"])
-        expect = (EXPECT_BAD_CKPT if rel in IN_CHECKPOINT else EXPECT_SIDECAR)[what]
-        if what == "plot" and rel == "metrics.csv":
-            expect = 2  # nothing to plot: a clear error naming the file
+        if what == "restore":
+            bad_ckpt = rel in IN_CHECKPOINT
+            said = not rel.endswith(("STATUS.json", "ckptguard.json")) or any(
+                rel.split("/")[-1] in w and "absent" in w for w in res["warnings"])  # read at restore: said so
+            if (res.get("error"), res.get("step"), res.get("saved"), said) != (None, 1 if bad_ckpt else 2, True, True) or (
+                res["digest"] != good_run["digests"][res["step"]]  # bit for bit
+            ):
+                wrong.append((case, {k: res.get(k) for k in ("error", "step", "saved", "warnings")}))
+            continue
+        expect = expected_code(rel, kind, what)
         allowed = expect if isinstance(expect, set) else {expect}
-        assert res["code"] in allowed, (case, res["code"], res["stderr"][-800:])
-        if res["code"] == 2 and what != "doctor":
-            assert "error:" in res["stderr"] and run_name_in(res["stderr"], rel), (case, res["stderr"])
-    print(f"hostile files: {len(results)} jobs, slowest {slowest:.2f} s")
+        flat = "".join(res["stderr"].split())  # rich wraps long lines
+        names_it = rel.split("/")[-1] in flat or STEP2 in flat
+        if "Traceback" in res["stderr"] + res["stdout"] or res["code"] not in allowed or (
+            res["code"] == 2 and not ("error:" in flat and names_it)
+        ):
+            wrong.append((case, res["code"], res["stderr"][-600:]))
+    assert not wrong, "\n".join(map(str, wrong))
+    slowest = max(results, key=lambda r: r["seconds"])
+    print(f"hostile files: {len(results)} jobs, slowest {slowest['seconds']:.2f} s ({slowest['job']})")
 
 
-def run_name_in(text: str, rel: str) -> bool:
-    flat = " ".join(text.split())  # rich wraps long paths
-    return rel.split("/")[-1] in flat.replace(" ", "") or STEP2 in flat.replace(" ", "")
+def expected_code(rel: str, kind: str, what: str) -> int | set[int]:
+    if rel == f"{STEP2}/state.json" and what in ("inspect", "diff", "export"):
+        return 0  # the manifest and the weights are sound; verify and restore read state.json
+    if rel == f"{STEP2}/state.json" and what == "verify" and kind == "deep":
+        return 0  # its bytes are what the (resealed) manifest says: only restore can refuse it
+    if what == "plot" and rel == "metrics.csv":
+        return 2  # nothing to plot: a clear error naming the file
+    return (EXPECT_BAD_CKPT if rel in IN_CHECKPOINT else EXPECT_SIDECAR)[what]
 
 
 # ---- the library calls behind those commands: exact errors ----------------------------------
@@ -308,14 +315,19 @@ def test_manifest_with_too_many_files(good_run: dict[str, Any], tmp_path: Path, 
     run = tmp_path / "run"
     shutil.copytree(good_run["run"], run)
     (run / "step-000000003").mkdir()
-    (run / "step-000000003" / "MANIFEST.json").write_bytes(big_manifest(3, files))
+    raw = big_manifest(3, files)
+    (run / "step-000000003" / "MANIFEST.json").write_bytes(raw)
     jobs = [{"restore": str(run), "save": False}, {"cli": ["verify", str(run)]}, {"cli": ["ls", str(run)]},
             {"cli": ["inspect", str(run / "step-000000003")]}]
     restore, verify, ls, inspect = run_child(jobs)
     assert restore["step"] == 2 and restore["digest"] == good_run["digests"][2]
-    assert any(f"lists {files} or more files, more than the {MAX_MANIFEST_FILES}" in w for w in restore["warnings"])
+    if len(raw) > MAX_MANIFEST_BYTES:  # 90 MB: refused by its size, never read
+        why = f"is {len(raw)} bytes, more than the {MAX_MANIFEST_BYTES} bytes a manifest may have"
+    else:  # 9 MB: read once, refused by a byte count before parsing
+        why = f"lists {files} or more files, more than the {MAX_MANIFEST_FILES} any checkpoint"
+    assert any(why in w for w in restore["warnings"]), restore["warnings"]
     assert verify["code"] == 1 and ls["code"] == 0 and inspect["code"] == 2
-    assert "more than the 100000 any checkpoint" in " ".join(inspect["stderr"].split())
+    assert why in "".join(inspect["stderr"].split()) or why in " ".join(inspect["stderr"].split())
     for res in (restore, verify, ls, inspect):
         assert res["seconds"] < PER_COMMAND_S, res
     print("million-file manifest:", {r["job"].get("cli", ["restore"])[0]: r["seconds"] for r in (restore, verify, ls, inspect)})

@@ -50,11 +50,11 @@ FORMAT = "ckptguard"
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 STATUS = "STATUS.json"
-# Parse limits (a manifest is untrusted input): far above any real checkpoint (a few files; an
-# incremental manifest of a 100,000-tensor model is ~30 MB) and refused before parsing, so a
-# hostile one costs a stat, or one read and a byte count, never seconds or gigabytes.
-# encode_manifest refuses to write what parse_manifest would refuse to read.
-MAX_MANIFEST_BYTES = 128 * 1024 * 1024
+# Parse limits (a manifest is untrusted input), far above any real checkpoint: a few files, or
+# ~260 bytes per tensor in an incremental one (64 MiB is 80,000 tensors with their optimizer
+# state). Checked before parsing, so a hostile manifest costs a stat, or one read and a byte
+# count, never seconds or gigabytes. encode_manifest refuses to write what would be refused.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_MANIFEST_FILES = 100_000
 _NAME_RE = re.compile(r"^step-(\d{9,})$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
