@@ -376,7 +376,7 @@ def reference_depth(value: Any) -> int:
     return 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(json_values, st.integers(min_value=0, max_value=8), st.booleans())
 def test_safejson_matches_reference(value: Any, limit: int, compact: bool) -> None:
     raw = json.dumps(value, separators=(",", ":") if compact else None, ensure_ascii=compact).encode()
@@ -451,3 +451,62 @@ def test_run_directory_creation_is_fsynced_in_its_parent(tmp_path: Path) -> None
         f"mkdir:{parent}/runs", f"mkdir:{parent}/runs/exp", f"mkdir:{parent}/runs/exp/.tmp-x",
         f"fsync:{parent}/runs", f"fsync:{parent}",
     ], calls
+
+
+YAML_ATTACKS = {  # checksummed (resealed) config.yaml contents, and why each is refused
+    "deep": (b"[" * 100_000, "YAML nested deeper than 256 levels"),
+    "alias": (b"a: &a [1, 2]\nb: *a\n", "YAML aliases are not accepted"),
+    "deep-mapping": (b"x: [" + b"{k: " * 300, "YAML nested deeper than 256 levels"),
+}
+
+
+def test_hostile_config_yaml(good_run: dict[str, Any], tmp_path: Path) -> None:
+    """A config.yaml that is deep or uses aliases (an alias bomb expands when walked): diff
+    refuses it with a message; verify passes (the bytes are what the manifest says); restore is
+    unaffected."""
+    jobs = []
+    for name, (raw, _) in YAML_ATTACKS.items():
+        run = tmp_path / name
+        shutil.copytree(good_run["run"], run)
+        (run / STEP2 / "config.yaml").write_bytes(raw)
+        reseal(run / STEP2, "config.yaml", run / STEP2 / "config.yaml")
+        jobs += [{"cli": ["diff", str(run / STEP1), str(run / STEP2)]}, {"cli": ["verify", str(run)]}, {"restore": str(run)}]
+    results = iter(run_child(jobs))
+    for name, (_, why) in YAML_ATTACKS.items():
+        diff, verify, restore = next(results), next(results), next(results)
+        assert diff["code"] == 2 and not diff["crash"] and "Traceback" not in diff["stderr"], name
+        assert "config.yamlcannotbecompared:" in "".join(diff["stderr"].split()), name
+        assert why in " ".join(diff["stderr"].split()), name
+        assert verify["code"] == 0, name
+        assert restore["step"] == 2 and restore["digest"] == good_run["digests"][2], name
+
+
+def test_symlinked_directory_inside_the_run_is_not_followed(tmp_path: Path) -> None:
+    """objects/ (incremental packs) or a checkpoint's subdirectory pointing out of the run."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "p.pack").write_bytes(b"bytes")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "objects").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    storage = LocalStorage(tmp_path / "run")
+    for read in (storage.read_bytes, storage.open_read):
+        with pytest.raises(UnsafeCheckpointError, match=r"run/objects is a symbolic link, not a regular file"):
+            read("objects/p.pack")
+
+
+def test_object_store_caps_use_the_listed_size(caplog: pytest.LogCaptureFixture) -> None:
+    """memory:// (fsspec): the same caps, from the size the store lists, before any read."""
+    import uuid
+
+    from ckptguard.catalog import read_status
+    from ckptguard.storage import FsspecStorage
+
+    storage = FsspecStorage(f"memory://hostile-{uuid.uuid4().hex[:8]}")
+    storage.replace_file(f"{STEP2}/STATUS.json", b" " * (MAX_STATUS_BYTES + 1))
+    with pytest.raises(CorruptCheckpointError, match=f"STATUS.json is {MAX_STATUS_BYTES + 1} bytes, more than the {MAX_STATUS_BYTES} bytes a status record may have"):
+        read_capped(storage, f"{STEP2}/STATUS.json", MAX_STATUS_BYTES, "a status record")
+    with caplog.at_level("WARNING"):
+        assert read_status(storage, STEP2) is None
+        storage.replace_file(f"{STEP2}/STATUS.json", DEEP)
+        assert read_status(storage, STEP2) is None
+    assert caplog.text.count("STATUS.json (treated as absent)") == 2
+    assert "nested deeper than 256 levels" in caplog.text

@@ -21,7 +21,7 @@ import itertools
 import json
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "JSONDepthError", "json_depth", "loads"]
+__all__ = ["MAX_DEPTH", "JSONDepthError", "json_depth", "loads", "yaml_loads"]
 
 # Deeper than anything ckptguard writes (a manifest is 7 levels deep; user ``extra`` and configs
 # rarely pass 20), far below the interpreter's recursion limit (1000).
@@ -69,3 +69,29 @@ def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
         return json.loads(text)
     except RecursionError as e:  # the scan was fooled by malformed strings: still refused
         raise JSONDepthError(f"JSON nested deeper than the parser allows ({e})") from e
+
+
+def yaml_loads(raw: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """``yaml.safe_load`` for an untrusted ``config.yaml``: at most ``max_depth`` levels, no
+    aliases (ckptguard writes none; an alias bomb expands to billions of nodes when walked).
+
+    The parser's event stream is checked first (iterative: no recursion, nothing expanded);
+    raises ``ValueError`` for anything refused or malformed.
+    """
+    import yaml
+
+    try:
+        text = bytes(raw).decode("utf-8")
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ValueError("YAML aliases are not accepted (ckptguard writes none)")
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > max_depth:
+                    raise JSONDepthError(f"YAML nested deeper than {max_depth} levels")
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ValueError(f"not valid YAML ({e})") from e

@@ -214,10 +214,20 @@ class LocalStorage:
         except OSError:
             return None
 
+    def _open_inside(self, path: str) -> int:
+        """open_regular, refusing also a symlinked directory between the run root and the file
+        (``objects/`` or ``step-N/dcp`` pointing elsewhere): nothing read leaves the run."""
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            sub = self._p("/".join(parts[:i]))
+            if os.path.islink(sub):
+                raise _not_regular(sub, stat.S_IFLNK)
+        return open_regular(self._p(path), self._p(path))
+
     def read_bytes(self, path: str) -> bytes:
         """The file's bytes as long as it was when opened (a regular file only, see
         :func:`open_regular`; callers that cap sizes check ``size()`` first)."""
-        fd = open_regular(self._p(path), self._p(path))
+        fd = self._open_inside(path)
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 left = os.fstat(f.fileno()).st_size
@@ -233,7 +243,7 @@ class LocalStorage:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def open_read(self, path: str) -> BinaryIO:
-        fd = open_regular(self._p(path), self._p(path))
+        fd = self._open_inside(path)
         return os.fdopen(fd, "rb", buffering=0)  # caller closes
 
     def create(self, path: str) -> LocalWriter:
