@@ -510,3 +510,17 @@ def test_object_store_caps_use_the_listed_size(caplog: pytest.LogCaptureFixture)
         assert read_status(storage, STEP2) is None
     assert caplog.text.count("STATUS.json (treated as absent)") == 2
     assert "nested deeper than 256 levels" in caplog.text
+
+
+def test_metrics_csv_with_a_field_over_the_csv_limit(tmp_path: Path) -> None:
+    """csv refuses fields over 128 KiB with its own error, which escaped from plot and from
+    save (after the commit). A bad row is skipped; a bad header is a clear CheckpointError."""
+    from ckptguard.metrics_log import read_metrics
+
+    storage = LocalStorage(tmp_path)
+    (tmp_path / "metrics.csv").write_text("step,wall_time,loss\n1,1.0,0.5\n2," + "9" * 200_000 + ",0.4\n3,3.0,0.3\n")
+    assert read_metrics(storage) == (["step", "wall_time", "loss"], [
+        {"step": 1, "wall_time": 1.0, "loss": 0.5}, {"step": 3, "wall_time": 3.0, "loss": 0.3}])
+    (tmp_path / "metrics.csv").write_text("x" * 200_000 + "\n1,2\n")
+    with pytest.raises(CorruptCheckpointError, match=r"metrics.csv: the header line is not CSV .* Move the file away"):
+        read_metrics(storage)
