@@ -231,7 +231,7 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 left = os.fstat(f.fileno()).st_size
-                parts = []
+                parts: list[bytes] = []
                 while left > 0:
                     part = f.read(min(left, 1 << 30))
                     if not part:
