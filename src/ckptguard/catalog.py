@@ -20,8 +20,9 @@ import time
 from typing import Any
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
-from ckptguard.manifest import MANIFEST, STATUS, checkpoint_name, parse_manifest, parse_step
-from ckptguard.storage.base import Storage, join
+from ckptguard import safejson
+from ckptguard.manifest import MANIFEST, MAX_MANIFEST_BYTES, STATUS, checkpoint_name, parse_manifest, parse_step
+from ckptguard.storage.base import Storage, join, read_capped
 from ckptguard.tensorfile import digest_bytes
 from ckptguard.trust import PackStats, pack_problems
 
@@ -40,6 +41,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 BAD_STATUSES = frozenset({"corrupt", "failed"})
+MAX_STATUS_BYTES = 1024 * 1024  # mark_status writes at most ~70 KB
+_MAX_DETAIL = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +131,7 @@ def read_manifest(storage: Storage, name: str, *, cache: ManifestCache | None = 
             f"{where} does not exist: {storage.describe(name)} is not a committed checkpoint "
             "(an interrupted save leaves such debris; 'ckptguard prune' removes it)."
         )
-    raw = storage.read_bytes(join(name, MANIFEST))
+    raw = read_capped(storage, join(name, MANIFEST), MAX_MANIFEST_BYTES, "a manifest")
     manifest = cache.parse(name, raw, where) if cache is not None else parse_manifest(raw, where)
     step = parse_step(name)
     if step is not None and manifest["step"] != step:
@@ -139,19 +142,23 @@ def read_manifest(storage: Storage, name: str, *, cache: ManifestCache | None = 
 
 
 def read_status(storage: Storage, name: str) -> dict[str, Any] | None:
+    """The post-commit status record, or None when there is none. An unreadable one (not a
+    regular file, too large, not JSON, too deep) is treated as absent, with a warning: the
+    manifest's checksums, not this file, decide whether the checkpoint is sound."""
     path = join(name, STATUS)
     try:
         if not storage.exists(path):
             return None
-        data = json.loads(storage.read_bytes(path).decode("utf-8"))
-    except (CheckpointError, ValueError, UnicodeDecodeError):
-        return {"status": "corrupt", "detail": "unreadable STATUS.json"}
+        data = safejson.loads(read_capped(storage, path, MAX_STATUS_BYTES, "a status record"))
+    except (CheckpointError, ValueError) as e:
+        log.warning("Ignoring %s (treated as absent): %s", storage.describe(path), e)
+        return None
     return data if isinstance(data, dict) and isinstance(data.get("status"), str) else None
 
 
 def mark_status(storage: Storage, name: str, status: str, detail: str = "") -> bool:
     """Record a post-commit finding. Best effort: a read-only run only logs it."""
-    record = {"status": status, "detail": detail, "time": time.time()}
+    record = {"status": status, "detail": detail[:_MAX_DETAIL], "time": time.time()}
     try:
         storage.replace_file(join(name, STATUS), json.dumps(record, indent=1).encode())
         return True

@@ -19,11 +19,10 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import yaml
-
+from ckptguard import safejson
 from ckptguard.catalog import read_manifest
 from ckptguard.configdrift import config_diff
-from ckptguard.errors import CheckpointNotFoundError
+from ckptguard.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptguard.manifest import MANIFEST
 from ckptguard.reader import CheckpointReader
 from ckptguard.storage.base import join
@@ -94,7 +93,15 @@ def _open(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) 
 
 
 def _config(r: CheckpointReader) -> Any:
-    return yaml.safe_load(r.blob("config.yaml")) if r.has("config.yaml") else None
+    if not r.has("config.yaml"):
+        return None
+    try:
+        return safejson.yaml_loads(r.blob("config.yaml"))
+    except ValueError as e:  # checksummed, yet hostile (deep, aliases) or not YAML
+        raise CorruptCheckpointError(
+            f"{r.where}/config.yaml cannot be compared: {e}. The checkpoint is damaged or hostile.",
+            path=r.where, file="config.yaml",
+        ) from e
 
 
 def _probe(m: Mapping[str, Any]) -> Any:

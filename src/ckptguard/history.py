@@ -13,13 +13,15 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from ckptguard import safejson
 from ckptguard.errors import CheckpointError
-from ckptguard.storage.base import Storage
+from ckptguard.storage.base import Storage, read_capped
 
 __all__ = ["HISTORY_FILE", "read_history", "record_events"]
 
 log = logging.getLogger(__name__)
 HISTORY_FILE = "history.jsonl"
+MAX_HISTORY_BYTES = 64 * 1024 * 1024  # ~800,000 events of ~80 bytes
 
 
 def record_events(storage: Storage, event: str, steps: Iterable[int], reason: str = "") -> None:
@@ -35,19 +37,20 @@ def record_events(storage: Storage, event: str, steps: Iterable[int], reason: st
 
 
 def read_history(storage: Storage) -> list[dict[str, Any]]:
-    """Every well-formed event, oldest first (missing file: none)."""
+    """Every well-formed event, oldest first (missing or unreadable file: none, with a warning)."""
     try:
         if not storage.exists(HISTORY_FILE):
             return []
-        text = storage.read_bytes(HISTORY_FILE).decode("utf-8", errors="replace")
-    except CheckpointError:
+        text = read_capped(storage, HISTORY_FILE, MAX_HISTORY_BYTES, "an event history").decode("utf-8", errors="replace")
+    except CheckpointError as e:
+        log.warning("Ignoring %s (treated as absent): %s", storage.describe(HISTORY_FILE), e)
         return []
     out = []
     for line in text.splitlines():
         try:
-            rec = json.loads(line)
+            rec = safejson.loads(line, max_depth=8)
         except ValueError:
-            continue  # a torn line from a crash
+            continue  # a torn line from a crash, or not an event
         if isinstance(rec, dict) and isinstance(rec.get("event"), str) and isinstance(rec.get("step"), int):
             out.append(rec)
     return out

@@ -29,7 +29,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ckptguard.errors import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
+from ckptguard import safejson
+from ckptguard.errors import CheckpointError, CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
 from ckptguard.tensorfile import MAX_HEADER, digest_bytes, numel
 
 __all__ = [
@@ -49,7 +50,12 @@ FORMAT = "ckptguard"
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 STATUS = "STATUS.json"
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+# Parse limits (a manifest is untrusted input), far above any real checkpoint: a few files, or
+# ~260 bytes per tensor in an incremental one (64 MiB is 80,000 tensors with their optimizer
+# state). Checked before parsing, so a hostile manifest costs a stat, or one read and a byte
+# count, never seconds or gigabytes. encode_manifest refuses to write what would be refused.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_MANIFEST_FILES = 100_000
 _NAME_RE = re.compile(r"^step-(\d{9,})$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -197,6 +203,8 @@ def validate_manifest(data: object, where: str) -> dict[str, Any]:
     files = data.get("files")
     if not isinstance(files, dict) or not files:
         raise _fail(where, "'files' must be a non-empty object")
+    if len(files) > MAX_MANIFEST_FILES:
+        raise _too_many_files(where, len(files))
     for name, entry in files.items():
         safe_relpath(name, where)
         if name in ("MANIFEST.json", "STATUS.json"):
@@ -240,6 +248,13 @@ def encode_manifest(manifest: dict[str, Any]) -> bytes:
         return f" {compact(k)}: {compact(v)}"
 
     prefix = ("{\n" + ",\n".join(field(k, v) for k, v in body.items())).encode()
+    if len(prefix) > MAX_MANIFEST_BYTES - 100 or len(body.get("files") or ()) > MAX_MANIFEST_FILES:
+        raise CheckpointError(
+            f"The manifest of step {body.get('step')} would be {len(prefix)} bytes with "
+            f"{len(body.get('files') or ())} files, over what ckptguard reads back "
+            f"({MAX_MANIFEST_BYTES} bytes, {MAX_MANIFEST_FILES} files); nothing was committed. "
+            "Store fewer, larger files (or tensors) per checkpoint."
+        )
     return prefix + b',\n "' + SELF_DIGEST_KEY.encode() + b'": "' + digest_bytes(prefix).encode() + b'"\n}\n'
 
 
@@ -261,13 +276,23 @@ def _check_self_digest(raw: bytes, where: str) -> None:
         )
 
 
+def _too_many_files(where: str, n: int) -> CorruptCheckpointError:
+    return _fail(
+        where,
+        f"it lists {n} or more files, more than the {MAX_MANIFEST_FILES} any checkpoint "
+        "ckptguard writes has (refused before reading them)",
+    )
+
+
 def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
-    """Parse and validate MANIFEST.json bytes (untrusted input)."""
+    """Parse and validate MANIFEST.json bytes (untrusted input), within the parse limits."""
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise _fail(where, f"{len(raw)} bytes is larger than any manifest ckptguard writes")
+        raise _fail(where, f"{len(raw)} bytes is larger than any manifest ckptguard writes ({MAX_MANIFEST_BYTES})")
+    if raw.count(b'"kind":') > MAX_MANIFEST_FILES:  # every file entry has one: count before parsing
+        raise _too_many_files(where, raw.count(b'"kind":'))
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        data = safejson.loads(raw)
+    except ValueError as e:
         raise _fail(where, f"not valid JSON ({e})") from e
     # Version first: a newer format may checksum itself differently.
     if isinstance(data, dict) and data.get("format") == FORMAT:

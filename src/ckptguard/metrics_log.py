@@ -11,18 +11,19 @@ import csv
 import io
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-from ckptguard.errors import CheckpointError
-from ckptguard.storage.base import Storage
+from ckptguard.errors import CheckpointError, CorruptCheckpointError
+from ckptguard.storage.base import Storage, read_capped
 
 __all__ = ["METRICS_FILE", "MetricsLog", "plain_metrics", "read_metrics"]
 
 METRICS_FILE = "metrics.csv"
 BASE = ["step", "wall_time"]
+MAX_METRICS_BYTES = 512 * 1024 * 1024  # millions of rows; read whole by plot and new columns
 
 
 def _fmt(v: Any) -> str:
@@ -35,14 +36,21 @@ def read_metrics(storage: Storage) -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, rows) of the run's metrics.csv; torn or malformed lines are skipped."""
     if not storage.exists(METRICS_FILE):
         return list(BASE), []
-    text = storage.read_bytes(METRICS_FILE).decode("utf-8", errors="replace")
+    text = read_capped(storage, METRICS_FILE, MAX_METRICS_BYTES, "a metrics log").decode("utf-8", errors="replace")
     lines = text.splitlines()
     if not lines:
         return list(BASE), []
-    header = next(csv.reader([lines[0]]))
+    header = next(_csv_rows(lines[:1]), None)
+    if header is None:
+        where = storage.describe(METRICS_FILE)
+        raise CorruptCheckpointError(
+            f"{where}: the header line is not CSV (a field over {csv.field_size_limit()} characters?). "
+            "Move the file away; the next save writes a new one.",
+            path=where,
+        )
     rows = []
     complete = lines if text.endswith("\n") else lines[:-1]
-    for row in csv.reader(complete[1:]):
+    for row in _csv_rows(complete[1:]):
         if len(row) != len(header):
             continue
         rec: dict[str, Any] = {}
@@ -56,6 +64,15 @@ def read_metrics(storage: Storage) -> tuple[list[str], list[dict[str, Any]]]:
         if "step" in rec:
             rows.append(rec)
     return header, rows
+
+
+def _csv_rows(lines: list[str]) -> Iterator[list[str]]:
+    """Each line parsed alone: a malformed one (a field over csv's size limit) is skipped."""
+    for line in lines:
+        try:
+            yield from csv.reader([line])
+        except csv.Error:
+            continue
 
 
 class MetricsLog:

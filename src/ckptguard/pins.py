@@ -14,15 +14,17 @@ keeps every lineage's newest valid and best checkpoint).
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Sequence
 
+from ckptguard import safejson
 from ckptguard.catalog import CheckpointInfo, read_manifest
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.manifest import MANIFEST, checkpoint_name
 from ckptguard.retention import Decision, Retention, plan_retention
-from ckptguard.storage.base import Storage, join
+from ckptguard.storage.base import Storage, join, read_capped
 
 __all__ = [
     "PIN_FILE",
@@ -37,7 +39,9 @@ __all__ = [
     "unpin",
 ]
 
+log = logging.getLogger(__name__)
 PIN_FILE = "PINNED"
+MAX_PIN_BYTES = 64 * 1024
 
 
 def new_run_id() -> str:
@@ -71,15 +75,18 @@ def unpin(storage: Storage, step: int) -> bool:
 
 
 def pinned_steps(storage: Storage, ckpts: Sequence[CheckpointInfo]) -> dict[int, str]:
-    """step -> "pinned[: note]" for every pinned checkpoint among ``ckpts``."""
+    """step -> "pinned[: note]" for every pinned checkpoint among ``ckpts``. A ``PINNED`` entry
+    pins whatever it holds (a pin can only keep more); an unreadable one just has no note."""
     out: dict[int, str] = {}
     for c in ckpts:
         if storage.exists(join(c.name, PIN_FILE)):
             note = ""
             try:
-                note = str(json.loads(storage.read_bytes(join(c.name, PIN_FILE))).get("note") or "")
-            except (ValueError, AttributeError, OSError):
-                pass
+                record = safejson.loads(read_capped(storage, join(c.name, PIN_FILE), MAX_PIN_BYTES, "a pin"))
+                note = str(record.get("note") or "") if isinstance(record, dict) else ""
+            except (ValueError, CheckpointError) as e:
+                log.warning("%s is unreadable (the checkpoint stays pinned, without a note): %s",
+                            storage.describe(join(c.name, PIN_FILE)), e)
             out[c.step] = f"pinned: {note}" if note else "pinned"
     return out
 

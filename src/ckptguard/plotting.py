@@ -14,14 +14,14 @@ used, so no display is needed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 from ckptguard.catalog import CheckpointInfo, scan
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError
+from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.history import read_history
 from ckptguard.metrics_log import read_metrics
+from ckptguard.runrecord import read_run_record
 from ckptguard.storage import Storage, open_storage
 
 __all__ = ["CATEGORIES", "PlotSummary", "categorize", "plot_run"]
@@ -48,13 +48,9 @@ class PlotSummary:
 
 def _best_rule(storage: Storage, metric: str) -> tuple[str, str]:
     """The run's retention metric and mode when recorded, else (plotted metric, "min")."""
-    try:
-        if storage.exists("ckptguard.json"):
-            ret = json.loads(storage.read_bytes("ckptguard.json")).get("retention") or {}
-            if ret.get("metric"):
-                return str(ret["metric"]), str(ret.get("mode") or "min")
-    except (CheckpointError, ValueError):
-        pass
+    ret = read_run_record(storage).get("retention")  # {} when absent or unreadable
+    if isinstance(ret, dict) and ret.get("metric"):
+        return str(ret["metric"]), str(ret.get("mode") or "min")
     return metric, "min"
 
 

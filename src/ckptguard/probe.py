@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import struct
@@ -27,7 +26,9 @@ import torch
 import xxhash
 from torch import nn
 
+from ckptguard import safejson
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
+from ckptguard.storage.base import read_capped
 from ckptguard.state import unwrap_model
 from ckptguard.tensorfile import (
     DTYPE_TO_ST,
@@ -52,6 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 PROBE_FILE = "probe.safetensors"
+MAX_PROBE_BYTES = 1024**3  # a probe is one batch
 _KIND_KEY = "ckptguard_probe_kind"
 # Outputs computed on different device types (GPU at save, CPU in the verifier) cannot be compared
 # bit for bit; their summaries must then agree within this relative tolerance.
@@ -107,7 +109,7 @@ def probe_bytes(inputs: ProbeInputs) -> bytes:
 def _parse_probe(data: bytes, where: str) -> ProbeInputs:
     try:
         (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        header = safejson.loads(data[8 : 8 + n])
         kind = header.pop("__metadata__", {}).get(_KIND_KEY, "tensor")
         tensors: dict[str, torch.Tensor] = {}
         base = 8 + n
@@ -136,7 +138,7 @@ def load_probe(storage: Any, expected_digest: str | None = None) -> ProbeInputs 
     where = storage.describe(PROBE_FILE)
     if not storage.exists(PROBE_FILE):
         return None
-    data = storage.read_bytes(PROBE_FILE)
+    data = read_capped(storage, PROBE_FILE, MAX_PROBE_BYTES, "a probe batch")
     if expected_digest is not None and digest_bytes(data) != expected_digest:
         raise CorruptCheckpointError(
             f"{where} does not match the probe digest recorded in the manifest (expected "

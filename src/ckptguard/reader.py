@@ -6,10 +6,12 @@ checks one without keeping data. ``blob`` files are small (JSON, YAML) and read 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import xxhash
+
+from ckptguard import safejson
 from ckptguard.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -17,7 +19,7 @@ from ckptguard.errors import (
 )
 from ckptguard.parallel_io import read_ahead
 from ckptguard.storage.base import Storage, join
-from ckptguard.tensorfile import check_header, digest_bytes, read_tensor_file
+from ckptguard.tensorfile import CHUNK, check_header, digest_bytes, read_tensor_file
 
 if TYPE_CHECKING:  # reading tensors imports torch; verifying bytes does not
     import torch
@@ -25,6 +27,7 @@ if TYPE_CHECKING:  # reading tensors imports torch; verifying bytes does not
 __all__ = ["CheckpointReader", "READERS", "VERIFIERS", "verify_files"]
 
 TensorReader = Callable[..., "dict[str, torch.Tensor]"]
+MAX_JSON_BYTES = 256 * 1024 * 1024  # a blob read whole (state.json, config.yaml, a rank file)
 
 
 def _read_local_tensors(
@@ -76,7 +79,29 @@ def _verify_tensors(storage: Storage, ckpt: str, fname: str, entry: Mapping[str,
 
 
 def _verify_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> None:
-    read_blob(storage, ckpt, fname, entry)
+    if entry["size"] <= MAX_JSON_BYTES:
+        read_blob(storage, ckpt, fname, entry)
+        return
+    rel = join(ckpt, fname)  # a large blob (a DCP shard): hashed as it streams, never held whole
+    where = storage.describe(rel)
+    if storage.is_symlink(rel):
+        raise UnsafeCheckpointError(f"{where} is a symbolic link; refusing to follow it.", path=where)
+    size = storage.size(rel)
+    if size != entry["size"]:
+        raise CorruptCheckpointError(
+            f"{where} is {size} bytes, the manifest recorded {entry['size']}.", path=where, file=fname
+        )
+    h = xxhash.xxh3_128()
+    with storage.open_read(rel) as fh:
+        while part := fh.read(CHUNK):
+            h.update(part)
+    if h.hexdigest() != entry["xxh3_128"]:
+        raise CorruptCheckpointError(
+            f"{where} does not match its checksum in the manifest: the bytes changed after the "
+            "save (bit rot or tampering).",
+            path=where,
+            file=fname,
+        )
 
 
 VERIFIERS: dict[str, Callable[[Storage, str, str, Mapping[str, Any]], None]] = {
@@ -186,6 +211,14 @@ class CheckpointReader:
             raise CorruptCheckpointError(
                 f"{self.where}: the manifest lists no file {fname!r}.", path=self.where, file=fname
             )
+        if entry["size"] > MAX_JSON_BYTES:  # read whole: refused before reading (declared size)
+            raise CorruptCheckpointError(
+                f"{self.storage.describe(join(self.name, fname))} is declared as {entry['size']} bytes, "
+                f"more than the {MAX_JSON_BYTES} a small file of a checkpoint (state.json, config.yaml) "
+                "may have. The checkpoint is damaged or hostile; restore skips it.",
+                path=self.where,
+                file=fname,
+            )
         data = read_blob(self.storage, self.name, fname, entry)
         self.checked.add(fname)
         return data
@@ -193,8 +226,8 @@ class CheckpointReader:
     def json(self, fname: str) -> Any:
         raw = self.blob(fname)
         try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            return safejson.loads(raw)
+        except ValueError as e:
             raise CorruptCheckpointError(
                 f"{self.storage.describe(join(self.name, fname))} is not valid JSON ({e}).",
                 path=self.where,

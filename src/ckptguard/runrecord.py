@@ -23,14 +23,16 @@ import time
 import uuid
 from typing import Any
 
+from ckptguard import safejson
 from ckptguard.errors import CheckpointError
-from ckptguard.storage.base import Storage
+from ckptguard.storage.base import Storage, read_capped
 
 __all__ = ["RUN_FILE", "RunRecord", "read_run_record"]
 
 log = logging.getLogger(__name__)
 RUN_FILE = "ckptguard.json"
 MAX_SESSIONS = 1000
+MAX_RUN_FILE_BYTES = 16 * 1024 * 1024  # 1000 sessions of ~300 bytes, a policy: ~0.3 MB
 
 
 def read_run_record(storage: Storage) -> dict[str, Any]:
@@ -38,9 +40,9 @@ def read_run_record(storage: Storage) -> dict[str, Any]:
     try:
         if not storage.exists(RUN_FILE):
             return {}
-        data = json.loads(storage.read_bytes(RUN_FILE).decode("utf-8"))
-    except (CheckpointError, ValueError, UnicodeDecodeError) as e:
-        log.warning("Ignoring unreadable %s: %s", storage.describe(RUN_FILE), e)
+        data = safejson.loads(read_capped(storage, RUN_FILE, MAX_RUN_FILE_BYTES, "a run record"))
+    except (CheckpointError, ValueError) as e:
+        log.warning("Ignoring unreadable %s (treated as absent): %s", storage.describe(RUN_FILE), e)
         return {}
     return data if isinstance(data, dict) else {}
 

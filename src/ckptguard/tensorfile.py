@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import xxhash
 
+from ckptguard import safejson
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 from ckptguard.storage.base import Writer
 
@@ -282,8 +283,8 @@ def check_header(head: bytes, entry: Mapping[str, Any], where: str) -> None:
     if length != len(head) - 8:
         raise bad(f"header length field says {length} bytes, the manifest {len(head) - 8}")
     try:
-        header = json.loads(head[8:].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        header = safejson.loads(head[8:])
+    except ValueError as e:
         raise bad(f"header is not valid JSON: {e}") from e
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")

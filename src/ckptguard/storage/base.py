@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import posixpath
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from ckptguard.errors import (
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     DiskFullError,
     StorageError,
     StoragePermissionError,
 )
 
-__all__ = ["ConditionalWrites", "EmulatedConditionalWrites", "Storage", "Writer", "content_version", "join", "translate_os_error"]
+__all__ = ["ConditionalWrites", "EmulatedConditionalWrites", "Storage", "Writer", "content_version", "join", "read_capped", "translate_os_error"]
 
 
 @runtime_checkable
@@ -72,10 +74,13 @@ class Storage(Protocol):
 
     def mtime(self, path: str) -> float | None: ...
 
-    def read_bytes(self, path: str) -> bytes: ...
+    def read_bytes(self, path: str) -> bytes:
+        """The whole file. Only a regular file is read (never a FIFO or a device, never through
+        a symbolic link on local disks); files of a run are read with :func:`read_capped`."""
+        ...
 
     def open_read(self, path: str) -> BinaryIO:
-        """A seekable binary file object supporting ``readinto``."""
+        """A seekable binary file object supporting ``readinto`` (a regular file only)."""
         ...
 
     def create(self, path: str) -> Writer:
@@ -110,9 +115,51 @@ def join(*parts: str) -> str:
     return posixpath.join(*[p for p in parts if p]) if any(parts) else ""
 
 
+def read_capped(storage: Storage, path: str, limit: int, what: str) -> bytes:
+    """Read a whole file of a run that is never larger than ``limit`` bytes when ckptguard wrote
+    it (``what`` names the kind, e.g. "a manifest"). Its size (a local ``stat``, an object
+    store's listed size) is checked before a byte is read, so a huge or endless file costs
+    nothing; the backend reads regular files only."""
+    where = storage.describe(path)
+    size = storage.size(path)
+    if size <= limit:
+        data = storage.read_bytes(path)
+        if len(data) <= limit:
+            return data
+        size = len(data)  # it grew in between
+    raise CorruptCheckpointError(
+        f"{where} is {size} bytes, more than the {limit} bytes {what} may have; ckptguard never "
+        "writes one so large, so it is damaged or was not written by ckptguard. It was not "
+        "read: move it out of the run (or restore it from a backup).",
+        path=where,
+        file=posixpath.basename(path),
+    )
+
+
+def _out_of_inodes(where: str) -> bool:
+    """True when ``where`` is a local path on a filesystem with free bytes but no free inodes."""
+    if "://" in where:
+        return False
+    probe = os.path.abspath(where)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return False
+    return st.f_files > 0 and st.f_favail == 0 and st.f_bavail > 0
+
+
 def translate_os_error(err: OSError, where: str, doing: str) -> Exception:
     """Map an OSError to the library's hierarchy, with the path and the next step."""
     code = err.errno
+    if code == errno.ENOSPC and _out_of_inodes(where):
+        return DiskFullError(
+            f"No free inodes left while {doing} {where}: the filesystem still has free space, but "
+            "every file needs an inode and all are used ('df -i' shows them). Delete files on that "
+            "filesystem (many small files, old runs, debris 'ckptguard prune' removes) or point the "
+            "run at a filesystem with free inodes; checkpoints already saved are untouched."
+        )
     if code in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(
             f"No space left while {doing} {where}: {err.strerror}. Free space or point the run at "

@@ -1,17 +1,91 @@
-"""Local filesystem storage: fsync on every file, atomic directory rename, parent fsync'd."""
+"""Local filesystem storage: fsync on every file, atomic directory rename, parent fsync'd.
+
+Reads trust nothing about the file found at a path (a run may come from a tar extracted as
+root): :func:`open_regular` opens only a regular file, never through a symbolic link, never
+blocking on a FIFO and never opening a device at all, so no read can hang or stream forever.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import itertools
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import BinaryIO
 
+from ckptguard.errors import UnsafeCheckpointError
 from ckptguard.storage.base import translate_os_error
 
-__all__ = ["LocalStorage", "LocalWriter"]
+__all__ = ["LocalStorage", "LocalWriter", "open_regular"]
+
+_KINDS = (
+    (stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory"),
+)
+
+
+def _not_regular(display: str, mode: int) -> UnsafeCheckpointError:
+    kind = next((name for test, name in _KINDS if test(mode)), "special file")
+    return UnsafeCheckpointError(
+        f"{display} is a {kind}, not a regular file; refusing to open it (ckptguard never "
+        "follows links inside a run, nor opens pipes or devices, which could hang or never end). "
+        "The run was altered (e.g. by a tar extracted as root): move that entry away.",
+        path=display,
+    )
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clear_nonblock(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+
+def open_regular(path: str, display: str, flags: int = os.O_RDONLY, doing: str = "opening") -> int:
+    """Open ``path`` only as a regular file, never through a symlink; return the fd.
+
+    ``lstat`` first (a device is never opened: opening one can have effects), then an open
+    with ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block it), then
+    ``fstat`` must show the same regular file. ``flags`` with ``O_CREAT`` may create it.
+    Raises UnsafeCheckpointError for anything else, the library's storage errors for missing
+    or unreadable files.
+    """
+    try:
+        before: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError as e:
+        if not flags & os.O_CREAT:
+            raise translate_os_error(e, display, doing) from e
+        before = None
+    except OSError as e:
+        raise translate_os_error(e, display, doing) from e
+    if before is not None and not stat.S_ISREG(before.st_mode):
+        raise _not_regular(display, before.st_mode)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # became a symlink / a FIFO without reader
+            raise _not_regular(display, stat.S_IFLNK if e.errno == errno.ELOOP else stat.S_IFIFO) from e
+        raise translate_os_error(e, display, doing) from e
+    try:
+        now = os.fstat(fd)
+        swapped = before is not None and (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino)
+        if not stat.S_ISREG(now.st_mode) or swapped:
+            raise _not_regular(display, now.st_mode if not stat.S_ISREG(now.st_mode) else stat.S_IFLNK)
+        _clear_nonblock(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class LocalWriter:
@@ -20,10 +94,7 @@ class LocalWriter:
     def __init__(self, path: str, display: str) -> None:
         self._path = path
         self._display = display
-        try:
-            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as e:
-            raise translate_os_error(e, display, "creating") from e
+        self._fd: int | None = open_regular(path, display, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "creating")
 
     def write(self, data: memoryview | bytes) -> None:
         assert self._fd is not None, "write after close"
@@ -143,25 +214,52 @@ class LocalStorage:
         except OSError:
             return None
 
+    def _open_inside(self, path: str) -> int:
+        """open_regular, refusing also a symlinked directory between the run root and the file
+        (``objects/`` or ``step-N/dcp`` pointing elsewhere): nothing read leaves the run."""
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            sub = self._p("/".join(parts[:i]))
+            if os.path.islink(sub):
+                raise _not_regular(sub, stat.S_IFLNK)
+        return open_regular(self._p(path), self._p(path))
+
     def read_bytes(self, path: str) -> bytes:
+        """The file's bytes as long as it was when opened (a regular file only, see
+        :func:`open_regular`; callers that cap sizes check ``size()`` first)."""
+        fd = self._open_inside(path)
         try:
-            with open(self._p(path), "rb") as f:
-                return f.read()
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                left = os.fstat(f.fileno()).st_size
+                parts: list[bytes] = []
+                while left > 0:
+                    part = f.read(min(left, 1 << 30))
+                    if not part:
+                        break
+                    parts.append(part)
+                    left -= len(part)
         except OSError as e:
             raise translate_os_error(e, self._p(path), "reading") from e
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def open_read(self, path: str) -> BinaryIO:
-        try:
-            return open(self._p(path), "rb", buffering=0)  # noqa: SIM115 - caller closes
-        except OSError as e:
-            raise translate_os_error(e, self._p(path), "opening") from e
+        fd = self._open_inside(path)
+        return os.fdopen(fd, "rb", buffering=0)  # caller closes
 
     def create(self, path: str) -> LocalWriter:
         return LocalWriter(self._p(path), self._p(path))
 
     def makedirs(self, path: str) -> None:
+        """Create ``path`` and its parents. Creating the run directory itself (or its parents)
+        is made durable here (each new directory's parent fsync'd); directories inside the run
+        become durable with the writer's ``sync_dir`` calls (see the storage module)."""
+        target = Path(self._p(path))
+        created = list(itertools.takewhile(lambda d: not os.path.lexists(d), (target, *target.parents)))
         try:
-            os.makedirs(self._p(path), exist_ok=True)
+            os.makedirs(target, exist_ok=True)
+            for d in created:
+                if d == self.root or d in self.root.parents:
+                    _fsync_dir(str(d.parent))
         except OSError as e:
             raise translate_os_error(e, self._p(path), "creating the directory") from e
 
@@ -207,10 +305,7 @@ class LocalStorage:
 
     def append(self, path: str, data: bytes) -> None:
         target = self._p(path)
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        except OSError as e:
-            raise translate_os_error(e, target, "opening for append") from e
+        fd = open_regular(target, target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "opening for append")
         try:
             view = memoryview(data)
             while len(view):
