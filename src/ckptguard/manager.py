@@ -460,8 +460,10 @@ class CheckpointManager:
             restore=lambda st, rd, strict: restore_checkpoint(self._coord, st, rd, strict=strict),
         )
         if found is None:
+            self.metrics_log.restart_after(None)  # a fresh run: rows of an attempt that never committed go
             return None
         c, report = found
+        self.metrics_log.restart_after(c.step)  # rows past the restored step are superseded
         self.last_restore_report = report
         self.resumed_from = c.step
         self.last_saved_step = c.step

@@ -57,7 +57,8 @@ class KeepLast:
 
     def keep(self, ckpts: Sequence[CheckpointInfo]) -> dict[int, str]:
         valid = [c for c in ckpts if c.valid]
-        return {c.step: f"last {self.n}" for c in valid[len(valid) - self.n :]} if self.n else {}
+        newest = valid[max(0, len(valid) - self.n) :] if self.n else []  # fewer than n: all of them
+        return {c.step: f"last {self.n}" for c in newest}
 
 
 def _metric(c: CheckpointInfo, metric: str) -> float | None:
