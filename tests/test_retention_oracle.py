@@ -44,6 +44,7 @@ class Ck:
     cfg: str | None = "a"
     size: int = 100
     run: str | None = "r1"
+    every: int | None = None  # the every_steps its manifest recorded (saves by step count only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +88,12 @@ def ranked(cks: list[Ck], mode: str) -> list[int]:
 
 def phased(valid: list[Ck], p: Pol) -> set[int]:
     """Every one in the first head and the final tail fraction of total_steps; in the middle the
-    first of each bucket of thin x interval steps (interval: the smallest gap between two
-    consecutive valid checkpoints, 1 when there is none)."""
+    first of each bucket of thin x interval steps (interval: the every_steps the newest valid
+    checkpoint recorded; without one the smallest gap between two consecutive valid
+    checkpoints, 1 when there is none)."""
     steps = [c.step for c in valid]
     gaps = [b - a for a, b in zip(steps, steps[1:])]
-    interval = min(gaps) if gaps else 1
+    interval = (valid[-1].every if valid else None) or (min(gaps) if gaps else 1)
     head_end = Fraction(p.head) * p.total_steps
     tail_start = (1 - Fraction(p.tail)) * p.total_steps
     out, buckets = set(), set()
@@ -172,7 +174,8 @@ def to_info(c: Ck) -> CheckpointInfo:
     return CheckpointInfo(
         step=c.step, name=f"step-{c.step:09d}", path=f"/r/step-{c.step:09d}", valid=c.valid, metrics=metrics,
         size_bytes=c.size, created=None, status="committed" if c.valid else "invalid",
-        problems=() if c.valid else ("checksum mismatch",), manifest={"config_hash": c.cfg, "run_id": c.run},
+        problems=() if c.valid else ("checksum mismatch",),
+        manifest={"config_hash": c.cfg, "run_id": c.run, "save_interval": {"every_steps": c.every, "every_seconds": None}},
     )
 
 
@@ -182,7 +185,7 @@ def checkpoint_sets(draw: st.DrawFn) -> list[Ck]:
     return [
         Ck(s, valid=draw(st.sampled_from([True] * 6 + [False])), metric=draw(st.sampled_from(METRICS + ["nan", True])),
            cfg=draw(st.sampled_from(["a", "b", None])), size=draw(st.integers(0, 200)),
-           run=draw(st.sampled_from(["r1", "r1", "r1", "r2", None])))
+           run=draw(st.sampled_from(["r1", "r1", "r1", "r2", None])), every=draw(st.sampled_from([None, None, 3, 10])))
         for s in steps
     ]
 
@@ -240,6 +243,13 @@ def test_reference_examples_pin_the_meaning() -> None:
     middle = [Ck(s) for s in range(10, 101, 10)]
     assert reference(middle, Pol(phased=True, total_steps=100, head="0.2", tail="0.1", thin=3), set())[0] == \
         {10, 20, 30, 50, 80, 100}  # buckets of 30 from step 20: 30 | 50 | 80; 90 is not "> 90"
+    extra = [Ck(s, every=10) for s in sorted([*range(10, 1001, 10), 101])]  # one preemption save at 101
+    alive: list[Ck] = []
+    for c in extra:  # as a live run applies it after each save
+        alive.append(c)
+        kept = reference(alive, Pol(phased=True, total_steps=1000), set())[0]
+        alive = [a for a in alive if a.step in kept]
+    assert [a.step for a in alive if 200 < a.step <= 850] == [210, 300, 400, 500, 600, 700, 800]
     sized = [Ck(s, size=10) for s in range(1, 6)]
     assert reference(sized, Pol(max_bytes=30), {1}) == ({1, 4, 5}, {1, 5})
     assert reference(sized, Pol(max_bytes=29), {1}) == ({1, 5}, {1, 5})
@@ -420,3 +430,16 @@ def test_readme_retention_example_keeps_the_last_three_and_the_best(tmp_path: Pa
         assert seen == want
         assert seen[:3] == [[2], [2, 4], [2, 4, 6]]  # a ring buffer of 3 fills up first (issue 12.1)
         assert seen[-1] == ([6, 16, 18, 20] if with_val else [16, 18, 20])
+
+
+def test_one_extra_save_does_not_stop_the_phased_thinning(tmp_path: Path) -> None:
+    """A real run saving every 10 steps (phased over 200 steps, thin=5) with one forced save at
+    step 21 in the dense head: the middle is still thinned to every 5th save; before the fix the
+    smallest gap (1) made every middle save its own bucket."""
+    state = cg.TrainState(model=torch.nn.Linear(2, 2))
+    policy = cg.Retention(phased=True, total_steps=200, phase_head=0.2, phase_tail=0.15, phase_thin=5)
+    with cg.CheckpointManager(tmp_path / "run", every_steps=10, retention=policy) as mgr:
+        for step in range(1, 201):
+            mgr.save(step, state, force=step == 21)
+    kept = sorted(on_disk(tmp_path / "run"))
+    assert kept == [10, 20, 21, 30, 40, 50, 90, 140, 180, 190, 200]  # middle: buckets of 50 from step 40
