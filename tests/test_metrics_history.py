@@ -15,7 +15,6 @@ import ckptguard as cg
 from ckptguard.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from ckptguard.storage.local import LocalStorage
 
-HERE = Path(__file__).parent
 TOTAL = 30
 
 
