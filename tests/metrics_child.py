@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Any
 
 import torch
 import trainlib
@@ -17,12 +18,14 @@ import trainlib
 import ckptguard as cg
 
 
-def main(run: str, total: int, kill_at: int) -> None:
+def main(run: Any, total: int, kill_at: int, *, flush_now: bool = True) -> None:
+    """``run``: a path, or a Storage (the tests' kill-at-an-operation wrapper)."""
     torch.set_num_threads(1)
     s = trainlib.make_setup(hidden=8)
     state, loader = s["state"], s["loader"]
     mgr = cg.CheckpointManager(run, every_steps=4, retention=cg.Retention(keep_last=2))
-    mgr.metrics_log.flush_seconds = 0.0  # every row reaches the file at once
+    if flush_now:
+        mgr.metrics_log.flush_seconds = 0.0  # every row reaches the file at once
     step = mgr.restore(state) or 0
     while step < total:
         for x, y in loader:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,11 +16,12 @@ import torch
 import ckptguard as cg
 from ckptguard.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from ckptguard.storage.local import LocalStorage
+from ckptguard.testing import FaultyStorage
 
 TOTAL = 30
 
 
-def run_child(run: Path, kill_at: int) -> int:
+def run_child(run: Any, kill_at: int, *, flush_now: bool = True) -> int:
     """The user's script in a real child process (forked: no second torch import), which SIGKILLs
     itself right after logging step ``kill_at``; returns its wait status as subprocess does."""
     import time
@@ -28,7 +31,7 @@ def run_child(run: Path, kill_at: int) -> int:
     pid = os.fork()
     if pid == 0:  # the child: train, die by SIGKILL; any other ending is a failure
         try:
-            metrics_child.main(str(run), TOTAL, kill_at)
+            metrics_child.main(run if not isinstance(run, Path) else str(run), TOTAL, kill_at, flush_now=flush_now)
         finally:
             os._exit(3)
     deadline = time.monotonic() + 600
@@ -80,6 +83,32 @@ def test_metrics_csv_is_the_true_history_after_repeated_sigkills(tmp_path: Path)
     assert [(r["loss"], r["lr"]) for r in rows] == [(r["loss"], r["lr"]) for r in reference]
     _, parsed = read_metrics(LocalStorage(run))
     assert [r["step"] for r in parsed] == list(range(1, TOTAL + 1))
+
+
+class KillAfterCommit(FaultyStorage):
+    """The process SIGKILLs itself right after the rename that commits checkpoint ``name``."""
+
+    def __init__(self, inner: Any, name: str) -> None:
+        super().__init__(inner)
+        self.name = name
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        super().rename_dir(src, dst)
+        if dst == self.name:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_no_row_is_lost_when_killed_right_after_a_commit(tmp_path: Path) -> None:
+    """Rows are buffered between saves (the default): a kill right after a checkpoint's commit
+    rename must not lose the rows up to that step (they reach the file before the commit)."""
+    ref = tmp_path / "reference"
+    run_to_the_end(ref)
+    run = tmp_path / "run"
+    assert run_child(KillAfterCommit(LocalStorage(run), "step-000000012"), 0, flush_now=False) == -9
+    assert checkpoints(run)[-1] == 12
+    assert [int(r["step"]) for r in raw_rows(run)] == list(range(1, 13))
+    run_to_the_end(run)
+    assert [(r["step"], r["loss"]) for r in raw_rows(run)] == [(r["step"], r["loss"]) for r in raw_rows(ref)]
 
 
 def test_readers_see_one_row_per_step_before_the_resumed_run_writes(tmp_path: Path) -> None:

@@ -340,6 +340,7 @@ class CheckpointManager:
             self._debris_cleaned = True
         if self._lock is not None:
             self._lock.refresh()
+        self._flush_metrics()  # rows up to this step reach metrics.csv before the commit: a crash loses none
         fields = dict(fields)
         tensor_writer = self._incremental.writer() if self._incremental else self.tensor_writer
         try:
@@ -360,11 +361,14 @@ class CheckpointManager:
         """Call ``hook(manifest)`` after every commit (in the saving thread; before retention)."""
         self._post_commit.append(hook)
 
-    def _after_commit(self, manifest: dict[str, Any]) -> None:
+    def _flush_metrics(self) -> None:
         try:
             self.metrics_log.flush()
-        except CheckpointError as e:  # the checkpoint is committed; the rows are retried later
+        except CheckpointError as e:  # the checkpoint does not depend on them; retried later
             log.warning("Could not append to metrics.csv: %s", e)
+
+    def _after_commit(self, manifest: dict[str, Any]) -> None:
+        self._flush_metrics()
         self._record_run()
         for hook in self._post_commit:
             hook(manifest)
