@@ -325,3 +325,12 @@ def test_fresh_second_run_does_not_delete_the_first_runs_history(run_dir: Path) 
         mgr.save(15, s["state"], force=True)
     mgr.close()
     assert steps_on_disk(run_dir) == [4, 5, 15, 20]
+
+
+def test_keep_last_keeps_every_checkpoint_while_fewer_than_n_exist() -> None:
+    """Issue 12 item 1: the ring buffer slice started negative, so keep_last=3 kept one."""
+    for n in (3, 5):
+        policy = cg.retention.KeepLast(n)
+        assert policy.keep([info(10), info(20)]) == {10: f"last {n}", 20: f"last {n}"}
+        assert kept(plan_retention([info(10), info(20)], cg.Retention(keep_last=n))) == [10, 20]
+    assert sorted(cg.retention.KeepLast(3).keep([info(s) for s in (1, 2, 3, 4)])) == [2, 3, 4]

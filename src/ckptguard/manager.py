@@ -340,6 +340,7 @@ class CheckpointManager:
             self._reaper.failed = 0
             clean_debris(self.storage)
             self._debris_cleaned = True
+        self._flush_metrics()  # rows up to this step reach metrics.csv before the commit: a crash loses none
         fields = dict(fields)
         tensor_writer = self._incremental.writer() if self._incremental else self.tensor_writer
         try:
@@ -363,11 +364,14 @@ class CheckpointManager:
         """Call ``hook(manifest)`` after every commit (in the saving thread; before retention)."""
         self._post_commit.append(hook)
 
-    def _after_commit(self, manifest: dict[str, Any]) -> None:
+    def _flush_metrics(self) -> None:
         try:
             self.metrics_log.flush()
-        except CheckpointError as e:  # the checkpoint is committed; the rows are retried later
+        except CheckpointError as e:  # the checkpoint does not depend on them; retried later
             log.warning("Could not append to metrics.csv: %s", e)
+
+    def _after_commit(self, manifest: dict[str, Any]) -> None:
+        self._flush_metrics()
         self._record_run()
         for hook in self._post_commit:
             hook(manifest)
@@ -467,9 +471,11 @@ class CheckpointManager:
             restore=lambda st, rd, strict: restore_checkpoint(self._coord, st, rd, strict=strict),
         )
         if found is None:
+            self.metrics_log.restart_after(None)  # a fresh run: rows of an attempt that never committed go
             return None
         c, report = found
         log_config_drift(CheckpointReader(self.storage, c.name, c.manifest or {}), state.config)  # WARNING per changed key
+        self.metrics_log.restart_after(c.step)  # rows past the restored step are superseded
         self.last_restore_report = report
         self.resumed_from = c.step
         self.last_saved_step = c.step

@@ -1,8 +1,18 @@
 """RUN/metrics.csv: step, wall time and one column per metric; append-only, crash tolerant.
 
 Rows are buffered and appended at every save (and at least every ``flush_seconds``). A new metric
-name rewrites the file once, atomically, with the wider header. A crash can leave a torn last
-line; readers skip it and the next append starts on a fresh line.
+name rewrites the file once, atomically, with the wider header.
+
+The file reads as the run's true history, one row per step, after any number of crashes:
+
+- A crash can leave a torn last line (no newline). Readers skip it, and the next write drops it
+  (rewriting the file atomically without it) instead of appending after it, so a row torn
+  mid-number never turns into a valid, wrong row.
+- A run killed after logging steps past its last checkpoint leaves rows that the resumed run
+  logs again. ``restore`` calls :meth:`MetricsLog.restart_after` with the restored step: the rows
+  past it are superseded, and the first write after the restore drops them from the file (a
+  manager used only to restore never writes). Readers also keep one row per step (the last one
+  written), so the file reads the same before that first write.
 """
 
 from __future__ import annotations
@@ -32,12 +42,30 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _complete_lines(text: str) -> list[str]:
+    """The lines of ``text`` that a newline ended (a torn last line is not one of them)."""
+    lines = text.split("\n")
+    return lines[:-1]  # the part after the last newline is "" or a torn line
+
+
+def _step_of(line: str, header: list[str]) -> int | None:
+    """The step of a data line, or None for a malformed line."""
+    row = next(_csv_rows([line]), [])
+    if len(row) != len(header) or "step" not in header:
+        return None
+    try:
+        return int(row[header.index("step")])
+    except ValueError:
+        return None
+
+
 def read_metrics(storage: Storage) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows) of the run's metrics.csv; torn or malformed lines are skipped."""
+    """(columns, rows) of the run's metrics.csv, one row per step (the last one written wins),
+    ordered by step; torn or malformed lines are skipped."""
     if not storage.exists(METRICS_FILE):
         return list(BASE), []
     text = read_capped(storage, METRICS_FILE, MAX_METRICS_BYTES, "a metrics log").decode("utf-8", errors="replace")
-    lines = text.splitlines()
+    lines = _complete_lines(text)
     if not lines:
         return list(BASE), []
     header = next(_csv_rows(lines[:1]), None)
@@ -48,9 +76,8 @@ def read_metrics(storage: Storage) -> tuple[list[str], list[dict[str, Any]]]:
             "Move the file away; the next save writes a new one.",
             path=where,
         )
-    rows = []
-    complete = lines if text.endswith("\n") else lines[:-1]
-    for row in _csv_rows(complete[1:]):
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in _csv_rows(lines[1:]):
         if len(row) != len(header):
             continue
         rec: dict[str, Any] = {}
@@ -61,9 +88,10 @@ def read_metrics(storage: Storage) -> tuple[list[str], list[dict[str, Any]]]:
                 rec[k] = int(v) if k == "step" else float(v)
             except ValueError:
                 rec[k] = v
-        if "step" in rec:
-            rows.append(rec)
-    return header, rows
+        if isinstance(rec.get("step"), int):
+            by_step.pop(rec["step"], None)
+            by_step[rec["step"]] = rec
+    return header, [by_step[s] for s in sorted(by_step)]
 
 
 def _csv_rows(lines: list[str]) -> Iterator[list[str]]:
@@ -82,6 +110,15 @@ class MetricsLog:
         self._columns: list[str] | None = None
         self._pending: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
+        self._restart_after: int | None = None  # rows past this step are superseded (a restore)
+
+    def restart_after(self, step: int | None) -> None:
+        """The run continues from ``step`` (``None``: from scratch): rows logged past it belong
+        to an attempt that did not survive. Buffered ones are dropped now; the file's are dropped
+        at the next write."""
+        last = -1 if step is None else int(step)
+        self._pending = [r for r in self._pending if r["step"] <= last]
+        self._restart_after = last
 
     def record(self, step: int, metrics: Mapping[str, Any]) -> None:
         row = {"step": int(step), "wall_time": round(time.time(), 3)}
@@ -111,17 +148,41 @@ class MetricsLog:
         if self._columns is None:
             self._columns = read_metrics(self.storage)[0] if self.storage.exists(METRICS_FILE) else list(BASE)
         new = [k for r in rows for k in r if k not in self._columns]
-        if new or not self.storage.exists(METRICS_FILE):
+        exists = self.storage.exists(METRICS_FILE)
+        if new or not exists:
             _, old_rows = read_metrics(self.storage)
+            if self._restart_after is not None:
+                old_rows = [r for r in old_rows if r["step"] <= self._restart_after]
             self._columns = self._columns + list(dict.fromkeys(new))
             self.storage.replace_file(METRICS_FILE, self._render(old_rows + rows, header=True))
+            self._restart_after = None
             return
-        raw = self.storage.read_bytes(METRICS_FILE)[-1:] if self._needs_newline_check() else b"\n"
-        prefix = b"" if raw in (b"\n", b"") else b"\n"
-        self.storage.append(METRICS_FILE, prefix + self._render(rows, header=False))
+        if self._restart_after is not None or not self._ends_with_newline():
+            self._rewrite_history(rows)
+            return
+        self.storage.append(METRICS_FILE, self._render(rows, header=False))
 
-    def _needs_newline_check(self) -> bool:
-        return True
+    def _ends_with_newline(self) -> bool:
+        size = self.storage.size(METRICS_FILE)
+        if size == 0:
+            return True
+        with self.storage.open_read(METRICS_FILE) as f:
+            f.seek(size - 1)
+            return f.read(1) == b"\n"
+
+    def _rewrite_history(self, rows: list[dict[str, Any]]) -> None:
+        """Atomically rewrite the file without its torn last line and without the rows past the
+        restored step (kept byte for byte otherwise), then with ``rows`` appended."""
+        text = read_capped(self.storage, METRICS_FILE, MAX_METRICS_BYTES, "a metrics log")
+        lines = _complete_lines(text.decode("utf-8", errors="replace"))
+        header = next(_csv_rows(lines[:1]), [])
+        keep = lines[:1] + [
+            ln for ln in lines[1:]
+            if self._restart_after is None or ((s := _step_of(ln, header)) is not None and s <= self._restart_after)
+        ]
+        body = "".join(ln + "\n" for ln in keep).encode() + self._render(rows, header=not keep)
+        self.storage.replace_file(METRICS_FILE, body)
+        self._restart_after = None
 
     def _render(self, rows: list[dict[str, Any]], *, header: bool) -> bytes:
         assert self._columns is not None

@@ -58,7 +58,8 @@ class KeepLast:
 
     def keep(self, ckpts: Sequence[CheckpointInfo]) -> dict[int, str]:
         valid = [c for c in ckpts if c.valid]
-        return {c.step: f"last {self.n}" for c in valid[len(valid) - self.n :]} if self.n else {}
+        newest = valid[max(0, len(valid) - self.n) :] if self.n else []  # fewer than n: all of them
+        return {c.step: f"last {self.n}" for c in newest}
 
 
 def _metric(c: CheckpointInfo, metric: str) -> float | None:
@@ -118,8 +119,10 @@ class KeepPhased:
     most common there), every ``thin``-th in the middle, and every one in the final ``tail``
     fraction. "Every 10th" is decided on the step axis so that it is stable while checkpoints are
     deleted: the middle is cut into buckets of ``thin x interval`` steps and the first checkpoint
-    of each bucket is kept. ``interval`` is the save interval in steps; ``None`` infers it as the
-    smallest gap between consecutive checkpoints.
+    of each bucket is kept. ``interval`` is the save interval in steps; ``None`` takes the
+    ``every_steps`` the newest valid checkpoint recorded when the run saved by step count only,
+    else the smallest gap between consecutive checkpoints (so one extra save, e.g. at a
+    preemption, does not turn "every 10th" into "every 3rd" for the rest of a step-scheduled run).
     """
 
     total_steps: int
@@ -144,7 +147,7 @@ class KeepPhased:
         valid = [c for c in ckpts if c.valid]
         head_end = self.head * self.total_steps
         tail_start = (1.0 - self.tail) * self.total_steps
-        interval = self.interval
+        interval = self.interval or _recorded_every_steps(valid[-1] if valid else None)
         if interval is None:
             gaps = [b.step - a.step for a, b in itertools.pairwise(valid) if b.step > a.step]
             interval = min(gaps) if gaps else 1
@@ -162,6 +165,15 @@ class KeepPhased:
                     seen_buckets.add(bucket)
                     out[c.step] = f"phase: every {self.thin}th in the middle"
         return out
+
+
+def _recorded_every_steps(c: CheckpointInfo | None) -> int | None:
+    """The run's save interval in steps, when its checkpoints are scheduled by step count only."""
+    rec = (c.manifest or {}).get("save_interval") if c is not None else None
+    if not isinstance(rec, dict) or rec.get("every_seconds") is not None or rec.get("mode") is not None:
+        return None
+    n = rec.get("every_steps")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
 
 
 def config_hash_of(c: CheckpointInfo) -> str | None:

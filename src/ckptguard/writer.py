@@ -167,7 +167,8 @@ def _remove_quietly(storage: Storage, rel: str, *, uncommit: bool = False) -> No
 def _put_back(storage: Storage, name: str) -> bool:
     """A ``.trash-step-N-*`` that still has its manifest and no ``step-N`` beside it is whole: the
     old checkpoint of a re-save killed between its two renames (or a delete killed before it
-    uncommitted). Rename it back instead of deleting it."""
+    uncommitted). Rename it back instead of deleting it. True for every whole one: one whose
+    rename back fails is left as it is (never deleted as debris) for the next save or prune."""
     if not (storage.atomic_rename and name.startswith(".trash-")):
         return False
     original = name[len(".trash-") :].rsplit("-", 1)[0]
@@ -177,8 +178,11 @@ def _put_back(storage: Storage, name: str) -> bool:
         storage.rename_dir(name, original)
         storage.sync_dir("")
     except (CheckpointError, OSError) as e:
-        log.warning("Could not move %s back to %s: %s", storage.describe(name), original, e)
-        return False
+        log.warning(
+            "Could not move %s back to %s (left whole; the next save or 'ckptguard prune' retries): %s",
+            storage.describe(name), original, e,
+        )
+        return True
     log.info(
         "Put %s back as %s: a save replacing it or a delete was interrupted (retention decides "
         "again whether to keep it).", name, original,

@@ -91,12 +91,16 @@ def run(args: argparse.Namespace) -> int:
     if lock is not None:
         lock.acquire()  # RunLockedError (exit 2) while a live run writes
     try:
+        # Debris first: a checkpoint an interrupted save or prune left whole in .trash-* is put
+        # back now and planned with the others, so one prune converges.
+        debris = [] if args.dry_run else clean_debris(storage)
         decisions = plan(storage, retention)
-        debris = find_debris(storage)
         failed: dict[int, str] = {}
-        if not args.dry_run:
+        if args.dry_run:
+            debris = find_debris(storage)
+        else:
             failed = apply_decisions(storage, decisions)[1]
-            debris = clean_debris(storage)
+            debris += [d for d in clean_debris(storage) if d not in debris]
             gc_report = collect(storage)  # free shared data (incremental runs) nothing references
             if gc_report.deleted:
                 err_console().print(f"freed {len(gc_report.deleted)} unreferenced pack(s) of shared tensor data")
