@@ -42,6 +42,7 @@ import xxhash
 from torch import nn
 
 from ckptguard.errors import CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
+from ckptguard.storage.local import open_regular
 
 __all__ = [
     "DCP_DIR",
@@ -93,7 +94,8 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
     """(size, xxh3-128 hex) of a file, streamed; equal to ``digest_bytes`` of its content."""
     h = xxhash.xxh3_128()
     size = 0
-    with open(path, "rb", buffering=0) as f:
+    fd = open_regular(str(path), str(path), doing="hashing")  # never a FIFO or device: it could block
+    with os.fdopen(fd, "rb", buffering=0) as f:
         buf = bytearray(_CHUNK)
         view = memoryview(buf)
         while n := f.readinto(buf):
@@ -180,7 +182,9 @@ def verify_dcp_files(root: str, files: Mapping[str, Mapping[str, Any]], where: s
 
 def read_verified_metadata(directory: str, allowed: frozenset[str], where: str) -> Any:
     """DCP's metadata, parsed without running code, pointing only at files in ``allowed``."""
-    md = safe_load_metadata((Path(directory) / DCP_METADATA).read_bytes(), where)
+    path = str(Path(directory) / DCP_METADATA)
+    with os.fdopen(open_regular(path, path, doing="reading"), "rb") as f:  # never a FIFO or device
+        md = safe_load_metadata(f.read(), where)
     if type(md).__name__ != "Metadata":
         raise UnsafeCheckpointError(f"{where}: the DCP metadata holds a {type(md).__name__}, not Metadata.", path=where)
     for info in (getattr(md, "storage_data", None) or {}).values():

@@ -188,13 +188,18 @@ class MLflowLogger:
         self._log_batch(metrics=metrics, tags=tags)
 
     def _log_config_from(self, name: str) -> None:
-        import yaml
+        from ckptguard.safejson import yaml_loads
 
         try:
             raw = self._storage.read_bytes(f"{name}/config.yaml")
         except CheckpointNotFoundError:
             return
-        self.log_config(yaml.safe_load(raw.decode("utf-8")) or {})
+        try:
+            config = yaml_loads(raw)
+        except ValueError as e:
+            log.warning("%s/config.yaml is not a config MLflow can log (%s); skipped", name, e)
+            return
+        self.log_config(config if isinstance(config, dict) else {})
 
     def _new_metrics(self) -> list[Any]:
         from mlflow.entities import Metric
