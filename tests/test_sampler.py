@@ -263,3 +263,21 @@ def test_a_list_dataset_cannot_be_keyed_and_still_loads() -> None:
     loader = DataLoader(data, batch_size=2, sampler=cg.ResumableSampler(6, shuffle=False), num_workers=2)
     cg.TrainState(dataloader=loader)
     assert [b.flatten().tolist() for b in loader] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+
+
+def test_restore_into_a_loader_whose_persistent_workers_are_running(tmp_path) -> None:
+    """An in-process restore (an auto-restart loop, an eval script) must not keep the old
+    persistent workers: they were seeded for another iterator. The rest of the epoch after the
+    restore equals the rest of the epoch after the save."""
+    torch.manual_seed(4)
+    loader = DataLoader(Draws(), batch_size=4, sampler=cg.ResumableSampler(24, seed=3), num_workers=2, persistent_workers=True)
+    state = cg.TrainState(dataloader=loader)
+    with cg.CheckpointManager(tmp_path / "r") as mgr:
+        it = iter(loader)
+        next(it), next(it)
+        mgr.save(2, state, force=True)
+        after_save = [b.tolist() for b in it]
+        second_epoch = [b.tolist() for b in loader]
+        assert mgr.restore(state) == 2
+        assert [b.tolist() for b in loader] == after_save
+        assert [b.tolist() for b in loader] == second_epoch
