@@ -7,7 +7,17 @@ moments drawn from a seeded schedule: a random delay after a given step, or whil
 flight. After every kill the script is simply started again, until it finishes. Then its final
 weights, optimizer state, EMA and ``metrics.csv`` rows must equal the reference's exactly.
 
-A sample runs by default; every client with more kills under CKPTGUARD_TEST_FULL=1.
+Known bug outside the data path (issue 12 item 5, metrics.csv): rows a killed attempt flushed
+past the checkpoint it is later resumed from stay in the file. When the killed run's rows differ
+from the reference only by such repeated steps (the last row of each step equal to the
+reference's), the case is an xfail naming that bug; any other difference fails. The weights,
+optimizer state and EMA are compared before that and always strictly.
+
+Killing the whole group keeps the DataLoader workers from outliving the script; a kill of the
+script alone is issue 12 item 4 (orphaned workers hold the run lock), covered by the lock tests.
+
+A sample runs by default (gpt_augment, two kills); every client with more kills under
+CKPTGUARD_TEST_FULL=1.
 """
 
 from __future__ import annotations
@@ -128,10 +138,10 @@ ZOO: dict[str, tuple[int, int | None, int]] = {
 
 
 def _schedule(name: str, total: int, kills: int) -> list[tuple[int, str, float]]:
-    """Seeded: random steps and delays; every second kill waits for a save in flight."""
+    """Seeded: random steps and delays; the first and every second kill wait for a save in flight."""
     rng = random.Random(zlib.crc32(name.encode()))
     return [
-        (rng.randint(1, total - 2), "save" if i % 2 else "step", rng.uniform(0.0, 0.08))
+        (rng.randint(1, total - 2), "step" if i % 2 else "save", rng.uniform(0.0, 0.08))
         for i in range(kills)
     ]
 

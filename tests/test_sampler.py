@@ -281,3 +281,28 @@ def test_restore_into_a_loader_whose_persistent_workers_are_running(tmp_path) ->
         assert mgr.restore(state) == 2
         assert [b.tolist() for b in loader] == after_save
         assert [b.tolist() for b in loader] == second_epoch
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [1, 2],
+        {"sampler": {"epoch": 0, "start": 1}, "num_workers": "two"},
+        {"sampler": {"epoch": "x", "start": 1}},
+        {"sampler": {"epoch": 0, "start": 1}, "persistent_workers": "yes"},
+        {"sampler": {"epoch": 0, "start": 1}, "pre_iter_rng": "!!not base64!!"},
+        {"sampler": {"epoch": 0, "start": 1}, "pre_iter_rng": "AAAA"},
+        {"num_workers": 2},
+    ],
+    ids=["list", "workers-text", "epoch-text", "persistent-text", "rng-not-base64", "rng-short", "no-sampler"],
+)
+def test_malformed_loader_state_is_a_corrupt_checkpoint_naming_the_file(bad: object) -> None:
+    from ckptguard.sampler import load_loader_state
+
+    loader = DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2, sampler=cg.ResumableSampler(8, seed=0))
+    state = cg.TrainState(dataloader=loader)
+    assert state._tracker is not None
+    with pytest.raises(cg.CorruptCheckpointError, match=r"^runs/a/step-1/state.json: the DataLoader position is malformed \(") as e:
+        load_loader_state(state._tracker, loader, bad, "runs/a/step-1/state.json")  # type: ignore[arg-type]
+    assert "restore falls back to an older one" in str(e.value)
+    assert (loader.sampler.epoch, loader.sampler.position) == (0, 0)  # nothing was half-loaded

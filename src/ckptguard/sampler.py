@@ -437,13 +437,32 @@ def loader_state(tracker: _Tracker, generator: torch.Generator | None) -> dict[s
     return out
 
 
-def load_loader_state(tracker: _Tracker, loader: DataLoader, state: dict[str, Any]) -> None:
-    tracker.sampler.load_state_dict(state["sampler"])
+def load_loader_state(tracker: _Tracker, loader: DataLoader, state: dict[str, Any], where: str = "state.json") -> None:
+    """Put a saved loader position back. Malformed fields raise CorruptCheckpointError (``where``)."""
+    try:
+        sampler_state = state["sampler"]
+        saved_workers = int(state.get("num_workers", loader.num_workers))
+        saved_persistent = state.get("persistent_workers", None)
+        if saved_persistent is not None and not isinstance(saved_persistent, bool):
+            raise TypeError(f"persistent_workers must be true or false, got {saved_persistent!r}")
+        replay = _unb64(state["pre_iter_rng"]) if "pre_iter_rng" in state else None
+        generator = _unb64(state["generator"]) if "generator" in state else None
+        for t in (replay, generator):
+            if t is not None:
+                torch.Generator().set_state(t)  # a CPU generator state, or RuntimeError
+        tracker.sampler.load_state_dict(sampler_state)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        from ckptguard.errors import CorruptCheckpointError
+
+        raise CorruptCheckpointError(
+            f"{where}: the DataLoader position is malformed ({type(e).__name__}: {e}). The "
+            "checkpoint is damaged; restore falls back to an older one."
+        ) from e
     tracker.active = False
     tracker.replay_rng = None
     persistent = bool(loader.persistent_workers and loader.num_workers > 0)
-    saved_workers = int(state.get("num_workers", loader.num_workers))
-    saved_persistent = bool(state.get("persistent_workers", persistent))
+    if saved_persistent is None:
+        saved_persistent = persistent
     if (saved_workers, saved_persistent) != (loader.num_workers, persistent):
         log.warning(
             "DataLoader: the checkpoint was saved with num_workers=%d, persistent_workers=%s and "
@@ -451,11 +470,11 @@ def load_loader_state(tracker: _Tracker, loader: DataLoader, state: dict[str, An
             "bit-exact (randomness in workers is reproduced only with the same settings).",
             saved_workers, saved_persistent, loader.num_workers, persistent,
         )
-    if "pre_iter_rng" in state and (tracker.sampler._start > 0 or (persistent and saved_persistent)):
-        tracker.replay_rng = _unb64(state["pre_iter_rng"])
+    if replay is not None and (tracker.sampler._start > 0 or (persistent and saved_persistent)):
+        tracker.replay_rng = replay
     if persistent and getattr(loader, "_iterator", None) is not None:
         # Workers of an iterator from before the restore hold another base seed: start anew.
         loader._iterator._shutdown_workers()  # type: ignore[attr-defined]
         loader._iterator = None
-    if "generator" in state and loader.generator is not None:
-        loader.generator.set_state(_unb64(state["generator"]))
+    if generator is not None and loader.generator is not None:
+        loader.generator.set_state(generator)
