@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import hashlib
+import pickle
+import random
+
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from conftest import FULL
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, get_worker_info
 
 import ckptguard as cg
+from ckptguard.sampler import SampleIndex, key_dataset
 
 
 def test_order_is_seeded_and_changes_per_epoch() -> None:
@@ -113,15 +120,6 @@ def test_iterator_creation_after_mid_epoch_restore_leaves_global_rng_alone(tmp_p
 
 
 # ---- randomness inside DataLoader workers (per-sample seeding) --------------------------------
-
-import hashlib  # noqa: E402
-import pickle  # noqa: E402
-import random  # noqa: E402
-
-import numpy as np  # noqa: E402
-from torch.utils.data import Dataset, Subset, get_worker_info  # noqa: E402
-
-from ckptguard.sampler import SampleIndex, key_dataset  # noqa: E402
 
 
 class Draws(Dataset):
@@ -306,3 +304,26 @@ def test_malformed_loader_state_is_a_corrupt_checkpoint_naming_the_file(bad: obj
         load_loader_state(state._tracker, loader, bad, "runs/a/step-1/state.json")  # type: ignore[arg-type]
     assert "restore falls back to an older one" in str(e.value)
     assert (loader.sampler.epoch, loader.sampler.position) == (0, 0)  # nothing was half-loaded
+
+
+def test_the_chained_worker_init_fn_pickles_with_the_users_own() -> None:
+    from ckptguard.sampler import KeyedWorkerInit
+
+    back = pickle.loads(pickle.dumps(KeyedWorkerInit(OpenHandle())))
+    assert isinstance(back, KeyedWorkerInit) and isinstance(back.user_fn, OpenHandle)
+    assert pickle.loads(pickle.dumps(KeyedWorkerInit(None))).user_fn is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="spawned workers import torch: CKPTGUARD_TEST_FULL=1")
+def test_keyed_workers_under_the_spawn_start_method() -> None:
+    """The chained worker_init_fn and SampleIndex cross a pickle boundary (spawn, forkserver)."""
+    torch.manual_seed(6)
+    sampler = cg.ResumableSampler(24, seed=1)
+    loader = DataLoader(Draws(), batch_size=6, sampler=sampler, num_workers=1, multiprocessing_context="spawn")
+    cg.TrainState(dataloader=loader)
+    rows = [r for b in loader for r in b.tolist()]
+    torch.manual_seed(6)
+    base = int(torch.empty((), dtype=torch.int64).random_().item())
+    order = cg.ResumableSampler(24, seed=1).order(0)
+    assert rows == [reference_draws(i, base, 0, p) for p, i in enumerate(order)]
