@@ -49,12 +49,9 @@ class AugmentedDataset(NoisyDataset):
 
 
 def seed_numpy_per_worker(worker_id: int) -> None:
-    """The worker_init_fn users copy from the PyTorch FAQ, with a trace that it ran."""
+    """The worker_init_fn users copy from the PyTorch FAQ."""
     np.random.seed(torch.initial_seed() % 2**32)
-    WORKER_INIT_CALLS.append(worker_id)
-
-
-WORKER_INIT_CALLS: list[int] = []
+    random.seed(torch.initial_seed() % 2**32)
 
 
 class Net(nn.Module):
