@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
+import trainlib
+from conftest import FULL
 from trainlib import run_training, same_weights
 
 TOTAL = 30  # 96 samples / batch 8 = 12 batches per epoch -> 2.5 epochs
@@ -67,3 +70,65 @@ def test_interrupted_run_differs_without_rng_restore(run_dir: Path, reference: d
     finally:
         trainlib.make_setup = original
     assert not same_weights(reference, resumed)
+
+
+# ---- randomness inside DataLoader workers (issue 12 item 3) ----------------------------------
+
+AUG = {"workers": 2, "augment": True}  # numpy crop offset, python random scale, torch noise
+
+
+@pytest.fixture(scope="module")
+def aug_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    return run_training(tmp_path_factory.mktemp("aug") / "run", TOTAL, setup_kwargs=AUG)
+
+
+@pytest.mark.parametrize(
+    "stop_at",
+    [7, 12, pytest.param(19, marks=pytest.mark.skipif(not FULL, reason="CKPTGUARD_TEST_FULL=1"))],
+    ids=["mid-epoch", "epoch-boundary", "mid-epoch-2"],
+)
+def test_resume_with_random_augmentation_in_two_workers(run_dir: Path, aug_reference: dict[str, torch.Tensor], stop_at: int) -> None:
+    run_training(run_dir, TOTAL, stop_at=stop_at, setup_kwargs=AUG)
+    assert same_weights(aug_reference, run_training(run_dir, TOTAL, setup_kwargs=AUG))
+
+
+SHORT = 16  # past the first epoch boundary (12 batches), to keep the extra runs cheap
+
+
+@pytest.mark.parametrize(
+    "stop_at",
+    [12, pytest.param(7, marks=pytest.mark.skipif(not FULL, reason="CKPTGUARD_TEST_FULL=1"))],
+    ids=["epoch-boundary", "mid-epoch"],
+)
+def test_resume_with_persistent_workers_and_a_user_worker_init_fn(run_dir: Path, tmp_path: Path, stop_at: int) -> None:
+    """persistent_workers keep one base seed for the run, also across an epoch boundary, where
+    torch resets the iterator without drawing a seed; the FAQ's worker_init_fn is chained."""
+    kw = dict(AUG, persistent_workers=True, worker_init_fn=trainlib.seed_numpy_per_worker)
+    reference = run_training(tmp_path / "ref", SHORT, setup_kwargs=kw)
+    run_training(run_dir, SHORT, stop_at=stop_at, setup_kwargs=kw)
+    assert same_weights(reference, run_training(run_dir, SHORT, setup_kwargs=kw))
+
+
+def test_control_without_per_sample_seeding_resume_differs(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Control: the tests above can fail. Without the workers' re-seeding (the fork start method
+    carries the patch into the workers) a mid-epoch resume changes every later augmentation."""
+    import ckptguard.sampler
+
+    monkeypatch.setattr(ckptguard.sampler, "seed_sample", lambda *a: None)
+    reference = run_training(tmp_path / "ref", 10, setup_kwargs=AUG)
+    run_training(run_dir, 10, stop_at=7, setup_kwargs=AUG)
+    assert not same_weights(reference, run_training(run_dir, 10, setup_kwargs=AUG))
+
+
+def test_resume_with_another_worker_count_warns(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_training(run_dir, TOTAL, stop_at=7, setup_kwargs=AUG)
+    with caplog.at_level(logging.WARNING, logger="ckptguard.sampler"):
+        run_training(run_dir, 8, setup_kwargs={"workers": 0, "augment": True})
+    [msg] = [r.getMessage() for r in caplog.records if r.name == "ckptguard.sampler"]
+    assert msg == (
+        "DataLoader: the checkpoint was saved with num_workers=2, persistent_workers=False and the "
+        "loader now has num_workers=0, persistent_workers=False; the resumed run is not bit-exact "
+        "(randomness in workers is reproduced only with the same settings)."
+    )

@@ -34,6 +34,26 @@ class NoisyDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.x[i], self.y[i]
 
 
+class AugmentedDataset(NoisyDataset):
+    """NoisyDataset with the augmentation users write: numpy, torch and python ``random`` draws.
+
+    In DataLoader workers these draws come from each worker's own generators, which is what
+    makes mid-epoch resume with workers hard.
+    """
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().__getitem__(i)
+        shift = int(np.random.randint(0, x.numel()))  # a random "crop" offset (numpy)
+        x = torch.roll(x, shift) * (1.0 + 0.1 * random.random())  # python random
+        return x + 0.05 * torch.randn(x.shape), y  # torch noise
+
+
+def seed_numpy_per_worker(worker_id: int) -> None:
+    """The worker_init_fn users copy from the PyTorch FAQ."""
+    np.random.seed(torch.initial_seed() % 2**32)
+    random.seed(torch.initial_seed() % 2**32)
+
+
 class Net(nn.Module):
     def __init__(self, dim: int = 8, hidden: int = 32) -> None:
         super().__init__()
@@ -46,7 +66,8 @@ class Net(nn.Module):
 
 def make_setup(
     *, seed: int = 0, workers: int = 0, batch_size: int = 8, scaler: bool = True, n: int = 96,
-    hidden: int = 32, pass_sampler_only: bool = False,
+    hidden: int = 32, pass_sampler_only: bool = False, augment: bool = False,
+    persistent_workers: bool = False, worker_init_fn: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -61,9 +82,12 @@ def make_setup(
         ],
         milestones=[4],
     )
-    ds = NoisyDataset(n)
+    ds = AugmentedDataset(n) if augment else NoisyDataset(n)
     sampler = cg.ResumableSampler(ds, shuffle=True, seed=seed)
-    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers)
+    loader = DataLoader(
+        ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        persistent_workers=persistent_workers, worker_init_fn=worker_init_fn,
+    )
     gs = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**8) if scaler else None
     state = cg.TrainState(
         model=model, optimizer=opt, scheduler=sched, scaler=gs,

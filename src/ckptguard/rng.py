@@ -1,8 +1,14 @@
-"""Random-number-generator state of python, numpy, torch CPU and every CUDA device, as JSON."""
+"""Random-number-generator state of python, numpy, torch CPU and every CUDA device, as JSON.
+
+Also the per-sample seeding of DataLoader workers (:func:`seed_sample`): a worker's global
+generators are re-seeded before each sample from ``(base seed, epoch, position)``, so what a
+sample draws does not depend on what that worker drew before (see ckptguard.sampler).
+"""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import random
 from typing import Any
@@ -12,7 +18,7 @@ import torch
 
 from ckptguard.errors import CorruptCheckpointError
 
-__all__ = ["capture_rng", "restore_rng", "rng_fingerprint"]
+__all__ = ["capture_rng", "restore_rng", "rng_fingerprint", "sample_key", "seed_sample"]
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +96,29 @@ def rng_fingerprint() -> str:
     h.update(np.random.get_state()[1].tobytes())  # type: ignore[index]
     h.update(torch.get_rng_state().numpy().tobytes())
     return h.hexdigest()
+
+
+_SAMPLE_PERSON = b"ckptguard-smpl"
+
+
+def sample_key(base_seed: int, epoch: int, position: int) -> bytes:
+    """16 bytes that depend only on the loader's base seed and a sample's (epoch, position).
+
+    ``position`` is the sample's place in the epoch over all replicas (see ResumableSampler).
+    The digest mixes the three numbers, so neighbouring positions get unrelated streams.
+    """
+    raw = b"".join(int(v).to_bytes(16, "little", signed=True) for v in (base_seed, epoch, position))
+    return hashlib.blake2b(raw, digest_size=16, person=_SAMPLE_PERSON).digest()
+
+
+def seed_sample(base_seed: int, epoch: int, position: int) -> None:
+    """Seed python ``random``, numpy's global generator and torch's CPU generator for one sample.
+
+    Runs inside a DataLoader worker before ``dataset[i]``: ``torch.initial_seed()`` then returns
+    the sample's torch seed, so a generator the dataset builds from it is keyed the same way.
+    CUDA generators are left alone (workers do not use CUDA). About 30 us per call.
+    """
+    key = sample_key(base_seed, epoch, position)
+    random.seed(int.from_bytes(key, "little"))
+    np.random.seed(np.frombuffer(key, dtype="<u4"))
+    torch.default_generator.manual_seed(int.from_bytes(key[:8], "little"))

@@ -11,6 +11,18 @@ Two traps stand between a DataLoader and an exact resume, and this module handle
    would shift the stream dropout then uses. On the first iterator after a mid-epoch restore we
    draw the base seed from a copy of the generator state recorded when the original iterator was
    created: the workers get the very same seed and the global stream is left untouched.
+3. Randomness inside workers. A worker's generators are seeded once, from the iterator's base
+   seed, and then advance with every sample the worker loads; after a mid-epoch restore fresh
+   workers would start those streams over while the sampler skips ahead. With workers, a tracked
+   loader's sampler hands out :class:`SampleIndex` (an ``int`` that knows its epoch and position)
+   and each worker re-seeds python ``random``, numpy and torch before every sample from
+   ``(base seed, epoch, position)`` (:func:`ckptguard.rng.seed_sample`), so a sample's draws no
+   longer depend on which worker loaded it or what that worker loaded before. The re-seeding is
+   installed by a ``worker_init_fn`` ckptguard chains in front of the user's own; in the worker
+   it swaps the dataset's class for a subclass whose ``__getitem__`` seeds, then calls the
+   original. A dataset with ``__getitems__`` (batched loading) is seeded once per batch, from
+   its first sample. ``persistent_workers=True`` keeps one base seed for the whole run, which
+   the checkpoint records so the resumed run's workers get it again.
 """
 
 from __future__ import annotations
@@ -18,15 +30,38 @@ from __future__ import annotations
 import base64
 import logging
 import math
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, get_worker_info
 
-__all__ = ["ResumableSampler", "track_dataloader", "loader_state", "load_loader_state"]
+from ckptguard.rng import seed_sample
+
+__all__ = ["ResumableSampler", "SampleIndex", "track_dataloader", "loader_state", "load_loader_state"]
 
 log = logging.getLogger(__name__)
+
+
+class SampleIndex(int):
+    """A dataset index that also carries the epoch and the position it was drawn at.
+
+    It is an ``int`` everywhere (indexing, arithmetic, JSON); the worker-side seeding reads
+    ``epoch`` and ``position`` (the place in the epoch over all replicas) and hands the user's
+    ``__getitem__`` a plain ``int``.
+    """
+
+    epoch: int
+    position: int
+
+    def __new__(cls, value: int, epoch: int, position: int) -> SampleIndex:
+        obj = super().__new__(cls, value)
+        obj.epoch = epoch
+        obj.position = position
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SampleIndex, (int(self), self.epoch, self.position))
 
 
 class ResumableSampler(Sampler[int]):
@@ -71,6 +106,7 @@ class ResumableSampler(Sampler[int]):
         self._start = 0
         self._yielded = 0  # position reached in the current epoch (this rank's list)
         self._compensate: torch.Tensor | None = None
+        self._emit_keys = False  # set by a tracked DataLoader with workers: yield SampleIndex
 
     def __len__(self) -> int:
         return self.num_samples
@@ -107,9 +143,10 @@ class ResumableSampler(Sampler[int]):
         if self._compensate is not None:
             self._undo_iterator_seed_draw(self._compensate)
             self._compensate = None
+        keyed, replicas, rank = self._emit_keys, self.num_replicas, self.rank
         for i in range(start, len(order)):
             self._yielded = i + 1
-            yield order[i]
+            yield SampleIndex(order[i], epoch, i * replicas + rank) if keyed else order[i]
         if self.epoch == epoch:
             self.epoch = epoch + 1
             self._start = 0
@@ -204,13 +241,17 @@ class ResumableSampler(Sampler[int]):
 class _Tracker:
     """Per-DataLoader record of the live iterator: where it started and what the loop consumed."""
 
-    def __init__(self, sampler: ResumableSampler, batch_size: int) -> None:
+    def __init__(self, sampler: ResumableSampler, batch_size: int, loader: DataLoader) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
+        self.num_workers = int(loader.num_workers)
+        self.persistent = bool(loader.persistent_workers and loader.num_workers > 0)
         self.active = False
         self.epoch = 0
         self.start = 0
         self.consumed = 0
+        # RNG state before the base-seed draw of the live torch iterator (for persistent workers:
+        # of the one iterator they belong to), and the one to replay after a restore.
         self.pre_iter_rng: torch.Tensor | None = None
         self.replay_rng: torch.Tensor | None = None
 
@@ -235,25 +276,98 @@ class _CountingIterator:
         return getattr(self._inner, name)
 
 
+class KeyedWorkerInit:
+    """The ``worker_init_fn`` a tracked DataLoader with workers runs: key the dataset, then the user's.
+
+    Picklable (for the ``spawn`` start method) whenever the user's function is.
+    """
+
+    def __init__(self, user_fn: Callable[[int], Any] | None) -> None:
+        self.user_fn = user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        info = get_worker_info()
+        if info is not None:
+            key_dataset(info.dataset, info.seed - info.id)
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+
+def key_dataset(dataset: Any, base_seed: int) -> bool:
+    """In a worker: make ``dataset`` seed the global generators before each keyed sample.
+
+    Swaps the object's class for a same-named subclass (so ``isinstance``, attributes and
+    ``get_worker_info().dataset`` stay the user's). Returns False when the class cannot be
+    swapped (an extension type); the sample's draws are then not keyed.
+    """
+    cls = type(dataset)
+    if getattr(cls, "_ckptguard_keyed", False):
+        return True
+
+    def __getitem__(self: Any, index: Any) -> Any:
+        if isinstance(index, SampleIndex):
+            seed_sample(base_seed, index.epoch, index.position)
+            index = int(index)
+        return cls.__getitem__(self, index)
+
+    ns: dict[str, Any] = {
+        "__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "_ckptguard_keyed": True, "__getitem__": __getitem__,
+    }
+    if callable(getattr(cls, "__getitems__", None)):
+
+        def __getitems__(self: Any, indices: Sequence[Any]) -> Any:
+            if len(indices) and isinstance(indices[0], SampleIndex):
+                seed_sample(base_seed, indices[0].epoch, indices[0].position)
+            return cls.__getitems__(self, [int(i) if isinstance(i, SampleIndex) else i for i in indices])
+
+        ns["__getitems__"] = __getitems__
+    try:
+        dataset.__class__ = type(cls.__name__, (cls,), ns)
+    except TypeError as e:  # a builtin (a list of samples) draws nothing: no need to warn
+        log.log(
+            logging.DEBUG if cls.__module__ == "builtins" else logging.WARNING,
+            "DataLoader worker: cannot key the randomness of %s (%s); its random draws are not "
+            "reproduced exactly after a mid-epoch resume.", cls.__name__, e,
+        )
+        return False
+    return True
+
+
+def _new_torch_iterator(loader: DataLoader, generator: torch.Generator | None) -> Iterator[Any]:
+    """``DataLoader.__iter__`` with a replay generator and the keyed worker_init_fn in place."""
+    original_gen, original_init = loader.generator, loader.worker_init_fn
+    if generator is not None:
+        loader.generator = generator
+    if loader.num_workers > 0:
+        loader.worker_init_fn = KeyedWorkerInit(original_init)
+    try:
+        return super(type(loader), loader).__iter__()  # type: ignore[no-any-return]
+    finally:
+        loader.generator, loader.worker_init_fn = original_gen, original_init
+
+
 def _tracked_iter(self: DataLoader) -> Iterator[Any]:
     tracker: _Tracker = self._ckptguard_tracker  # type: ignore[attr-defined]
     sampler = tracker.sampler
-    if tracker.replay_rng is not None:
-        pre = tracker.replay_rng
-        tracker.replay_rng = None
-        replay = torch.Generator()
-        replay.set_state(pre)
-        original = self.generator
-        self.generator = replay
-        try:
-            inner = super(type(self), self).__iter__()
-        finally:
-            self.generator = original
+    tracker.num_workers = int(self.num_workers)
+    tracker.persistent = bool(self.persistent_workers and self.num_workers > 0)
+    sampler._emit_keys = self.num_workers > 0
+    epoch, start = sampler.epoch, sampler._start  # before torch's prefetching moves them
+    replay, tracker.replay_rng = tracker.replay_rng, None
+    if tracker.persistent and getattr(self, "_iterator", None) is not None:
+        pre = tracker.pre_iter_rng  # torch resets the persistent iterator: no seed is drawn
+        inner = super(type(self), self).__iter__()
+    elif replay is not None:
+        pre = replay
+        gen = torch.Generator()
+        gen.set_state(replay)
+        inner = _new_torch_iterator(self, gen)
     else:
         pre = self.generator.get_state() if self.generator is not None else torch.get_rng_state()
-        inner = super(type(self), self).__iter__()
+        inner = _new_torch_iterator(self, None)
     tracker.active = True
-    tracker.epoch, tracker.start, tracker.consumed = sampler.epoch, sampler._start, 0
+    tracker.epoch, tracker.start, tracker.consumed = epoch, start, 0
     tracker.pre_iter_rng = pre
     return _CountingIterator(inner, tracker)
 
@@ -284,10 +398,18 @@ def track_dataloader(loader: DataLoader) -> _Tracker:
         )
     cls = type(loader)
     tracked_cls = type(f"Resumable{cls.__name__}", (cls,), {"__iter__": _tracked_iter})
-    tracker = _Tracker(sampler, batch_size)
+    tracker = _Tracker(sampler, batch_size, loader)
     loader._ckptguard_tracker = tracker  # type: ignore[attr-defined]
     loader.__class__ = tracked_cls
     return tracker
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s, validate=True)), dtype=torch.uint8).clone()
 
 
 def loader_state(tracker: _Tracker, generator: torch.Generator | None) -> dict[str, Any]:
@@ -300,21 +422,59 @@ def loader_state(tracker: _Tracker, generator: torch.Generator | None) -> dict[s
             epoch, pos = epoch + 1, 0
     else:
         epoch, pos = s.epoch, s._start
-    out: dict[str, Any] = {"sampler": s._state(epoch, pos)}
-    if pos > 0 and tracker.pre_iter_rng is not None:
-        out["pre_iter_rng"] = base64.b64encode(tracker.pre_iter_rng.numpy().tobytes()).decode()
+    out: dict[str, Any] = {
+        "sampler": s._state(epoch, pos),
+        "num_workers": tracker.num_workers,
+        "persistent_workers": tracker.persistent,
+    }
+    # The iterator the next epoch (or the rest of this one) belongs to was seeded from this state:
+    # mid-epoch always; with persistent workers for the rest of the run.
+    pre = tracker.pre_iter_rng if tracker.active else tracker.replay_rng
+    if pre is not None and (pos > 0 or tracker.persistent):
+        out["pre_iter_rng"] = _b64(pre)
     if generator is not None:
-        out["generator"] = base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+        out["generator"] = _b64(generator.get_state())
     return out
 
 
-def load_loader_state(tracker: _Tracker, loader: DataLoader, state: dict[str, Any]) -> None:
-    tracker.sampler.load_state_dict(state["sampler"])
+def load_loader_state(tracker: _Tracker, loader: DataLoader, state: dict[str, Any], where: str = "state.json") -> None:
+    """Put a saved loader position back. Malformed fields raise CorruptCheckpointError (``where``)."""
+    try:
+        sampler_state = state["sampler"]
+        saved_workers = int(state.get("num_workers", loader.num_workers))
+        saved_persistent = state.get("persistent_workers", None)
+        if saved_persistent is not None and not isinstance(saved_persistent, bool):
+            raise TypeError(f"persistent_workers must be true or false, got {saved_persistent!r}")
+        replay = _unb64(state["pre_iter_rng"]) if "pre_iter_rng" in state else None
+        generator = _unb64(state["generator"]) if "generator" in state else None
+        for t in (replay, generator):
+            if t is not None:
+                torch.Generator().set_state(t)  # a CPU generator state, or RuntimeError
+        tracker.sampler.load_state_dict(sampler_state)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        from ckptguard.errors import CorruptCheckpointError
+
+        raise CorruptCheckpointError(
+            f"{where}: the DataLoader position is malformed ({type(e).__name__}: {e}). The "
+            "checkpoint is damaged; restore falls back to an older one."
+        ) from e
     tracker.active = False
     tracker.replay_rng = None
-    if "pre_iter_rng" in state and tracker.sampler._start > 0:
-        raw = bytearray(base64.b64decode(state["pre_iter_rng"], validate=True))
-        tracker.replay_rng = torch.frombuffer(raw, dtype=torch.uint8).clone()
-    if "generator" in state and loader.generator is not None:
-        raw = bytearray(base64.b64decode(state["generator"], validate=True))
-        loader.generator.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
+    persistent = bool(loader.persistent_workers and loader.num_workers > 0)
+    if saved_persistent is None:
+        saved_persistent = persistent
+    if (saved_workers, saved_persistent) != (loader.num_workers, persistent):
+        log.warning(
+            "DataLoader: the checkpoint was saved with num_workers=%d, persistent_workers=%s and "
+            "the loader now has num_workers=%d, persistent_workers=%s; the resumed run is not "
+            "bit-exact (randomness in workers is reproduced only with the same settings).",
+            saved_workers, saved_persistent, loader.num_workers, persistent,
+        )
+    if replay is not None and (tracker.sampler._start > 0 or (persistent and saved_persistent)):
+        tracker.replay_rng = replay
+    if persistent and getattr(loader, "_iterator", None) is not None:
+        # Workers of an iterator from before the restore hold another base seed: start anew.
+        loader._iterator._shutdown_workers()  # type: ignore[attr-defined]
+        loader._iterator = None
+    if generator is not None and loader.generator is not None:
+        loader.generator.set_state(generator)

@@ -365,7 +365,7 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
 
     mid_epoch = False
     if ts._tracker is not None and ts.dataloader is not None and "dataloader" in state:
-        load_loader_state(ts._tracker, ts.dataloader, state["dataloader"])
+        load_loader_state(ts._tracker, ts.dataloader, state["dataloader"], f"{where}/state.json")
     elif ts.sampler is not None:
         saved = state.get("sampler") or (state.get("dataloader") or {}).get("sampler")
         if saved is not None:
