@@ -661,3 +661,19 @@ def test_restore_only_reader_works_while_another_process_holds_the_lock(tmp_path
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert statuses(run) == {S(3): None}
+
+
+def test_a_failed_mark_is_listed_and_an_explicit_step_restores_it(run: Path, base: dict[str, Any]) -> None:
+    from ckptguard.catalog import mark_status
+
+    store = LocalStorage(run)
+    mark_status(store, S(4), "failed", "probe output drifted")
+    flip(run / S(2) / "model.safetensors")
+    with pytest.raises(NoValidCheckpointError) as ei:
+        restore(run, make(seed=5))
+    assert ei.value.failures[0] == (str(run / S(4)), "marked failed: probe output drifted (skipped; restore(state, step=4) restores it anyway)")
+    assert "does not match" in ei.value.failures[1][1]
+    s = make(seed=5)
+    assert restore(run, s, step=4) == 4
+    assert same(s["model"].state_dict(), base["saved"][4])
+    assert read_status(store, S(4))["status"] == "failed"  # verify and restore never clear "failed"

@@ -76,10 +76,12 @@ def _byte_problems(c: CheckpointInfo) -> list[str]:
 
 def _mark_reason(c: CheckpointInfo) -> str:
     marks = [p for p in c.problems if p.startswith("marked ")] or [f"marked {c.status}"]
-    return (
-        f"{marks[0]} (skipped without re-reading; 'ckptguard verify {c.path}' re-checks every "
-        "byte and clears a mark that no longer holds)"
-    )
+    if c.status == "corrupt":
+        return (
+            f"{marks[0]} (skipped without re-reading; 'ckptguard verify {c.path}' re-checks every "
+            "byte and clears a mark that no longer holds)"
+        )
+    return f"{marks[0]} (skipped; restore(state, step={c.step}) restores it anyway)"
 
 
 def restore_first_valid(
