@@ -523,6 +523,15 @@ def test_hand_deleted_manifest_is_kept_and_reported_never_pruned(run: Path, capl
     assert restore(run, make(seed=5)) == 4
 
 
+def test_only_a_hand_deleted_manifest_starts_fresh_with_a_warning(run: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for step in (2, 4):
+        (run / S(step) / "MANIFEST.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="ckptguard"):
+        assert restore(run, make(seed=5)) is None
+    assert f"No committed checkpoint in {run}, but {S(2)}, {S(4)} have no MANIFEST.json (deleted by hand?): not restored" in caplog.text
+    assert sorted(find_unknown(LocalStorage(run))) == [S(2), S(4)]
+
+
 def test_object_store_save_and_delete_leave_marked_debris() -> None:
     """On memory:// a save writes into step-N/ directly: the marker makes a crash debris."""
     url = "memory://restore-endings-marker"

@@ -286,10 +286,10 @@ def find_unknown(storage: Storage) -> list[str]:
     """Step directories without a manifest that no interrupted save or delete left (no
     ``UNCOMMITTED`` marker): a manifest deleted by hand, a copy gone wrong. Never restored and
     never deleted: a person decides (restore the manifest from a backup, or remove the folder)."""
-    return [
+    return sorted(
         n for n in storage.listdir("")
         if _uncommitted_step(storage, n) and not storage.exists(join(n, UNCOMMITTED))
-    ]
+    )
 
 
 def _uncommitted_step(storage: Storage, name: str) -> bool:

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, clear_mark, mark_status, read_manifest
+from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, clear_mark, find_unknown, mark_status, read_manifest
 from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -166,6 +166,13 @@ def restore_first_valid(
             f"\n  {lines}{more}\nRun 'ckptguard verify {storage.url}' for details.{partial}",
             path=storage.url,
             failures=tuple(failures),
+        )
+    unknown = find_unknown(storage) if storage.isdir("") else []
+    if unknown:
+        log.warning(
+            "No committed checkpoint in %s, but %s ha%s no MANIFEST.json (deleted by hand?): not "
+            "restored, starting fresh. Put the manifest back from a backup to resume from it.",
+            storage.url, ", ".join(unknown), "s" if len(unknown) == 1 else "ve",
         )
     return None
 
