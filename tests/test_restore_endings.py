@@ -686,3 +686,69 @@ def test_a_failed_mark_is_listed_and_an_explicit_step_restores_it(run: Path, bas
     assert restore(run, s, step=4) == 4
     assert same(s["model"].state_dict(), base["saved"][4])
     assert read_status(store, S(4))["status"] == "failed"  # verify and restore never clear "failed"
+
+
+# ---- an oracle: which step restore picks, or which checkpoints it lists as unusable -------------
+
+CONDITIONS = ["sound", "flipped", "marked", "failed", "no-manifest", "debris"]
+
+
+def oracle(conds: dict[int, str]) -> tuple[str, Any]:
+    """What restore must do, in a few obvious lines: the newest sound committed checkpoint; None
+    if nothing is committed; else the error listing every committed one, newest first."""
+    committed = [s for s in sorted(conds, reverse=True) if conds[s] not in ("no-manifest", "debris")]
+    for s in committed:
+        if conds[s] == "sound":
+            return "step", s
+    return ("none", None) if not committed else ("error", committed)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("four") / "run"
+    train(make(), run, [1, 2, 3, 4])
+    return run
+
+
+def test_restore_matches_the_oracle(four: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from ckptguard.catalog import mark_status
+
+    @settings(max_examples=60 if FULL else 15, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.sampled_from(CONDITIONS), min_size=4, max_size=4))
+    def check(picked: list[str]) -> None:
+        conds = dict(zip([1, 2, 3, 4], picked))
+        run = tmp_path_factory.mktemp("oracle") / "run"
+        shutil.copytree(four, run)
+        for step, cond in conds.items():
+            d = run / S(step)
+            if cond == "flipped":
+                flip(d / "model.safetensors")
+            elif cond in ("marked", "failed"):
+                mark_status(LocalStorage(run), S(step), "corrupt" if cond == "marked" else "failed", "earlier finding")
+            elif cond in ("no-manifest", "debris"):
+                (d / "MANIFEST.json").unlink()
+                if cond == "debris":
+                    (d / "UNCOMMITTED").write_bytes(b"save\n")
+        kind, want = oracle(conds)
+        for _ in range(2):  # the same answer on the second call (marks change nothing about it)
+            if kind == "error":
+                with pytest.raises(NoValidCheckpointError) as ei:
+                    restore(run, make(seed=5))
+                assert [p for p, _ in ei.value.failures] == [str(run / S(s)) for s in want], conds
+            else:
+                assert restore(run, make(seed=5)) == want, conds
+        # only the flipped ones restore had to read are marked; nothing else changed
+        tried = [s for s in sorted(conds, reverse=True) if kind != "step" or s > want]
+        for step, cond in conds.items():
+            rec = read_status(LocalStorage(run), S(step)) if (run / S(step) / "MANIFEST.json").exists() else None
+            expect = {"marked": "corrupt", "failed": "failed"}.get(cond)
+            if cond == "flipped" and step in tried:
+                expect = "corrupt"
+            assert (rec or {}).get("status") == expect, (conds, step, rec)
+        assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == [S(s) for s in sorted(conds)]
+        shutil.rmtree(run)
+
+    check()
