@@ -607,7 +607,7 @@ WRITER = textwrap.dedent(
 def test_reader_beside_a_pruning_writer_never_fails(tmp_path: Path) -> None:
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(cg.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    saves = 400 if FULL else 120  # ~2,000 restores, ~30 of them racing a prune, in 400 saves
+    saves = 400 if FULL else 60  # ~2,000 restores, ~30 of them racing a prune, in 150 saves
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run), str(saves)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"

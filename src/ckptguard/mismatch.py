@@ -299,7 +299,7 @@ def load_optimizers(
         partial = plan.structural or plan.reshaped or plan.group_problems
         try:
             opt.load_state_dict(_remap(opt, sd, plan) if partial else sd)
-        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - torch's or a custom optimizer's load_state_dict
             if strict:
                 raise StateMismatchError(
                     f"{where}: the saved {label} state does not fit the current optimizer "
