@@ -166,7 +166,12 @@ def mark_status(storage: Storage, name: str, status: str, detail: str = "") -> b
     """Record a post-commit finding. Best effort: a read-only run only logs it.
 
     A ``corrupt`` mark keeps the good status it replaces (``previous``) for :func:`clear_mark`.
+    A checkpoint deleted meanwhile (a pruning writer) is not marked: on an object store the mark
+    would recreate its prefix as a folder without manifest.
     """
+    if not storage.exists(join(name, MANIFEST)):
+        log.info("Not marking %s as %s: it was deleted meanwhile.", storage.describe(name), status)
+        return False
     record: dict[str, Any] = {"status": status, "detail": detail, "time": time.time()}
     if status == "corrupt":
         old = read_status(storage, name)
