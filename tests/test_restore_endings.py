@@ -523,6 +523,19 @@ def test_hand_deleted_manifest_is_kept_and_reported_never_pruned(run: Path, capl
     assert restore(run, make(seed=5)) == 4
 
 
+def test_saving_the_step_of_a_hand_deleted_manifest_moves_the_folder_aside(run: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (run / S(4) / "MANIFEST.json").unlink()
+    original = (run / S(4) / "model.safetensors").read_bytes()
+    s = make(seed=5)
+    with caplog.at_level(logging.WARNING, logger="ckptguard"), cg.CheckpointManager(run) as mgr:
+        assert mgr.restore(s["state"]) == 2
+        mgr.save(4, s["state"], force=True)
+    kept = [p for p in run.iterdir() if p.name.startswith(f"kept-{S(4)}-")]
+    assert len(kept) == 1 and (kept[0] / "model.safetensors").read_bytes() == original
+    assert f"{run / S(4)} had no MANIFEST.json (deleted by hand?); saving step 4 again, so it was moved to {kept[0]}, untouched." in caplog.text
+    assert [c.step for c in scan(LocalStorage(run))] == [2, 4] and cg.verify(run).ok
+
+
 def test_only_a_hand_deleted_manifest_starts_fresh_with_a_warning(run: Path, caplog: pytest.LogCaptureFixture) -> None:
     for step in (2, 4):
         (run / S(step) / "MANIFEST.json").unlink()
@@ -545,6 +558,9 @@ def test_object_store_save_and_delete_leave_marked_debris() -> None:
     assert "UNCOMMITTED" not in store.listdir(S(1))  # removed after the commit
     store.remove_file(f"{S(2)}/MANIFEST.json")  # deleted by hand: unknown, kept
     assert find_unknown(store) == [S(2)] and find_debris(store) == []
+    with cg.CheckpointManager(url) as mgr, pytest.raises(cg.CheckpointError) as ei:
+        mgr.save(2, s["state"], force=True)  # would overwrite the hand-made folder's files
+    assert f"{store.describe(S(2))} exists without MANIFEST.json and was not left by an interrupted save" in str(ei.value)
     delete_checkpoint(store, S(1), reap=lambda name: None)  # a delete killed after uncommitting
     assert find_debris(store) == [S(1)]
     clean_debris(store)

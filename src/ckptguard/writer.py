@@ -70,6 +70,8 @@ def begin_checkpoint(storage: Storage, step: int) -> str:
     into it before rank 0 commits with ``write_checkpoint(..., staging=name, written=...)``.
     """
     name = checkpoint_name(step)
+    if storage.isdir(name) and not storage.exists(join(name, MANIFEST)) and not storage.exists(join(name, UNCOMMITTED)):
+        _keep_unknown(storage, name)  # one directory's check, not a listing of the run
     staging = f".tmp-{name}-{uuid.uuid4().hex[:8]}" if storage.atomic_rename else name
     storage.makedirs(staging)
     if not storage.atomic_rename:
@@ -77,6 +79,24 @@ def begin_checkpoint(storage: Storage, step: int) -> str:
         if storage.exists(join(name, MANIFEST)):
             storage.remove_file(join(name, MANIFEST))  # uncommit the old one before overwriting
     return staging
+
+
+def _keep_unknown(storage: Storage, name: str) -> None:
+    """A save of step N meets a ``step-N/`` without manifest that no interrupted save left (its
+    manifest deleted by hand): never overwrite it. Local: move it aside; object stores: refuse."""
+    if not storage.atomic_rename:
+        raise CheckpointError(
+            f"{storage.describe(name)} exists without {MANIFEST} and was not left by an interrupted "
+            "save; saving this step would overwrite its files. Put its manifest back from a "
+            "backup, or move or delete the folder, then save again."
+        )
+    kept = f"kept-{name}-{uuid.uuid4().hex[:8]}"
+    storage.rename_dir(name, kept)
+    storage.sync_dir("")
+    log.warning(
+        "%s had no %s (deleted by hand?); saving step %s again, so it was moved to %s, untouched.",
+        storage.describe(name), MANIFEST, parse_step(name), storage.describe(kept),
+    )
 
 
 def _mark_uncommitted(storage: Storage, name: str, what: bytes) -> None:
