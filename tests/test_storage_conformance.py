@@ -245,9 +245,12 @@ def test_failed_save_never_commits_and_restore_returns_previous(store_url: str, 
 
 
 def _leave_crash_debris(store: Storage, source: str, step_name: str) -> str:
-    """What a process killed mid-save leaves: data files, no manifest."""
+    """What a process killed mid-save leaves: data files, no manifest (on object stores the
+    writer's UNCOMMITTED marker, written first, says so)."""
     debris = step_name if not store.atomic_rename else f".tmp-{step_name}-dead0000"
     store.makedirs(debris)
+    if not store.atomic_rename:
+        put(store, f"{debris}/UNCOMMITTED", b"save\n")
     for fname in store.listdir(source):
         if fname != MANIFEST:
             put(store, f"{debris}/{fname}", store.read_bytes(f"{source}/{fname}"))

@@ -5,8 +5,17 @@ files exist with the recorded sizes (for incremental checkpoints: the shared pac
 chunk a check found damaged; see :mod:`ckptguard.trust`). ``STATUS.json`` beside the manifest carries what was learned
 after the commit (verified by the probe, failed verification, found corrupt); it is not covered by
 the manifest's checksums and can only make a checkpoint *less* trusted.
-Everything else under the run (``.tmp-*``, ``.trash-*``, step directories without a manifest) is
-debris from an interrupted save or delete: never restored, removed by the next save or ``prune``.
+Everything else under the run (``.tmp-*``, ``.trash-*``, and step directories without a manifest
+that hold the writer's ``UNCOMMITTED`` marker) is debris from an interrupted save or delete: never
+restored, removed by the next save or ``prune``. A step directory with neither a manifest nor the
+marker was not left by ckptguard mid-write (on local disk a save writes into ``.tmp-*`` and renames;
+on object stores the marker is the first file written and the last removed): its manifest was
+deleted or lost by hand. It is *unknown*, never restored and never deleted (``find_unknown``).
+
+A ``corrupt`` mark in STATUS.json is written only on byte-level evidence (a checksum or size
+mismatch, an unreadable or malformed file). ``verify`` re-checks every byte and refreshes the mark:
+it clears a mark on a checkpoint that now checks out (``clear_mark``, restoring the status it had
+before) and marks one it finds damaged.
 """
 
 from __future__ import annotations
@@ -30,8 +39,11 @@ __all__ = [
     "BAD_STATUSES",
     "CheckpointInfo",
     "ManifestCache",
+    "UNCOMMITTED",
+    "clear_mark",
     "committed_names",
     "find_debris",
+    "find_unknown",
     "info_for",
     "mark_status",
     "read_manifest",
@@ -43,6 +55,9 @@ log = logging.getLogger(__name__)
 BAD_STATUSES = frozenset({"corrupt", "failed"})
 MAX_STATUS_BYTES = 1024 * 1024  # mark_status writes at most ~70 KB
 _MAX_DETAIL = 64 * 1024
+# The marker a save (object stores: inside step-N/) writes first and a delete writes before it
+# uncommits: a step directory without a manifest is debris only when it holds this file.
+UNCOMMITTED = "UNCOMMITTED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,14 +172,50 @@ def read_status(storage: Storage, name: str) -> dict[str, Any] | None:
 
 
 def mark_status(storage: Storage, name: str, status: str, detail: str = "") -> bool:
-    """Record a post-commit finding. Best effort: a read-only run only logs it."""
-    record = {"status": status, "detail": detail[:_MAX_DETAIL], "time": time.time()}
+    """Record a post-commit finding. Best effort: a read-only run only logs it.
+
+    A ``corrupt`` mark keeps the good status it replaces (``previous``) for :func:`clear_mark`.
+    A checkpoint deleted meanwhile (a pruning writer) is not marked: on an object store the mark
+    would recreate its prefix as a folder without manifest.
+    """
+    if not storage.exists(join(name, MANIFEST)):
+        log.info("Not marking %s as %s: it was deleted meanwhile.", storage.describe(name), status)
+        return False
+    record: dict[str, Any] = {"status": status, "detail": detail[:_MAX_DETAIL], "time": time.time()}
+    if status == "corrupt":
+        old = read_status(storage, name)
+        if old is not None and old.get("status") not in BAD_STATUSES:
+            record["previous"] = old
+        elif old is not None and isinstance(old.get("previous"), dict):
+            record["previous"] = old["previous"]
     try:
         storage.replace_file(join(name, STATUS), json.dumps(record, indent=1).encode())
         return True
     except CheckpointError as e:
         log.warning("Could not mark %s as %s: %s", storage.describe(name), status, e)
         return False
+
+
+def clear_mark(storage: Storage, name: str) -> bool:
+    """Remove a ``corrupt`` mark from a checkpoint that re-verified sound (``verify`` does this).
+
+    The status the mark replaced comes back (or STATUS.json goes, leaving the manifest's own).
+    Returns whether a mark was cleared. By hand: delete ``step-N/STATUS.json``.
+    """
+    rec = read_status(storage, name)
+    if rec is None or rec.get("status") != "corrupt":
+        return False
+    previous = rec.get("previous")
+    try:
+        if isinstance(previous, dict) and isinstance(previous.get("status"), str):
+            storage.replace_file(join(name, STATUS), json.dumps(previous, indent=1).encode())
+        else:
+            storage.remove_file(join(name, STATUS))
+    except CheckpointError as e:
+        log.warning("Could not clear the corrupt mark of %s: %s", storage.describe(name), e)
+        return False
+    log.info("Cleared the corrupt mark of %s: every byte checks out.", storage.describe(name))
+    return True
 
 
 def _size_problems(storage: Storage, name: str, manifest: dict[str, Any]) -> list[str]:
@@ -245,9 +296,23 @@ def find_debris(storage: Storage) -> list[str]:
     for name in storage.listdir(""):
         if name.startswith((".tmp-", ".trash-")):
             debris.append(name)
-        elif parse_step(name) is not None and not storage.exists(join(name, MANIFEST)):
+        elif _uncommitted_step(storage, name) and storage.exists(join(name, UNCOMMITTED)):
             debris.append(name)
     return debris
+
+
+def find_unknown(storage: Storage) -> list[str]:
+    """Step directories without a manifest that no interrupted save or delete left (no
+    ``UNCOMMITTED`` marker): a manifest deleted by hand, a copy gone wrong. Never restored and
+    never deleted: a person decides (restore the manifest from a backup, or remove the folder)."""
+    return sorted(
+        n for n in storage.listdir("")
+        if _uncommitted_step(storage, n) and not storage.exists(join(n, UNCOMMITTED))
+    )
+
+
+def _uncommitted_step(storage: Storage, name: str) -> bool:
+    return parse_step(name) is not None and not storage.exists(join(name, MANIFEST))
 
 
 def name_for(step: int) -> str:

@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "NoValidCheckpointError",
     "UnsafeCheckpointError",
     "FormatVersionError",
     "StateMismatchError",
@@ -40,6 +41,19 @@ class CorruptCheckpointError(CheckpointError):
         super().__init__(message)
         self.path = path
         self.file = file
+
+
+class NoValidCheckpointError(CorruptCheckpointError):
+    """A run has committed checkpoints but none can be restored (each is corrupt, marked or gone).
+
+    ``failures`` lists ``(checkpoint path, why)`` for every checkpoint that was considered.
+    A subclass of :class:`CorruptCheckpointError`, so ``except CorruptCheckpointError`` still
+    catches it.
+    """
+
+    def __init__(self, message: str, *, path: str = "", failures: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message, path=path)
+        self.failures = failures
 
 
 class UnsafeCheckpointError(CorruptCheckpointError):

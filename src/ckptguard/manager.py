@@ -460,8 +460,11 @@ class CheckpointManager:
     def restore(self, state: TrainState, step: int | None = None, strict: bool = True) -> int | None:
         """Restore the newest valid checkpoint (or exactly ``step``); return its step or None.
 
-        A checkpoint that fails verification is logged, marked corrupt and skipped; the next
-        older one is tried. Returns None only when the run has no checkpoint at all.
+        A checkpoint whose bytes fail verification is logged, marked corrupt and skipped; the
+        next older one is tried. Returns None only when the run has no committed checkpoint at
+        all; raises NoValidCheckpointError when checkpoints exist and none can be used, and
+        StateMismatchError (nothing marked) when today's objects do not take the saved state.
+        See ckptguard.restoring for every way a restore ends.
         """
         self._check_open()
         self.wait()
@@ -469,6 +472,8 @@ class CheckpointManager:
         found = restore_first_valid(
             self.storage, candidates, state, verify=self.verify_on_restore, strict=strict,
             restore=lambda st, rd, strict: restore_checkpoint(self._coord, st, rd, strict=strict),
+            rescan=lambda: select_candidates(self.checkpoints(), None, self.storage.url),
+            explicit=step is not None,
         )
         if found is None:
             self.metrics_log.restart_after(None)  # a fresh run: rows of an attempt that never committed go

@@ -294,8 +294,16 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         data = safejson.loads(raw)
     except ValueError as e:
         raise _fail(where, f"not valid JSON ({e})") from e
-    # Version first: a newer format may checksum itself differently.
-    if isinstance(data, dict) and data.get("format") == FORMAT:
-        _check_version(data.get("format_version"), where)
-    _check_self_digest(raw, where)
+    # The checksum first: nothing in the manifest, format_version included, is believed before
+    # it checks out (one flipped bit in the version must read as corruption, not as "upgrade").
+    try:
+        _check_self_digest(raw, where)
+    except CorruptCheckpointError as e:
+        declared = data.get("format_version") if isinstance(data, dict) else None
+        if isinstance(declared, int) and not isinstance(declared, bool) and declared > FORMAT_VERSION:
+            e.args = (
+                f"{e} It declares format version {declared} (this ckptguard reads up to "
+                f"{FORMAT_VERSION}); only if a newer ckptguard wrote it would upgrading help.",
+            )
+        raise
     return validate_manifest(data, where)

@@ -55,6 +55,7 @@ def format_mismatch(report: MismatchReport) -> str:
         lines.append(f"  dtype of {k!r}: checkpoint has {saved_dtype}, model has {now_dtype}")
     for old, new in report.renames or likely_renames(report):
         lines.append(f"  likely rename: {old!r} -> {new!r}")
+    lines.extend(f"  {r}" for r in report.refused)
     if report.cold:
         lines.append("  optimizer state starts cold for: " + ", ".join(report.cold[:20]))
     lines.extend(f"  {n}" for n in report.notes)
@@ -62,10 +63,12 @@ def format_mismatch(report: MismatchReport) -> str:
 
 
 def mismatch_error(where: str, report: MismatchReport) -> StateMismatchError:
+    """The error of a strict restore (only raised when strict, so strict=False is the way out)."""
     return StateMismatchError(
-        f"{where} does not fit the model being restored:\n{format_mismatch(report)}\n"
-        "Was the model changed? Run 'ckptguard doctor <checkpoint> --model module:factory' for a "
-        "full report, or restore(state, strict=False) to load what matches.",
+        f"{where} does not fit the objects being restored (strict restore):\n{format_mismatch(report)}\n"
+        "Was the code changed since the save? Nothing was loaded and the checkpoint is left as it "
+        "is. Run 'ckptguard doctor <checkpoint> --model module:factory' for a full report, or "
+        "restore(state, strict=False) to load what fits and log each difference.",
         report,
     )
 
@@ -90,6 +93,7 @@ class OptimizerPlan:
     structural: bool
     by_name: bool
     groups: list[int | None]  # current group -> saved group whose hyper-parameters it takes
+    group_problems: list[str] = dataclasses.field(default_factory=list)  # layouts that do not map 1:1
 
 
 def _flat_ids(groups: Any) -> list[Any]:
@@ -152,7 +156,43 @@ def optimizer_plan(model: Any, opt: torch.optim.Optimizer, entry: Mapping[str, A
         votes = [group_of_saved[j] for i in range(start, start + len(g["params"])) for j in [dict(pairs).get(i)] if j is not None and j < len(group_of_saved)]
         groups.append(max(set(votes), key=votes.count) if votes else None)
         start += len(g["params"])
-    return OptimizerPlan(label, mapping, new, unstepped, dropped, reshaped, structural, by_name, groups)
+    problems = _group_problems(label, saved_groups, opt.param_groups, groups, group_of_saved, pairs)
+    return OptimizerPlan(label, mapping, new, unstepped, dropped, reshaped, structural, by_name, groups, problems)
+
+
+def _hp(group: Mapping[str, Any]) -> str:
+    lr = group.get("lr")
+    return f"lr={lr}" if isinstance(lr, (int, float)) else "lr=?"
+
+
+def _group_problems(
+    label: str, saved_groups: list[Any], now_groups: list[dict[str, Any]], groups: list[int | None],
+    group_of_saved: list[int], pairs: list[tuple[int, int | None]],
+) -> list[str]:
+    """Param-group layouts whose hyper-parameters cannot be carried over one to one."""
+    saved = [g for g in saved_groups if isinstance(g, dict)]
+    out = []
+    if len(saved) != len(now_groups):
+        desc_then = ", ".join(f"{_hp(g)} for {len(g.get('params', []))} params" for g in saved)
+        desc_now = ", ".join(f"{_hp(g)} for {len(g['params'])} params" for g in now_groups)
+        out.append(
+            f"{label} param groups: the checkpoint has {len(saved)} ({desc_then}), the optimizer "
+            f"has {len(now_groups)} ({desc_now})"
+        )
+    start = 0
+    for gi, g in enumerate(now_groups):
+        src = {group_of_saved[j] for i in range(start, start + len(g["params"])) for j in [dict(pairs).get(i)] if j is not None and j < len(group_of_saved)}
+        if len(src) > 1:
+            out.append(f"{label} param group {gi}: its parameters come from saved groups {sorted(src)}")
+        start += len(g["params"])
+    shared = [s for s in set(groups) if s is not None and groups.count(s) > 1]
+    for s in sorted(shared):
+        now = [gi for gi, x in enumerate(groups) if x == s]
+        out.append(f"{label} param groups {now} all map to saved group {s} ({_hp(saved[s])}): loading would overwrite each one's hyper-parameters")
+    for si, g in enumerate(saved):
+        if si not in groups and g.get("params"):
+            out.append(f"{label}: saved param group {si} ({_hp(g)}, {len(g['params'])} params) has no counterpart in the optimizer")
+    return out
 
 
 def check_optimizers(ts: TrainState, state: Mapping[str, Any], report: MismatchReport, where: str) -> None:
@@ -164,8 +204,23 @@ def check_optimizers(ts: TrainState, state: Mapping[str, Any], report: MismatchR
         if entry is None:
             report.notes.append(f"{label}: not in the checkpoint")
             continue
+        sd = entry.get("state_dict") if isinstance(entry, Mapping) else None
+        if not isinstance(sd, dict) or not isinstance(sd.get("param_groups", []), list):
+            # malformed contents, not a code change: load_verified turns this into corruption
+            raise TypeError(f"{label}: the saved state is a {type(sd).__name__}, not a state dict")
+        if class_differs(entry, opt):
+            report.refused.append(
+                f"{label}: the checkpoint holds {entry.get('class')} state, the optimizer is "
+                f"{type(opt).__name__}; not loaded (its state starts fresh)"
+            )
+            continue
         plan = optimizer_plan(ts.model, opt, entry, _structure(entry), label)
         _report_plan(plan, report)
+
+
+def class_differs(entry: Mapping[str, Any], opt: torch.optim.Optimizer) -> bool:
+    saved = entry.get("class") if isinstance(entry, Mapping) else None
+    return isinstance(saved, str) and saved != type(opt).__name__
 
 
 def _structure(entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,23 +255,25 @@ class _ShapeOnly(dict):  # type: ignore[type-arg]
 def _report_plan(plan: OptimizerPlan, report: MismatchReport) -> None:
     if plan.new:
         report.cold.extend(plan.new)
-        report.retyped.append((f"{plan.label} parameters", "saved set", f"{len(plan.new)} new trainable"))
-        report.notes.append(
+        report.refused.append(
             f"{plan.label}: no saved state for newly trainable parameters {plan.new[:10]} (unfrozen "
-            "since the save?). restore(state, strict=False) loads the saved state for the others "
-            "and starts these cold (Adam moments at zero)."
+            "since the save?); their state starts cold (Adam moments at zero)"
         )
-    elif plan.structural and not plan.by_name:
-        report.retyped.append((f"{plan.label} param_groups", "saved layout", "different layout"))
-        report.notes.append(f"{plan.label}: parameter groups differ and parameter names are unknown")
+    elif plan.structural and not plan.by_name and not plan.group_problems:
+        report.refused.append(f"{plan.label}: parameter groups differ and parameter names are unknown")
+    if plan.dropped:
+        report.refused.append(
+            f"{plan.label}: the checkpoint holds state for {len(plan.dropped)} parameter(s) the "
+            f"optimizer does not hold: {plan.dropped[:10]} (frozen or removed since the save?); "
+            "that state is not loaded"
+        )
+    report.refused.extend(plan.group_problems)
     if plan.unstepped:
         report.cold.extend(plan.unstepped)
         report.notes.append(
             f"{plan.label}: trainable parameters without saved state (frozen at save time?): "
             f"{plan.unstepped[:10]}; their state starts cold"
         )
-    if plan.dropped:
-        report.notes.append(f"{plan.label}: saved state ignored for parameters it no longer holds: {plan.dropped[:10]}")
     if plan.reshaped:
         report.notes.append(f"{plan.label}: saved state has another shape for {plan.reshaped[:10]}; starts cold")
 
@@ -235,20 +292,23 @@ def load_optimizers(
         if entry is None:
             continue
         label = f"optimizer {name!r}" if name else "optimizer"
+        if class_differs(entry, opt):
+            continue  # reported by check_optimizers; strict refused before anything was loaded
         sd = decode(entry["state_dict"], tensors, f"{where} optimizer")
         plan = optimizer_plan(ts.model, opt, entry, sd, label)
-        partial = plan.structural or plan.reshaped
+        partial = plan.structural or plan.reshaped or plan.group_problems
         try:
             opt.load_state_dict(_remap(opt, sd, plan) if partial else sd)
-        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - torch's or a custom optimizer's load_state_dict
             if strict:
                 raise StateMismatchError(
-                    f"{where}: the optimizer state does not fit the current optimizer ({e}). "
-                    "Pass strict=False to load the model and skip mismatched optimizer state.",
+                    f"{where}: the saved {label} state does not fit the current optimizer "
+                    f"({type(e).__name__}: {e}). The checkpoint is left as it is; "
+                    "restore(state, strict=False) loads the rest and skips this optimizer's state.",
                     report,
                 ) from e
-            report.notes.append(f"{label}: not restored ({e})")
-            log.warning("%s: optimizer %r not restored: %s", where, name, e)
+            report.notes.append(f"{label}: not restored ({type(e).__name__}: {e})")
+            log.warning("%s: %s not restored: %s", where, label, e)
             continue
         if plan.new or plan.unstepped or plan.reshaped:
             log.warning(
@@ -265,9 +325,11 @@ def _remap(opt: torch.optim.Optimizer, sd: Mapping[str, Any], plan: OptimizerPla
     cur_ids = _flat_ids(cur["param_groups"])
     state = {cur_ids[i]: sd["state"][saved_ids[j]] for i, j in plan.mapping.items()}
     groups = []
-    for g, src in zip(cur["param_groups"], plan.groups):
+    for gi, (g, src) in enumerate(zip(cur["param_groups"], plan.groups)):
         merged = dict(g)
-        if src is not None:
+        if src is not None and plan.groups.count(src) == 1:
             merged.update({k: v for k, v in saved_groups[src].items() if k != "params"})
+        elif src is not None:
+            log.warning("%s param group %d keeps its own hyper-parameters (%s): several groups map to saved group %d", plan.label, gi, _hp(g), src)
         groups.append(merged)
     return {"state": state, "param_groups": groups}

@@ -2,8 +2,11 @@
 
 ``load_verified`` checks every tensor file's header against the manifest before any shape in
 the manifest is compared with the live model, restores, then verifies the files restore did not
-read (``config.yaml``...). Contents that pass their checksums yet make plain Python code fail
-(a hostile ``state.json``) become a :class:`CorruptCheckpointError`, so ``restore`` falls back.
+read (``config.yaml``...). Contents that pass their checksums yet make ckptguard's own decoding
+fail (a hostile or malformed ``state.json``) become a :class:`CorruptCheckpointError`, so
+``restore`` falls back. An exception from a ``load_state_dict`` (the user's code, or torch's
+after a code change) is no evidence of damage: ``restore_state`` raises it as a
+:class:`StateMismatchError`, which passes through unchanged and marks nothing.
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ checkpoint back into the live objects. Anything with ``state_dict()/load_state_d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -265,10 +266,11 @@ class MismatchReport:
     notes: list[str] = dataclasses.field(default_factory=list)
     renames: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (saved, model) likely renames
     cold: list[str] = dataclasses.field(default_factory=list)  # trainable params without saved optimizer state
+    refused: list[str] = dataclasses.field(default_factory=list)  # other differences strict refuses
 
     @property
     def clean(self) -> bool:
-        return not (self.missing or self.unexpected or self.reshaped or self.retyped)
+        return not (self.missing or self.unexpected or self.reshaped or self.retyped or self.refused)
 
     def table(self) -> str:
         from ckptguard.mismatch import format_mismatch
@@ -294,6 +296,67 @@ def _compare_model(table: Mapping[str, Mapping[str, Any]], tensors: Mapping[str,
     return rep
 
 
+def _sched_label(name: str, sched: Any) -> str:
+    return f"scheduler {name!r} ({type(sched).__name__})" if name else f"the scheduler ({type(sched).__name__})"
+
+
+def _check_schedulers(ts: TrainState, state: Mapping[str, Any], report: MismatchReport) -> set[str]:
+    """Compare scheduler classes (a StepLR checkpoint cannot drive a SequentialLR); return the
+    names of schedulers left as constructed."""
+    skip = set()
+    saved_all = state.get("schedulers") or {}
+    for name, sched in ts.schedulers.items():
+        saved = saved_all.get(name) if isinstance(saved_all, Mapping) else None
+        label = _sched_label(name, sched)
+        if saved is None:
+            report.notes.append(f"{label}: not in the checkpoint (left as constructed)")
+            skip.add(name)
+        elif isinstance(saved, Mapping) and saved.get("class") not in (None, type(sched).__name__):
+            report.refused.append(
+                f"{label}: the checkpoint holds a {saved.get('class')} state; not loaded (the "
+                "schedule starts as constructed, from the restored learning rates)"
+            )
+            skip.add(name)
+        else:
+            sd = saved.get("state_dict") if isinstance(saved, Mapping) else None
+            then = sd.get("base_lrs") if isinstance(sd, Mapping) else None
+            opt = getattr(sched, "optimizer", None)
+            now = len(opt.param_groups) if isinstance(opt, torch.optim.Optimizer) else None
+            if isinstance(then, list) and now is not None and len(then) != now:
+                report.refused.append(
+                    f"{label}: the checkpoint's schedule covers {len(then)} param group(s), the "
+                    f"optimizer has {now}; not loaded (the schedule starts as constructed)"
+                )
+                skip.add(name)
+    return skip
+
+
+def _check_objects(ts: TrainState, state: Mapping[str, Any], report: MismatchReport) -> None:
+    saved = state.get("objects") or {}
+    for name, obj in ts.objects.items():
+        if not isinstance(saved, Mapping) or name not in saved:
+            report.refused.append(f"TrainState({name}=...) ({type(obj).__name__}): not in the checkpoint (left as is)")
+
+
+@contextlib.contextmanager
+def _user_errors(where: str, what: str, saved: Any) -> Iterator[None]:
+    """An exception from a ``load_state_dict`` (the user's code or torch's) is a mismatch between
+    today's object and the checkpoint, never damage: raise StateMismatchError, chained."""
+    try:
+        yield
+    except StateMismatchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the user's code raises
+        key = f" (key {e.args[0]!r})" if isinstance(e, KeyError) and e.args else ""
+        keys = f"; the checkpoint holds keys {sorted(map(str, saved))[:12]}" if isinstance(saved, Mapping) else ""
+        raise StateMismatchError(
+            f"{where}: {what}.load_state_dict raised {type(e).__name__}: {e}{key}{keys}. The "
+            "checkpoint is intact (nothing was marked); the object no longer accepts the saved "
+            "state: was its code changed since the save? Objects restored before it hold the "
+            "checkpoint's values."
+        ) from e
+
+
 def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> MismatchReport:
     """Load a verified checkpoint into ``ts``. Raises StateMismatchError when ``strict``."""
     from ckptguard.mismatch import check_optimizers, mismatch_error
@@ -315,6 +378,8 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
         report = _compare_model(table, tensors)
         model_parts = (tensors, actual, table)
     check_optimizers(ts, state, report, where)
+    skip_schedulers = _check_schedulers(ts, state, report)
+    _check_objects(ts, state, report)
     if strict and not report.clean:
         raise mismatch_error(where, report)
 
@@ -330,7 +395,7 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
                 if k in actual:
                     leftovers[actual[k]] = v
         if leftovers:
-            with torch.no_grad():
+            with torch.no_grad(), _user_errors(where, "the model", leftovers):
                 unwrap_model(ts.model).load_state_dict(leftovers, strict=False)
 
     if ts.optimizers and "optimizers" in state:
@@ -343,21 +408,22 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
 
     for name, sched in ts.schedulers.items():
         saved = (state.get("schedulers") or {}).get(name)
-        if saved is None:
-            report.notes.append(f"scheduler {name!r}: not in the checkpoint (left as is)")
+        if saved is None or name in skip_schedulers:
             continue
-        sched.load_state_dict(decode(saved["state_dict"], extra_tensors, f"{where} scheduler"))
+        sd = decode(saved["state_dict"], extra_tensors, f"{where} scheduler")
+        with _user_errors(where, _sched_label(name, sched), sd):
+            sched.load_state_dict(sd)
     if ts.scaler is not None and state.get("scaler"):
-        ts.scaler.load_state_dict(decode(state["scaler"], extra_tensors, f"{where} scaler"))
+        sd = decode(state["scaler"], extra_tensors, f"{where} scaler")
+        with _user_errors(where, f"the scaler ({type(ts.scaler).__name__})", sd):
+            ts.scaler.load_state_dict(sd)
     for name, obj in ts.objects.items():
         saved = (state.get("objects") or {}).get(name)
         if saved is None:
-            msg = f"object {name!r}: not in the checkpoint"
-            if strict:
-                raise StateMismatchError(f"{where}: {msg}. Pass strict=False to restore the rest.")
-            report.notes.append(msg)
             continue
-        obj.load_state_dict(decode(saved, extra_tensors, f"{where} {name}"))
+        sd = decode(saved, extra_tensors, f"{where} {name}")
+        with _user_errors(where, f"TrainState({name}=...) ({type(obj).__name__})", sd):
+            obj.load_state_dict(sd)
     saved_extra = decode(state.get("extra", {}), extra_tensors, f"{where} extra")
     if isinstance(saved_extra, dict):
         ts.extra.clear()

@@ -1,4 +1,11 @@
-"""``verify(path)``: check every byte of one checkpoint, or of every checkpoint of a run (a scrub)."""
+"""``verify(path)``: check every byte of one checkpoint, or of every checkpoint of a run (a scrub).
+
+Verify also refreshes the ``corrupt`` mark in each checkpoint's STATUS.json, so that ``verify``,
+``ls`` and ``inspect`` agree: a checkpoint found damaged is marked corrupt (restore then skips it
+without re-reading it); a marked one whose every byte now checks out (a mark left by an older
+ckptguard after an error in user code, or a file restored from a backup) has its mark cleared.
+This is the documented way to clear a mark (by hand: delete ``step-N/STATUS.json``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ckptguard.catalog import info_for, read_manifest, read_status
+from ckptguard.catalog import UNCOMMITTED, clear_mark, info_for, mark_status, read_manifest, read_status
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.manifest import MANIFEST, parse_step
 from ckptguard.reader import verify_files
@@ -45,6 +52,8 @@ class VerifyReport:
     target: str
     checkpoints: tuple[CheckpointReport, ...]
     problems: tuple[Problem, ...]
+    cleared: tuple[str, ...] = ()  # checkpoints whose stale corrupt mark was cleared
+    marked: tuple[str, ...] = ()  # checkpoints newly marked corrupt
 
     @property
     def ok(self) -> bool:
@@ -58,6 +67,8 @@ class VerifyReport:
                 {**dataclasses.asdict(c), "problems": [str(p) for p in c.problems]} for c in self.checkpoints
             ],
             "problems": [str(p) for p in self.problems],
+            "cleared": list(self.cleared),
+            "marked": list(self.marked),
         }
 
 
@@ -87,13 +98,16 @@ def verify(
 ) -> VerifyReport:
     """Verify a checkpoint (``RUN/step-N``) or every checkpoint of a run.
 
-    Checks the manifest (schema, format version, safe paths), every file's size and every byte
-    against its checksum. Returns a report with ``.ok`` and ``.problems``; never raises for a bad
-    checkpoint (only for a path that does not exist).
+    Checks the manifest (its own checksum first, then schema, format version, safe paths), every
+    file's size and every byte against its checksum, and refreshes the checkpoint's corrupt mark
+    (see the module docstring). Returns a report with ``.ok`` and ``.problems``; never raises for a
+    bad checkpoint (only for a path that does not exist).
     """
     storage, names = resolve_target(path, storage_options)
     reports = []
     problems: list[Problem] = []
+    cleared: list[str] = []
+    marked: list[str] = []
     for name in names:
         if progress is not None:
             progress(name)
@@ -102,26 +116,38 @@ def verify(
         status = "committed"
         step = parse_step(name) if parse_step(name) is not None else -1
         if not storage.exists(join(name, MANIFEST)):
-            found.append(Problem(name, MANIFEST, "missing: not a committed checkpoint (debris of an interrupted save; 'ckptguard prune' removes it)"))
+            if storage.exists(join(name, UNCOMMITTED)):
+                why = "missing: not a committed checkpoint (debris of an interrupted save; 'ckptguard prune' removes it)"
+            else:
+                why = (
+                    "missing, yet no interrupted save left this folder (the manifest was deleted by "
+                    "hand?): not restorable; prune keeps it. Put the manifest back from a backup, "
+                    "or delete the folder by hand"
+                )
+            found.append(Problem(name, MANIFEST, why))
         else:
             try:
                 manifest = read_manifest(storage, name)
                 nfiles = len(manifest["files"])
                 size = sum(int(e.get("size", 0)) for e in manifest["files"].values())
                 step = int(manifest["step"])
-                for fname, msg in verify_files(storage, name, manifest):
-                    found.append(Problem(name, fname, msg))
+                damage = verify_files(storage, name, manifest)
+                found.extend(Problem(name, fname, msg) for fname, msg in damage)
                 rec = read_status(storage, name)
+                if damage and (rec or {}).get("status") != "corrupt":
+                    if mark_status(storage, name, "corrupt", "; ".join(f"{f}: {m}" for f, m in damage)):
+                        marked.append(name)
+                elif not damage and (rec or {}).get("status") == "corrupt" and clear_mark(storage, name):
+                    cleared.append(name)
                 info = info_for(storage, name, check_files=False)
                 status = info.status
+                rec = read_status(storage, name)
                 if rec and rec.get("status") == "failed":
                     found.append(Problem(name, "", f"failed behavioural verification: {rec.get('detail', '')}"))
             except CheckpointError as e:
                 found.append(Problem(name, MANIFEST, str(e)))
-        if not found and status == "corrupt":
-            status = "committed"  # re-verified sound
         reports.append(CheckpointReport(name, step, not found, nfiles, size, "corrupt" if found else status, tuple(found)))
         problems.extend(found)
     if not names:
         problems.append(Problem(storage.describe(""), "", "no checkpoints found"))
-    return VerifyReport(storage.describe(""), tuple(reports), tuple(problems))
+    return VerifyReport(storage.describe(""), tuple(reports), tuple(problems), tuple(cleared), tuple(marked))

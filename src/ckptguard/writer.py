@@ -6,8 +6,9 @@ Local filesystems (``storage.atomic_rename``)::
                                     the directory fsync'd
     rename -> RUN/step-000001200/   atomic; RUN fsync'd
 
-Object stores: files go straight into ``RUN/step-000001200/``; the manifest, written last, is the
-commit marker (a re-save of an existing step first deletes the old manifest, uncommitting it).
+Object stores: files go straight into ``RUN/step-000001200/``, after an ``UNCOMMITTED`` marker (so
+a crash leaves recognisable debris); the manifest, written last, is the commit marker, then the
+marker goes (a re-save of an existing step first deletes the old manifest, uncommitting it).
 
 A failure at any point leaves either the previous state or debris; never a torn checkpoint.
 """
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ckptguard.catalog import find_debris
+from ckptguard.catalog import UNCOMMITTED, find_debris, find_unknown
 from ckptguard.errors import CheckpointError
 from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
 from ckptguard.storage.base import Storage, Writer, join
@@ -70,11 +71,39 @@ def begin_checkpoint(storage: Storage, step: int) -> str:
     into it before rank 0 commits with ``write_checkpoint(..., staging=name, written=...)``.
     """
     name = checkpoint_name(step)
+    if storage.isdir(name) and not storage.exists(join(name, MANIFEST)) and not storage.exists(join(name, UNCOMMITTED)):
+        _keep_unknown(storage, name)  # one directory's check, not a listing of the run
     staging = f".tmp-{name}-{uuid.uuid4().hex[:8]}" if storage.atomic_rename else name
-    if not storage.atomic_rename and storage.exists(join(name, MANIFEST)):
-        storage.remove_file(join(name, MANIFEST))  # uncommit the old one before overwriting
     storage.makedirs(staging)
+    if not storage.atomic_rename:
+        _mark_uncommitted(storage, name, b"save\n")
+        if storage.exists(join(name, MANIFEST)):
+            storage.remove_file(join(name, MANIFEST))  # uncommit the old one before overwriting
     return staging
+
+
+def _keep_unknown(storage: Storage, name: str) -> None:
+    """A save of step N meets a ``step-N/`` without manifest that no interrupted save left (its
+    manifest deleted by hand): never overwrite it. Local: move it aside; object stores: refuse."""
+    if not storage.atomic_rename:
+        raise CheckpointError(
+            f"{storage.describe(name)} exists without {MANIFEST} and was not left by an interrupted "
+            "save; saving this step would overwrite its files. Put its manifest back from a "
+            "backup, or move or delete the folder, then save again."
+        )
+    kept = f"kept-{name}-{uuid.uuid4().hex[:8]}"
+    storage.rename_dir(name, kept)
+    storage.sync_dir("")
+    log.warning(
+        "%s had no %s (deleted by hand?); saving step %s again, so it was moved to %s, untouched.",
+        storage.describe(name), MANIFEST, parse_step(name), storage.describe(kept),
+    )
+
+
+def _mark_uncommitted(storage: Storage, name: str, what: bytes) -> None:
+    """Object stores: say that ``name`` is being written or deleted, before it has (or after it
+    lost) its manifest, so that an interruption leaves debris, not an unknown directory."""
+    write_file(storage, join(name, UNCOMMITTED), lambda w: w.write(what))
 
 
 def write_checkpoint(
@@ -141,6 +170,11 @@ def write_checkpoint(
             storage.sync_dir("")
             if trash is not None:
                 _remove_quietly(storage, trash, uncommit=True)
+        else:
+            try:  # committed: the marker only matters without a manifest
+                storage.remove_file(join(name, UNCOMMITTED))
+            except (CheckpointError, OSError) as e:
+                log.info("Could not remove %s: %s", storage.describe(join(name, UNCOMMITTED)), e)
     except BaseException:
         if storage.atomic_rename and staging is not None:
             _remove_quietly(storage, staging)
@@ -205,6 +239,7 @@ def delete_checkpoint(storage: Storage, name: str, *, reap: Callable[[str], None
         storage.remove_file(join(trash, MANIFEST))  # a trash dir with a manifest is whole
         remove(trash)
     else:
+        _mark_uncommitted(storage, name, b"delete\n")
         storage.remove_file(join(name, MANIFEST))
         remove(name)
 
@@ -220,4 +255,10 @@ def clean_debris(storage: Storage) -> list[str]:
             removed.append(name)
         except (CheckpointError, OSError) as e:
             log.warning("Could not remove debris %s: %s", storage.describe(name), e)
+    for name in find_unknown(storage):
+        log.warning(
+            "%s has no %s and was not left by an interrupted save: kept, not restored. Put its "
+            "manifest back from a backup, or delete the folder by hand if it is not needed.",
+            storage.describe(name), MANIFEST,
+        )
     return removed

@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
         result = "[green]ok[/]" if c.ok else "[red]" + "; ".join(p.message.split(". ")[0] for p in c.problems)[:120] + "[/]"
         t.add_row(c.name, str(c.files), human_bytes(c.bytes), result)
     console().print(t)
+    for name in report.cleared:
+        console().print(f"{name}: every byte checks out; its corrupt mark is cleared", highlight=False)
+    for name in report.marked:
+        console().print(f"{name}: marked corrupt (restore skips it)", highlight=False)
     if report.ok:
         console().print(f"[green]all {len(report.checkpoints)} checkpoint(s) sound[/]")
     else:
