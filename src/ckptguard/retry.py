@@ -43,7 +43,8 @@ _TRANSIENT_ERRNOS = frozenset(
 _TRANSIENT_NAMES = (
     "Timeout", "ConnectionError", "ConnectionClosed", "EndpointConnection", "IncompleteRead",
     "Throttl", "SlowDown", "ServiceUnavailable", "InternalError", "ClientPayloadError",
-    "ServerDisconnected", "ResponseParserError", "RetryError",
+    "ServerDisconnected", "ResponseParserError", "RetryError", "HTTPClientError", "ResponseStreaming",
+    "ShortRead",
 )
 
 

@@ -8,6 +8,11 @@ Local filesystems (``storage.atomic_rename``)::
 
 Object stores: files go straight into ``RUN/step-000001200/``; the manifest, written last, is the
 commit marker (a re-save of an existing step first deletes the old manifest, uncommitting it).
+When the manifest's upload fails in a way that leaves its arrival unknown (a connection reset
+after the request was sent), the manifest is read back before anything is reported: there and
+equal means committed (success), absent means not committed (the error is raised). If the store
+cannot tell, the manifest is removed so the answer becomes "not committed"; only when that fails
+too does the save raise :class:`~ckptguard.errors.CommitUnknownError`.
 
 A failure at any point leaves either the previous state or debris; never a torn checkpoint.
 """
@@ -23,12 +28,22 @@ from typing import Any, TypeVar
 import torch
 
 from ckptguard.catalog import find_debris
-from ckptguard.errors import CheckpointError
+from ckptguard.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CommitUnknownError,
+    DiskFullError,
+    StorageError,
+    StoragePermissionError,
+)
 from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
 from ckptguard.storage.base import Storage, Writer, join
 from ckptguard.tensorfile import digest_bytes, write_tensor_file
 
-__all__ = ["FileWriters", "begin_checkpoint", "clean_debris", "delete_checkpoint", "write_checkpoint", "write_file"]
+__all__ = [
+    "FileWriters", "begin_checkpoint", "clean_debris", "commit_manifest", "delete_checkpoint", "write_checkpoint",
+    "write_file",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,7 +135,10 @@ def write_checkpoint(
             "files": files,
         }
         manifest["save_seconds"] = round(time.perf_counter() - t0 + float(fields.get("save_seconds", 0.0)), 6)
-        write_blob(storage, join(staging, MANIFEST), encode_manifest(manifest))
+        if storage.atomic_rename:
+            write_blob(storage, join(staging, MANIFEST), encode_manifest(manifest))
+        else:
+            commit_manifest(storage, join(staging, MANIFEST), encode_manifest(manifest))
         storage.sync_dir(staging)
         if storage.atomic_rename:
             trash = None
@@ -141,6 +159,55 @@ def write_checkpoint(
             _remove_quietly(storage, staging)
         raise
     return manifest
+
+
+_DEFINITE = (StoragePermissionError, DiskFullError, CheckpointNotFoundError)  # the PUT surely did not land
+
+
+def commit_manifest(storage: Storage, rel: str, raw: bytes) -> None:
+    """Write the commit marker of a store without atomic renames; settle an unknown outcome.
+
+    Returns only when the manifest is stored (read back if its upload failed); raises when it is
+    not; raises :class:`CommitUnknownError` only when the store can neither confirm nor undo it.
+    """
+    w = storage.create(rel)
+    try:
+        w.write(raw)
+        w.close()
+        return
+    except StorageError as e:
+        if isinstance(e, _DEFINITE):
+            w.abort()
+            raise
+        failure = e
+    except BaseException:
+        w.abort()
+        raise
+    where = storage.describe(rel)
+    try:
+        stored = storage.read_bytes(rel)
+    except CheckpointNotFoundError:
+        raise failure  # never arrived: nothing committed, the upload's error stands (cause kept)
+    except CheckpointError as e:
+        unreadable: CheckpointError = e
+    else:
+        if stored == raw:
+            log.warning("The upload of %s reported %s, but the manifest arrived whole: the checkpoint is committed.", where, failure)
+            return
+        log.warning("%s holds another manifest than this save's after a failed upload; leaving it.", where)
+        raise failure
+    try:
+        storage.remove_file(rel)  # make the outcome known: not committed
+    except CheckpointError as e:
+        raise CommitUnknownError(
+            f"The manifest {where} was sent, but the store failed before confirming it ({failure}); "
+            f"reading it back failed ({unreadable}) and so did removing it ({e}). The checkpoint "
+            "is committed, and whole, exactly if that manifest exists: run 'ckptguard ls' on the run "
+            "once the store answers. The next save continues either way.",
+            url=where,
+        ) from failure
+    log.warning("Could not tell whether %s arrived (%s); removed it: the checkpoint is not committed.", where, unreadable)
+    raise failure
 
 
 def _rename_quietly(storage: Storage, src: str, dst: str) -> None:
