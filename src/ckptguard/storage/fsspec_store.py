@@ -104,6 +104,14 @@ class _RangedReader(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
+    def readall(self) -> bytes:
+        parts = []
+        while self._pos < self._size:
+            end = min(self._size, self._pos + self._store.block_size)
+            parts.append(self._store.read_range(self._path, self._pos, end))
+            self._pos = end
+        return b"".join(parts)
+
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         n = min(len(view), self._size - self._pos, self._store.block_size)
