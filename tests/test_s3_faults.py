@@ -216,6 +216,35 @@ def test_restore_during_an_outage_raises_and_marks_nothing(s3_url: str, proxy: F
     assert not open_storage(s3_url).exists("step-000000010/STATUS.json")  # a network error is no evidence
 
 
+def test_a_tensor_read_cut_every_time_raises_and_marks_nothing(s3_url: str, proxy: FaultProxy) -> None:
+    """A network that cuts every transfer of the newest tensor file is no evidence against it:
+    restore raises StorageUnavailableError, no STATUS.json is written, and the same checkpoint
+    restores bit-exact once the network is back."""
+    run_training(s3_url, 10)
+    cut = Fault("truncate", "GET", "step-000000010/model.safetensors", times=99, after_bytes=500)
+    proxy.add(cut)
+    s = make_setup()
+    with pytest.raises(StorageUnavailableError, match="reading .*step-000000010/model.safetensors after 2 attempts"):
+        cg.CheckpointManager(via(proxy, s3_url, attempts=2), lock=False).restore(s["state"])
+    assert cut.hits == cut.seen >= 2
+    assert not open_storage(s3_url).exists("step-000000010/STATUS.json")
+    assert all(c.valid for c in scan(open_storage(s3_url)))
+    proxy.clear()
+    step, weights = _restore(via(proxy, s3_url))
+    assert step == 10 and same_weights(weights, _reference(10))
+
+
+def test_a_size_check_that_never_answers_raises_and_marks_nothing(s3_url: str, proxy: FaultProxy) -> None:
+    """Listing sizes a checkpoint's files (HEAD); a network error there is not a missing file."""
+    run_training(s3_url, 10)
+    proxy.add(Fault("reset_before", "HEAD", "step-000000010/model.safetensors", times=99))
+    s = make_setup()
+    with pytest.raises(StorageUnavailableError, match="reading the size of .*step-000000010/model.safetensors"):
+        cg.CheckpointManager(via(proxy, s3_url, attempts=2), lock=False).restore(s["state"])
+    assert not open_storage(s3_url).exists("step-000000010/STATUS.json")
+    assert all(c.valid for c in scan(open_storage(s3_url)))
+
+
 # ---- the manifest upload's unknown outcome is settled ---------------------------------------
 
 MANIFEST_CASES = {

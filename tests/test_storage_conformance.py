@@ -87,6 +87,27 @@ def test_open_read_supports_seek_and_readinto(store: Storage) -> None:
         assert fh.read() == data
 
 
+def test_open_read_ends_exactly_at_the_end_of_the_file(store: Storage) -> None:
+    data = bytes(range(251)) * 5000  # 1.25 MB: more than one 1 MiB read buffer on object stores
+    put(store, "f", data)
+    with store.open_read("f") as fh:
+        fh.seek(len(data) - 7)
+        assert fh.read(100) == data[-7:]
+        assert fh.read(100) == b""
+        assert fh.readinto(bytearray(10)) == 0
+        fh.seek(-3, 2)
+        assert fh.read() == data[-3:]
+        fh.seek(1)
+        big = bytearray(len(data))
+        n = fh.readinto(big)
+        while n < len(data) - 1:
+            more = fh.readinto(memoryview(big)[n:])
+            assert more, n
+            n += more
+        assert bytes(big[:n]) == data[1:]
+        assert fh.tell() == len(data)
+
+
 def test_size_and_mtime(store: Storage) -> None:
     put(store, "f", b"12345")
     assert store.size("f") == 5

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageUnavailableError, UnsafeCheckpointError
 from ckptguard.manifest import MANIFEST, STATUS, checkpoint_name, parse_manifest, parse_step
 from ckptguard.storage.base import Storage, join
 from ckptguard.tensorfile import digest_bytes
@@ -169,6 +169,8 @@ def _size_problems(storage: Storage, name: str, manifest: dict[str, Any]) -> lis
             continue
         try:
             size = storage.size(rel)
+        except StorageUnavailableError:
+            raise  # the network failed, not the checkpoint: no evidence to mark it by
         except CheckpointError:
             problems.append(f"{fname}: missing")
             continue
