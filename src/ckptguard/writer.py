@@ -28,14 +28,7 @@ from typing import Any, TypeVar
 import torch
 
 from ckptguard.catalog import find_debris
-from ckptguard.errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    CommitUnknownError,
-    DiskFullError,
-    StorageError,
-    StoragePermissionError,
-)
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CommitUnknownError, StorageUnavailableError
 from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
 from ckptguard.storage.base import Storage, Writer, join
 from ckptguard.tensorfile import digest_bytes, write_tensor_file
@@ -161,9 +154,6 @@ def write_checkpoint(
     return manifest
 
 
-_DEFINITE = (StoragePermissionError, DiskFullError, CheckpointNotFoundError)  # the PUT surely did not land
-
-
 def commit_manifest(storage: Storage, rel: str, raw: bytes) -> None:
     """Write the commit marker of a store without atomic renames; settle an unknown outcome.
 
@@ -175,12 +165,9 @@ def commit_manifest(storage: Storage, rel: str, raw: bytes) -> None:
         w.write(raw)
         w.close()
         return
-    except StorageError as e:
-        if isinstance(e, _DEFINITE):
-            w.abort()
-            raise
+    except StorageUnavailableError as e:  # the request may have landed before the failure
         failure = e
-    except BaseException:
+    except BaseException:  # refused or failed before sending: surely not stored
         w.abort()
         raise
     where = storage.describe(rel)
