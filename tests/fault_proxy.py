@@ -295,7 +295,7 @@ class FaultProxy:
                     return
                 method, path = line.decode("latin-1").split()[:2]
                 if time.monotonic() < self._down_until or self._expired():
-                    self._record(method, path, "down")
+                    self._record(method, path, "down" if time.monotonic() < self._down_until else "refused")
                     _reset(conn)
                     return
                 fault = self._fault_for(method, path)

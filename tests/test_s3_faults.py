@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import FULL
 from fault_proxy import Fault, FaultProxy
 from trainlib import make_setup, run_training, same_weights, train_step
 
@@ -86,7 +87,8 @@ TRANSIENT = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(TRANSIENT))
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(TRANSIENT) if FULL else ["reset_after", "truncate"])
 def test_transient_faults_are_retried_and_resume_is_bit_exact(s3_url: str, proxy: FaultProxy, kind: str) -> None:
     faults = TRANSIENT[kind]
     proxy.add(*faults)
@@ -388,3 +390,14 @@ def test_a_retry_leaves_the_users_random_stream_alone() -> None:
     assert RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.001).call(flaky) == "ok"
     assert len(calls) == 3
     assert [random.random() for _ in range(3)] == expected
+
+
+def test_the_proxy_stops_by_itself_after_its_request_budget(s3_url: str, s3_endpoint: str) -> None:
+    with FaultProxy(s3_endpoint, max_requests=3, max_seconds=60) as small:
+        store = via(small, s3_url, attempts=1)
+        store.replace_file("a", b"1")
+        assert store.read_bytes("a") == b"1"
+        with pytest.raises(StorageUnavailableError):
+            for _ in range(3):
+                store.read_bytes("a")
+        assert [a for _, _, a in small.log] == ["pass"] * 3 + ["refused"]  # then nothing gets in
