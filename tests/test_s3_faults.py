@@ -236,6 +236,18 @@ def test_a_tensor_read_cut_every_time_raises_and_marks_nothing(s3_url: str, prox
     assert step == 10 and same_weights(weights, _reference(10))
 
 
+def test_a_manifest_that_cannot_be_fetched_is_not_skipped_for_an_older_one(s3_url: str, proxy: FaultProxy) -> None:
+    """Restoring step 5 because step 10's manifest GET was reset would silently lose work."""
+    run_training(s3_url, 10)
+    proxy.add(Fault("reset_before", "GET", "step-000000010/MANIFEST.json", times=99))
+    s = make_setup()
+    with pytest.raises(StorageUnavailableError, match="reading .*step-000000010/MANIFEST.json after 2 attempts"):
+        cg.CheckpointManager(via(proxy, s3_url, attempts=2), lock=False).restore(s["state"])
+    assert not open_storage(s3_url).exists("step-000000010/STATUS.json")
+    proxy.clear()
+    assert _restore(via(proxy, s3_url))[0] == 10
+
+
 def test_a_size_check_that_never_answers_raises_and_marks_nothing(s3_url: str, proxy: FaultProxy) -> None:
     """Listing sizes a checkpoint's files (HEAD); a network error there is not a missing file."""
     run_training(s3_url, 10)

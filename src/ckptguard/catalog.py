@@ -187,6 +187,8 @@ def info_for(
     path = storage.describe(name)
     try:
         manifest = read_manifest(storage, name, cache=cache)
+    except StorageUnavailableError:
+        raise  # the network failed, not the checkpoint: it is neither invalid nor skipped
     except CheckpointError as e:
         return CheckpointInfo(
             step=step if step is not None else -1, name=name, path=path, valid=False, metrics={},
