@@ -45,7 +45,6 @@ _TRANSIENT_NAMES = (
     "Timeout", "ConnectionError", "ConnectionClosed", "EndpointConnection", "IncompleteRead",
     "Throttl", "SlowDown", "ServiceUnavailable", "InternalError", "ClientPayloadError",
     "ServerDisconnected", "ResponseParserError", "RetryError", "HTTPClientError", "ResponseStreaming",
-    "ShortRead",
 )
 
 
