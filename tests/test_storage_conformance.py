@@ -87,6 +87,27 @@ def test_open_read_supports_seek_and_readinto(store: Storage) -> None:
         assert fh.read() == data
 
 
+def test_open_read_ends_exactly_at_the_end_of_the_file(store: Storage) -> None:
+    data = bytes(range(251)) * 5000  # 1.25 MB: more than one 1 MiB read buffer on object stores
+    put(store, "f", data)
+    with store.open_read("f") as fh:
+        fh.seek(len(data) - 7)
+        assert fh.read(100) == data[-7:]
+        assert fh.read(100) == b""
+        assert fh.readinto(bytearray(10)) == 0
+        fh.seek(-3, 2)
+        assert fh.read() == data[-3:]
+        fh.seek(1)
+        big = bytearray(len(data))
+        n = fh.readinto(big)
+        while n < len(data) - 1:
+            more = fh.readinto(memoryview(big)[n:])
+            assert more, n
+            n += more
+        assert bytes(big[:n]) == data[1:]
+        assert fh.tell() == len(data)
+
+
 def test_size_and_mtime(store: Storage) -> None:
     put(store, "f", b"12345")
     assert store.size("f") == 5
@@ -340,9 +361,34 @@ def test_transient_errors_are_retried(kind: str, request: pytest.FixtureRequest)
             put(store, "obj", b"payload")
             store.replace_file("small", b"s")
             assert store.read_bytes("obj") == b"payload"
+            with store.open_read("obj") as fh:  # reads through a handle are retried too
+                fh.seek(3)
+                assert fh.read() == b"load"
         finally:
             setattr(store.fs, method, original)
         assert len(calls) >= 3, method
+
+
+def test_reads_through_a_handle_are_retried_range_by_range() -> None:
+    from ckptguard.retry import RetryPolicy
+    from ckptguard.storage import FsspecStorage
+
+    store = FsspecStorage(f"memory://cg-{uuid.uuid4().hex[:8]}/r", retry=RetryPolicy(attempts=3, base_delay=0.0, max_delay=0.0))
+    store.makedirs("")
+    data = bytes(range(256)) * 8192  # 2 MiB: two ranges of the 1 MiB read buffer
+    put(store, "obj", data)
+    calls: list[int] = []
+    original = store.fs.cat_file
+    store.fs.cat_file = _flaky(original, 2, calls)  # type: ignore[method-assign]
+    try:
+        with store.open_read("obj") as fh:
+            assert fh.read(10) == data[:10]  # range 1: two resets, then the bytes
+            assert len(calls) == 3
+            fh.seek(2**20 + 5)
+            assert fh.read(7) == data[2**20 + 5 : 2**20 + 12]  # range 2: one request
+            assert len(calls) == 4
+    finally:
+        store.fs.cat_file = original  # type: ignore[method-assign]
 
 
 def test_permanent_errors_are_not_retried() -> None:

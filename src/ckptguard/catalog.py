@@ -28,8 +28,8 @@ import threading
 import time
 from typing import Any
 
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
 from ckptguard import safejson
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageUnavailableError, UnsafeCheckpointError
 from ckptguard.manifest import MANIFEST, MAX_MANIFEST_BYTES, STATUS, checkpoint_name, parse_manifest, parse_step
 from ckptguard.storage.base import Storage, join, read_capped
 from ckptguard.tensorfile import digest_bytes
@@ -165,6 +165,8 @@ def read_status(storage: Storage, name: str) -> dict[str, Any] | None:
         if not storage.exists(path):
             return None
         data = safejson.loads(read_capped(storage, path, MAX_STATUS_BYTES, "a status record"))
+    except StorageUnavailableError:
+        raise  # the network, not the file: not "absent"
     except (CheckpointError, ValueError) as e:
         log.warning("Ignoring %s (treated as absent): %s", storage.describe(path), e)
         return None
@@ -229,6 +231,8 @@ def _size_problems(storage: Storage, name: str, manifest: dict[str, Any]) -> lis
             continue
         try:
             size = storage.size(rel)
+        except StorageUnavailableError:
+            raise  # the network failed, not the checkpoint: no evidence to mark it by
         except CheckpointError:
             problems.append(f"{fname}: missing")
             continue
@@ -247,6 +251,8 @@ def info_for(
     path = storage.describe(name)
     try:
         manifest = read_manifest(storage, name, cache=cache)
+    except StorageUnavailableError:
+        raise  # the network failed, not the checkpoint: it is neither invalid nor skipped
     except CheckpointError as e:
         return CheckpointInfo(
             step=step if step is not None else -1, name=name, path=path, valid=False, metrics={},

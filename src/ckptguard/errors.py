@@ -19,6 +19,8 @@ __all__ = [
     "StorageError",
     "DiskFullError",
     "StoragePermissionError",
+    "StorageUnavailableError",
+    "CommitUnknownError",
     "RunLockedError",
     "RunLockLostError",
     "AsyncSaveError",
@@ -89,6 +91,22 @@ class DiskFullError(StorageError):
 
 class StoragePermissionError(StorageError, PermissionError):
     """The process may not read or write a path it needs."""
+
+
+class StorageUnavailableError(StorageError):
+    """A transient storage failure outlasted the retries (connection refused or reset, a response
+    cut mid-transfer, a timeout, throttling). Nothing was damaged; saving or reading later may
+    succeed. ``url`` names the object or run, ``attempts`` the tries made."""
+
+    def __init__(self, message: str, *, url: str = "", attempts: int = 0) -> None:
+        super().__init__(message)
+        self.url = url
+        self.attempts = attempts
+
+
+class CommitUnknownError(StorageUnavailableError):
+    """A checkpoint's manifest was sent but neither its arrival nor its absence could be
+    confirmed. The checkpoint is whole if the manifest is there; ``ckptguard ls`` tells."""
 
 
 class RunLockedError(CheckpointError):

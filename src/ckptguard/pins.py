@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from ckptguard import safejson
 from ckptguard.catalog import CheckpointInfo, read_manifest
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageUnavailableError
 from ckptguard.manifest import MANIFEST, checkpoint_name
 from ckptguard.retention import Decision, Retention, plan_retention
 from ckptguard.storage.base import Storage, join, read_capped
@@ -147,6 +147,8 @@ def check_not_foreign(storage: Storage, step: int, own: set[str | None], run_id:
         return
     try:
         other = read_manifest(storage, name).get("run_id")
+    except StorageUnavailableError:
+        raise  # unknown, not invalid: never overwrite what could not be read
     except CheckpointError:
         return  # not a valid checkpoint: overwriting it loses nothing
     other = other if isinstance(other, str) else None

@@ -32,6 +32,7 @@ from ckptguard.errors import (
     FormatVersionError,
     NoValidCheckpointError,
     StateMismatchError,
+    StorageUnavailableError,
 )
 from ckptguard.reader import CheckpointReader
 from ckptguard.safeload import load_verified, raise_if_newer_format
@@ -124,8 +125,8 @@ def restore_first_valid(
                 raise CorruptCheckpointError("; ".join(_byte_problems(c)), path=c.path)
             touched = True
             report = load_verified(state, CheckpointReader(storage, c.name, c.manifest), verify=verify, strict=strict, restore=restore)
-        except (StateMismatchError, FormatVersionError):
-            raise  # today's code or a newer format: nothing is marked, nothing older is tried
+        except (StateMismatchError, FormatVersionError, StorageUnavailableError):
+            raise  # today's code, a newer format or the network: nothing is marked, nothing older is tried
         except CheckpointError as e:
             if _vanished(storage, c):
                 vanished += 1

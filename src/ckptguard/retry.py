@@ -22,6 +22,7 @@ __all__ = ["NO_RETRY", "RetryPolicy", "is_transient"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_JITTER = random.Random()  # never the global generator: a retry must not shift the user's random stream
 
 _PERMANENT = (
     FileNotFoundError,
@@ -43,7 +44,7 @@ _TRANSIENT_ERRNOS = frozenset(
 _TRANSIENT_NAMES = (
     "Timeout", "ConnectionError", "ConnectionClosed", "EndpointConnection", "IncompleteRead",
     "Throttl", "SlowDown", "ServiceUnavailable", "InternalError", "ClientPayloadError",
-    "ServerDisconnected", "ResponseParserError", "RetryError",
+    "ServerDisconnected", "ResponseParserError", "RetryError", "HTTPClientError", "ResponseStreaming",
 )
 
 
@@ -91,7 +92,7 @@ class RetryPolicy:
     def delay(self, retry: int, rng: random.Random | None = None) -> float:
         """Seconds to sleep before retry number ``retry`` (1-based)."""
         cap = min(self.max_delay, self.base_delay * (2 ** (retry - 1)))
-        return (rng or random).uniform(0.0, cap)
+        return (rng or _JITTER).uniform(0.0, cap)
 
     def call(
         self,

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StorageUnavailableError
 from ckptguard.storage.base import Storage, join
 
 __all__ = [
@@ -191,6 +191,8 @@ class PackStats:
                 self._sizes[pack] = self.storage.size(join(OBJECTS, pack))
             except CheckpointNotFoundError:
                 self._sizes[pack] = None
+            except StorageUnavailableError:
+                raise  # the network, not the data: a checkpoint is not called invalid for it
             except CheckpointError as e:
                 self._sizes[pack] = f"could not be read ({e})"
         got = self._sizes[pack]

@@ -9,6 +9,11 @@ Local filesystems (``storage.atomic_rename``)::
 Object stores: files go straight into ``RUN/step-000001200/``, after an ``UNCOMMITTED`` marker (so
 a crash leaves recognisable debris); the manifest, written last, is the commit marker, then the
 marker goes (a re-save of an existing step first deletes the old manifest, uncommitting it).
+When the manifest's upload fails in a way that leaves its arrival unknown (a connection reset
+after the request was sent), the manifest is read back before anything is reported: there and
+equal means committed (success), absent means not committed (the error is raised). If the store
+cannot tell, the manifest is removed so the answer becomes "not committed"; only when that fails
+too does the save raise :class:`~ckptguard.errors.CommitUnknownError`.
 
 A failure at any point leaves either the previous state or debris; never a torn checkpoint.
 """
@@ -22,7 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptguard.catalog import UNCOMMITTED, find_debris, find_unknown
-from ckptguard.errors import CheckpointError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CommitUnknownError, StorageUnavailableError
 from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
 from ckptguard.storage.base import Storage, Writer, join
 from ckptguard.tensorfile import digest_bytes, write_tensor_file
@@ -30,7 +35,10 @@ from ckptguard.tensorfile import digest_bytes, write_tensor_file
 if TYPE_CHECKING:  # tensors arrive from callers; pruning imports no torch
     import torch
 
-__all__ = ["FileWriters", "begin_checkpoint", "clean_debris", "delete_checkpoint", "write_checkpoint", "write_file"]
+__all__ = [
+    "FileWriters", "begin_checkpoint", "clean_debris", "commit_manifest", "delete_checkpoint", "write_checkpoint",
+    "write_file",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -154,7 +162,10 @@ def write_checkpoint(
         manifest["save_seconds"] = round(time.perf_counter() - t0 + float(fields.get("save_seconds", 0.0)), 6)
         if before_commit is not None:
             before_commit()
-        write_blob(storage, join(staging, MANIFEST), encode_manifest(manifest))
+        if storage.atomic_rename:
+            write_blob(storage, join(staging, MANIFEST), encode_manifest(manifest))
+        else:
+            commit_manifest(storage, join(staging, MANIFEST), encode_manifest(manifest))
         storage.sync_dir(staging)
         if storage.atomic_rename:
             trash = None
@@ -180,6 +191,49 @@ def write_checkpoint(
             _remove_quietly(storage, staging)
         raise
     return manifest
+
+
+def commit_manifest(storage: Storage, rel: str, raw: bytes) -> None:
+    """Write the commit marker of a store without atomic renames; settle an unknown outcome.
+
+    Returns only when the manifest is stored (read back if its upload failed); raises when it is
+    not; raises :class:`CommitUnknownError` only when the store can neither confirm nor undo it.
+    """
+    w = storage.create(rel)
+    try:
+        w.write(raw)
+        w.close()
+        return
+    except StorageUnavailableError as e:  # the request may have landed before the failure
+        failure = e
+    except BaseException:  # refused or failed before sending: surely not stored
+        w.abort()
+        raise
+    where = storage.describe(rel)
+    try:
+        stored = storage.read_bytes(rel)
+    except CheckpointNotFoundError:
+        raise failure  # never arrived: nothing committed, the upload's error stands (cause kept)
+    except CheckpointError as e:
+        unreadable: CheckpointError = e
+    else:
+        if stored == raw:
+            log.warning("The upload of %s reported %s, but the manifest arrived whole: the checkpoint is committed.", where, failure)
+            return
+        log.warning("%s holds another manifest than this save's after a failed upload; leaving it.", where)
+        raise failure
+    try:
+        storage.remove_file(rel)  # make the outcome known: not committed
+    except CheckpointError as e:
+        raise CommitUnknownError(
+            f"The manifest {where} was sent, but the store failed before confirming it ({failure}); "
+            f"reading it back failed ({unreadable}) and so did removing it ({e}). The checkpoint "
+            "is committed, and whole, exactly if that manifest exists: run 'ckptguard ls' on the run "
+            "once the store answers. The next save continues either way.",
+            url=where,
+        ) from failure
+    log.warning("Could not tell whether %s arrived (%s); removed it: the checkpoint is not committed.", where, unreadable)
+    raise failure
 
 
 def _rename_quietly(storage: Storage, src: str, dst: str) -> None:

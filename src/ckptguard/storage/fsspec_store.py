@@ -7,7 +7,14 @@ directory without a manifest (debris) that readers ignore and ``prune`` removes.
 What this backend adds on top of fsspec:
 
 - **Retries.** Every primitive runs under a :class:`~ckptguard.retry.RetryPolicy` (exponential
-  backoff with jitter); missing objects and permission errors fail at once.
+  backoff with jitter); missing objects and permission errors fail at once. Reads too: a file
+  opened with ``open_read`` fetches byte ranges, each a retried call, and a range that comes back
+  short (a response cut mid-transfer) is fetched again, never taken as the file's end.
+- **One error hierarchy.** Whatever the client library raises (``aiohttp.ClientPayloadError``,
+  ``botocore`` connection errors, ``OSError``...) leaves as a
+  :class:`~ckptguard.errors.StorageError` with the cause chained: a missing object as
+  ``CheckpointNotFoundError``, a transient failure that outlasted the retries as
+  ``StorageUnavailableError`` (nothing is damaged; try later), anything else as ``StorageError``.
 - **Whole-object retries for writes.** A file being written is spooled (in memory up to
   ``block_size``, then in a temporary file) and uploaded on ``close()``; a transient failure
   re-uploads the whole object, so a retried upload can never be half old, half new.
@@ -24,19 +31,97 @@ What this backend adds on top of fsspec:
 from __future__ import annotations
 
 import io
+import logging
 import posixpath
 import shutil
 import tempfile
 import threading
 from typing import Any, BinaryIO
 
-from ckptguard.errors import CheckpointNotFoundError, StorageError
-from ckptguard.retry import RetryPolicy
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageError, StorageUnavailableError
+from ckptguard.retry import RetryPolicy, is_transient
 from ckptguard.storage.base import content_version, translate_os_error
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "FsspecStorage"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "FsspecStorage", "storage_error"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 64 * 2**20  # upload part size; S3 needs >= 5 MiB and at most 10,000 parts
+
+
+def storage_error(err: Exception, where: str, doing: str, attempts: int = 1) -> CheckpointError:
+    """Map any exception of an fsspec client to the library's hierarchy (chain it with ``from``)."""
+    if isinstance(err, CheckpointError):
+        return err
+    if isinstance(err, FileNotFoundError):
+        return CheckpointNotFoundError(
+            f"No such object {where} (while {doing}). Check the URL; was the checkpoint deleted?"
+        )
+    if is_transient(err):
+        tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
+        return StorageUnavailableError(
+            f"The store did not complete {doing} {where} after {tries} "
+            f"({type(err).__name__}: {err}). The connection failed, was reset or the transfer was "
+            "cut; nothing saved is damaged. Check the endpoint and the network, then try again "
+            "(a training loop that catches CheckpointError around save() can keep going).",
+            url=where,
+            attempts=attempts,
+        )
+    if isinstance(err, OSError):
+        return translate_os_error(err, where, doing)  # type: ignore[return-value]
+    return StorageError(
+        f"Storage error while {doing} {where} ({type(err).__name__}: {err}). Check the URL, the "
+        "credentials and storage_options."
+    )
+
+
+class _ShortRead(ConnectionError):
+    """A byte range came back shorter than asked within the object: a cut transfer (retried)."""
+
+
+class _RangedReader(io.RawIOBase):
+    """A seekable read-only view of one object; every ``readinto`` is one retried range request."""
+
+    def __init__(self, store: FsspecStorage, path: str, size: int) -> None:
+        super().__init__()
+        self._store = store
+        self._path = path
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readall(self) -> bytes:
+        parts = []
+        while self._pos < self._size:
+            end = min(self._size, self._pos + self._store.block_size)
+            parts.append(self._store.read_range(self._path, self._pos, end))
+            self._pos = end
+        return b"".join(parts)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._size - self._pos, self._store.block_size)
+        if n <= 0:
+            return 0
+        data = self._store.read_range(self._path, self._pos, self._pos + n)
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 class _FsspecWriter:
@@ -78,8 +163,8 @@ class _FsspecWriter:
                 f"Cannot upload {self._display}: the bucket or parent does not exist ({e}). "
                 "Create the bucket first or check the URL."
             ) from e
-        except OSError as e:
-            raise translate_os_error(e, self._display, "uploading") from e
+        except Exception as e:  # noqa: BLE001 - every client error leaves as a StorageError
+            raise storage_error(e, self._display, "uploading", self._store.attempts_for(e)) from e
         finally:
             self._spool.close()
             self._spool = None
@@ -89,14 +174,20 @@ class _FsspecWriter:
         if self._spool is not None:
             try:
                 self._spool.close()
-            except Exception:  # noqa: BLE001 - abort never raises
-                pass
+            except OSError as e:  # abort never raises; a temporary file the OS could not close
+                log.warning("Could not close the local spool of %s: %s", self._display, e)
             self._spool = None
         # Nothing was uploaded unless close() ran; a failed close may have left an object.
         try:
             self._store.fs.rm_file(self._path)
-        except Exception:  # noqa: BLE001
+        except FileNotFoundError:
             pass
+        except Exception as e:  # noqa: BLE001 - abort never raises; what is left is debris
+            log.warning(
+                "Could not remove %s after a failed write (%s: %s); the next save or "
+                "'ckptguard prune' removes the leftover.", self._display, type(e).__name__, e,
+            )
+        self._store._fresh_full(self._path)
 
 
 class FsspecStorage:
@@ -148,8 +239,8 @@ class FsspecStorage:
     def _fresh_full(self, full: str) -> None:
         try:
             self.fs.invalidate_cache(full)
-        except Exception:  # noqa: BLE001 - a cache that cannot be invalidated holds nothing
-            pass
+        except Exception as e:  # noqa: BLE001 - a cache that cannot be invalidated holds nothing
+            log.debug("Could not invalidate the listing cache of %s: %s", full, e)
 
     def _fresh(self, path: str) -> None:
         self._fresh_full(self._p(path))
@@ -158,13 +249,12 @@ class FsspecStorage:
         """Run one fsspec call under the retry policy; map errors to the library's hierarchy."""
         try:
             return self.retry.call(fn, *args, what=f"{doing} {self.describe(path)}", **kwargs)
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(
-                f"No such object {self.describe(path)} (while {doing}). Check the URL; was the "
-                "checkpoint deleted?"
-            ) from e
-        except OSError as e:
-            raise translate_os_error(e, self.describe(path), doing) from e
+        except Exception as e:  # noqa: BLE001 - every client error leaves as a StorageError
+            raise storage_error(e, self.describe(path), doing, self.attempts_for(e)) from e
+
+    def attempts_for(self, err: Exception) -> int:
+        """How many tries the retry policy made before ``err`` escaped it."""
+        return self.retry.attempts if is_transient(err) else 1
 
     def exists(self, path: str) -> bool:
         self._fresh(path)
@@ -201,9 +291,10 @@ class FsspecStorage:
 
     def mtime(self, path: str) -> float | None:
         try:
-            m = self.fs.modified(self._p(path))
+            m = self._call("reading the time of", path, self.fs.modified, self._p(path))
             return float(m.timestamp())
-        except Exception:  # noqa: BLE001 - not every store reports it
+        except StorageError as e:  # not every filesystem reports it
+            log.debug("No modification time for %s: %s", self.describe(path), e)
             return None
 
     def read_bytes(self, path: str) -> bytes:
@@ -211,11 +302,21 @@ class FsspecStorage:
         return bytes(self._call("reading", path, self.fs.cat_file, self._p(path)))
 
     def open_read(self, path: str) -> BinaryIO:
-        self._fresh(path)
-        f = self._call("opening", path, self.fs.open, self._p(path), "rb", block_size=self.block_size)
-        if not hasattr(f, "readinto"):
-            return io.BufferedReader(f)
-        return f  # type: ignore[no-any-return]
+        """A buffered, seekable reader whose every fetch is a retried range request."""
+        size = self.size(path)
+        return io.BufferedReader(_RangedReader(self, path, size), buffer_size=2**20)  # type: ignore[return-value]
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of an object at least ``end`` bytes long (retried until whole)."""
+        full = self._p(path)
+
+        def fetch() -> bytes:
+            data = bytes(self.fs.cat_file(full, start=start, end=end))
+            if len(data) != end - start:
+                raise _ShortRead(f"asked for bytes {start}-{end}, got {len(data)}")
+            return data
+
+        return bytes(self._call("reading", path, fetch))
 
     def create(self, path: str) -> _FsspecWriter:
         return _FsspecWriter(self, self._p(path), self.describe(path))
