@@ -187,3 +187,18 @@ def test_public_api_names() -> None:
         assert callable(getattr(cg.CheckpointManager, m))
     assert issubclass(cg.CheckpointNotFoundError, FileNotFoundError)
     assert all(issubclass(getattr(cg, n), cg.CheckpointError) for n in cg.__all__ if n.endswith("Error"))
+
+
+def test_closed_managers_leave_no_thread_behind(run_dir: Path) -> None:
+    """An evaluation loop opens a manager per checkpoint: closing each ends its threads."""
+    import threading
+
+    before = {t.ident for t in threading.enumerate()}
+    for i in range(1, 6):
+        with cg.CheckpointManager(run_dir, retention=cg.Retention(keep_last=1)) as mgr:
+            state = _state(i)
+            assert mgr.restore(state) == (i - 1 if i > 1 else None)
+            mgr.save(i, state, force=True)  # i > 1 prunes the previous one on the reaper
+    assert [c.step for c in cg.CheckpointManager(run_dir).checkpoints()] == [4, 5]  # 4: resumed from
+    left = [t.name for t in threading.enumerate() if t.ident not in before and t.name.startswith("ckptguard")]
+    assert left == []

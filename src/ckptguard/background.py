@@ -83,7 +83,7 @@ class Reaper:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self._queue: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()  # None: stop
         self._pending: list[str] = []
         self._done = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -113,6 +113,16 @@ class Reaper:
         with self._done:
             self._done.wait_for(lambda: not self._pending)
 
+    def close(self) -> None:
+        """Wait for the pending removals, then end the thread (a later call starts a new one):
+        a process that opens many managers (an evaluation loop) keeps no idle thread per manager."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self.wait()
+        self._queue.put(None)
+        thread.join()
+
     def _remove(self, rel: str, file: bool) -> None:
         try:
             (self.storage.remove_file if file else self.storage.remove_tree)(rel)
@@ -123,7 +133,10 @@ class Reaper:
     def _run(self) -> None:
         lower_thread_priority()
         while True:
-            rel, file = self._queue.get()
+            item = self._queue.get()
+            if item is None:
+                return
+            rel, file = item
             try:
                 self._remove(rel, file)
             finally:

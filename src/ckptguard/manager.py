@@ -437,7 +437,7 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._background.shutdown()
-            self._reaper.wait()  # removals finish under the run lock
+            self._reaper.close()  # removals finish under the run lock; its thread ends
             lost = self._lock is not None and self._lock.lost  # the run is another writer's now
             with contextlib.suppress(CheckpointError):
                 if not lost:
