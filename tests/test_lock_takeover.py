@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -171,13 +172,16 @@ RACERS = 4
 TRIALS = 60 if FULL else 12
 
 
-def _racer(base: str, trials: int, barrier: Any, results: Any) -> None:
+def _racer(base: str, trials: int, barrier: Any, results: Any, env: dict[str, str]) -> None:
     from ckptguard.errors import RunLockedError
 
+    # A forkserver started by an earlier test has that test's environment: the S3 endpoint and
+    # credentials of this session's server come along explicitly.
+    os.environ.update(env)
     FsspecStorage(base).exists("warm-up")  # the client is built before the race starts
     for t in range(trials):
         lock = RunLock(FsspecStorage(f"{base}/trial-{t}"), policy=LockPolicy(stale_after=600))
-        barrier.wait()
+        barrier.wait(timeout=300)
         try:
             lock.acquire()
             results.put((t, "won", lock.session))
@@ -185,7 +189,7 @@ def _racer(base: str, trials: int, barrier: Any, results: Any) -> None:
             results.put((t, "refused", str(e)))
         except Exception as e:  # noqa: BLE001 - reported to the parent as a failure
             results.put((t, "error", repr(e)))
-        barrier.wait()  # every racer has decided before the winner lets go
+        barrier.wait(timeout=300)  # every racer has decided before the winner lets go
         lock.release()
 
 
@@ -195,11 +199,20 @@ def test_simultaneous_starts_on_s3_have_exactly_one_winner(s3_url: str) -> None:
         FsspecStorage(f"{s3_url}/trial-{t}").replace_file(LOCK_NAME, json.dumps(stale).encode())
     ctx = mp.get_context("forkserver")
     barrier, results = ctx.Barrier(RACERS), ctx.Queue()
-    procs = [ctx.Process(target=_racer, args=(s3_url, TRIALS, barrier, results), daemon=True) for _ in range(RACERS)]
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    procs = [ctx.Process(target=_racer, args=(s3_url, TRIALS, barrier, results, env), daemon=True) for _ in range(RACERS)]
     for p in procs:
         p.start()
     try:
-        outcomes = [results.get(timeout=600) for _ in range(RACERS * TRIALS)]
+        outcomes: list[tuple[int, str, str]] = []
+        deadline = time.monotonic() + 600
+        while len(outcomes) < RACERS * TRIALS:
+            try:
+                outcomes.append(results.get(timeout=2))
+            except queue.Empty:
+                ended = [p.exitcode for p in procs if not p.is_alive()]
+                if len(ended) == RACERS or time.monotonic() > deadline:
+                    pytest.fail(f"racers ended (exit codes {ended}) after {len(outcomes)} outcomes")
     finally:
         for p in procs:
             p.join(120)
