@@ -518,6 +518,12 @@ def test_hand_deleted_manifest_is_kept_and_reported_never_pruned(run: Path, capl
     assert f"{run / S(2)} has no MANIFEST.json and was not left by an interrupted save: kept" in caplog.text
     assert cli_main(["prune", str(run), "--keep-last", "1"]) == 0
     assert (run / S(2) / "model.safetensors").exists()
+    for argv in (["ls", str(run), "--json"], ["prune", str(run), "--dry-run", "--json"]):
+        out = subprocess.run([sys.executable, "-m", "ckptguard.cli", *argv], capture_output=True, text=True, check=False)
+        assert out.returncode == 0 and json.loads(out.stdout)["unknown"] == [S(2)], (argv, out.stderr[-2000:])
+    out = subprocess.run([sys.executable, "-m", "ckptguard.cli", "ls", str(run)], capture_output=True, text=True, check=False,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert f"1 step folder(s) without a manifest that no interrupted save left (deleted by hand?): {S(2)}" in out.stdout
     problems = [p.message for p in cg.verify(run / S(2)).problems]
     assert problems[0].startswith("missing, yet no interrupted save left this folder")
     assert restore(run, make(seed=5)) == 4

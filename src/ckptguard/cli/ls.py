@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.catalog import find_debris, scan
+from ckptguard.catalog import find_debris, find_unknown, scan
 from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.sizes import run_sizes
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
                 f"Run 'ckptguard ls {storage.describe('')}' or 'ckptguard verify {args.run}'."
             )
     debris = find_debris(storage) if only is None else []
+    unknown = find_unknown(storage) if only is None else []
     sizes = run_sizes(storage, ckpts)  # logical vs physical: see ckptguard.sizes
     if args.json:
         print_json(
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
                 "logical_bytes": sizes.logical,
                 "physical_bytes": sizes.physical,
                 "debris": debris,
+                "unknown": unknown,
             }
         )
         return 0
@@ -97,4 +99,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if debris:
         console().print(f"[yellow]{len(debris)} leftover(s) of interrupted saves[/] (removed by the next save or 'ckptguard prune'): {', '.join(debris)}")
+    if unknown:
+        console().print(
+            f"[yellow]{len(unknown)} step folder(s) without a manifest[/] that no interrupted save left "
+            f"(deleted by hand?): {', '.join(unknown)}. Never restored, never deleted: put the "
+            "MANIFEST.json back from a backup, or remove the folder yourself.",
+            highlight=False,
+        )
     return 0

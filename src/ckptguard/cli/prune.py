@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.catalog import find_debris, scan
+from ckptguard.catalog import find_debris, find_unknown, scan
 from ckptguard.cli.common import add_json_flag, console, err_console, human_bytes, print_json, require_run
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.gc import collect
@@ -127,7 +127,7 @@ def _report(
                  "error": failed.get(d.step)}
                 for d in decisions
             ],
-            "debris": debris, "budget_overrun_bytes": over,
+            "debris": debris, "unknown": find_unknown(storage), "budget_overrun_bytes": over,
         })
         return
     t = Table(title=f"prune {storage.describe('')} ({'dry run' if args.dry_run else 'applied'}; {source})")
@@ -148,6 +148,13 @@ def _report(
         f"({human_bytes(sum(d.size_bytes for d in gone))}); debris {'to remove' if args.dry_run else 'removed'}: "
         f"{', '.join(debris) or 'none'}"
     )
+    unknown = find_unknown(storage)
+    if unknown:
+        c.print(
+            f"[yellow]left untouched: {len(unknown)} step folder(s) without a manifest[/] that no "
+            f"interrupted save left (deleted by hand?): {', '.join(unknown)}",
+            highlight=False,
+        )
     if over:
         c.print(
             f"[yellow]The byte budget {human_bytes(retention.max_bytes or 0)} cannot be met: "
