@@ -75,6 +75,7 @@ def paths(tmp_path: Path) -> dict[str, Path]:
     debris = tmp_path / "debris"
     (debris / "step-000000030").mkdir(parents=True)
     (debris / "step-000000030" / "model.safetensors").write_bytes(b"x" * 10)
+    (debris / "step-000000030" / "UNCOMMITTED").write_bytes(b"")  # an interrupted save's marker
     (debris / ".tmp-abc").mkdir()
     return {"missing": tmp_path / "nope", "file": f, "empty": empty, "debris": debris}
 

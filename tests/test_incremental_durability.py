@@ -167,7 +167,7 @@ def test_a_missing_pack_is_recorded_and_ls_says_so(tmp_path: Path) -> None:
         assert [i.valid for i in infos] == [False, False]
         assert all(f"shared pack objects/{c['pack']} is missing" in "; ".join(i.problems) for i in infos)
         model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
-        with pytest.raises(cg.CheckpointError, match="No valid checkpoint"):
+        with pytest.raises(cg.NoValidCheckpointError, match="2 checkpoint\\(s\\), none restorable"):
             mgr.restore(cg.TrainState(model=model))
     # a resized pack is as bad as a missing one
     run2 = tmp_path / "run2"
