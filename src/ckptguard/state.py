@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from ckptguard.codec import decode, encode
+from ckptguard.configdrift import normalize_config
 from ckptguard.errors import StateMismatchError, UnsupportedStateError
 from ckptguard.rng import capture_rng, restore_rng
 from ckptguard.sampler import (
@@ -168,14 +169,7 @@ def _param_names(model: nn.Module | None, opt: torch.optim.Optimizer) -> list[st
 # ---- config ----------------------------------------------------------------------------------
 
 
-def config_to_dict(config: Any) -> Any:
-    if config is None:
-        return None
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    elif hasattr(config, "__dict__") and not isinstance(config, Mapping):
-        config = dict(vars(config))  # argparse.Namespace and simple objects
-    return json.loads(json.dumps(config, default=str, sort_keys=True))
+config_to_dict = normalize_config  # the form a checkpoint stores a config in (one definition)
 
 
 def hash_config(config_dict: Any) -> str | None:
