@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from pathlib import Path
 
@@ -202,3 +203,17 @@ def test_closed_managers_leave_no_thread_behind(run_dir: Path) -> None:
     assert [c.step for c in cg.CheckpointManager(run_dir).checkpoints()] == [4, 5]  # 4: resumed from
     left = [t.name for t in threading.enumerate() if t.ident not in before and t.name.startswith("ckptguard")]
     assert left == []
+
+
+def test_keep_best_metric_missing_from_saves_is_said_once(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The README's loop with metric='val_loss' logged only on some steps: the user is told."""
+    retention = cg.Retention(keep_last=1, keep_best=1, metric="val_loss")
+    with caplog.at_level(logging.WARNING, logger="ckptguard"), cg.CheckpointManager(run_dir, every_steps=2, retention=retention) as mgr:
+        for step in range(1, 9):
+            metrics = {"loss": 1.0 / step}
+            if step == 4:
+                metrics["val_loss"] = 0.5
+            mgr.save(step, _state(step), metrics=metrics)
+    said = [r.getMessage() for r in caplog.records if "ranked only by the metrics passed" in r.getMessage()]
+    assert len(said) == 1 and "got no 'val_loss' (metrics given: loss)" in said[0] and "save of step 2" in said[0]
+    assert [c.step for c in cg.CheckpointManager(run_dir).checkpoints()] == [4, 8]  # 4: best val_loss

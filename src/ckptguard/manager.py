@@ -132,6 +132,7 @@ class CheckpointManager:
             if isinstance(prev_cost, (int, float)) and not isinstance(prev_cost, bool):
                 self.schedule.save_cost = float(prev_cost)
         self.retention = retention if retention is not None else Retention()
+        self._warned_unranked = False  # keep_best's metric missing from a save: said once
         if not isinstance(self.retention, Retention):
             raise TypeError(f"retention must be a ckptguard.Retention, got {type(retention).__name__}")
         self.async_save = bool(async_save)
@@ -261,6 +262,15 @@ class CheckpointManager:
     def _fields(self, step: int, state: TrainState, snap: Snapshot, metrics: Mapping[str, Any] | None, reason: str) -> dict[str, Any]:
         if self._environment is None:
             self._environment = collect_environment()
+        ranked_by = self.retention.metric if self.retention.keep_best else None
+        if ranked_by and ranked_by not in (metrics or {}) and not self._warned_unranked:
+            self._warned_unranked = True
+            log.warning(
+                "Retention keeps the best checkpoint by %r, but the save of step %d got no %r "
+                "(metrics given: %s). A checkpoint is ranked only by the metrics passed to the "
+                "save() call that writes it: pass %r there (e.g. the last evaluation's value).",
+                ranked_by, step, ranked_by, ", ".join(sorted(metrics or {})) or "none", ranked_by,
+            )
         fields: dict[str, Any] = {
             "reason": reason,
             "metrics": plain_metrics(metrics),
