@@ -78,3 +78,23 @@ def test_sigkill_at_random_moments_during_large_saves(tmp_path: Path) -> None:
     # Large saves: most kills land inside a save, leaving a staging directory behind.
     assert mid_save_kills >= 1, (debris_seen, mid_save_kills)
     print(f"\nsigkill: {KILLS} kills, {mid_save_kills} inside a save (debris left and cleaned)")
+
+
+def test_a_run_files_temporary_copy_left_by_a_kill_is_debris(tmp_path: Path) -> None:
+    """A kill between writing ckptguard.json.tmp-<id> and its rename leaves that file: the next
+    save (and prune) remove it; a file of the user's that merely looks alike is not touched."""
+    import ckptguard as cg
+    from ckptguard.catalog import find_debris
+    from ckptguard.storage import LocalStorage
+
+    run = tmp_path / "run"
+    state = cg.TrainState(model=torch.nn.Linear(2, 2))
+    with cg.CheckpointManager(run) as mgr:
+        mgr.save(1, state, force=True)
+    (run / "ckptguard.json.tmp-f65c2264").write_bytes(b'{"torn')
+    (run / "notes.tmp-old").write_text("mine")
+    assert find_debris(LocalStorage(run)) == ["ckptguard.json.tmp-f65c2264"]
+    with cg.CheckpointManager(run) as mgr:
+        assert mgr.restore(state) == 1
+        mgr.save(2, state, force=True)
+    assert not (run / "ckptguard.json.tmp-f65c2264").exists() and (run / "notes.tmp-old").read_text() == "mine"

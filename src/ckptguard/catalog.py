@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -296,11 +297,15 @@ def scan(storage: Storage, *, check_files: bool = True, cache: ManifestCache | N
     return out
 
 
+SIDE_FILE_TEMP = re.compile(r".+\.tmp-[0-9a-f]{8}")  # a run file's replacement a kill left unrenamed
+
+
 def find_debris(storage: Storage) -> list[str]:
-    """Names under the run that are leftovers of interrupted saves or deletes."""
+    """Names under the run that are leftovers of interrupted saves or deletes (also the temporary
+    copy of a run file such as ``ckptguard.json`` that a kill left before its rename)."""
     debris = []
     for name in storage.listdir(""):
-        if name.startswith((".tmp-", ".trash-")):
+        if name.startswith((".tmp-", ".trash-")) or SIDE_FILE_TEMP.fullmatch(name):
             debris.append(name)
         elif _uncommitted_step(storage, name) and storage.exists(join(name, UNCOMMITTED)):
             debris.append(name)

@@ -305,7 +305,7 @@ def clean_debris(storage: Storage) -> list[str]:
         if _put_back(storage, name):
             continue
         try:
-            storage.remove_tree(name)
+            (storage.remove_tree if storage.isdir(name) else storage.remove_file)(name)
             removed.append(name)
         except (CheckpointError, OSError) as e:
             log.warning("Could not remove debris %s: %s", storage.describe(name), e)
