@@ -135,3 +135,21 @@ def test_restore_without_a_saved_config_logs_every_key_as_added(tmp_path: Path, 
             assert mgr.restore(cg.TrainState(model=nn.Linear(2, 2), config={"seed": 3})) == 10
     lines = [r.getMessage() for r in caplog.records if r.name == "ckptguard.configdrift"]
     assert lines[-1] == "  config seed: added, now 3"
+
+
+def test_restore_with_a_hostile_config_yaml_neither_expands_nor_fails(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An alias bomb (or deep nesting) in a consistent checkpoint's config.yaml: restore says it
+    could not compare the configs and restores; nothing is expanded."""
+    from test_crash_hostile import reseal
+
+    run = tmp_path / "run"
+    _save(run, Config())
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{k}: &{k} [{', '.join(['*' + p] * 9)}]\n" for p, k in zip("abcdefgh", "bcdefghi")
+    )  # 9**9 leaves once walked
+    reseal(run / "step-000000010", "config.yaml", bomb.encode())
+    with caplog.at_level(logging.WARNING, logger="ckptguard"), cg.CheckpointManager(run) as mgr:
+        assert mgr.restore(cg.TrainState(model=nn.Linear(2, 2), config=Config(lr=3e-4))) == 10
+    said = [r.getMessage() for r in caplog.records if r.name == "ckptguard.configdrift"]
+    assert len(said) == 1 and said[0].startswith(f"Could not compare today's config with {run / 'step-000000010'}/config.yaml")
+    assert "aliases are not accepted" in said[0]

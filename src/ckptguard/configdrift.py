@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from ckptguard.errors import CheckpointError
+from ckptguard.safejson import yaml_loads
 
 __all__ = ["ConfigChange", "config_diff", "load_config_file", "log_config_drift", "normalize_config"]
 
@@ -139,7 +140,8 @@ def log_config_drift(reader: Any, config: Any) -> list[ConfigChange]:
         today = normalize_config(config)
         if _hash(today) == reader.manifest.get("config_hash"):
             return []
-        saved = yaml.safe_load(reader.blob("config.yaml")) if reader.has("config.yaml") else None
+        # the checkpoint's file is untrusted: depth-limited, no aliases (an alias bomb expands when walked)
+        saved = yaml_loads(reader.blob("config.yaml")) if reader.has("config.yaml") else None
     except (CheckpointError, yaml.YAMLError, RecursionError, TypeError, ValueError, KeyError) as e:
         log.warning("Could not compare today's config with %s/config.yaml: %s", where, e)
         return []

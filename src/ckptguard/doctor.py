@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
 from ckptguard.catalog import read_manifest, read_status
@@ -38,6 +37,7 @@ from ckptguard.manifest import FORMAT_VERSION, MANIFEST
 from ckptguard.mismatch import _ShapeOnly, _structure, optimizer_plan
 from ckptguard.probe import compare_probe, load_probe, run_probe, summarize
 from ckptguard.reader import CheckpointReader, verify_files
+from ckptguard.safejson import yaml_loads
 from ckptguard.state import (
     EXTRA_FILE,
     MODEL_FILE,
@@ -317,15 +317,17 @@ def check_config(reader: CheckpointReader, today: Any, source: str) -> list[Find
     if not reader.has("config.yaml"):
         return [Finding("info", "config.unrecorded", "the checkpoint stored no config.yaml: today's config cannot be compared")]
     try:
-        saved = yaml.safe_load(reader.blob("config.yaml"))
-    except (CheckpointError, yaml.YAMLError, RecursionError) as e:
+        saved = yaml_loads(reader.blob("config.yaml"))  # depth-limited, no aliases: the file is untrusted
+    except (CheckpointError, ValueError) as e:
         return [Finding("warning", "config.unreadable", f"config.yaml cannot be read: {e}")]
     changes = config_diff(saved, today)
     if not changes:
         return []
     return [Finding("warning", "config.changed",
                     f"{len(changes)} config key(s) differ between the checkpoint's config.yaml and {source} "
-                    "(the restored run trains with today's values)", tuple(str(c) for c in changes))]
+                    "(the config is not restored: the optimizer's and scheduler's values come from the "
+                    "checkpoint, anything your code builds from the config uses today's values)",
+                    tuple(str(c) for c in changes))]
 
 
 # ---- the whole examination -----------------------------------------------------------------------
