@@ -132,3 +132,23 @@ def test_resume_with_another_worker_count_warns(run_dir: Path, caplog: pytest.Lo
         "loader now has num_workers=0, persistent_workers=False; the resumed run is not bit-exact "
         "(randomness in workers is reproduced only with the same settings)."
     )
+
+
+def test_resume_with_another_number_of_workers_is_exact_and_quiet(
+    run_dir: Path, aug_reference: dict[str, torch.Tensor], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Samples are re-seeded by position, not by worker: 2 workers, then 1 (and 3), is bit-exact."""
+    run_training(run_dir, TOTAL, stop_at=7, setup_kwargs=AUG)
+    run_training(run_dir, TOTAL, stop_at=17, setup_kwargs=dict(AUG, workers=1))
+    with caplog.at_level(logging.WARNING, logger="ckptguard.sampler"):
+        resumed = run_training(run_dir, TOTAL, setup_kwargs=dict(AUG, workers=3))
+    assert [r.getMessage() for r in caplog.records if r.name == "ckptguard.sampler"] == []
+    assert same_weights(aug_reference, resumed)
+
+
+def test_resume_with_another_batch_size_warns(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_training(run_dir, TOTAL, stop_at=7)
+    with caplog.at_level(logging.WARNING, logger="ckptguard.sampler"):
+        run_training(run_dir, 8, setup_kwargs={"batch_size": 4})
+    [msg] = [r.getMessage() for r in caplog.records if r.name == "ckptguard.sampler"]
+    assert msg.startswith("DataLoader: the checkpoint was saved with batch_size=8 and the loader now has batch_size=4")

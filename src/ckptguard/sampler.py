@@ -426,6 +426,7 @@ def loader_state(tracker: _Tracker, generator: torch.Generator | None) -> dict[s
         "sampler": s._state(epoch, pos),
         "num_workers": tracker.num_workers,
         "persistent_workers": tracker.persistent,
+        "batch_size": tracker.batch_size,
     }
     # The iterator the next epoch (or the rest of this one) belongs to was seeded from this state:
     # mid-epoch always; with persistent workers for the rest of the run.
@@ -445,6 +446,7 @@ def load_loader_state(tracker: _Tracker, loader: DataLoader, state: dict[str, An
         saved_persistent = state.get("persistent_workers", None)
         if saved_persistent is not None and not isinstance(saved_persistent, bool):
             raise TypeError(f"persistent_workers must be true or false, got {saved_persistent!r}")
+        saved_batch = int(state.get("batch_size", tracker.batch_size))
         replay = _unb64(state["pre_iter_rng"]) if "pre_iter_rng" in state else None
         generator = _unb64(state["generator"]) if "generator" in state else None
         for t in (replay, generator):
@@ -463,12 +465,21 @@ def load_loader_state(tracker: _Tracker, loader: DataLoader, state: dict[str, An
     persistent = bool(loader.persistent_workers and loader.num_workers > 0)
     if saved_persistent is None:
         saved_persistent = persistent
-    if (saved_workers, saved_persistent) != (loader.num_workers, persistent):
+    # Samples are re-seeded by their position whichever worker loads them, so only a switch
+    # between the main process (0) and workers, or of persistent_workers, changes the draws.
+    if ((saved_workers == 0) != (loader.num_workers == 0)) or saved_persistent != persistent:
         log.warning(
             "DataLoader: the checkpoint was saved with num_workers=%d, persistent_workers=%s and "
             "the loader now has num_workers=%d, persistent_workers=%s; the resumed run is not "
             "bit-exact (randomness in workers is reproduced only with the same settings).",
             saved_workers, saved_persistent, loader.num_workers, persistent,
+        )
+    if saved_batch != tracker.batch_size:
+        log.warning(
+            "DataLoader: the checkpoint was saved with batch_size=%d and the loader now has "
+            "batch_size=%d; the data order resumes at the same sample, but batches differ from "
+            "the original run's (not bit-exact).",
+            saved_batch, tracker.batch_size,
         )
     if replay is not None and (tracker.sampler._start > 0 or (persistent and saved_persistent)):
         tracker.replay_rng = replay
