@@ -445,13 +445,15 @@ def test_newly_trainable_parameters_are_named_not_called_dtype(tmp_path: Path) -
 # ---- explicit step, format version, hostile manifests -------------------------------------------
 
 
-def test_explicit_step_missing_or_corrupt(run: Path) -> None:
+def test_explicit_step_missing_or_corrupt(run: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(cg.CheckpointNotFoundError) as ei:
         restore(run, make(seed=5), step=3)
     assert str(ei.value) == f"No checkpoint for step 3 in {run} (steps available: 2, 4). Run 'ckptguard ls' to list them."
     flip(run / S(2) / "state.json")
-    with pytest.raises(NoValidCheckpointError) as ei2:
+    with caplog.at_level(logging.WARNING, logger="ckptguard"), pytest.raises(NoValidCheckpointError) as ei2:
         restore(run, make(seed=5), step=2)  # no fallback to another step
+    assert f"Checkpoint {run / S(2)} is corrupt (state.json); not restoring it (you asked for this step)." in caplog.text
+    assert "falling back" not in caplog.text
     assert ei2.value.failures[0][0] == str(run / S(2)) and "state.json does not match its checksum" in ei2.value.failures[0][1]
     assert statuses(run)[S(2)]["status"] == "corrupt"
 

@@ -144,7 +144,7 @@ def restore_first_valid(
                     if queue or rescan is None:
                         break
                 continue
-            _record_failure(storage, c, e, failures)
+            _record_failure(storage, c, e, failures, explicit=explicit)
             continue
         if explicit and verify and c.status == "corrupt":
             clear_mark(storage, c.name)  # every byte was just checked
@@ -178,13 +178,17 @@ def restore_first_valid(
     return None
 
 
-def _record_failure(storage: Storage, c: CheckpointInfo, e: CheckpointError, failures: list[tuple[str, str]]) -> None:
+def _record_failure(
+    storage: Storage, c: CheckpointInfo, e: CheckpointError, failures: list[tuple[str, str]], *, explicit: bool = False
+) -> None:
     """Byte-level evidence marks ``c`` corrupt; a read error (perhaps transient) only skips it."""
     byte_level = isinstance(e, (CorruptCheckpointError, CheckpointNotFoundError))
     failures.append((c.path, str(e)))
+    what = getattr(e, "file", None) or ("its manifest" if c.manifest is None else "a file")
+    then = "not restoring it (you asked for this step)" if explicit else "falling back to the previous one"
     if byte_level:
-        log.warning("Checkpoint %s is corrupt (%s); falling back to the previous one. %s", c.path, getattr(e, "file", "") or "?", e)
+        log.warning("Checkpoint %s is corrupt (%s); %s. %s", c.path, what, then, e)
         if c.manifest is not None:  # an unreadable manifest already lists it as invalid
             mark_status(storage, c.name, "corrupt", str(e))
     else:
-        log.warning("Checkpoint %s could not be read (%s); falling back to the previous one, not marked.", c.path, e)
+        log.warning("Checkpoint %s could not be read (%s); %s, not marked.", c.path, e, then)
