@@ -776,3 +776,15 @@ def test_restore_matches_the_oracle(four: Path, tmp_path_factory: pytest.TempPat
         shutil.rmtree(run)
 
     check()
+
+
+def test_verify_names_a_deleted_file_as_damage(run: Path) -> None:
+    (run / S(4) / "model.safetensors").unlink()
+    report = cg.verify(run / S(4))
+    assert not report.ok
+    [problem] = [p.message for p in report.problems]
+    assert problem == (
+        f"{run / S(4) / 'model.safetensors'} is listed in the manifest but missing (deleted or lost): "
+        "the checkpoint is damaged; restore falls back to an older one."
+    )
+    assert restore(run, make(seed=5)) == 2

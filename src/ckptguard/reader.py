@@ -14,7 +14,9 @@ import xxhash
 from ckptguard import safejson
 from ckptguard.errors import (
     CheckpointError,
+    CheckpointNotFoundError,
     CorruptCheckpointError,
+    StorageUnavailableError,
     UnsafeCheckpointError,
 )
 from ckptguard.parallel_io import read_ahead
@@ -140,6 +142,12 @@ def verify_files(
     for fname, entry in manifest["files"].items():
         try:
             VERIFIERS[entry["kind"]](storage, ckpt, fname, entry)
+        except StorageUnavailableError:
+            raise  # the network, not the checkpoint
+        except CheckpointNotFoundError:
+            problems.append((fname, f"{storage.describe(join(ckpt, fname))} is listed in the manifest but "
+                             "missing (deleted or lost): the checkpoint is damaged; restore falls back "
+                             "to an older one."))
         except CheckpointError as e:
             problems.append((fname, str(e)))
     return problems
