@@ -391,6 +391,11 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
         if leftovers:
             with torch.no_grad(), _user_errors(where, "the model", leftovers):
                 unwrap_model(ts.model).load_state_dict(leftovers, strict=False)
+        # A checkpoint holds no gradients: the restored model has none, as in a fresh process.
+        # (An in-process restore, e.g. a LossGuard rollback, would otherwise add the abandoned
+        # batches' gradients to the next accumulation.)
+        for p in unwrap_model(ts.model).parameters():
+            p.grad = None
 
     if ts.optimizers and "optimizers" in state:
         from ckptguard.inplace import optimizer_targets
