@@ -88,3 +88,66 @@ def test_save_mid_accumulation_resumes_exactly(tmp_path: Path) -> None:
     resumed = _train(tmp_path / "run", every=6)
     assert reference is not None and resumed is not None
     assert _same(reference, resumed)
+
+
+def _train_with_extra(run_dir: Path, *, stop_at: int | None = None) -> tuple[torch.Tensor, dict, list]:
+    """The loop keeps its own references into ``extra``: an EMA tensor, a dict of counters and a
+    list of per-epoch values, updated in place (what users write)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = torch.zeros(4)
+    counters = {"seen": 0, "per_class": torch.zeros(2, dtype=torch.long)}
+    history: list[float] = []
+    state = cg.TrainState(model=model, optimizer=opt, extra={"ema": ema, "counters": counters, "history": history})
+    mgr = cg.CheckpointManager(run_dir, every_steps=5)
+    step = mgr.restore(state) or 0
+    while step < 12:
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.mul_(0.9).add_(model.weight.detach()[0], alpha=0.1)
+        counters["seen"] += 8
+        counters["per_class"][step % 2] += 1
+        history.append(round(float(ema.sum()), 6))
+        step += 1
+        mgr.save(step, state)
+        if step == stop_at:
+            mgr.close()
+            return ema, counters, history
+    mgr.close()
+    assert state.extra["ema"] is ema and state.extra["counters"] is counters and state.extra["history"] is history
+    return ema, counters, history
+
+
+def test_extra_objects_the_loop_holds_survive_resume(tmp_path: Path) -> None:
+    """After restore, the objects the loop holds must be the ones saved and restored (before:
+    restore replaced them in ``extra``, so the loop updated orphans: the resumed EMA restarted
+    from zeros and every later checkpoint saved the step-5 value)."""
+    ema, counters, history = _train_with_extra(tmp_path / "ref")
+    _train_with_extra(tmp_path / "run", stop_at=7)
+    ema2, counters2, history2 = _train_with_extra(tmp_path / "run")
+    assert torch.equal(ema, ema2)
+    assert counters2["seen"] == counters["seen"] == 96
+    assert torch.equal(counters2["per_class"], torch.tensor([6, 6]))
+    assert history2 == history and len(history2) == 12
+
+
+def test_extra_restore_replaces_what_cannot_be_kept(tmp_path: Path) -> None:
+    """Keys the checkpoint lacks go, a tensor of another shape or dtype is replaced, a list of
+    another length is refilled in place; every value equals the checkpoint's."""
+    model = nn.Linear(2, 1)
+    saved_extra = {"a": torch.arange(3.0), "b": torch.ones(2), "l": [1, 2, 3], "n": {"x": 1}}
+    with cg.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, cg.TrainState(model=model, extra=saved_extra), force=True)
+    a_live = torch.zeros(3)
+    b_live = torch.zeros(2, dtype=torch.float64)
+    l_live = [9]
+    live = {"a": a_live, "b": b_live, "l": l_live, "n": {"x": 5, "y": 6}, "gone": 1}
+    with cg.CheckpointManager(tmp_path / "run") as mgr:
+        assert mgr.restore(cg.TrainState(model=nn.Linear(2, 1), extra=live)) == 1
+    assert sorted(live) == ["a", "b", "l", "n"]
+    assert live["a"] is a_live and torch.equal(a_live, torch.arange(3.0))
+    assert live["b"] is not b_live and live["b"].dtype == torch.float32 and torch.equal(live["b"], torch.ones(2))
+    assert live["l"] is l_live and l_live == [1, 2, 3]
+    assert live["n"] == {"x": 1}

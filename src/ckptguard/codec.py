@@ -23,7 +23,7 @@ import torch
 
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "load_into"]
 
 _TAGS = frozenset({"__tensor__", "__tuple__", "__float__", "__map__", "__bytes__", "__ndarray__"})
 
@@ -149,3 +149,43 @@ def _dec(data: Any, tensors: Mapping[str, torch.Tensor], where: str, depth: int)
                 out[k] = _dec(v, tensors, where, depth + 1)
             return out
     return {k: _dec(v, tensors, where, depth + 1) for k, v in data.items()}
+
+
+def load_into(live: dict[str, Any], saved: Mapping[str, Any]) -> None:
+    """Make ``live`` equal ``saved`` (a decoded tree) while keeping the user's objects: a nested
+    dict or list stays the same object, and a tensor or numpy array of the same shape, dtype and
+    device is overwritten in place. A training loop that holds a reference to something inside
+    ``TrainState(extra=...)`` (an EMA tensor, a dict of counters) keeps updating what is saved."""
+    for k in [k for k in live if k not in saved]:
+        del live[k]
+    for k, v in saved.items():
+        if k in live:
+            merged = _merged(live[k], v)
+            if merged is live[k]:
+                continue
+        live[k] = v
+
+
+def _merged(old: Any, new: Any) -> Any:
+    """``old`` updated in place to equal ``new`` when their kinds allow it, else ``new``."""
+    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+        if type(old) is torch.Tensor and old.shape == new.shape and old.dtype == new.dtype and old.device.type == new.device.type:
+            with torch.no_grad():
+                old.copy_(new)
+            return old
+        return new
+    if isinstance(old, np.ndarray) and isinstance(new, np.ndarray):
+        if old.shape == new.shape and old.dtype == new.dtype and old.flags.writeable:
+            old[...] = new
+            return old
+        return new
+    if isinstance(old, dict) and isinstance(new, Mapping) and type(old) is dict:
+        load_into(old, new)
+        return old
+    if isinstance(old, list) and isinstance(new, list) and type(old) is list:
+        if len(old) == len(new):
+            old[:] = [_merged(a, b) for a, b in zip(old, new, strict=True)]
+        else:
+            old[:] = new
+        return old
+    return new

@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from ckptguard.codec import decode, encode
+from ckptguard.codec import decode, encode, load_into
 from ckptguard.configdrift import normalize_config
 from ckptguard.errors import StateMismatchError, UnsupportedStateError
 from ckptguard.rng import capture_rng, restore_rng
@@ -425,8 +425,7 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
             obj.load_state_dict(sd)
     saved_extra = decode(state.get("extra", {}), extra_tensors, f"{where} extra")
     if isinstance(saved_extra, dict):
-        ts.extra.clear()
-        ts.extra.update(saved_extra)
+        load_into(ts.extra, saved_extra)  # the user's nested objects and tensors stay theirs
 
     mid_epoch = False
     if ts._tracker is not None and ts.dataloader is not None and "dataloader" in state:
