@@ -179,3 +179,29 @@ def test_auto_restart_after_explicit_rollback_stays_on_the_new_branch(tmp_path: 
     with cg.CheckpointManager(tmp_path / "run", every_steps=10) as mgr:
         step = mgr.restore(again)
     assert (step, again.extra["branch"]) == (40, "B")
+
+
+def _config(weight_1: float) -> dict:
+    """A config users write: class weights keyed by class id beside a named default, pair
+    weights keyed by tuples, a dataclass-free nested dict."""
+    return {
+        "lr": 0.1,
+        "class_weights": {0: 1.0, 1: weight_1, "default": 1.0},
+        "pair_weights": {(0, 1): 0.5, (1, 0): 0.25},
+    }
+
+
+def test_config_with_mixed_and_tuple_keys_saves_and_reports_drift(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before: the first save raised a bare TypeError from json ('<' not supported between
+    'str' and 'int' / keys must be str...) out of the training loop."""
+    model = nn.Linear(2, 1)
+    with cg.CheckpointManager(tmp_path / "run") as mgr:
+        assert mgr.save(1, cg.TrainState(model=model, config=_config(2.0)), force=True)
+    yaml_text = (tmp_path / "run" / "step-000000001" / "config.yaml").read_text()
+    assert "(0, 1): 0.5" in yaml_text and "default: 1.0" in yaml_text and "'1': 2.0" in yaml_text
+    with cg.CheckpointManager(tmp_path / "run") as mgr, caplog.at_level("WARNING", logger="ckptguard"):
+        assert mgr.restore(cg.TrainState(model=nn.Linear(2, 1), config=_config(2.0))) == 1
+        assert not [r for r in caplog.records if "config" in r.getMessage().lower()]
+        assert mgr.restore(cg.TrainState(model=nn.Linear(2, 1), config=_config(3.0))) == 1
+    drift = [r.getMessage() for r in caplog.records if "class_weights.1" in r.getMessage()]
+    assert len(drift) == 1 and "2.0" in drift[0] and "3.0" in drift[0]

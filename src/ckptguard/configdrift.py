@@ -60,7 +60,27 @@ def normalize_config(config: Any) -> Any:
         config = dataclasses.asdict(config)
     elif hasattr(config, "__dict__") and not isinstance(config, Mapping):
         config = dict(vars(config))  # argparse.Namespace and simple objects
-    return json.loads(json.dumps(config, default=str, sort_keys=True))
+    return json.loads(json.dumps(_json_keys(config), default=str, sort_keys=True))
+
+
+def _json_key(k: Any) -> str:
+    """A mapping key as JSON writes it (``10`` -> ``"10"``, ``True`` -> ``"true"``); other keys
+    (tuples, enums) as ``str(k)``."""
+    if isinstance(k, str):
+        return k
+    if k is None or isinstance(k, (bool, int, float)):
+        return json.dumps(k)
+    return str(k)
+
+
+def _json_keys(obj: Any) -> Any:
+    """``obj`` with every mapping key a string, so that keys of mixed types (``{5: ..., "lr": ...}``,
+    a schedule keyed by epoch beside named values) can be sorted."""
+    if isinstance(obj, Mapping):
+        return {_json_key(k): _json_keys(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_keys(v) for v in obj]
+    return obj
 
 
 def _same(a: Any, b: Any) -> bool:
