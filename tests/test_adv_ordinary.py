@@ -205,3 +205,31 @@ def test_config_with_mixed_and_tuple_keys_saves_and_reports_drift(tmp_path: Path
         assert mgr.restore(cg.TrainState(model=nn.Linear(2, 1), config=_config(3.0))) == 1
     drift = [r.getMessage() for r in caplog.records if "class_weights.1" in r.getMessage()]
     assert len(drift) == 1 and "2.0" in drift[0] and "3.0" in drift[0]
+
+
+@pytest.mark.parametrize(
+    ("given", "saved"),
+    [(5, 5), (5.0, 5), (torch.tensor(5), 5), (__import__("numpy").int64(5), 5)],
+    ids=["int", "whole-float", "tensor", "numpy"],
+)
+def test_save_accepts_the_step_numbers_loops_compute(tmp_path: Path, given: object, saved: int) -> None:
+    """``step = epoch * len(loader) / accum`` is a float; before, 5.0 raised a bare ValueError
+    ("Unknown format code 'd'") out of save()."""
+    with cg.CheckpointManager(tmp_path / "run", every_steps=5) as mgr:
+        assert mgr.save(given, cg.TrainState(model=nn.Linear(1, 1)), metrics={"loss": 1.0}) is True  # type: ignore[arg-type]
+    assert (tmp_path / "run" / "step-000000005" / "MANIFEST.json").is_file()
+    with cg.CheckpointManager(tmp_path / "run") as mgr:
+        assert mgr.restore(cg.TrainState(model=nn.Linear(1, 1))) == saved
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "5", None], ids=["negative", "fraction", "bool", "str", "none"])
+def test_save_refuses_a_step_that_cannot_name_a_checkpoint(tmp_path: Path, bad: object) -> None:
+    """Before: step=-1 committed 'step--00000001', save returned True, and restore() then
+    returned None (a fresh run) with that checkpoint on disk; step=True silently saved nothing."""
+    run = tmp_path / "run"
+    with cg.CheckpointManager(run) as mgr:
+        with pytest.raises(cg.InvalidStepError, match=r"must be a whole number >= 0.*int\(step\)\. Nothing was saved") as ei:
+            mgr.save(bad, cg.TrainState(model=nn.Linear(1, 1)), metrics={"loss": 1.0}, force=True)  # type: ignore[arg-type]
+        assert str(run) in str(ei.value) and isinstance(ei.value, ValueError)
+    assert not run.exists() or not [p.name for p in run.iterdir() if p.name.startswith("step-")]
+    assert not (run / "metrics.csv").exists()

@@ -25,6 +25,7 @@ __all__ = [
     "RunLockLostError",
     "AsyncSaveError",
     "TrainingDivergedError",
+    "InvalidStepError",
 ]
 
 
@@ -123,3 +124,7 @@ class AsyncSaveError(CheckpointError):
 
 class TrainingDivergedError(CheckpointError):
     """Loss or gradients went non-finite or spiked more often than the retry limit allows."""
+
+
+class InvalidStepError(CheckpointError, ValueError):
+    """A step number that cannot name a checkpoint (negative, fractional, not a number)."""

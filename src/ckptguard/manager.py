@@ -36,7 +36,7 @@ from ckptguard.gc import collect_garbage
 from ckptguard.history import record_events
 from ckptguard.incremental import IncrementalRun
 from ckptguard.lock import LockPolicy, RunLock
-from ckptguard.manifest import checkpoint_name
+from ckptguard.manifest import as_step, checkpoint_name
 from ckptguard.metrics_log import MetricsLog, plain_metrics
 from ckptguard.parallel_io import default_tensor_writer
 from ckptguard.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
@@ -226,6 +226,7 @@ class CheckpointManager:
         call saves synchronously, waits until it is durable and exits the process.
         """
         self._check_open()
+        step = as_step(step, self.storage.url)  # before anything is written (metrics.csv included)
         self._background.raise_if_failed()
         if not self._coord.active:
             self._acquire_lock()  # a writer from its first save() (metrics.csv included)

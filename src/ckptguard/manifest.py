@@ -25,18 +25,26 @@ Schema (``format_version`` 1)::
 from __future__ import annotations
 
 import json
+import operator
 import re
 from collections.abc import Callable
 from typing import Any
 
 from ckptguard import safejson
-from ckptguard.errors import CheckpointError, CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
+from ckptguard.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    InvalidStepError,
+    UnsafeCheckpointError,
+)
 from ckptguard.tensorfile import MAX_HEADER, digest_bytes, numel
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "STATUS",
+    "as_step",
     "checkpoint_name",
     "encode_manifest",
     "parse_manifest",
@@ -64,6 +72,24 @@ ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
+
+
+def as_step(step: object, where: str = "") -> int:
+    """``step`` as a checkpoint's step number: an integer >= 0 (a numpy integer, an integer
+    0-dim tensor or a whole float such as ``5.0`` count); InvalidStepError otherwise."""
+    if not isinstance(step, bool):
+        if isinstance(step, float) and step.is_integer():
+            step = int(step)
+        try:
+            value = operator.index(step)  # type: ignore[arg-type]
+        except TypeError:
+            value = None
+        if value is not None and value >= 0:
+            return int(value)
+    raise InvalidStepError(
+        f"{where + ': ' if where else ''}save(step={step!r}): a checkpoint's step must be a whole number >= 0 (the count of "
+        "optimizer steps or batches so far); pass int(step). Nothing was saved."
+    )
 
 
 def checkpoint_name(step: int) -> str:
