@@ -179,10 +179,10 @@ def _merged(old: Any, new: Any) -> Any:
             old[...] = new
             return old
         return new
-    if isinstance(old, dict) and isinstance(new, Mapping) and type(old) is dict:
+    if isinstance(old, dict) and isinstance(new, Mapping):  # a defaultdict or Counter keeps its type
         load_into(old, new)
         return old
-    if isinstance(old, list) and isinstance(new, list) and type(old) is list:
+    if isinstance(old, list) and isinstance(new, list):
         if len(old) == len(new):
             old[:] = [_merged(a, b) for a, b in zip(old, new, strict=True)]
         else:
