@@ -316,3 +316,35 @@ def test_prune_after_rollback_keeps_the_live_branch_newest(tmp_path: Path) -> No
     rows = doc.get("decisions") or doc.get("checkpoints") or []
     assert {r["step"] for r in rows} == {15, 35, 40}
     assert next(r for r in rows if r["step"] == 35)["keep"] is True
+
+
+def _log_samples(run_dir: Path, *, stop_at: int | None = None) -> None:
+    """A loop that logs its own 'step' (samples seen, as some trackers name it) and an elapsed
+    'wall_time' beside the loss."""
+    state = cg.TrainState(model=nn.Linear(1, 1))
+    with cg.CheckpointManager(run_dir, every_steps=3) as mgr:
+        step = mgr.restore(state) or 0
+        while step < 10:
+            step += 1
+            mgr.save(step, state, metrics={"loss": 1.0 / step, "step": 32 * step, "wall_time": 0.5 * step})
+            if step == stop_at:
+                return  # killed after logging past the checkpoint at 6
+
+
+def test_metric_named_step_does_not_rewrite_the_history(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before: the user's 'step' replaced the row's step (32, 64, ...), so metrics.csv no longer
+    said which step a row belongs to and the crash recovery (rows past the restored step are
+    superseded) dropped the wrong rows."""
+    import csv
+
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="ckptguard"):
+        _log_samples(run, stop_at=7)
+    assert sum("'metric_step'" in r.getMessage() for r in caplog.records) == 1
+    _log_samples(run)
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    assert [int(r["metric_step"]) for r in rows] == [32 * s for s in range(1, 11)]
+    assert [float(r["metric_wall_time"]) for r in rows] == [0.5 * s for s in range(1, 11)]
+    assert all(float(r["wall_time"]) > 1e9 for r in rows)  # the run's own clock

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,7 @@ __all__ = ["METRICS_FILE", "MetricsLog", "plain_metrics", "read_metrics"]
 
 METRICS_FILE = "metrics.csv"
 BASE = ["step", "wall_time"]
+log = logging.getLogger(__name__)
 MAX_METRICS_BYTES = 512 * 1024 * 1024  # millions of rows; read whole by plot and new columns
 
 
@@ -111,6 +113,7 @@ class MetricsLog:
         self._pending: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
         self._restart_after: int | None = None  # rows past this step are superseded (a restore)
+        self._warned_base = False  # a metric named like a base column: said once
 
     def restart_after(self, step: int | None) -> None:
         """The run continues from ``step`` (``None``: from scratch): rows logged past it belong
@@ -128,7 +131,16 @@ class MetricsLog:
                     v = float(v)  # tensors, numpy scalars
                 except (TypeError, ValueError):
                     continue
-            row[str(k)] = v
+            name = str(k)
+            if name in BASE:  # the row's own step/wall_time stay the run's (crash recovery reads them)
+                name = f"metric_{name}"
+                if not self._warned_base:
+                    self._warned_base = True
+                    log.warning(
+                        "metrics.csv: a metric named %r would overwrite the run's own %r column; "
+                        "it is logged as %r.", k, k, name,
+                    )
+            row[name] = v
         self._pending.append(row)
         if time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
