@@ -10,6 +10,7 @@ import errno
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from s3_fixture import s3_endpoint, s3_url  # noqa: F401  (fixtures)
 from trainlib import make_setup, same_weights, train_step
 
 import ckptguard as cg
-from ckptguard.errors import CheckpointError
+from ckptguard.catalog import find_unknown
+from ckptguard.errors import CheckpointError, DiskFullError
 from ckptguard.storage import FsspecStorage
 from ckptguard.testing import FaultyStorage
 
@@ -107,3 +109,33 @@ def test_a_pack_the_storage_cannot_stat_skips_the_checkpoint_but_never_marks_it_
         assert m3.restore(s2["state"]) == 1
     assert same_weights(s2["model"].state_dict(), saved)
     assert _cli("verify", str(run)).returncode == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("incremental", [False, True])
+def test_a_save_that_fails_before_its_uncommitted_marker_leaves_debris_not_an_unknown_folder(incremental: bool) -> None:
+    """On a store with real directories and no renames (fsspec ``memory://``), a save makes
+    ``step-N/`` and then uploads its ``UNCOMMITTED`` marker. When that upload failed (ENOSPC,
+    EIO), the empty ``step-N/`` was taken for a folder whose manifest was deleted by hand:
+    ``verify`` failed for ever, ``prune`` kept it, and every later save of step N (the resumed
+    run reaching that step again) was refused."""
+    url = f"memory://adv-{uuid.uuid4().hex}/run"
+    fs = FaultyStorage(FsspecStorage(url), ops=["create"])
+    s = make_setup(hidden=4)
+    mgr = cg.CheckpointManager(fs, every_steps=1, incremental=incremental)
+    mgr.save(1, s["state"], force=True)
+    fs.arm(1, error=errno.ENOSPC)  # the marker of step 2: the first file the save creates
+    with pytest.raises(DiskFullError):
+        mgr.save(2, s["state"], force=True)
+    assert fs.failed is not None and fs.failed.path.endswith("step-000000002/UNCOMMITTED")
+    fs.arm(None)
+    mgr.close()
+    assert find_unknown(FsspecStorage(url)) == []
+    # The user's script restarts: resumes from step 1 and reaches step 2 again.
+    s2 = make_setup(hidden=4)
+    with cg.CheckpointManager(FsspecStorage(url), every_steps=1, incremental=incremental) as m2:
+        assert m2.restore(s2["state"]) == 1
+        assert m2.save(2, s2["state"], force=True) is True
+        assert [(c.step, c.valid) for c in m2.checkpoints()] == [(1, True), (2, True)]
+    rep = cg.verify(url)
+    assert rep.ok, rep.problems

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ckptguard.catalog import UNCOMMITTED, clear_mark, info_for, mark_status, read_manifest, read_status
+from ckptguard.catalog import UNCOMMITTED, clear_mark, info_for, is_empty_dir, mark_status, read_manifest, read_status
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.manifest import MANIFEST, parse_step
 from ckptguard.reader import NOT_EVIDENCE, verify_files
@@ -116,7 +116,7 @@ def verify(
         status = "committed"
         step = parse_step(name) if parse_step(name) is not None else -1
         if not storage.exists(join(name, MANIFEST)):
-            if storage.exists(join(name, UNCOMMITTED)):
+            if storage.exists(join(name, UNCOMMITTED)) or is_empty_dir(storage, name):
                 why = "missing: not a committed checkpoint (debris of an interrupted save; 'ckptguard prune' removes it)"
             else:
                 why = (

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ckptguard.catalog import UNCOMMITTED, find_debris, find_unknown
+from ckptguard.catalog import UNCOMMITTED, find_debris, find_unknown, is_empty_dir
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CommitUnknownError, StorageUnavailableError
 from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
 from ckptguard.storage.base import Storage, Writer, join
@@ -79,7 +79,10 @@ def begin_checkpoint(storage: Storage, step: int) -> str:
     into it before rank 0 commits with ``write_checkpoint(..., staging=name, written=...)``.
     """
     name = checkpoint_name(step)
-    if storage.isdir(name) and not storage.exists(join(name, MANIFEST)) and not storage.exists(join(name, UNCOMMITTED)):
+    if (
+        storage.isdir(name) and not storage.exists(join(name, MANIFEST))
+        and not storage.exists(join(name, UNCOMMITTED)) and not is_empty_dir(storage, name)
+    ):
         _keep_unknown(storage, name)  # one directory's check, not a listing of the run
     staging = f".tmp-{name}-{uuid.uuid4().hex[:8]}" if storage.atomic_rename else name
     storage.makedirs(staging)
