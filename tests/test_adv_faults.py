@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -190,3 +191,44 @@ def test_the_first_save_of_a_resumed_long_run_does_not_parse_all_of_metrics_csv(
     tail = (run / "metrics.csv").read_bytes()[-200:].decode().splitlines()
     assert tail[-1].startswith("2000001,") and tail[-1].endswith(",0.5")  # appended, not rewritten
     assert (run / "metrics.csv").read_bytes().count(b"\n") == rows + 2
+
+
+def _three_steps(run: Path) -> None:
+    s = make_setup(hidden=4)
+    with cg.CheckpointManager(str(run), every_steps=1) as m:
+        for i in (1, 2, 3):
+            m.save(i, s["state"], force=True)
+
+
+@pytest.mark.timeout(180)
+def test_pruning_a_symlinked_checkpoint_folder_never_deletes_through_the_link(tmp_path: Path) -> None:
+    """A user links another run's checkpoints into a run (``ln -s ../B/step-1 A/step-1``). ckptguard
+    refuses to read through the link, but ``prune`` (and retention) deleted the "invalid" entry
+    by uncommitting it first: renaming the link, then removing ``MANIFEST.json`` *through* it, so
+    run B lost its committed checkpoints. A save of a step whose folder is such a link did the
+    same to the linked checkpoint when it replaced it."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    _three_steps(a)
+    _three_steps(b)
+    shutil.rmtree(a / "step-000000001")
+    os.symlink(b / "step-000000001", a / "step-000000001")
+    os.symlink(b / "step-000000002", a / "step-000000007")
+    out = _cli("prune", str(a), "--keep-last", "1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert sorted(os.listdir(a)) == [".ckptguard.lock", "ckptguard.json", "step-000000003"]
+    # run B is untouched: three committed checkpoints, every one restorable and sound.
+    with cg.CheckpointManager(str(b), every_steps=1) as mb:
+        assert [(c.step, c.valid) for c in mb.checkpoints()] == [(1, True), (2, True), (3, True)]
+    assert cg.verify(str(b)).ok
+
+    # A save of step 5 over a link to B's step 3 replaces the link, not B's checkpoint.
+    os.symlink(b / "step-000000003", a / "step-000000005")
+    s = make_setup(hidden=4)
+    with cg.CheckpointManager(str(a), every_steps=1) as ma:
+        assert ma.restore(s["state"]) == 3
+        ma.save(5, s["state"], force=True)
+        assert [(c.step, c.valid) for c in ma.checkpoints()] == [(3, True), (5, True)]
+    assert not (a / "step-000000005").is_symlink()
+    with cg.CheckpointManager(str(b), every_steps=1) as mb:
+        assert [(c.step, c.valid) for c in mb.checkpoints()] == [(1, True), (2, True), (3, True)]

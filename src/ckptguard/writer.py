@@ -248,6 +248,9 @@ def _rename_quietly(storage: Storage, src: str, dst: str) -> None:
 
 def _remove_quietly(storage: Storage, rel: str, *, uncommit: bool = False) -> None:
     try:
+        if storage.is_symlink(rel):  # a link put in the run by hand: never delete through it
+            storage.remove_file(rel)
+            return
         if uncommit:  # a trash dir that keeps its manifest is whole and gets put back
             storage.remove_file(join(rel, MANIFEST))
         storage.remove_tree(rel)
@@ -289,6 +292,10 @@ def delete_checkpoint(storage: Storage, name: str, *, reap: Callable[[str], None
     Either way the checkpoint is gone from every listing when this returns.
     """
     remove = reap if reap is not None else storage.remove_tree
+    if storage.is_symlink(name):  # a link to a folder elsewhere (another run's checkpoint?): the
+        storage.remove_file(name)  # link goes, never a file through it
+        storage.sync_dir("")
+        return
     if storage.atomic_rename:
         trash = f".trash-{name}-{uuid.uuid4().hex[:8]}"
         storage.rename_dir(name, trash)
