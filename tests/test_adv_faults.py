@@ -232,3 +232,33 @@ def test_pruning_a_symlinked_checkpoint_folder_never_deletes_through_the_link(tm
     assert not (a / "step-000000005").is_symlink()
     with cg.CheckpointManager(str(b), every_steps=1) as mb:
         assert [(c.step, c.valid) for c in mb.checkpoints()] == [(1, True), (2, True), (3, True)]
+
+
+@pytest.mark.timeout(180)
+def test_a_symlinked_objects_folder_is_never_written_or_collected_through(tmp_path: Path) -> None:
+    """Two incremental runs; a user links A's ``objects/`` to B's to share the packs. Reads refuse
+    the link, but A's save wrote its new pack into B's folder and A's GC (after the save, or
+    ``prune``) deleted every pack there that A's manifests do not name: B's only data. B's
+    checkpoints became unrestorable."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    for run, seed in ((a, 0), (b, 5)):
+        s = make_setup(hidden=4, seed=seed)
+        with cg.CheckpointManager(str(run), every_steps=1, incremental=True) as m:
+            m.save(1, s["state"], force=True)
+            m.save(2, s["state"], force=True)
+    b_packs = sorted(os.listdir(b / "objects"))
+    shutil.rmtree(a / "objects")
+    os.symlink(b / "objects", a / "objects")
+
+    s = make_setup(hidden=4, seed=9)
+    with cg.CheckpointManager(str(a), every_steps=1, incremental=True, retention=cg.Retention(keep_last=1)) as m:
+        with pytest.raises(cg.CheckpointError, match="symbolic link"):
+            m.save(3, s["state"], force=True)
+    out = _cli("prune", str(a), "--keep-last", "1")
+    assert "Traceback" not in out.stderr
+    assert sorted(os.listdir(b / "objects")) == b_packs  # nothing added, nothing deleted
+    s2 = make_setup(hidden=4, seed=1)
+    with cg.CheckpointManager(str(b), every_steps=1, incremental=True) as mb:
+        assert [(c.step, c.valid) for c in mb.checkpoints()] == [(1, True), (2, True)]
+        assert mb.restore(s2["state"]) == 2
+    assert cg.verify(str(b)).ok
