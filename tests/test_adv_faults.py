@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from s3_fixture import s3_endpoint, s3_url  # noqa: F401  (fixtures)
 from trainlib import make_setup, same_weights, train_step
 
