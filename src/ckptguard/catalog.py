@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointInfo",
     "ManifestCache",
     "UNCOMMITTED",
+    "is_empty_dir",
     "clear_mark",
     "committed_names",
     "find_debris",
@@ -307,9 +308,18 @@ def find_debris(storage: Storage) -> list[str]:
     for name in storage.listdir(""):
         if name.startswith((".tmp-", ".trash-")) or SIDE_FILE_TEMP.fullmatch(name):
             debris.append(name)
-        elif _uncommitted_step(storage, name) and storage.exists(join(name, UNCOMMITTED)):
+        elif _uncommitted_step(storage, name) and (storage.exists(join(name, UNCOMMITTED)) or is_empty_dir(storage, name)):
             debris.append(name)
     return debris
+
+
+def is_empty_dir(storage: Storage, name: str) -> bool:
+    """Whether ``name`` is a directory holding nothing (a save that failed right after creating
+    it, before its ``UNCOMMITTED`` marker arrived): debris, there is nothing in it to lose."""
+    try:
+        return storage.isdir(name) and not storage.listdir(name)
+    except CheckpointError:
+        return False
 
 
 def find_unknown(storage: Storage) -> list[str]:
@@ -318,7 +328,7 @@ def find_unknown(storage: Storage) -> list[str]:
     never deleted: a person decides (restore the manifest from a backup, or remove the folder)."""
     return sorted(
         n for n in storage.listdir("")
-        if _uncommitted_step(storage, n) and not storage.exists(join(n, UNCOMMITTED))
+        if _uncommitted_step(storage, n) and not storage.exists(join(n, UNCOMMITTED)) and not is_empty_dir(storage, n)
     )
 
 

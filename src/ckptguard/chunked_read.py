@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StorageUnavailableError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StorageError, StorageUnavailableError
 from ckptguard.storage.base import Storage
 from ckptguard.tensorfile import destination, digest_bytes, dtype_tables, tensor_view
 from ckptguard.trust import pack_path, read_full, record_distrust
@@ -78,8 +78,8 @@ def read_chunked(
                         raise _corrupt(where, fname, tname, obj, "is missing", record=(storage, c["pack"], None, None)) from e
                     except StorageUnavailableError:
                         raise  # the network, not the data: nothing is recorded or marked
-                    except CheckpointError as e:
-                        raise _corrupt(where, fname, tname, obj, f"could not be read ({e})") from e
+                    except CheckpointError as e:  # not evidence about the bytes: skip, never mark
+                        raise StorageError(f"{where}: tensor {tname!r} of {fname}: shared object {obj} could not be read ({e})") from e
                     if size != entry["packs"][c["pack"]]:
                         raise _corrupt(
                             where, fname, tname, obj, f"is {size} bytes, the manifest recorded {entry['packs'][c['pack']]}",

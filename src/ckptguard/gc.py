@@ -103,6 +103,11 @@ def collect(
     here; safe because no later save can reference a pack no committed manifest references."""
     if not storage.exists(OBJECTS):
         return GcReport(0, (), 0, ())
+    if storage.is_symlink(OBJECTS):  # another run's objects/ linked in: never delete through it
+        why = (f"{storage.describe(OBJECTS)} is a symbolic link; ckptguard never deletes through a "
+               "link (the packs it points at may be another run's). Copy the real folder in its place.")
+        log.warning("GC of %s stopped, nothing deleted: %s", storage.describe(OBJECTS), why)
+        return GcReport(0, (), 0, (), stopped=why)
     try:
         live, newest = referenced_packs(storage, cache)
     except CheckpointError as e:

@@ -57,7 +57,7 @@ import xxhash
 
 from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, ManifestCache
 from ckptguard.chunked_read import read_chunked, verify_chunked
-from ckptguard.errors import CheckpointError
+from ckptguard.errors import CheckpointError, StorageError
 from ckptguard.manifest import _fail, _hex, _int, validate_tensor_table
 from ckptguard.parallel_io import ParallelTensorWriter, Segment, write_segments
 from ckptguard.storage.base import Storage
@@ -417,6 +417,12 @@ class IncrementalSave:
             first = next(todo, None)  # a pack only when something is new
             if first is not None:
                 storage.makedirs(OBJECTS)
+                if storage.is_symlink(OBJECTS):  # the packs would land in another folder (run)
+                    raise StorageError(
+                        f"{storage.describe(OBJECTS)} is a symbolic link; ckptguard never writes "
+                        "through a link inside a run (the packs would land in another run's folder "
+                        "and be read back by none). Replace the link by a real folder, then save again."
+                    )
                 writer = storage.create(pack_path(pack))
                 segs = itertools.chain([first], todo)
                 if hasattr(writer, "pwritev"):  # local files: the parallel O_DIRECT path

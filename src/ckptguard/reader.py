@@ -16,6 +16,7 @@ from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    StorageError,
     StorageUnavailableError,
     UnsafeCheckpointError,
 )
@@ -26,7 +27,7 @@ from ckptguard.tensorfile import CHUNK, check_header, digest_bytes, read_tensor_
 if TYPE_CHECKING:  # reading tensors imports torch; verifying bytes does not
     import torch
 
-__all__ = ["CheckpointReader", "READERS", "VERIFIERS", "verify_files"]
+__all__ = ["NOT_EVIDENCE", "CheckpointReader", "READERS", "VERIFIERS", "verify_files"]
 
 TensorReader = Callable[..., "dict[str, torch.Tensor]"]
 MAX_JSON_BYTES = 256 * 1024 * 1024  # a blob read whole (state.json, config.yaml, a rank file)
@@ -134,6 +135,10 @@ def read_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any])
     return data
 
 
+# How verify_files starts a problem that says nothing about the stored bytes (never marks corrupt).
+NOT_EVIDENCE = "could not be read (not evidence of damage; not marked corrupt): "
+
+
 def verify_files(
     storage: Storage, ckpt: str, manifest: Mapping[str, Any]
 ) -> list[tuple[str, str]]:
@@ -148,6 +153,8 @@ def verify_files(
             problems.append((fname, f"{storage.describe(join(ckpt, fname))} is listed in the manifest but "
                              "missing (deleted or lost): the checkpoint is damaged; restore falls back "
                              "to an older one."))
+        except StorageError as e:  # permissions, a path part that is a file, EIO: not evidence
+            problems.append((fname, f"{NOT_EVIDENCE}{e}"))
         except CheckpointError as e:
             problems.append((fname, str(e)))
     return problems

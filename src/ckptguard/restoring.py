@@ -32,12 +32,14 @@ from ckptguard.errors import (
     FormatVersionError,
     NoValidCheckpointError,
     StateMismatchError,
+    StorageError,
     StorageUnavailableError,
 )
 from ckptguard.reader import CheckpointReader
 from ckptguard.safeload import load_verified, raise_if_newer_format
 from ckptguard.state import TrainState
 from ckptguard.storage import Storage
+from ckptguard.trust import is_read_failure
 
 __all__ = ["restore_first_valid", "select_candidates"]
 
@@ -72,7 +74,12 @@ def _vanished(storage: Storage, c: CheckpointInfo) -> bool:
 
 
 def _byte_problems(c: CheckpointInfo) -> list[str]:
-    return [p for p in c.problems if not p.startswith("marked ")]
+    return [p for p in c.problems if not p.startswith("marked ") and not is_read_failure(p)]
+
+
+def _read_failures(c: CheckpointInfo) -> list[str]:
+    """Shared packs the storage could not stat: the checkpoint is skipped, not marked corrupt."""
+    return [p for p in c.problems if is_read_failure(p)]
 
 
 def _mark_reason(c: CheckpointInfo) -> str:
@@ -123,6 +130,8 @@ def restore_first_valid(
                 raise CorruptCheckpointError("; ".join(c.problems), path=c.path)
             if _byte_problems(c):
                 raise CorruptCheckpointError("; ".join(_byte_problems(c)), path=c.path)
+            if _read_failures(c):
+                raise StorageError("; ".join(_read_failures(c)))
             touched = True
             report = load_verified(state, CheckpointReader(storage, c.name, c.manifest), verify=verify, strict=strict, restore=restore)
         except (StateMismatchError, FormatVersionError, StorageUnavailableError):

@@ -50,6 +50,8 @@ __all__ = [
     "pack_problems",
     "read_distrust",
     "record_distrust",
+    "UNREADABLE",
+    "is_read_failure",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,14 @@ PACK_RE = re.compile(r"^p-(\d{13})-([0-9a-f]{8})\.pack$")
 RECORD_RE = re.compile(r"^(p-\d{13}-[0-9a-f]{8}\.pack)(?:@(\d{1,15}))?\.json$")
 RECORD_FORMAT = "ckptguard-distrust"
 RECORD_VERSION = 1
+# A pack the storage could not stat (a path part that is a file, permissions, an I/O error): not
+# evidence about its bytes, so a checkpoint is skipped for it, never marked corrupt.
+UNREADABLE = "could not be read"
+
+
+def is_read_failure(problem: str) -> bool:
+    """Whether a problem of :func:`pack_problems` is a read failure rather than byte evidence."""
+    return f" {UNREADABLE} (" in problem
 
 
 def pack_path(name: str) -> str:
@@ -194,7 +204,7 @@ class PackStats:
             except StorageUnavailableError:
                 raise  # the network, not the data: a checkpoint is not called invalid for it
             except CheckpointError as e:
-                self._sizes[pack] = f"could not be read ({e})"
+                self._sizes[pack] = f"{UNREADABLE} ({e})"
         got = self._sizes[pack]
         if got is None:
             return f"shared pack objects/{pack} is missing"

@@ -14,10 +14,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ckptguard.catalog import UNCOMMITTED, clear_mark, info_for, mark_status, read_manifest, read_status
+from ckptguard.catalog import UNCOMMITTED, clear_mark, info_for, is_empty_dir, mark_status, read_manifest, read_status
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.manifest import MANIFEST, parse_step
-from ckptguard.reader import verify_files
+from ckptguard.reader import NOT_EVIDENCE, verify_files
 from ckptguard.storage import Storage, open_storage
 from ckptguard.storage.base import join
 
@@ -116,7 +116,7 @@ def verify(
         status = "committed"
         step = parse_step(name) if parse_step(name) is not None else -1
         if not storage.exists(join(name, MANIFEST)):
-            if storage.exists(join(name, UNCOMMITTED)):
+            if storage.exists(join(name, UNCOMMITTED)) or is_empty_dir(storage, name):
                 why = "missing: not a committed checkpoint (debris of an interrupted save; 'ckptguard prune' removes it)"
             else:
                 why = (
@@ -134,8 +134,9 @@ def verify(
                 damage = verify_files(storage, name, manifest)
                 found.extend(Problem(name, fname, msg) for fname, msg in damage)
                 rec = read_status(storage, name)
-                if damage and (rec or {}).get("status") != "corrupt":
-                    if mark_status(storage, name, "corrupt", "; ".join(f"{f}: {m}" for f, m in damage)):
+                evidence = [(f, m) for f, m in damage if not m.startswith(NOT_EVIDENCE)]
+                if evidence and (rec or {}).get("status") != "corrupt":
+                    if mark_status(storage, name, "corrupt", "; ".join(f"{f}: {m}" for f, m in evidence)):
                         marked.append(name)
                 elif not damage and (rec or {}).get("status") == "corrupt" and clear_mark(storage, name):
                     cleared.append(name)

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ckptguard.catalog import UNCOMMITTED, find_debris, find_unknown
+from ckptguard.catalog import UNCOMMITTED, find_debris, find_unknown, is_empty_dir
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CommitUnknownError, StorageUnavailableError
 from ckptguard.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
 from ckptguard.storage.base import Storage, Writer, join
@@ -79,7 +79,10 @@ def begin_checkpoint(storage: Storage, step: int) -> str:
     into it before rank 0 commits with ``write_checkpoint(..., staging=name, written=...)``.
     """
     name = checkpoint_name(step)
-    if storage.isdir(name) and not storage.exists(join(name, MANIFEST)) and not storage.exists(join(name, UNCOMMITTED)):
+    if (
+        storage.isdir(name) and not storage.exists(join(name, MANIFEST))
+        and not storage.exists(join(name, UNCOMMITTED)) and not is_empty_dir(storage, name)
+    ):
         _keep_unknown(storage, name)  # one directory's check, not a listing of the run
     staging = f".tmp-{name}-{uuid.uuid4().hex[:8]}" if storage.atomic_rename else name
     storage.makedirs(staging)
@@ -245,6 +248,9 @@ def _rename_quietly(storage: Storage, src: str, dst: str) -> None:
 
 def _remove_quietly(storage: Storage, rel: str, *, uncommit: bool = False) -> None:
     try:
+        if storage.is_symlink(rel):  # a link put in the run by hand: never delete through it
+            storage.remove_file(rel)
+            return
         if uncommit:  # a trash dir that keeps its manifest is whole and gets put back
             storage.remove_file(join(rel, MANIFEST))
         storage.remove_tree(rel)
@@ -286,6 +292,10 @@ def delete_checkpoint(storage: Storage, name: str, *, reap: Callable[[str], None
     Either way the checkpoint is gone from every listing when this returns.
     """
     remove = reap if reap is not None else storage.remove_tree
+    if storage.is_symlink(name):  # a link to a folder elsewhere (another run's checkpoint?): the
+        storage.remove_file(name)  # link goes, never a file through it
+        storage.sync_dir("")
+        return
     if storage.atomic_rename:
         trash = f".trash-{name}-{uuid.uuid4().hex[:8]}"
         storage.rename_dir(name, trash)
