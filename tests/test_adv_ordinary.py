@@ -7,6 +7,7 @@ counts batches, as in most hand-written loops.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -153,14 +154,6 @@ def test_extra_restore_replaces_what_cannot_be_kept(tmp_path: Path) -> None:
     assert live["n"] == {"x": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="After restore(step=30) in a run that has steps 40 and 50, the continued run's "
-    "checkpoint 40 (resumed_from=30) does not supersede the abandoned 50: the next plain "
-    "restore() (an auto-restart) silently returns to the abandoned branch, while metrics.csv "
-    "already holds the new branch's rows. Fixing it needs a product decision: skip, move aside or "
-    "delete the abandoned checkpoints (restore, retention's 'newest valid' and prune must agree).",
-)
 def test_auto_restart_after_explicit_rollback_stays_on_the_new_branch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Linear(2, 1)
@@ -179,6 +172,11 @@ def test_auto_restart_after_explicit_rollback_stays_on_the_new_branch(tmp_path: 
     with cg.CheckpointManager(tmp_path / "run", every_steps=10) as mgr:
         step = mgr.restore(again)
     assert (step, again.extra["branch"]) == (40, "B")
+    status = json.loads((tmp_path / "run" / "step-000000050" / "STATUS.json").read_text())
+    assert status["status"] == "superseded" and "rolled back to step 30" in status["detail"]
+    assert not (tmp_path / "run" / "step-000000040" / "STATUS.json").exists()  # re-saved on branch B
+    with cg.CheckpointManager(tmp_path / "run") as mgr:  # going back on purpose still works
+        assert mgr.restore(again, step=50) == 50 and again.extra["branch"] == "A"
 
 
 def _config(weight_1: float) -> dict:
@@ -285,10 +283,11 @@ def test_numpy_float32_in_extra_keeps_its_type(tmp_path: Path) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Same root cause as the abandoned-branch test: after restore(step=15) with 20 and 40 "
-    "on disk, retention's 'newest valid' is the abandoned 40, so `ckptguard prune` (which does not "
-    "know the live session's 'just saved') deletes 35, the newest checkpoint of the branch the run "
-    "is on, while it keeps 40. Needs the product decision on abandoned branches.",
+    reason="After restore(step=15) with 20 and 40 on disk, the abandoned 40 is marked superseded "
+    "(a plain restore() skips it) but retention still counts it as the 'newest valid', so "
+    "`ckptguard prune` (which does not know the live session's 'just saved') deletes 35, the "
+    "newest checkpoint of the branch the run is on, while it keeps 40. Whether retention may "
+    "delete a superseded continuation is a product decision left open.",
 )
 def test_prune_after_rollback_keeps_the_live_branch_newest(tmp_path: Path) -> None:
     import json

@@ -55,6 +55,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 BAD_STATUSES = frozenset({"corrupt", "failed"})
+# Newer than the step a run rolled back to, left behind when the run went on from there: valid,
+# kept by retention as any other, but a plain restore() does not pick it.
+SUPERSEDED = "superseded"
 MAX_STATUS_BYTES = 1024 * 1024  # mark_status writes at most ~70 KB
 _MAX_DETAIL = 64 * 1024
 # The marker a save (object stores: inside step-N/) writes first and a delete writes before it

@@ -44,7 +44,7 @@ from ckptguard.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.reader import CheckpointReader
 from ckptguard.retention import Decision, Retention, apply_decisions
 from ckptguard.runrecord import RUN_FILE, RunRecord, read_run_record
-from ckptguard.restoring import restore_first_valid, select_candidates
+from ckptguard.restoring import newer_than, restore_first_valid, select_candidates, supersede
 from ckptguard.schedule import SaveSchedule, observed_mtbf
 from ckptguard.staging import Stager
 from ckptguard.state import Snapshot, TrainState, capture
@@ -141,6 +141,7 @@ class CheckpointManager:
         self._manifests = ManifestCache(self.storage)  # parsed once, across saves
         self._incremental = IncrementalRun(self.storage, manifests=self._manifests) if incremental else None
         self.resumed_from: int | None = None
+        self._abandoned: dict[str, Any] = {}  # name -> manifest digest, after a rollback (see restore)
         self.last_saved_step: int | None = None
         self.last_save_seconds: float | None = None
         self.last_blocked_seconds: float | None = None
@@ -384,10 +385,16 @@ class CheckpointManager:
     def _after_commit(self, manifest: dict[str, Any]) -> None:
         self._flush_metrics()
         self._record_run()
+        self._supersede_abandoned()
         for hook in self._post_commit:
             hook(manifest)
         self._apply_retention()
         collect_garbage(self.storage, self._manifests, reap=self._reaper)
+
+    def _supersede_abandoned(self) -> None:
+        """After the first commit that follows a rollback: see ckptguard.restoring.supersede."""
+        abandoned, self._abandoned = self._abandoned, {}
+        supersede(self.storage, abandoned, self.resumed_from)
 
     def _record_run(self) -> None:
         """Merge the policy, the save interval and this session into RUN/ckptguard.json."""
@@ -492,6 +499,9 @@ class CheckpointManager:
         c, report = found
         log_config_drift(CheckpointReader(self.storage, c.name, c.manifest or {}), state.config)  # WARNING per changed key
         self.metrics_log.restart_after(c.step)  # rows past the restored step are superseded
+        # A rollback: checkpoints newer than the restored one belong to a continuation the run
+        # abandons at its next commit (they are marked then, not now: a restore alone changes nothing).
+        self._abandoned = newer_than(self.checkpoints(), c.step)
         self.last_restore_report = report
         self.resumed_from = c.step
         self.last_saved_step = c.step

@@ -21,10 +21,10 @@ listed again so a newer checkpoint is found.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ckptguard.catalog import BAD_STATUSES, CheckpointInfo, clear_mark, find_unknown, mark_status, read_manifest
+from ckptguard.catalog import BAD_STATUSES, SUPERSEDED, CheckpointInfo, clear_mark, find_unknown, mark_status, read_manifest
 from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -35,6 +35,7 @@ from ckptguard.errors import (
     StorageError,
     StorageUnavailableError,
 )
+from ckptguard.manifest import SELF_DIGEST_KEY
 from ckptguard.reader import CheckpointReader
 from ckptguard.safeload import load_verified, raise_if_newer_format
 from ckptguard.state import TrainState
@@ -82,6 +83,35 @@ def _read_failures(c: CheckpointInfo) -> list[str]:
     return [p for p in c.problems if is_read_failure(p)]
 
 
+def newer_than(ckpts: Sequence[CheckpointInfo], step: int) -> dict[str, Any]:
+    """The valid checkpoints newer than ``step`` (name -> manifest digest): after a restore of
+    ``step`` they are a continuation the run leaves behind once it commits again."""
+    return {c.name: (c.manifest or {}).get(SELF_DIGEST_KEY) for c in ckpts if c.step > step and c.valid}
+
+
+def supersede(storage: Storage, abandoned: Mapping[str, Any], resumed_from: int | None) -> list[str]:
+    """Mark ``abandoned`` (from :func:`newer_than`) ``superseded`` once the run committed on from
+    ``resumed_from``: a plain restore() skips them, so an auto-restart stays on the branch the run
+    is on. They stay valid and retention treats them as any other checkpoint. A step re-saved
+    meanwhile has another manifest and is left alone. ``restore(state, step=N)`` still restores
+    one; deleting its ``STATUS.json`` undoes the mark."""
+    marked = []
+    for name, digest in sorted(abandoned.items()):
+        try:
+            same = read_manifest(storage, name).get(SELF_DIGEST_KEY) == digest
+        except CheckpointError:
+            continue  # gone or unreadable: nothing to mark
+        if same and mark_status(
+            storage, name, SUPERSEDED,
+            f"the run rolled back to step {resumed_from} and went on from there; this checkpoint "
+            "belongs to the continuation it left (restore it by its step to go back)",
+        ):
+            marked.append(name)
+    if marked:
+        log.info("Marked %s superseded: the run went on from step %s.", ", ".join(marked), resumed_from)
+    return marked
+
+
 def _mark_reason(c: CheckpointInfo) -> str:
     marks = [p for p in c.problems if p.startswith("marked ")] or [f"marked {c.status}"]
     if c.status == "corrupt":
@@ -109,6 +139,7 @@ def restore_first_valid(
     ``explicit``: the caller asked for this step, so a mark does not skip it (it is re-read).
     """
     failures: list[tuple[str, str]] = []
+    superseded: list[tuple[str, str]] = []
     tried: set[str] = set()
     queue = list(candidates)
     if not queue and rescan is not None:  # a listing racing a pruning writer can come back empty
@@ -120,9 +151,13 @@ def restore_first_valid(
         if c.name in tried:
             continue
         tried.add(c.name)
+        if not explicit and c.status == SUPERSEDED:
+            superseded.append((c.path, _mark_reason(c)))  # a rollback left it: not a failure
+            log.info("Skipping checkpoint %s: %s", c.path, superseded[-1][1])
+            continue
         if not explicit and c.status in BAD_STATUSES:
             failures.append((c.path, _mark_reason(c)))
-            log.warning("Skipping checkpoint %s: %s", c.path, failures[-1][1])
+            (log.info if c.status == "superseded" else log.warning)("Skipping checkpoint %s: %s", c.path, failures[-1][1])
             continue
         try:
             if c.manifest is None:
@@ -164,6 +199,7 @@ def restore_first_valid(
         else:
             log.info("Restored step %d from %s", c.step, c.path)
         return c, report
+    failures += superseded  # only superseded ones left (the live branch's are gone): say so, never None
     if failures:
         lines = "\n  ".join(f"{path}: {why}" for path, why in failures[:20])
         more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
