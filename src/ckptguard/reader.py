@@ -86,6 +86,17 @@ def _verify_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, An
         read_blob(storage, ckpt, fname, entry)
         return
     rel = join(ckpt, fname)  # a large blob (a DCP shard): hashed as it streams, never held whole
+    where = _sized_blob(storage, rel, fname, entry)
+    h = xxhash.xxh3_128()
+    with storage.open_read(rel) as fh:
+        while part := fh.read(CHUNK):
+            h.update(part)
+    if h.hexdigest() != entry["xxh3_128"]:
+        raise _checksum_mismatch(where, fname)
+
+
+def _sized_blob(storage: Storage, rel: str, fname: str, entry: Mapping[str, Any]) -> str:
+    """Where a blob is, once it is known to be no symlink and of the size the manifest recorded."""
     where = storage.describe(rel)
     if storage.is_symlink(rel):
         raise UnsafeCheckpointError(f"{where} is a symbolic link; refusing to follow it.", path=where)
@@ -94,17 +105,16 @@ def _verify_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, An
         raise CorruptCheckpointError(
             f"{where} is {size} bytes, the manifest recorded {entry['size']}.", path=where, file=fname
         )
-    h = xxhash.xxh3_128()
-    with storage.open_read(rel) as fh:
-        while part := fh.read(CHUNK):
-            h.update(part)
-    if h.hexdigest() != entry["xxh3_128"]:
-        raise CorruptCheckpointError(
-            f"{where} does not match its checksum in the manifest: the bytes changed after the "
-            "save (bit rot or tampering).",
-            path=where,
-            file=fname,
-        )
+    return where
+
+
+def _checksum_mismatch(where: str, fname: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{where} does not match its checksum in the manifest: the bytes changed after the "
+        "save (bit rot or tampering).",
+        path=where,
+        file=fname,
+    )
 
 
 VERIFIERS: dict[str, Callable[[Storage, str, str, Mapping[str, Any]], None]] = {
@@ -116,22 +126,10 @@ VERIFIERS: dict[str, Callable[[Storage, str, str, Mapping[str, Any]], None]] = {
 
 def read_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> bytes:
     rel = join(ckpt, fname)
-    where = storage.describe(rel)
-    if storage.is_symlink(rel):
-        raise UnsafeCheckpointError(f"{where} is a symbolic link; refusing to follow it.", path=where)
-    size = storage.size(rel)
-    if size != entry["size"]:
-        raise CorruptCheckpointError(
-            f"{where} is {size} bytes, the manifest recorded {entry['size']}.", path=where, file=fname
-        )
+    where = _sized_blob(storage, rel, fname, entry)
     data = storage.read_bytes(rel)
     if digest_bytes(data) != entry["xxh3_128"]:
-        raise CorruptCheckpointError(
-            f"{where} does not match its checksum in the manifest: the bytes changed after the "
-            "save (bit rot or tampering).",
-            path=where,
-            file=fname,
-        )
+        raise _checksum_mismatch(where, fname)
     return data
 
 
