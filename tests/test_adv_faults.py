@@ -160,11 +160,7 @@ with cg.CheckpointManager(sys.argv[1], every_steps=1) as m:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("resume", [
     "append",  # a process that adds to the run without restoring (an evaluation job's metrics)
-    pytest.param("restore", marks=pytest.mark.xfail(strict=True, reason=(
-        "after restore(), the first metrics write always goes through MetricsLog._rewrite_history, "
-        "which reads, parses and rewrites all of metrics.csv (+460 MB here, O(file) per resume) "
-        "even when no row lies past the restored step; needs a streamed check (or a recorded "
-        "last step) before rewriting"))),
+    "restore",  # a resume: rows past the restored step are looked for in a stream, none found
 ])
 def test_the_first_save_of_a_resumed_long_run_does_not_parse_all_of_metrics_csv(tmp_path: Path, resume: str) -> None:
     """A run that logged a metric every step for 2 million steps has a 70 MB metrics.csv. Each

@@ -192,10 +192,34 @@ class MetricsLog:
             self.storage.replace_file(METRICS_FILE, self._render(old_rows + rows, header=True))
             self._restart_after = None
             return
-        if self._restart_after is not None or not self._ends_with_newline():
+        if not self._ends_with_newline() or (
+            self._restart_after is not None and self._has_rows_past(self._restart_after)
+        ):
             self._rewrite_history(rows)
             return
+        self._restart_after = None  # nothing past the restored step: a plain append
         self.storage.append(METRICS_FILE, self._render(rows, header=False))
+
+    def _has_rows_past(self, step: int) -> bool:
+        """Whether the file holds a complete row past ``step``, read as a stream (a resume of a
+        long run neither loads nor rewrites the whole log when nothing lies past the restored step)."""
+        header: list[str] | None = None
+        carry = b""
+        with self.storage.open_read(METRICS_FILE) as f:
+            while True:
+                block = f.read(1 << 20)
+                lines = (carry + block).split(b"\n")
+                carry = lines.pop()  # an unfinished line; at the end a torn one, handled elsewhere
+                for raw in lines:
+                    line = raw.decode("utf-8", errors="replace")
+                    if header is None:
+                        header = next(_csv_rows([line]), [])
+                        continue
+                    s = _step_of(line, header)
+                    if s is not None and s > step:
+                        return True
+                if not block:
+                    return False
 
     def _ends_with_newline(self) -> bool:
         size = self.storage.size(METRICS_FILE)
