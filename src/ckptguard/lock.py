@@ -385,6 +385,10 @@ class RunLock:
 
     def check(self) -> None:
         """Raise RunLockLostError unless this lock still holds the run (called before a commit)."""
+        self._verify(renew=False)
+
+    def _verify(self, *, renew: bool) -> None:
+        """Check the holder; with ``renew``, also rewrite an object-store record (refresh)."""
         if os.getpid() != self._owner_pid:
             return  # a forked child: its parent's lock is none of its business
         with self._mutex:
@@ -395,10 +399,21 @@ class RunLock:
             if self._local is not None:
                 self._check_local(self._local)
                 return
-            current = self._conditional().read_versioned(LOCK_NAME)
-            holder = parse_record(current[0]) if current is not None else None
-            if holder is None or holder.get("session") != self.session:
-                raise self._lose(holder, self._why_lost(current))
+            cas = self._conditional()
+            current = self._still_ours(cas.read_versioned(LOCK_NAME))
+            if not renew:
+                return
+            version = cas.write_if(LOCK_NAME, json.dumps(self._record()).encode(), expect=current[1])
+            if version is None:  # changed since the read: ours only if a retried write landed
+                version = self._still_ours(cas.read_versioned(LOCK_NAME))[1]
+            self._version = version
+
+    def _still_ours(self, current: tuple[bytes, str] | None) -> tuple[bytes, str]:
+        """``current`` (a record and its version) when it is this session's; else the run is lost."""
+        holder = parse_record(current[0]) if current is not None else None
+        if current is None or holder is None or holder.get("session") != self.session:
+            raise self._lose(holder, self._why_lost(current))
+        return current
 
     def _why_lost(self, current: tuple[bytes, str] | None) -> str:
         if current is None:
@@ -424,29 +439,7 @@ class RunLock:
 
     def refresh(self) -> None:
         """Check the holder, then renew an object-store record (the heartbeat calls this)."""
-        if os.getpid() != self._owner_pid:
-            return
-        with self._mutex:
-            if self._lost is not None:
-                raise self._lost_again()
-            if not self._held or os.getpid() != self._owner_pid:
-                return
-            if self._local is not None:
-                self._check_local(self._local)
-                return
-            cas = self._conditional()
-            current = cas.read_versioned(LOCK_NAME)
-            holder = parse_record(current[0]) if current is not None else None
-            if current is None or holder is None or holder.get("session") != self.session:
-                raise self._lose(holder, self._why_lost(current))
-            version = cas.write_if(LOCK_NAME, json.dumps(self._record()).encode(), expect=current[1])
-            if version is None:  # changed since the read: ours only if a retried write landed
-                again = cas.read_versioned(LOCK_NAME)
-                holder = parse_record(again[0]) if again is not None else None
-                if again is None or holder is None or holder.get("session") != self.session:
-                    raise self._lose(holder, self._why_lost(again))
-                version = again[1]
-            self._version = version
+        self._verify(renew=True)
 
     # ---- release ------------------------------------------------------------------------------
 
