@@ -264,15 +264,10 @@ class CheckpointManager:
     def _fields(self, step: int, state: TrainState, snap: Snapshot, metrics: Mapping[str, Any] | None, reason: str) -> dict[str, Any]:
         if self._environment is None:
             self._environment = collect_environment()
-        ranked_by = self.retention.metric if self.retention.keep_best else None
-        if ranked_by and ranked_by not in (metrics or {}) and not self._warned_unranked:
+        unranked = None if self._warned_unranked else self.retention.unranked(step, metrics)
+        if unranked:
             self._warned_unranked = True
-            log.warning(
-                "Retention keeps the best checkpoint by %r, but the save of step %d got no %r "
-                "(metrics given: %s). A checkpoint is ranked only by the metrics passed to the "
-                "save() call that writes it: pass %r there (e.g. the last evaluation's value).",
-                ranked_by, step, ranked_by, ", ".join(sorted(metrics or {})) or "none", ranked_by,
-            )
+            log.warning("%s", unranked)
         fields: dict[str, Any] = {
             "reason": reason,
             "metrics": plain_metrics(metrics),
@@ -385,16 +380,12 @@ class CheckpointManager:
     def _after_commit(self, manifest: dict[str, Any]) -> None:
         self._flush_metrics()
         self._record_run()
-        self._supersede_abandoned()
+        abandoned, self._abandoned = self._abandoned, {}
+        supersede(self.storage, abandoned, self.resumed_from)  # the first commit after a rollback
         for hook in self._post_commit:
             hook(manifest)
         self._apply_retention()
         collect_garbage(self.storage, self._manifests, reap=self._reaper)
-
-    def _supersede_abandoned(self) -> None:
-        """After the first commit that follows a rollback: see ckptguard.restoring.supersede."""
-        abandoned, self._abandoned = self._abandoned, {}
-        supersede(self.storage, abandoned, self.resumed_from)
 
     def _record_run(self) -> None:
         """Merge the policy, the save interval and this session into RUN/ckptguard.json."""

@@ -314,6 +314,19 @@ class Retention:
         ranked = KeepBest(1, self.metric, self.mode).ranked(ckpts)
         return ranked[0] if ranked else None
 
+    def unranked(self, step: int, metrics: Mapping[str, Any] | None) -> str | None:
+        """Why the checkpoint of ``step`` can never be kept as the best (``keep_best``'s metric is
+        missing from the metrics its save got), or None."""
+        if not self.keep_best or not self.metric or self.metric in (metrics or {}):
+            return None
+        given = ", ".join(sorted(metrics or {})) or "none"
+        return (
+            f"Retention keeps the best checkpoint by {self.metric!r}, but the save of step {step} got "
+            f"no {self.metric!r} (metrics given: {given}). A checkpoint is ranked only by the metrics "
+            f"passed to the save() call that writes it: pass {self.metric!r} there (e.g. the last "
+            "evaluation's value)."
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "policies"}
 
