@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import PeakRSS, StateSpec, build_state, fsync_path  # noqa: E402
 
 import ckptguard as cg  # noqa: E402
-from ckptguard.environment import collect_environment  # noqa: E402
-from ckptguard.staging import Stager  # noqa: E402
+from ckptguard.capture.environment import collect_environment  # noqa: E402
+from ckptguard.persist.staging import Stager  # noqa: E402
 
 # ---- state in the shapes each library wants ------------------------------------------------------
 
@@ -110,7 +110,7 @@ class Saver:
                 self.mgr.save(1, cg.TrainState(model=model, optimizer=opt))
                 self.mgr._stager._join()
             if method == "ckptguard_buffered":
-                from ckptguard.parallel_io import ParallelTensorWriter
+                from ckptguard.persist.parallel_io import ParallelTensorWriter
 
                 self.mgr.tensor_writer = ParallelTensorWriter(direct=False)
         if method == "raw_direct":

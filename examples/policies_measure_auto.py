@@ -10,7 +10,7 @@ import torch
 import ckptguard as cg
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-logging.getLogger("ckptguard.manager").setLevel(logging.WARNING)
+logging.getLogger("ckptguard.manager.manager").setLevel(logging.WARNING)
 for async_save in (False, True):
     run = f"/tmp/measure-auto-{async_save}"
     shutil.rmtree(run, ignore_errors=True)

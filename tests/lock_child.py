@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from trainlib import Net, NoisyDataset, train_step
 
 import ckptguard as cg
-from ckptguard.lock import LockPolicy
+from ckptguard.run.lock import LockPolicy
 
 
 def build(workers: int = 0, out: Path | None = None, writer: str = "A") -> tuple[dict[str, Any], cg.TrainState]:

@@ -20,7 +20,7 @@ from s3_fixture import s3_endpoint, s3_url  # noqa: F401  (fixtures)
 from trainlib import make_setup, same_weights, train_step
 
 import ckptguard as cg
-from ckptguard.catalog import find_unknown
+from ckptguard.run.catalog import find_unknown
 from ckptguard.errors import CheckpointError, DiskFullError
 from ckptguard.storage import FsspecStorage
 from ckptguard.testing import FaultyStorage
@@ -211,7 +211,7 @@ def test_pruning_a_symlinked_checkpoint_folder_never_deletes_through_the_link(tm
     out = _cli("prune", str(a), "--keep-last", "1")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
-    assert sorted(os.listdir(a)) == [".ckptguard.lock", "ckptguard.json", "step-000000003"]
+    assert sorted(os.listdir(a)) == [".ckptguard.run.lock", "ckptguard.json", "step-000000003"]
     # run B is untouched: three committed checkpoints, every one restorable and sound.
     with cg.CheckpointManager(str(b), every_steps=1) as mb:
         assert [(c.step, c.valid) for c in mb.checkpoints()] == [(1, True), (2, True), (3, True)]

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ckptguard as cg
-from ckptguard.configdrift import ConfigChange, config_diff
+from ckptguard.capture.configdrift import ConfigChange, config_diff
 
 leaves = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(-2, 2, allow_nan=False), st.text("xyz", max_size=3))
 keys = st.text("abcd", min_size=1, max_size=2)
@@ -112,7 +112,7 @@ def test_restore_logs_each_changed_key(tmp_path: Path, caplog: pytest.LogCapture
     today = Config(lr=3e-4, model=Model(dropout=0.3))
     with caplog.at_level(logging.WARNING, logger="ckptguard"), cg.CheckpointManager(run) as mgr:
         assert mgr.restore(cg.TrainState(model=nn.Linear(2, 2), config=today)) == 10
-    lines = [r.getMessage() for r in caplog.records if r.name == "ckptguard.configdrift" and r.levelno == logging.WARNING]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ckptguard.capture.configdrift" and r.levelno == logging.WARNING]
     assert lines[0].startswith(f"Config differs from {run / 'step-000000010'} in 2 key(s)")
     assert lines[1:] == ["  config lr: 0.001 -> 0.0003", "  config model.dropout: 0.1 -> 0.3"]
 
@@ -124,7 +124,7 @@ def test_restore_is_quiet_when_the_config_is_the_same_or_absent(tmp_path: Path, 
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="ckptguard"), cg.CheckpointManager(run) as mgr:
             assert mgr.restore(cg.TrainState(model=nn.Linear(2, 2), config=config)) == 10
-        assert not [r for r in caplog.records if r.name == "ckptguard.configdrift"]
+        assert not [r for r in caplog.records if r.name == "ckptguard.capture.configdrift"]
 
 
 def test_restore_without_a_saved_config_logs_every_key_as_added(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -133,7 +133,7 @@ def test_restore_without_a_saved_config_logs_every_key_as_added(tmp_path: Path, 
     with caplog.at_level(logging.WARNING, logger="ckptguard"), cg.CheckpointManager(run) as mgr:
         with torch.no_grad():
             assert mgr.restore(cg.TrainState(model=nn.Linear(2, 2), config={"seed": 3})) == 10
-    lines = [r.getMessage() for r in caplog.records if r.name == "ckptguard.configdrift"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ckptguard.capture.configdrift"]
     assert lines[-1] == "  config seed: added, now 3"
 
 
@@ -150,6 +150,6 @@ def test_restore_with_a_hostile_config_yaml_neither_expands_nor_fails(tmp_path: 
     reseal(run / "step-000000010", "config.yaml", bomb.encode())
     with caplog.at_level(logging.WARNING, logger="ckptguard"), cg.CheckpointManager(run) as mgr:
         assert mgr.restore(cg.TrainState(model=nn.Linear(2, 2), config=Config(lr=3e-4))) == 10
-    said = [r.getMessage() for r in caplog.records if r.name == "ckptguard.configdrift"]
+    said = [r.getMessage() for r in caplog.records if r.name == "ckptguard.capture.configdrift"]
     assert len(said) == 1 and said[0].startswith(f"Could not compare today's config with {run / 'step-000000010'}/config.yaml")
     assert "aliases are not accepted" in said[0]

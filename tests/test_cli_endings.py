@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import ckptguard as cg
-from ckptguard.catalog import mark_status
+from ckptguard.run.catalog import mark_status
 from ckptguard.cli import main
 from ckptguard.storage import open_storage
 
@@ -256,7 +256,7 @@ def test_prune_endings(capsys: pytest.CaptureFixture[str], run: Path, paths: dic
     code, out, _ = run_cli(capsys, "prune", paths["debris"], "--dry-run")
     assert code == 0 and ".tmp-abc" in out and "step-000000030" in out
     code, out, _ = run_cli(capsys, "prune", paths["debris"])
-    assert code == 0 and "debris removed" in out and sorted(os.listdir(paths["debris"])) == [".ckptguard.lock"]
+    assert code == 0 and "debris removed" in out and sorted(os.listdir(paths["debris"])) == [".ckptguard.run.lock"]
     code, out, _ = run_cli(capsys, "prune", run, "--keep-last", "1", "--dry-run", "--json")
     assert code == 0 and [d["keep"] for d in json.loads(out)["decisions"]] == [False, True]
     _corrupt_manifest(run / "step-000000010")

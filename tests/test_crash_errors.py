@@ -22,7 +22,7 @@ import torch
 from trainlib import make_setup, same_weights, train_step
 
 import ckptguard as cg
-from ckptguard.catalog import find_debris
+from ckptguard.run.catalog import find_debris
 
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NOBODY = 65534

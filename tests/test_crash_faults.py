@@ -21,11 +21,11 @@ import torch
 from trainlib import make_setup, same_weights, train_step
 
 import ckptguard as cg
-from ckptguard.catalog import find_debris, scan
+from ckptguard.run.catalog import find_debris, scan
 from ckptguard.errors import AsyncSaveError, CheckpointError
 from ckptguard.storage import LocalStorage
 from ckptguard.testing import FaultyStorage, count_ops
-from ckptguard.writer import clean_debris, delete_checkpoint
+from ckptguard.persist.writer import clean_debris, delete_checkpoint
 
 FAULTS_INJECTED: list[int] = []  # n of each sweep run in this process (each also printed; see -s)
 

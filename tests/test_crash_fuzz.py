@@ -21,7 +21,7 @@ from trainlib import make_setup, same_weights, two_step_run
 
 import ckptguard as cg
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
-from ckptguard.manifest import STATUS
+from ckptguard.format.manifest import STATUS
 
 EXAMPLES = 3000 if FULL else 1000
 STEP2 = "step-000000002"

@@ -26,11 +26,11 @@ import torch
 from trainlib import make_setup, same_weights, two_step_run
 
 import ckptguard as cg
-from ckptguard.catalog import read_manifest
+from ckptguard.run.catalog import read_manifest
 from ckptguard.errors import CheckpointError, FormatVersionError, UnsafeCheckpointError
-from ckptguard.manifest import encode_manifest
+from ckptguard.format.manifest import encode_manifest
 from ckptguard.storage import LocalStorage
-from ckptguard.tensorfile import digest_bytes
+from ckptguard.format.tensorfile import digest_bytes
 
 STEP2 = "step-000000002"
 PY = sys.executable
@@ -241,7 +241,7 @@ def test_pickle_payload_works_when_unpickled(tmp_path: Path) -> None:
 
 
 INSIDE = ["MANIFEST.json", "model.safetensors", "optimizer.safetensors", "state.json", "config.yaml", "STATUS.json"]
-RUN_FILES = ["ckptguard.json", "metrics.csv", "probe.safetensors", ".ckptguard.lock", "step-000000003/MANIFEST.json"]
+RUN_FILES = ["ckptguard.json", "metrics.csv", "probe.safetensors", ".ckptguard.run.lock", "step-000000003/MANIFEST.json"]
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch"])
@@ -275,7 +275,7 @@ def test_pickle_payload_anywhere_is_never_executed(good_run: dict[str, Any], tmp
             cg.verify(run / STEP2)
             s = make_setup(hidden=4, seed=3)
             try:
-                with cg.CheckpointManager(run, lock=where != ".ckptguard.lock") as mgr:
+                with cg.CheckpointManager(run, lock=where != ".ckptguard.run.lock") as mgr:
                     mgr.checkpoints()
                     mgr.restore(s["state"])
             except CheckpointError:

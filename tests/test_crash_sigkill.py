@@ -22,7 +22,7 @@ from conftest import FULL
 from crash_child import Big, base, child, expected, set_step
 
 import ckptguard as cg
-from ckptguard.catalog import find_debris
+from ckptguard.run.catalog import find_debris
 from ckptguard.storage import LocalStorage
 
 KILLS = 40 if FULL else 6
@@ -84,7 +84,7 @@ def test_a_run_files_temporary_copy_left_by_a_kill_is_debris(tmp_path: Path) -> 
     """A kill between writing ckptguard.json.tmp-<id> and its rename leaves that file: the next
     save (and prune) remove it; a file of the user's that merely looks alike is not touched."""
     import ckptguard as cg
-    from ckptguard.catalog import find_debris
+    from ckptguard.run.catalog import find_debris
     from ckptguard.storage import LocalStorage
 
     run = tmp_path / "run"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from trainlib import run_training
 
 from ckptguard.cli import main
-from ckptguard.diffing import diff
+from ckptguard.report.diffing import diff
 
 
 @pytest.fixture(scope="module")

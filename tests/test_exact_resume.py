@@ -114,9 +114,9 @@ def test_control_without_per_sample_seeding_resume_differs(
 ) -> None:
     """Control: the tests above can fail. Without the workers' re-seeding (the fork start method
     carries the patch into the workers) a mid-epoch resume changes every later augmentation."""
-    import ckptguard.sampler
+    import ckptguard.capture.sampler
 
-    monkeypatch.setattr(ckptguard.sampler, "seed_sample", lambda *a: None)
+    monkeypatch.setattr(ckptguard.capture.sampler, "seed_sample", lambda *a: None)
     reference = run_training(tmp_path / "ref", 10, setup_kwargs=AUG)
     run_training(run_dir, 10, stop_at=7, setup_kwargs=AUG)
     assert not same_weights(reference, run_training(run_dir, 10, setup_kwargs=AUG))
@@ -124,9 +124,9 @@ def test_control_without_per_sample_seeding_resume_differs(
 
 def test_resume_with_another_worker_count_warns(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     run_training(run_dir, TOTAL, stop_at=7, setup_kwargs=AUG)
-    with caplog.at_level(logging.WARNING, logger="ckptguard.sampler"):
+    with caplog.at_level(logging.WARNING, logger="ckptguard.capture.sampler"):
         run_training(run_dir, 8, setup_kwargs={"workers": 0, "augment": True})
-    [msg] = [r.getMessage() for r in caplog.records if r.name == "ckptguard.sampler"]
+    [msg] = [r.getMessage() for r in caplog.records if r.name == "ckptguard.capture.sampler"]
     assert msg == (
         "DataLoader: the checkpoint was saved with num_workers=2, persistent_workers=False and the "
         "loader now has num_workers=0, persistent_workers=False; the resumed run is not bit-exact "
@@ -140,15 +140,15 @@ def test_resume_with_another_number_of_workers_is_exact_and_quiet(
     """Samples are re-seeded by position, not by worker: 2 workers, then 1 (and 3), is bit-exact."""
     run_training(run_dir, TOTAL, stop_at=7, setup_kwargs=AUG)
     run_training(run_dir, TOTAL, stop_at=17, setup_kwargs=dict(AUG, workers=1))
-    with caplog.at_level(logging.WARNING, logger="ckptguard.sampler"):
+    with caplog.at_level(logging.WARNING, logger="ckptguard.capture.sampler"):
         resumed = run_training(run_dir, TOTAL, setup_kwargs=dict(AUG, workers=3))
-    assert [r.getMessage() for r in caplog.records if r.name == "ckptguard.sampler"] == []
+    assert [r.getMessage() for r in caplog.records if r.name == "ckptguard.capture.sampler"] == []
     assert same_weights(aug_reference, resumed)
 
 
 def test_resume_with_another_batch_size_warns(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     run_training(run_dir, TOTAL, stop_at=7)
-    with caplog.at_level(logging.WARNING, logger="ckptguard.sampler"):
+    with caplog.at_level(logging.WARNING, logger="ckptguard.capture.sampler"):
         run_training(run_dir, 8, setup_kwargs={"batch_size": 4})
-    [msg] = [r.getMessage() for r in caplog.records if r.name == "ckptguard.sampler"]
+    [msg] = [r.getMessage() for r in caplog.records if r.name == "ckptguard.capture.sampler"]
     assert msg.startswith("DataLoader: the checkpoint was saved with batch_size=8 and the loader now has batch_size=4")

@@ -60,7 +60,7 @@ def test_export_refuses_a_corrupt_checkpoint(tmp_path: Path) -> None:
     pack.write_bytes(bytes(data))
     out = tmp_path / "model.safetensors"
     with pytest.raises(cg.CorruptCheckpointError, match=pack.name):
-        from ckptguard.export import export_checkpoint
+        from ckptguard.report.export import export_checkpoint
 
         export_checkpoint(run / "step-000000005", out, full=True)
     assert not out.exists() and not list(tmp_path.glob(".model.safetensors.tmp-*"))
@@ -88,8 +88,8 @@ def _declare_huge_tensor(ckpt: Path, nbytes: int, *, sparse: bool) -> None:
     to declare one F32 tensor of ``nbytes``; the data is a sparse hole or simply absent."""
     import struct
 
-    from ckptguard.manifest import encode_manifest
-    from ckptguard.tensorfile import digest_bytes, merkle_root
+    from ckptguard.format.manifest import encode_manifest
+    from ckptguard.format.tensorfile import digest_bytes, merkle_root
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
@@ -115,8 +115,8 @@ def test_export_refuses_a_huge_declared_tensor_before_allocating(tmp_path: Path,
     """Issue 13 item 5: a self-consistent manifest declaring a 1 TiB tensor is refused at once."""
     import time
 
-    from ckptguard.catalog import read_manifest
-    from ckptguard.export import export_checkpoint
+    from ckptguard.run.catalog import read_manifest
+    from ckptguard.report.export import export_checkpoint
     from ckptguard.storage import open_storage
 
     run = tmp_path / "run"
@@ -142,8 +142,8 @@ def test_export_refuses_what_this_machine_cannot_hold(tmp_path: Path, monkeypatc
     below the checkpoint's real size (the only stand-in in this file)."""
     import math
 
-    from ckptguard import export as export_mod
-    from ckptguard.catalog import read_manifest
+    from ckptguard.report import export as export_mod
+    from ckptguard.run.catalog import read_manifest
     from ckptguard.storage import open_storage
 
     run = tmp_path / "run"

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import ckptguard as cg
-from ckptguard.manifest import FORMAT_VERSION
+from ckptguard.format.manifest import FORMAT_VERSION
 from ckptguard.storage.local import LocalStorage
-from ckptguard.tensorfile import write_tensor_file
+from ckptguard.format.tensorfile import write_tensor_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1-run"
 
@@ -36,7 +36,7 @@ def test_tensor_file_golden_bytes(tmp_path: Path) -> None:
 
 
 def test_every_supported_dtype_roundtrips_through_safetensors(tmp_path: Path) -> None:
-    from ckptguard.tensorfile import DTYPE_TO_ST
+    from ckptguard.format.tensorfile import DTYPE_TO_ST
 
     tensors = {str(dt): torch.ones(3, dtype=torch.float32).to(dt) for dt in DTYPE_TO_ST if dt not in (torch.uint16, torch.uint32, torch.uint64)}
     tensors["empty"] = torch.zeros(0, 4)

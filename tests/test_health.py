@@ -16,7 +16,7 @@ import trainlib
 from safetensors.torch import load_file
 
 import ckptguard as cg
-from ckptguard.health import zscore
+from ckptguard.verification.health import zscore
 
 CHILD = str(Path(__file__).parent / "policy_child.py")
 

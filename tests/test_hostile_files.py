@@ -32,15 +32,15 @@ from hypothesis import strategies as st
 from trainlib import make_setup, two_step_run
 
 import ckptguard as cg
-from ckptguard.catalog import MAX_STATUS_BYTES
+from ckptguard.run.catalog import MAX_STATUS_BYTES
 from ckptguard.errors import CorruptCheckpointError, DiskFullError, UnsafeCheckpointError
-from ckptguard.history import MAX_HISTORY_BYTES
-from ckptguard.manifest import MAX_MANIFEST_BYTES, MAX_MANIFEST_FILES
-from ckptguard.metrics_log import MAX_METRICS_BYTES
-from ckptguard.pins import MAX_PIN_BYTES
-from ckptguard.reader import MAX_JSON_BYTES
-from ckptguard.runrecord import MAX_RUN_FILE_BYTES
-from ckptguard.safejson import json_depth, loads
+from ckptguard.run.history import MAX_HISTORY_BYTES
+from ckptguard.format.manifest import MAX_MANIFEST_BYTES, MAX_MANIFEST_FILES
+from ckptguard.run.metrics_log import MAX_METRICS_BYTES
+from ckptguard.policies.pins import MAX_PIN_BYTES
+from ckptguard.persist.reader import MAX_JSON_BYTES
+from ckptguard.run.runrecord import MAX_RUN_FILE_BYTES
+from ckptguard.format.safejson import json_depth, loads
 from ckptguard.storage import LocalStorage
 from ckptguard.storage.base import read_capped
 
@@ -335,10 +335,10 @@ def test_manifest_with_too_many_files(good_run: dict[str, Any], tmp_path: Path, 
 
 def test_bad_sidecar_is_absent_with_a_warning(good_run: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """In process: deep JSON in every sidecar, read through the library's own functions."""
-    from ckptguard.catalog import read_status
-    from ckptguard.history import read_history
-    from ckptguard.pins import pinned_steps
-    from ckptguard.runrecord import read_run_record
+    from ckptguard.run.catalog import read_status
+    from ckptguard.run.history import read_history
+    from ckptguard.policies.pins import pinned_steps
+    from ckptguard.run.runrecord import read_run_record
 
     run = tmp_path / "run"
     shutil.copytree(good_run["run"], run)
@@ -497,7 +497,7 @@ def test_object_store_caps_use_the_listed_size(caplog: pytest.LogCaptureFixture)
     """memory:// (fsspec): the same caps, from the size the store lists, before any read."""
     import uuid
 
-    from ckptguard.catalog import read_status
+    from ckptguard.run.catalog import read_status
     from ckptguard.storage import FsspecStorage
 
     storage = FsspecStorage(f"memory://hostile-{uuid.uuid4().hex[:8]}")
@@ -515,7 +515,7 @@ def test_object_store_caps_use_the_listed_size(caplog: pytest.LogCaptureFixture)
 def test_metrics_csv_with_a_field_over_the_csv_limit(tmp_path: Path) -> None:
     """csv refuses fields over 128 KiB with its own error, which escaped from plot and from
     save (after the commit). A bad row is skipped; a bad header is a clear CheckpointError."""
-    from ckptguard.metrics_log import read_metrics
+    from ckptguard.run.metrics_log import read_metrics
 
     storage = LocalStorage(tmp_path)
     (tmp_path / "metrics.csv").write_text("step,wall_time,loss\n1,1.0,0.5\n2," + "9" * 200_000 + ",0.4\n3,3.0,0.3\n")

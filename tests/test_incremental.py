@@ -14,9 +14,9 @@ from torch import nn
 from trainlib import run_training, same_weights
 
 import ckptguard as cg
-from ckptguard.catalog import scan
-from ckptguard.incremental import OBJECTS, chunk_refs
-from ckptguard.sizes import run_sizes
+from ckptguard.run.catalog import scan
+from ckptguard.persist.incremental import OBJECTS, chunk_refs
+from ckptguard.run.sizes import run_sizes
 from ckptguard.storage import open_storage
 
 WIDTH = 1024
@@ -176,8 +176,8 @@ def test_exact_resume_with_incremental_saves(tmp_path: Path, async_save: bool) -
 
 
 def test_large_tensor_is_split_into_chunks(run_dir: Path) -> None:
-    from ckptguard.incremental import IncrementalSave, build_index
-    from ckptguard.reader import READERS
+    from ckptguard.persist.incremental import IncrementalSave, build_index
+    from ckptguard.persist.reader import READERS
 
     storage = open_storage(run_dir)
     storage.makedirs("ck")
@@ -186,7 +186,7 @@ def test_large_tensor_is_split_into_chunks(run_dir: Path) -> None:
     entry = IncrementalSave(build_index([]), chunk_bytes=4096)(storage, "ck/m.safetensors", {"t": t, "s": small})
     assert len(entry["tensors"]["t"]["chunks"]) == 10 and "xxh3_128" not in entry["tensors"]["t"]
     assert len(entry["tensors"]["s"]["chunks"]) == 1
-    from ckptguard.manifest import FILE_KIND_VALIDATORS
+    from ckptguard.format.manifest import FILE_KIND_VALIDATORS
 
     FILE_KIND_VALIDATORS["chunked"](entry, "x", "m.safetensors")
     out = READERS["chunked"](storage, "ck", "m.safetensors", entry)
@@ -204,8 +204,8 @@ def test_large_tensor_is_split_into_chunks(run_dir: Path) -> None:
     ids=["pack-path", "chunk-pack-path", "chunk-beyond-pack", "missing-chunk"],
 )
 def test_hostile_chunked_entries_are_refused(run_dir: Path, mutate: Any) -> None:
-    from ckptguard.incremental import IncrementalSave, build_index
-    from ckptguard.manifest import FILE_KIND_VALIDATORS
+    from ckptguard.persist.incremental import IncrementalSave, build_index
+    from ckptguard.format.manifest import FILE_KIND_VALIDATORS
 
     storage = open_storage(run_dir)
     storage.makedirs("ck")

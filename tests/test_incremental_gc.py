@@ -15,9 +15,9 @@ from torch import nn
 from trainlib import same_weights
 
 import ckptguard as cg
-from ckptguard.catalog import scan
-from ckptguard.gc import collect
-from ckptguard.incremental import OBJECTS, chunk_refs
+from ckptguard.run.catalog import scan
+from ckptguard.persist.gc import collect
+from ckptguard.persist.incremental import OBJECTS, chunk_refs
 from ckptguard.storage import LocalStorage
 
 

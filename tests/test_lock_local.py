@@ -29,7 +29,7 @@ from lock_child import build, train
 from trainlib import same_weights
 
 import ckptguard as cg
-from ckptguard.lock import LOCK_NAME, LockPolicy, RunLock
+from ckptguard.run.lock import LOCK_NAME, LockPolicy, RunLock
 from ckptguard.storage import LocalStorage
 
 TESTS = Path(__file__).parent
@@ -190,7 +190,7 @@ def test_second_manager_in_this_process_is_refused_and_named(tmp_path: Path) -> 
 
 _HOLDER = """
 import os, subprocess, sys, time
-from ckptguard.lock import LOCK_NAME, RunLock
+from ckptguard.run.lock import LOCK_NAME, RunLock
 from ckptguard.storage import LocalStorage
 run, ready, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
 lock = RunLock(LocalStorage(run))

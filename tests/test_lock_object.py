@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from lock_child import build
 
 import ckptguard as cg
-from ckptguard.lock import LOCK_NAME, LockPolicy, RunLock
+from ckptguard.run.lock import LOCK_NAME, LockPolicy, RunLock
 from ckptguard.storage import FsspecStorage, open_storage
 
 # ---- the primitive against its meaning ------------------------------------------------------------

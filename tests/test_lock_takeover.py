@@ -32,7 +32,7 @@ from conftest import FULL
 from lock_child import build, train
 
 import ckptguard as cg
-from ckptguard.lock import LOCK_NAME, LockPolicy, RunLock
+from ckptguard.run.lock import LOCK_NAME, LockPolicy, RunLock
 from ckptguard.storage import FsspecStorage, open_storage
 
 TESTS = Path(__file__).parent

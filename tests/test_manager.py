@@ -149,7 +149,7 @@ def test_metrics_csv_is_appended_and_survives_new_columns(run_dir: Path) -> None
 
 
 def test_torn_metrics_line_is_skipped_and_next_append_starts_fresh(run_dir: Path) -> None:
-    from ckptguard.metrics_log import read_metrics
+    from ckptguard.run.metrics_log import read_metrics
     from ckptguard.storage import LocalStorage
 
     with cg.CheckpointManager(run_dir) as mgr:

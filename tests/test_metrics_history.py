@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckptguard as cg
-from ckptguard.metrics_log import METRICS_FILE, MetricsLog, read_metrics
+from ckptguard.run.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from ckptguard.storage.local import LocalStorage
 from ckptguard.testing import FaultyStorage
 

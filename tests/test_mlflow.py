@@ -11,8 +11,8 @@ import pytest
 from trainlib import make_setup, run_training, same_weights, train_step
 
 import ckptguard as cg
-from ckptguard.catalog import mark_status
-from ckptguard.metrics_log import read_metrics
+from ckptguard.run.catalog import mark_status
+from ckptguard.run.metrics_log import read_metrics
 from ckptguard.storage import open_storage
 
 pytest.importorskip("mlflow")

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ckptguard as cg
-from ckptguard.state import canonical_key, unwrap_model
+from ckptguard.capture.state import canonical_key, unwrap_model
 
 
 def _net(seed: int) -> nn.Module:

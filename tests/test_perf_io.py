@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import ckptguard as cg
 from ckptguard.errors import AsyncSaveError, CheckpointError
-from ckptguard.parallel_io import (
+from ckptguard.persist.parallel_io import (
     IOV_MAX,
     ParallelTensorWriter,
     Segment,
@@ -34,7 +34,7 @@ from ckptguard.parallel_io import (
 )
 from ckptguard.storage import open_storage
 from ckptguard.storage.base import Writer
-from ckptguard.writer import write_local_tensor_file
+from ckptguard.persist.writer import write_local_tensor_file
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -9,10 +9,10 @@ import pytest
 from trainlib import make_setup, run_training
 
 import ckptguard as cg
-from ckptguard.catalog import mark_status
+from ckptguard.run.catalog import mark_status
 from ckptguard.cli import main
-from ckptguard.history import read_history
-from ckptguard.plotting import plot_run
+from ckptguard.run.history import read_history
+from ckptguard.report.plotting import plot_run
 from ckptguard.storage import open_storage
 
 pytest.importorskip("matplotlib")

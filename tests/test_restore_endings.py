@@ -35,12 +35,12 @@ from conftest import FULL
 from torch import nn
 
 import ckptguard as cg
-from ckptguard.catalog import find_debris, find_unknown, read_status, scan
+from ckptguard.run.catalog import find_debris, find_unknown, read_status, scan
 from ckptguard.cli import main as cli_main
 from ckptguard.errors import FormatVersionError, NoValidCheckpointError, StateMismatchError
-from ckptguard.manifest import encode_manifest
+from ckptguard.format.manifest import encode_manifest
 from ckptguard.storage import LocalStorage
-from ckptguard.writer import clean_debris, delete_checkpoint
+from ckptguard.persist.writer import clean_debris, delete_checkpoint
 
 S = "step-{:09d}".format
 
@@ -499,7 +499,7 @@ def test_hostile_manifest_and_hostile_state_fall_back(run: Path, caplog: pytest.
     # a state.json whose checksum is consistent but whose contents are not ckptguard's
     bad = b'{"format_version": 1, "step": 2, "optimizers": {"": {"class": "AdamW", "state_dict": 7}}}'
     (run / S(2) / "state.json").write_bytes(bad)
-    from ckptguard.tensorfile import digest_bytes
+    from ckptguard.format.tensorfile import digest_bytes
 
     _rewrite_manifest(run / S(2) / "MANIFEST.json", files={**json.loads((run / S(2) / "MANIFEST.json").read_text())["files"], "state.json": {"kind": "blob", "size": len(bad), "xxh3_128": digest_bytes(bad)}})
     with pytest.raises(NoValidCheckpointError) as ei:
@@ -697,7 +697,7 @@ def test_restore_only_reader_works_while_another_process_holds_the_lock(tmp_path
 
 
 def test_a_failed_mark_is_listed_and_an_explicit_step_restores_it(run: Path, base: dict[str, Any]) -> None:
-    from ckptguard.catalog import mark_status
+    from ckptguard.run.catalog import mark_status
 
     store = LocalStorage(run)
     mark_status(store, S(4), "failed", "probe output drifted")
@@ -738,7 +738,7 @@ def test_restore_matches_the_oracle(four: Path, tmp_path_factory: pytest.TempPat
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from ckptguard.catalog import mark_status
+    from ckptguard.run.catalog import mark_status
 
     @settings(max_examples=60 if FULL else 15, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.lists(st.sampled_from(CONDITIONS), min_size=4, max_size=4))

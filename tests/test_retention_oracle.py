@@ -1,5 +1,5 @@
 """Retention against a reference: each policy's meaning written again from the README and the
-docstrings (a few obvious lines, no code shared with ckptguard.retention), compared with
+docstrings (a few obvious lines, no code shared with ckptguard.policies.retention), compared with
 
 - the pure planner (``plan_retention``, ``plan_own_lineage``, ``prune``'s lineage view) over many
   generated sets of checkpoints, and
@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptguard as cg
-from ckptguard.catalog import CheckpointInfo
+from ckptguard.run.catalog import CheckpointInfo
 from ckptguard.cli import main
-from ckptguard.pins import lineage_protection, plan_own_lineage
-from ckptguard.retention import plan_retention
+from ckptguard.policies.pins import lineage_protection, plan_own_lineage
+from ckptguard.policies.retention import Decision, plan_retention
 
 # ---- the reference ---------------------------------------------------------------------------
 
@@ -190,7 +190,7 @@ def checkpoint_sets(draw: st.DrawFn) -> list[Ck]:
     ]
 
 
-def kept_and_protected(decisions: list[cg.retention.Decision]) -> tuple[set[int], set[int]]:
+def kept_and_protected(decisions: list[Decision]) -> tuple[set[int], set[int]]:
     return {d.step for d in decisions if d.keep}, {d.step for d in decisions if d.keep and d.protected}
 
 

@@ -16,15 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptguard as cg
-from ckptguard.catalog import CheckpointInfo
+from ckptguard.run.catalog import CheckpointInfo
 from ckptguard.errors import StorageError
-from ckptguard.pins import (
+from ckptguard.policies.pins import (
     foreign_protection,
     lineage_protection,
     plan_own_lineage,
     run_id_of,
 )
-from ckptguard.retention import (
+from ckptguard.policies.retention import (
+    Decision,
     KeepBeforeConfigChange,
     KeepPhased,
     budget_overrun,
@@ -42,7 +43,7 @@ def info(step: int, *, valid: bool = True, metrics: dict[str, Any] | None = None
     )
 
 
-def kept(decisions: list[cg.retention.Decision]) -> list[int]:
+def kept(decisions: list[Decision]) -> list[int]:
     return [d.step for d in decisions if d.keep]
 
 
@@ -330,7 +331,7 @@ def test_fresh_second_run_does_not_delete_the_first_runs_history(run_dir: Path) 
 def test_keep_last_keeps_every_checkpoint_while_fewer_than_n_exist() -> None:
     """Issue 12 item 1: the ring buffer slice started negative, so keep_last=3 kept one."""
     for n in (3, 5):
-        policy = cg.retention.KeepLast(n)
+        policy = cg.KeepLast(n)
         assert policy.keep([info(10), info(20)]) == {10: f"last {n}", 20: f"last {n}"}
         assert kept(plan_retention([info(10), info(20)], cg.Retention(keep_last=n))) == [10, 20]
-    assert sorted(cg.retention.KeepLast(3).keep([info(s) for s in (1, 2, 3, 4)])) == [2, 3, 4]
+    assert sorted(cg.KeepLast(3).keep([info(s) for s in (1, 2, 3, 4)])) == [2, 3, 4]

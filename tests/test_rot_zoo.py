@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 import ckptguard as cg
-from ckptguard.doctor import DoctorReport, build_current, doctor
+from ckptguard.verification.doctor import DoctorReport, build_current, doctor
 
 FACTORY = '''
 import torch
@@ -288,7 +288,7 @@ def test_corrupted_bytes(zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_environment_drift(zoo: Zoo) -> None:
-    from ckptguard.environment import collect_environment
+    from ckptguard.capture.environment import collect_environment
 
     env = collect_environment()
     env["torch"] = "9.9.9"
@@ -297,7 +297,7 @@ def test_environment_drift(zoo: Zoo) -> None:
     assert codes(report) == {"env.torch"}  # no git at save time: only the version is comparable
     manifest = json.loads((zoo.ckpt() / "MANIFEST.json").read_text())
     manifest_env = {**manifest["environment"], "git": {"commit": "1" * 40, "dirty": True, "changed_files": ["train.py"]}}
-    from ckptguard.doctor import check_environment
+    from ckptguard.verification.doctor import check_environment
 
     found = {f.code: f for f in check_environment({**manifest, "environment": manifest_env}, env)}
     assert {"env.git", "env.git_dirty", "env.torch"} <= set(found) and found["env.git_dirty"].details == ("train.py",)

@@ -27,7 +27,7 @@ from fault_proxy import Fault, FaultProxy
 from trainlib import make_setup, run_training, same_weights, train_step
 
 import ckptguard as cg
-from ckptguard.catalog import find_debris, scan
+from ckptguard.run.catalog import find_debris, scan
 from ckptguard.errors import (
     AsyncSaveError,
     CheckpointError,
@@ -35,7 +35,7 @@ from ckptguard.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from ckptguard.retry import RetryPolicy
+from ckptguard.storage.retry import RetryPolicy
 from ckptguard.storage import FsspecStorage, open_storage
 
 ATTEMPTS = 4
@@ -291,7 +291,7 @@ def test_a_cut_manifest_upload_resolves_to_the_truth(s3_url: str, proxy: FaultPr
         train_step(s, *next(it))
         w10 = {k: v.detach().clone() for k, v in s["model"].state_dict().items()}
         proxy.add(*faults)
-        with caplog.at_level(logging.WARNING, logger="ckptguard.writer"):
+        with caplog.at_level(logging.WARNING, logger="ckptguard.persist.writer"):
             if raised is None:
                 assert mgr.save(10, s["state"], force=True) is True
                 assert mgr.last_saved_step == 10

@@ -22,7 +22,7 @@ from conftest import FULL
 from trainlib import make_setup, run_training, same_weights
 
 import ckptguard as cg
-from ckptguard.catalog import find_debris, scan
+from ckptguard.run.catalog import find_debris, scan
 from ckptguard.storage import open_storage
 
 TESTS = Path(__file__).parent

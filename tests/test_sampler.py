@@ -11,7 +11,7 @@ from conftest import FULL
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, get_worker_info
 
 import ckptguard as cg
-from ckptguard.sampler import SampleIndex, key_dataset
+from ckptguard.capture.sampler import SampleIndex, key_dataset
 
 
 def test_order_is_seeded_and_changes_per_epoch() -> None:
@@ -88,7 +88,7 @@ def test_tracked_loader_reports_consumed_not_prefetched() -> None:
     it = iter(loader)
     for _ in range(3):
         next(it)
-    from ckptguard.sampler import loader_state
+    from ckptguard.capture.sampler import loader_state
 
     assert state._tracker is not None
     pos = loader_state(state._tracker, None)["sampler"]
@@ -295,7 +295,7 @@ def test_restore_into_a_loader_whose_persistent_workers_are_running(tmp_path) ->
     ids=["list", "workers-text", "epoch-text", "persistent-text", "rng-not-base64", "rng-short", "no-sampler"],
 )
 def test_malformed_loader_state_is_a_corrupt_checkpoint_naming_the_file(bad: object) -> None:
-    from ckptguard.sampler import load_loader_state
+    from ckptguard.capture.sampler import load_loader_state
 
     loader = DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2, sampler=cg.ResumableSampler(8, seed=0))
     state = cg.TrainState(dataloader=loader)
@@ -307,7 +307,7 @@ def test_malformed_loader_state_is_a_corrupt_checkpoint_naming_the_file(bad: obj
 
 
 def test_the_chained_worker_init_fn_pickles_with_the_users_own() -> None:
-    from ckptguard.sampler import KeyedWorkerInit
+    from ckptguard.capture.sampler import KeyedWorkerInit
 
     back = pickle.loads(pickle.dumps(KeyedWorkerInit(OpenHandle())))
     assert isinstance(back, KeyedWorkerInit) and isinstance(back.user_fn, OpenHandle)

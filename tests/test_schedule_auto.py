@@ -10,7 +10,7 @@ import pytest
 import trainlib
 
 import ckptguard as cg
-from ckptguard.schedule import (
+from ckptguard.policies.schedule import (
     SaveSchedule,
     observed_mtbf,
     wasted_fraction,
@@ -63,7 +63,7 @@ def test_schedule_steps_seconds_auto() -> None:
 
 
 def test_manager_auto_interval_is_measured_logged_and_recorded(run_dir: Path, async_save: bool, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="ckptguard.schedule")
+    caplog.set_level("INFO", logger="ckptguard.policies.schedule")
     trainlib.run_training(run_dir, 12, every_steps=10**6, async_save=async_save,
                           manager_kwargs={"every": "auto", "mtbf_seconds": 7200.0})
     first = json.loads((run_dir / "step-000000001" / "MANIFEST.json").read_text())

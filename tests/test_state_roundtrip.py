@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 import ckptguard as cg
-from ckptguard.rng import rng_fingerprint
+from ckptguard.capture.rng import rng_fingerprint
 
 
 def _roundtrip(tmp: Path, make_state, step: int = 3, *, mutate=None) -> tuple[cg.TrainState, cg.TrainState]:

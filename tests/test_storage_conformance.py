@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import ckptguard as cg
-from ckptguard.catalog import find_debris, scan
+from ckptguard.run.catalog import find_debris, scan
 from ckptguard.errors import CheckpointNotFoundError
-from ckptguard.manifest import MANIFEST
+from ckptguard.format.manifest import MANIFEST
 from ckptguard.storage import Storage, open_storage
 
 BACKENDS = ["local", "memory", "s3"]
@@ -347,7 +347,7 @@ def _flaky(fn: Callable[..., Any], failures: int, calls: list[int]) -> Callable[
 
 @pytest.mark.parametrize("kind", ["memory", "s3"])
 def test_transient_errors_are_retried(kind: str, request: pytest.FixtureRequest) -> None:
-    from ckptguard.retry import RetryPolicy
+    from ckptguard.storage.retry import RetryPolicy
     from ckptguard.storage import FsspecStorage
 
     url = request.getfixturevalue("s3_url") if kind == "s3" else f"memory://cg-{uuid.uuid4().hex[:8]}/r"
@@ -370,7 +370,7 @@ def test_transient_errors_are_retried(kind: str, request: pytest.FixtureRequest)
 
 
 def test_reads_through_a_handle_are_retried_range_by_range() -> None:
-    from ckptguard.retry import RetryPolicy
+    from ckptguard.storage.retry import RetryPolicy
     from ckptguard.storage import FsspecStorage
 
     store = FsspecStorage(f"memory://cg-{uuid.uuid4().hex[:8]}/r", retry=RetryPolicy(attempts=3, base_delay=0.0, max_delay=0.0))
@@ -392,7 +392,7 @@ def test_reads_through_a_handle_are_retried_range_by_range() -> None:
 
 
 def test_permanent_errors_are_not_retried() -> None:
-    from ckptguard.retry import RetryPolicy
+    from ckptguard.storage.retry import RetryPolicy
 
     calls: list[int] = []
 
@@ -412,7 +412,7 @@ def test_permanent_errors_are_not_retried() -> None:
 def test_retry_policy_validates_and_caps_delays() -> None:
     import random
 
-    from ckptguard.retry import RetryPolicy
+    from ckptguard.storage.retry import RetryPolicy
 
     with pytest.raises(ValueError, match="attempts"):
         RetryPolicy(attempts=0)

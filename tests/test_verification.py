@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from trainlib import run_training, same_weights
 
 import ckptguard as cg
-from ckptguard.probe import PROBE_FILE, load_probe, run_probe, summarize
+from ckptguard.verification.probe import PROBE_FILE, load_probe, run_probe, summarize
 from ckptguard.storage import open_storage
 
 PROBE = torch.randn(16, 8, generator=torch.Generator().manual_seed(7))
@@ -91,7 +91,7 @@ def test_mismatch_marks_failed_calls_back_and_restore_skips_it(run_dir: Path, as
     state = cg.TrainState(model=model, optimizer=opt)
     failures: list[dict[str, Any]] = []
     mgr = cg.CheckpointManager(run_dir, probe=PROBE, async_save=async_save, on_verification_failure=failures.append)
-    with caplog.at_level(logging.ERROR, logger="ckptguard.verification"):
+    with caplog.at_level(logging.ERROR, logger="ckptguard.verification.behaviour"):
         for step in (1, 2, 3):
             loss = F.cross_entropy(model(PROBE), torch.zeros(16, dtype=torch.long))
             opt.zero_grad()
@@ -129,7 +129,7 @@ def test_corruption_after_commit_is_found_by_reverification(run_dir: Path) -> No
 
 
 def test_drift_above_epsilon_is_reported(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="ckptguard.verification"):
+    with caplog.at_level(logging.WARNING, logger="ckptguard.verification.behaviour"):
         run_training(run_dir, 10, every_steps=5, manager_kwargs={"probe": PROBE, "drift_epsilon": 1e-6})
     drift = manifest(run_dir, 10)["probe"]["drift"]
     assert drift["exceeded"] and drift["rel_change"] > 1e-6 and drift["epsilon"] == 1e-6
@@ -179,7 +179,7 @@ def test_probe_that_does_not_fit_the_model_is_a_clear_error(run_dir: Path) -> No
 
 
 def test_compare_probe_exact_on_one_device_tolerant_across_devices() -> None:
-    from ckptguard.probe import compare_probe
+    from ckptguard.verification.probe import compare_probe
 
     out = [("out", torch.linspace(-1, 1, 32).reshape(4, 8))]
     ref = summarize(out, device="cpu")

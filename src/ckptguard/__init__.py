@@ -10,7 +10,7 @@ Public API (see README.md)::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ckptguard.version import __version__
 
 import importlib
 from typing import TYPE_CHECKING, Any
@@ -34,23 +34,25 @@ _LAZY: dict[str, str] = {
     "TrainingDivergedError": "ckptguard.errors",
     "UnsafeCheckpointError": "ckptguard.errors",
     "UnsupportedStateError": "ckptguard.errors",
-    "CheckpointInfo": "ckptguard.catalog",
-    "LossGuard": "ckptguard.health",
-    "LockPolicy": "ckptguard.lock",
-    "CheckpointManager": "ckptguard.manager",
-    "KeepBeforeConfigChange": "ckptguard.retention",
-    "KeepBest": "ckptguard.retention",
-    "KeepEvery": "ckptguard.retention",
-    "KeepLast": "ckptguard.retention",
-    "KeepPhased": "ckptguard.retention",
-    "Retention": "ckptguard.retention",
-    "ResumableSampler": "ckptguard.sampler",
-    "Stateful": "ckptguard.state",
-    "TrainState": "ckptguard.state",
+    "CheckpointInfo": "ckptguard.run.catalog",
+    "LossGuard": "ckptguard.verification.health",
+    "LockPolicy": "ckptguard.run.lock",
+    "CheckpointManager": "ckptguard.manager.manager",
+    "KeepBeforeConfigChange": "ckptguard.policies.retention",
+    "KeepBest": "ckptguard.policies.retention",
+    "KeepEvery": "ckptguard.policies.retention",
+    "KeepLast": "ckptguard.policies.retention",
+    "KeepPhased": "ckptguard.policies.retention",
+    "Retention": "ckptguard.policies.retention",
+    "ResumableSampler": "ckptguard.capture.sampler",
+    "Stateful": "ckptguard.capture.state",
+    "TrainState": "ckptguard.capture.state",
+    "VerifyReport": "ckptguard.verification.verify",
+    "verify": "ckptguard.verification.verify",
 }
 
 if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
-    from ckptguard.catalog import CheckpointInfo
+    from ckptguard.run.catalog import CheckpointInfo
     from ckptguard.errors import (
         AsyncSaveError,
         CheckpointError,
@@ -69,17 +71,14 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
         UnsafeCheckpointError,
         UnsupportedStateError,
     )
-    from ckptguard.health import LossGuard
-    from ckptguard.lock import LockPolicy
-    from ckptguard.manager import CheckpointManager
-    from ckptguard.retention import KeepBeforeConfigChange, KeepBest, KeepEvery, KeepLast, KeepPhased, Retention
-    from ckptguard.sampler import ResumableSampler
-    from ckptguard.state import Stateful, TrainState
+    from ckptguard.verification.health import LossGuard
+    from ckptguard.run.lock import LockPolicy
+    from ckptguard.manager.manager import CheckpointManager
+    from ckptguard.policies.retention import KeepBeforeConfigChange, KeepBest, KeepEvery, KeepLast, KeepPhased, Retention
+    from ckptguard.capture.sampler import ResumableSampler
+    from ckptguard.capture.state import Stateful, TrainState
+    from ckptguard.verification.verify import VerifyReport, verify
 
-# Imported eagerly: ``ckptguard.verify`` is also a submodule, and importing a submodule binds its
-# name on the package; binding the function here first keeps ``ckptguard.verify(...)`` callable.
-# (verify needs no torch.)
-from ckptguard.verify import VerifyReport, verify  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

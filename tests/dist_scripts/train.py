@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import ckptguard as cg  # noqa: E402
-from ckptguard.rng import rng_fingerprint  # noqa: E402
+from ckptguard.capture.rng import rng_fingerprint  # noqa: E402
 from trainlib import Net, NoisyDataset, train_step  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def report(s: dict[str, Any], out: str, tag: str, step: int) -> None:
 def save_with_a_failing_rank(s: dict[str, Any], mgr: cg.CheckpointManager, out: str, total: int) -> None:
     """Rank 1's disk "fails" while writing its rank file: nothing may be committed, every rank
     must raise, and the next save must work."""
-    import ckptguard.distributed as cd
+    import ckptguard.distributed.coordination as cd
 
     real = cd.write_blob
 

@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
 
 
 def _child(run_dir: str, steps: int, every: int, hold: int | None = None) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "ckptguard.demo", run_dir, "--steps", str(steps), "--every", str(every)]
+    cmd = [sys.executable, "-m", "ckptguard.cli.demo_train", run_dir, "--steps", str(steps), "--every", str(every)]
     if hold is not None:
         cmd += ["--hold-in-save", str(hold)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         t = progress.add_task("attempt 3", total=steps)
         a3 = _drive(_child(run_dir, steps, every), progress, t)
         rows.append(("attempt 3", str(a3["start"]), "ran to the end", str(a3["last_step"])))
-    from ckptguard.verify import verify
+    from ckptguard.verification.verify import verify
 
     report = verify(run_dir)
     same = ref["done"]["digest"] == a3["done"]["digest"]

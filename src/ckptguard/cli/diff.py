@@ -9,7 +9,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ckptguard.cli.common import add_json_flag, check_target, console, print_json
-from ckptguard.diffing import CheckpointDiff, diff
+from ckptguard.report.diffing import CheckpointDiff, diff
 
 
 def register(sub: Any) -> None:

@@ -65,8 +65,8 @@ def render(report: Any, strict: bool = False) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ckptguard.configdrift import load_config_file
-    from ckptguard.doctor import build_current, doctor
+    from ckptguard.capture.configdrift import load_config_file
+    from ckptguard.verification.doctor import build_current, doctor
 
     check_target(args.ckpt, want="checkpoint")
     config = load_config_file(args.config) if args.config is not None else None

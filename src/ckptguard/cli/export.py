@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ckptguard.export import export_checkpoint
+    from ckptguard.report.export import export_checkpoint
 
     check_target(args.checkpoint, want="checkpoint")
     result = export_checkpoint(args.checkpoint, args.output, full=args.full, overwrite=args.force)

@@ -7,12 +7,12 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.catalog import info_for
+from ckptguard.run.catalog import info_for
 from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 from ckptguard.errors import CheckpointNotFoundError
-from ckptguard.manifest import MANIFEST
+from ckptguard.format.manifest import MANIFEST
 from ckptguard.storage.base import join
-from ckptguard.verify import resolve_target
+from ckptguard.verification.verify import resolve_target
 
 
 def register(sub: Any) -> None:

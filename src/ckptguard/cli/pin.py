@@ -1,7 +1,7 @@
 """``ckptguard pin RUN STEP [--note TEXT]`` and ``ckptguard unpin RUN STEP``.
 
 A pinned checkpoint is never deleted by retention, ``prune`` or a byte budget. Safe while the run
-is live: the pin is a marker file inside the checkpoint directory (see ckptguard.pins).
+is live: the pin is a marker file inside the checkpoint directory (see ckptguard.policies.pins).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from ckptguard.cli.common import add_json_flag, console, print_json, require_run
-from ckptguard.pins import pin, unpin
+from ckptguard.policies.pins import pin, unpin
 from ckptguard.storage import open_storage
 
 

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import matplotlib  # noqa: F401
 
-        from ckptguard.plotting import plot_run
+        from ckptguard.report.plotting import plot_run
     except ImportError:
         from ckptguard.cli.common import fail
 

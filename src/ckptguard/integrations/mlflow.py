@@ -31,10 +31,10 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ckptguard.catalog import scan
+from ckptguard.run.catalog import scan
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
-from ckptguard.manifest import checkpoint_name
-from ckptguard.metrics_log import read_metrics
+from ckptguard.format.manifest import checkpoint_name
+from ckptguard.run.metrics_log import read_metrics
 
 __all__ = ["MLflowLogger", "flatten_params", "resume_from_mlflow"]
 
@@ -188,7 +188,7 @@ class MLflowLogger:
         self._log_batch(metrics=metrics, tags=tags)
 
     def _log_config_from(self, name: str) -> None:
-        from ckptguard.safejson import yaml_loads
+        from ckptguard.format.safejson import yaml_loads
 
         try:
             raw = self._storage.read_bytes(f"{name}/config.yaml")

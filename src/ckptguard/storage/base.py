@@ -197,7 +197,7 @@ class ConditionalWrites(Protocol):
     (the S3 ETag; a content digest elsewhere). ``conditional_writes_atomic`` is True when the
     store itself decides the condition (S3 ``If-None-Match``/``If-Match``; ``memory://`` under one
     process-wide lock); False when it is emulated by a read before the write, which two writers
-    can both pass, so the caller must read back what it wrote (see ckptguard.lock).
+    can both pass, so the caller must read back what it wrote (see ckptguard.run.lock).
     """
 
     conditional_writes_atomic: bool

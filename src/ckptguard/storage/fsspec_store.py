@@ -6,7 +6,7 @@ directory without a manifest (debris) that readers ignore and ``prune`` removes.
 
 What this backend adds on top of fsspec:
 
-- **Retries.** Every primitive runs under a :class:`~ckptguard.retry.RetryPolicy` (exponential
+- **Retries.** Every primitive runs under a :class:`~ckptguard.storage.retry.RetryPolicy` (exponential
   backoff with jitter); missing objects and permission errors fail at once. Reads too: a file
   opened with ``open_read`` fetches byte ranges, each a retried call, and a range that comes back
   short (a response cut mid-transfer) is fetched again, never taken as the file's end.
@@ -39,7 +39,7 @@ import threading
 from typing import Any, BinaryIO
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageError, StorageUnavailableError
-from ckptguard.retry import RetryPolicy, is_transient
+from ckptguard.storage.retry import RetryPolicy, is_transient
 from ckptguard.storage.base import content_version, translate_os_error
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "FsspecStorage", "storage_error"]
@@ -368,7 +368,7 @@ class FsspecStorage:
     @property
     def conditional_writes_atomic(self) -> bool:
         """True on S3 (``If-None-Match``/``If-Match``) and ``memory://`` (one process-wide lock);
-        elsewhere a conditional write is a read, a compare and a write (see ckptguard.lock)."""
+        elsewhere a conditional write is a read, a compare and a write (see ckptguard.run.lock)."""
         return self._conditional_kind() != "emulated"
 
     def read_versioned(self, path: str) -> tuple[bytes, str] | None:

@@ -1,0 +1,1 @@
+"""torch.distributed runs: agreement between ranks, rank files, sharded state through torch.distributed.checkpoint."""

@@ -1,0 +1,1 @@
+"""CheckpointManager: wires capture, persistence, policies and verification into one save and one restore pipeline."""

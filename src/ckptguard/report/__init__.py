@@ -1,0 +1,1 @@
+"""Reading a run for people and other tools: plots, diffs, export to plain files."""

@@ -1,0 +1,81 @@
+"""RUN/ckptguard.json: what a run recorded about itself (policy, save interval, sessions).
+
+Written atomically (``storage.replace_file``) after every commit and at ``close()``; read by
+``ckptguard prune`` (the policy) and by ``every="auto"`` (the observed mean time between
+failures). Schema::
+
+    {"format_version": 1, "updated": 1.8e9,
+     "retention": {...Retention.to_json()...},
+     "save_interval": {"mode": "auto", "auto_seconds": 57.0, "save_cost_seconds": 0.15, ...},
+     "sessions": [{"id": "...", "run_id": "...", "start": t0, "last_seen": t1,
+                   "resumed_from": 1200 | null, "clean": false, "preempted": false}, ...]}
+
+A session is one process's life with the run; one that ends without a clean ``close()`` is an
+interruption. The newest 1000 sessions are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from ckptguard.format import safejson
+from ckptguard.errors import CheckpointError
+from ckptguard.storage.base import Storage, read_capped
+
+__all__ = ["RUN_FILE", "RunRecord", "read_run_record"]
+
+log = logging.getLogger(__name__)
+RUN_FILE = "ckptguard.json"
+MAX_SESSIONS = 1000
+MAX_RUN_FILE_BYTES = 16 * 1024 * 1024  # 1000 sessions of ~300 bytes, a policy: ~0.3 MB
+
+
+def read_run_record(storage: Storage) -> dict[str, Any]:
+    """The run's record, or {} when absent or unreadable (it is advisory, never trusted blindly)."""
+    try:
+        if not storage.exists(RUN_FILE):
+            return {}
+        data = safejson.loads(read_capped(storage, RUN_FILE, MAX_RUN_FILE_BYTES, "a run record"))
+    except (CheckpointError, ValueError) as e:
+        log.warning("Ignoring unreadable %s (treated as absent): %s", storage.describe(RUN_FILE), e)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class RunRecord:
+    """One manager's session in the run record; thread-safe (async saves update it)."""
+
+    def __init__(self, storage: Storage, run_id: str) -> None:
+        self.storage = storage
+        self._lock = threading.Lock()
+        self.session: dict[str, Any] = {
+            "id": uuid.uuid4().hex[:12], "run_id": run_id, "start": time.time(),
+            "last_seen": time.time(), "resumed_from": None, "clean": False, "preempted": False,
+        }
+
+    def previous_sessions(self) -> list[dict[str, Any]]:
+        sessions = read_run_record(self.storage).get("sessions")
+        if not isinstance(sessions, list):
+            return []
+        return [s for s in sessions if isinstance(s, dict) and s.get("id") != self.session["id"]]
+
+    def write(self, **fields: Any) -> None:
+        """Merge ``fields`` and this session into ckptguard.json. Best effort: logs on failure."""
+        with self._lock:
+            self.session["last_seen"] = time.time()
+            record = read_run_record(self.storage)
+            record.update(fields)
+            record["format_version"] = 1
+            record["updated"] = time.time()
+            sessions = [s for s in record.get("sessions") or [] if isinstance(s, dict)]
+            sessions = [s for s in sessions if s.get("id") != self.session["id"]] + [dict(self.session)]
+            record["sessions"] = sessions[-MAX_SESSIONS:]
+            try:
+                self.storage.replace_file(RUN_FILE, json.dumps(record, indent=1).encode())
+            except CheckpointError as e:
+                log.warning("Could not update %s: %s", self.storage.describe(RUN_FILE), e)
