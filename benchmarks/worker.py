@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import PeakRSS, StateSpec, build_state, fsync_path  # noqa: E402
-
-import ckptguard as cg  # noqa: E402
-from ckptguard.capture.environment import collect_environment  # noqa: E402
-from ckptguard.persist.staging import Stager  # noqa: E402
+import ckptguard as cg
+from ckptguard.capture.environment import collect_environment
+from ckptguard.persist.staging import Stager
+from harness import PeakRSS, StateSpec, build_state, fsync_path
 
 # ---- state in the shapes each library wants ------------------------------------------------------
 

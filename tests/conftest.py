@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from s3_fixture import s3_endpoint, s3_url  # noqa: E402,F401 - fixtures: moto S3 on 127.0.0.1
+from s3_fixture import s3_endpoint, s3_url  # noqa: F401 - fixtures: moto S3 on 127.0.0.1
 
 FULL = os.environ.get("CKPTGUARD_TEST_FULL") == "1"
 

@@ -25,11 +25,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch  # noqa: E402
-from trainlib import make_setup, train_step  # noqa: E402
+import torch
 
-import ckptguard as cg  # noqa: E402
-from ckptguard.cli import main  # noqa: E402
+import ckptguard as cg
+from ckptguard.cli import main
+from trainlib import make_setup, train_step
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -57,7 +57,7 @@ def run_cli(argv: list[str]) -> dict[str, Any]:
             code: Any = main(argv)
         except SystemExit as e:
             code = e.code
-        except BaseException:  # noqa: BLE001 - the report says what escaped
+        except BaseException:
             code = "crash"
             crash = traceback.format_exc()
     return {"code": code, "stderr": err.getvalue()[-4000:], "stdout": out.getvalue()[-4000:], "crash": crash}
@@ -78,7 +78,7 @@ def run_restore(run: str, save: bool) -> dict[str, Any]:
                 result["saved"] = mgr.save((step or 0) + 1, s["state"], force=True, metrics={"loss": 0.5})
     except cg.CheckpointError as e:
         result["error"] = f"{type(e).__name__}: {e}"
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         result["crash"] = traceback.format_exc()
     finally:
         logging.getLogger("ckptguard").removeHandler(collect)

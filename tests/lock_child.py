@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
-from trainlib import Net, NoisyDataset, train_step
 
 import ckptguard as cg
 from ckptguard.run.lock import LockPolicy
+from trainlib import Net, NoisyDataset, train_step
 
 
 def build(workers: int = 0, out: Path | None = None, writer: str = "A") -> tuple[dict[str, Any], cg.TrainState]:

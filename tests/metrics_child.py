@@ -13,9 +13,9 @@ import sys
 from typing import Any
 
 import torch
-import trainlib
 
 import ckptguard as cg
+import trainlib
 
 
 def main(run: Any, total: int, kill_at: int, *, flush_now: bool = True) -> None:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import trainlib
 from safetensors.torch import save_file
 
 import ckptguard as cg
+import trainlib
 
 
 def main() -> int:

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3_fixture import s3_endpoint, s3_url  # noqa: F401  (fixtures)
-from trainlib import make_setup, same_weights, train_step
 
 import ckptguard as cg
-from ckptguard.run.catalog import find_unknown
 from ckptguard.errors import CheckpointError, DiskFullError
+from ckptguard.run.catalog import find_unknown
 from ckptguard.storage import FsspecStorage
 from ckptguard.testing import FaultyStorage
+from s3_fixture import s3_endpoint, s3_url  # noqa: F401  (fixtures)
+from trainlib import make_setup, same_weights, train_step
 
 
 def _train_and_save(store: Any, steps: int, *, every: int, keep_last: int) -> tuple[dict[str, Any], cg.CheckpointManager]:

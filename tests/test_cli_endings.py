@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 import ckptguard as cg
-from ckptguard.run.catalog import mark_status
 from ckptguard.cli import main
+from ckptguard.run.catalog import mark_status
 from ckptguard.storage import open_storage
 
 CONFIG = {"lr": 0.1, "model": {"dropout": 0.1, "widths": [8, 4]}}

@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from conftest import FULL
 
 CLIENTS = Path(__file__).parent / "clients"

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 import torch
-from trainlib import make_setup, same_weights, train_step
 
 import ckptguard as cg
 from ckptguard.run.catalog import find_debris
+from trainlib import make_setup, same_weights, train_step
 
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NOBODY = 65534

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 import torch
-from trainlib import make_setup, same_weights, train_step
 
 import ckptguard as cg
-from ckptguard.run.catalog import find_debris, scan
 from ckptguard.errors import AsyncSaveError, CheckpointError
+from ckptguard.persist.writer import clean_debris, delete_checkpoint
+from ckptguard.run.catalog import find_debris, scan
 from ckptguard.storage import LocalStorage
 from ckptguard.testing import FaultyStorage, count_ops
-from ckptguard.persist.writer import clean_debris, delete_checkpoint
+from trainlib import make_setup, same_weights, train_step
 
 FAULTS_INJECTED: list[int] = []  # n of each sweep run in this process (each also printed; see -s)
 

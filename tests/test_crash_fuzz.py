@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FULL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from trainlib import make_setup, same_weights, two_step_run
 
 import ckptguard as cg
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
 from ckptguard.format.manifest import STATUS
+from conftest import FULL
+from trainlib import make_setup, same_weights, two_step_run
 
 EXAMPLES = 3000 if FULL else 1000
 STEP2 = "step-000000002"

@@ -23,14 +23,14 @@ from typing import Any
 
 import pytest
 import torch
-from trainlib import make_setup, same_weights, two_step_run
 
 import ckptguard as cg
-from ckptguard.run.catalog import read_manifest
 from ckptguard.errors import CheckpointError, FormatVersionError, UnsafeCheckpointError
 from ckptguard.format.manifest import encode_manifest
-from ckptguard.storage import LocalStorage
 from ckptguard.format.tensorfile import digest_bytes
+from ckptguard.run.catalog import read_manifest
+from ckptguard.storage import LocalStorage
+from trainlib import make_setup, same_weights, two_step_run
 
 STEP2 = "step-000000002"
 PY = sys.executable

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FULL
-from crash_child import Big, base, child, expected, set_step
 
 import ckptguard as cg
 from ckptguard.run.catalog import find_debris
 from ckptguard.storage import LocalStorage
+from conftest import FULL
+from crash_child import Big, base, child, expected, set_step
 
 KILLS = 40 if FULL else 6
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainlib import run_training
 
 from ckptguard.cli import main
 from ckptguard.report.diffing import diff
+from trainlib import run_training
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import ckptguard as cg
+from ckptguard.distributed.dcp import DCP_METADATA, safe_load_metadata
 from ckptguard.format.manifest import encode_manifest
 from ckptguard.run.catalog import read_manifest
-from ckptguard.distributed.dcp import DCP_METADATA, safe_load_metadata
 from trainlib import Net, NoisyDataset
 
 pytestmark = [pytest.mark.xdist_group("dist")]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from trainlib import make_setup, run_training
 
 import ckptguard as cg
 from ckptguard.cli import main
+from trainlib import make_setup, run_training
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "incremental"])
@@ -115,8 +115,8 @@ def test_export_refuses_a_huge_declared_tensor_before_allocating(tmp_path: Path,
     """Issue 13 item 5: a self-consistent manifest declaring a 1 TiB tensor is refused at once."""
     import time
 
-    from ckptguard.run.catalog import read_manifest
     from ckptguard.report.export import export_checkpoint
+    from ckptguard.run.catalog import read_manifest
     from ckptguard.storage import open_storage
 
     run = tmp_path / "run"

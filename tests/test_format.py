@@ -13,8 +13,8 @@ from torch import nn
 
 import ckptguard as cg
 from ckptguard.format.manifest import FORMAT_VERSION
-from ckptguard.storage.local import LocalStorage
 from ckptguard.format.tensorfile import write_tensor_file
+from ckptguard.storage.local import LocalStorage
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1-run"
 

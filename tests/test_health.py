@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import torch
-import trainlib
 from safetensors.torch import load_file
 
 import ckptguard as cg
+import trainlib
 from ckptguard.verification.health import zscore
 
 CHILD = str(Path(__file__).parent / "policy_child.py")

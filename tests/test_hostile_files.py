@@ -26,23 +26,23 @@ from typing import Any
 
 import pytest
 import xxhash
-from conftest import FULL
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trainlib import make_setup, two_step_run
 
 import ckptguard as cg
-from ckptguard.run.catalog import MAX_STATUS_BYTES
 from ckptguard.errors import CorruptCheckpointError, DiskFullError, UnsafeCheckpointError
-from ckptguard.run.history import MAX_HISTORY_BYTES
 from ckptguard.format.manifest import MAX_MANIFEST_BYTES, MAX_MANIFEST_FILES
-from ckptguard.run.metrics_log import MAX_METRICS_BYTES
-from ckptguard.policies.pins import MAX_PIN_BYTES
-from ckptguard.persist.reader import MAX_JSON_BYTES
-from ckptguard.run.runrecord import MAX_RUN_FILE_BYTES
 from ckptguard.format.safejson import json_depth, loads
+from ckptguard.persist.reader import MAX_JSON_BYTES
+from ckptguard.policies.pins import MAX_PIN_BYTES
+from ckptguard.run.catalog import MAX_STATUS_BYTES
+from ckptguard.run.history import MAX_HISTORY_BYTES
+from ckptguard.run.metrics_log import MAX_METRICS_BYTES
+from ckptguard.run.runrecord import MAX_RUN_FILE_BYTES
 from ckptguard.storage import LocalStorage
 from ckptguard.storage.base import read_capped
+from conftest import FULL
+from trainlib import make_setup, two_step_run
 
 PY = sys.executable
 HERE = Path(__file__).parent
@@ -335,9 +335,9 @@ def test_manifest_with_too_many_files(good_run: dict[str, Any], tmp_path: Path, 
 
 def test_bad_sidecar_is_absent_with_a_warning(good_run: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """In process: deep JSON in every sidecar, read through the library's own functions."""
+    from ckptguard.policies.pins import pinned_steps
     from ckptguard.run.catalog import read_status
     from ckptguard.run.history import read_history
-    from ckptguard.policies.pins import pinned_steps
     from ckptguard.run.runrecord import read_run_record
 
     run = tmp_path / "run"
@@ -421,7 +421,7 @@ def test_out_of_inodes_says_inodes(tiny_inode_fs: Path) -> None:
             (tiny_inode_fs / f"filler-{n}").touch()  # use up the inodes, not the bytes
     st = os.statvfs(tiny_inode_fs)
     assert st.f_favail == 0 and st.f_bavail > 0
-    with pytest.raises(DiskFullError) as e:  # noqa: PT012 - construction or save may meet it
+    with pytest.raises(DiskFullError) as e:
         with cg.CheckpointManager(tiny_inode_fs / "run", lock=False) as mgr:
             mgr.save(1, s["state"], force=True)
     msg = str(e.value)

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from trainlib import run_training, same_weights
 
 import ckptguard as cg
-from ckptguard.run.catalog import scan
 from ckptguard.persist.incremental import OBJECTS, chunk_refs
+from ckptguard.run.catalog import scan
 from ckptguard.run.sizes import run_sizes
 from ckptguard.storage import open_storage
+from trainlib import run_training, same_weights
 
 WIDTH = 1024
 BODY_LAYERS = 8  # 8 x (1024*1024 + 1024) float32 = 33.6 MB: the "frozen 34 MB body"
@@ -204,8 +204,8 @@ def test_large_tensor_is_split_into_chunks(run_dir: Path) -> None:
     ids=["pack-path", "chunk-pack-path", "chunk-beyond-pack", "missing-chunk"],
 )
 def test_hostile_chunked_entries_are_refused(run_dir: Path, mutate: Any) -> None:
-    from ckptguard.persist.incremental import IncrementalSave, build_index
     from ckptguard.format.manifest import FILE_KIND_VALIDATORS
+    from ckptguard.persist.incremental import IncrementalSave, build_index
 
     storage = open_storage(run_dir)
     storage.makedirs("ck")

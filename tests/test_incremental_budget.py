@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from torch import nn
 
 import ckptguard as cg
-from ckptguard.run.catalog import CheckpointInfo
 from ckptguard.policies.retention import budget_overrun, plan_retention
+from ckptguard.run.catalog import CheckpointInfo
 
 NOT_OWN = {"MANIFEST.json", "STATUS.json", "PINNED"}
 

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 import ckptguard as cg
-from ckptguard.run.catalog import ManifestCache
 from ckptguard.persist.chunked_read import verify_chunked
 from ckptguard.persist.gc import collect
 from ckptguard.persist.incremental import IncrementalSave, trusted_index
+from ckptguard.persist.writer import clean_debris, delete_checkpoint
+from ckptguard.run.catalog import ManifestCache
 from ckptguard.storage.local import LocalStorage
 from ckptguard.testing import FaultyStorage
-from ckptguard.persist.writer import clean_debris, delete_checkpoint
 
 
 def replay(log: list[tuple[str, str]]) -> int:

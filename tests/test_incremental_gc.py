@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from _faults import CrashingStorage, SimulatedCrash
-from conftest import FULL
 from torch import nn
-from trainlib import same_weights
 
 import ckptguard as cg
-from ckptguard.run.catalog import scan
+from _faults import CrashingStorage, SimulatedCrash
 from ckptguard.persist.gc import collect
 from ckptguard.persist.incremental import OBJECTS, chunk_refs
+from ckptguard.run.catalog import scan
 from ckptguard.storage import LocalStorage
+from conftest import FULL
+from trainlib import same_weights
 
 
 def make(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, cg.TrainState]:

@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lock_child import build, train
-from trainlib import same_weights
 
 import ckptguard as cg
 from ckptguard.run.lock import LOCK_NAME, LockPolicy, RunLock
 from ckptguard.storage import LocalStorage
+from lock_child import build, train
+from trainlib import same_weights
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"

@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from lock_child import build
 
 import ckptguard as cg
 from ckptguard.run.lock import LOCK_NAME, LockPolicy, RunLock
 from ckptguard.storage import FsspecStorage, open_storage
+from lock_child import build
 
 # ---- the primitive against its meaning ------------------------------------------------------------
 

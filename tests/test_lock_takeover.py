@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FULL
-from lock_child import build, train
 
 import ckptguard as cg
 from ckptguard.run.lock import LOCK_NAME, LockPolicy, RunLock
 from ckptguard.storage import FsspecStorage, open_storage
+from conftest import FULL
+from lock_child import build, train
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -187,7 +187,7 @@ def _racer(base: str, trials: int, barrier: Any, results: Any, env: dict[str, st
             results.put((t, "won", lock.session))
         except RunLockedError as e:
             results.put((t, "refused", str(e)))
-        except Exception as e:  # noqa: BLE001 - reported to the parent as a failure
+        except Exception as e:
             results.put((t, "error", repr(e)))
         barrier.wait(timeout=300)  # every racer has decided before the winner lets go
         lock.release()

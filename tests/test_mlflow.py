@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainlib import make_setup, run_training, same_weights, train_step
 
 import ckptguard as cg
 from ckptguard.run.catalog import mark_status
 from ckptguard.run.metrics_log import read_metrics
 from ckptguard.storage import open_storage
+from trainlib import make_setup, run_training, same_weights, train_step
 
 pytest.importorskip("mlflow")
-from mlflow import MlflowClient  # noqa: E402
+from mlflow import MlflowClient
 
-from ckptguard.integrations.mlflow import MLflowLogger, flatten_params, resume_from_mlflow  # noqa: E402
+from ckptguard.integrations.mlflow import MLflowLogger, flatten_params, resume_from_mlflow
 
 
 @pytest.fixture(scope="module")

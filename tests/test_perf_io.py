@@ -32,9 +32,9 @@ from ckptguard.persist.parallel_io import (
     _segments,
     write_segments,
 )
+from ckptguard.persist.writer import write_local_tensor_file
 from ckptguard.storage import open_storage
 from ckptguard.storage.base import Writer
-from ckptguard.persist.writer import write_local_tensor_file
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from trainlib import make_setup, run_training
 
 import ckptguard as cg
-from ckptguard.run.catalog import mark_status
 from ckptguard.cli import main
-from ckptguard.run.history import read_history
 from ckptguard.report.plotting import plot_run
+from ckptguard.run.catalog import mark_status
+from ckptguard.run.history import read_history
 from ckptguard.storage import open_storage
+from trainlib import make_setup, run_training
 
 pytest.importorskip("matplotlib")
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import trainlib
-from conftest import FULL
 
 import ckptguard as cg
+import trainlib
+from conftest import FULL
 
 CHILD = str(Path(__file__).parent / "policy_child.py")
 TOTAL = 30

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trainlib
 from rich.console import Console
 
 import ckptguard as cg
+import trainlib
 from ckptguard.cli import common, main
 
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FULL
 
 import ckptguard as cg
 from ckptguard.cli import main
 from ckptguard.cli import prune as prune_cli
 from ckptguard.storage.local import LocalStorage
 from ckptguard.testing import FaultyStorage, count_ops
+from conftest import FULL
 
 STEPS = list(range(1, 7))
 

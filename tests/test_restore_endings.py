@@ -31,16 +31,16 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FULL
 from torch import nn
 
 import ckptguard as cg
-from ckptguard.run.catalog import find_debris, find_unknown, read_status, scan
 from ckptguard.cli import main as cli_main
 from ckptguard.errors import FormatVersionError, NoValidCheckpointError, StateMismatchError
 from ckptguard.format.manifest import encode_manifest
-from ckptguard.storage import LocalStorage
 from ckptguard.persist.writer import clean_debris, delete_checkpoint
+from ckptguard.run.catalog import find_debris, find_unknown, read_status, scan
+from ckptguard.storage import LocalStorage
+from conftest import FULL
 
 S = "step-{:09d}".format
 

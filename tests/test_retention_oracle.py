@@ -21,15 +21,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FULL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptguard as cg
-from ckptguard.run.catalog import CheckpointInfo
 from ckptguard.cli import main
 from ckptguard.policies.pins import lineage_protection, plan_own_lineage
 from ckptguard.policies.retention import Decision, plan_retention
+from ckptguard.run.catalog import CheckpointInfo
+from conftest import FULL
 
 # ---- the reference ---------------------------------------------------------------------------
 

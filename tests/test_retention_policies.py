@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trainlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptguard as cg
-from ckptguard.run.catalog import CheckpointInfo
+import trainlib
 from ckptguard.errors import StorageError
 from ckptguard.policies.pins import (
     foreign_protection,
@@ -31,6 +30,7 @@ from ckptguard.policies.retention import (
     budget_overrun,
     plan_retention,
 )
+from ckptguard.run.catalog import CheckpointInfo
 from ckptguard.storage.local import LocalStorage
 
 

@@ -22,12 +22,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FULL
-from fault_proxy import Fault, FaultProxy
-from trainlib import make_setup, run_training, same_weights, train_step
 
 import ckptguard as cg
-from ckptguard.run.catalog import find_debris, scan
 from ckptguard.errors import (
     AsyncSaveError,
     CheckpointError,
@@ -35,8 +31,12 @@ from ckptguard.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from ckptguard.storage.retry import RetryPolicy
+from ckptguard.run.catalog import find_debris, scan
 from ckptguard.storage import FsspecStorage, open_storage
+from ckptguard.storage.retry import RetryPolicy
+from conftest import FULL
+from fault_proxy import Fault, FaultProxy
+from trainlib import make_setup, run_training, same_weights, train_step
 
 ATTEMPTS = 4
 

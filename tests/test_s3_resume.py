@@ -18,12 +18,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import FULL
-from trainlib import make_setup, run_training, same_weights
 
 import ckptguard as cg
 from ckptguard.run.catalog import find_debris, scan
 from ckptguard.storage import open_storage
+from conftest import FULL
+from trainlib import make_setup, run_training, same_weights
 
 TESTS = Path(__file__).parent
 

@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import FULL
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, get_worker_info
 
 import ckptguard as cg
 from ckptguard.capture.sampler import SampleIndex, key_dataset
+from conftest import FULL
 
 
 def test_order_is_seeded_and_changes_per_epoch() -> None:

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
-import trainlib
 
 import ckptguard as cg
+import trainlib
 from ckptguard.policies.schedule import (
     SaveSchedule,
     observed_mtbf,

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import ckptguard as cg
-from ckptguard.run.catalog import find_debris, scan
 from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.format.manifest import MANIFEST
+from ckptguard.run.catalog import find_debris, scan
 from ckptguard.storage import Storage, open_storage
 
 BACKENDS = ["local", "memory", "s3"]
@@ -347,8 +347,8 @@ def _flaky(fn: Callable[..., Any], failures: int, calls: list[int]) -> Callable[
 
 @pytest.mark.parametrize("kind", ["memory", "s3"])
 def test_transient_errors_are_retried(kind: str, request: pytest.FixtureRequest) -> None:
-    from ckptguard.storage.retry import RetryPolicy
     from ckptguard.storage import FsspecStorage
+    from ckptguard.storage.retry import RetryPolicy
 
     url = request.getfixturevalue("s3_url") if kind == "s3" else f"memory://cg-{uuid.uuid4().hex[:8]}/r"
     store = FsspecStorage(url, retry=RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.01))
@@ -370,8 +370,8 @@ def test_transient_errors_are_retried(kind: str, request: pytest.FixtureRequest)
 
 
 def test_reads_through_a_handle_are_retried_range_by_range() -> None:
-    from ckptguard.storage.retry import RetryPolicy
     from ckptguard.storage import FsspecStorage
+    from ckptguard.storage.retry import RetryPolicy
 
     store = FsspecStorage(f"memory://cg-{uuid.uuid4().hex[:8]}/r", retry=RetryPolicy(attempts=3, base_delay=0.0, max_delay=0.0))
     store.makedirs("")

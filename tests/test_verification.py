@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from trainlib import run_training, same_weights
 
 import ckptguard as cg
-from ckptguard.verification.probe import PROBE_FILE, load_probe, run_probe, summarize
 from ckptguard.storage import open_storage
+from ckptguard.verification.probe import PROBE_FILE, load_probe, run_probe, summarize
+from trainlib import run_training, same_weights
 
 PROBE = torch.randn(16, 8, generator=torch.Generator().manual_seed(7))
 

@@ -10,10 +10,10 @@ Public API (see README.md)::
 
 from __future__ import annotations
 
-from ckptguard.version import __version__
-
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from ckptguard.version import __version__
 
 # Public name -> the module that defines it. Imported on first use (PEP 562), so that commands
 # that only read metadata (``ckptguard ls``, ``verify``...) start without importing torch.
@@ -52,7 +52,8 @@ _LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
-    from ckptguard.run.catalog import CheckpointInfo
+    from ckptguard.capture.sampler import ResumableSampler
+    from ckptguard.capture.state import Stateful, TrainState
     from ckptguard.errors import (
         AsyncSaveError,
         CheckpointError,
@@ -62,8 +63,8 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
         FormatVersionError,
         InvalidStepError,
         NoValidCheckpointError,
-        RunLockLostError,
         RunLockedError,
+        RunLockLostError,
         StateMismatchError,
         StorageError,
         StoragePermissionError,
@@ -71,12 +72,11 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
         UnsafeCheckpointError,
         UnsupportedStateError,
     )
-    from ckptguard.verification.health import LossGuard
-    from ckptguard.run.lock import LockPolicy
     from ckptguard.manager.manager import CheckpointManager
     from ckptguard.policies.retention import KeepBeforeConfigChange, KeepBest, KeepEvery, KeepLast, KeepPhased, Retention
-    from ckptguard.capture.sampler import ResumableSampler
-    from ckptguard.capture.state import Stateful, TrainState
+    from ckptguard.run.catalog import CheckpointInfo
+    from ckptguard.run.lock import LockPolicy
+    from ckptguard.verification.health import LossGuard
     from ckptguard.verification.verify import VerifyReport, verify
 
 

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import ckptguard as cg  # noqa: E402
-from ckptguard.capture.rng import rng_fingerprint  # noqa: E402
-from trainlib import Net, NoisyDataset, train_step  # noqa: E402
+import ckptguard as cg
+from ckptguard.capture.rng import rng_fingerprint
+from trainlib import Net, NoisyDataset, train_step
 
 
 def build(kind: str, seed: int = 0) -> dict[str, Any]:

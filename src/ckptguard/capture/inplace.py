@@ -13,8 +13,8 @@ import logging
 
 import torch
 
-from ckptguard.format.codec import encode
 from ckptguard.errors import CheckpointError
+from ckptguard.format.codec import encode
 
 __all__ = ["optimizer_targets"]
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ckptguard.format.codec import decode
 from ckptguard.errors import StateMismatchError
+from ckptguard.format.codec import decode
 
 if TYPE_CHECKING:
     from ckptguard.capture.state import MismatchReport, TrainState
@@ -299,7 +299,7 @@ def load_optimizers(
         partial = plan.structural or plan.reshaped or plan.group_problems
         try:
             opt.load_state_dict(_remap(opt, sd, plan) if partial else sd)
-        except Exception as e:  # noqa: BLE001 - torch's or a custom optimizer's load_state_dict
+        except Exception as e:
             if strict:
                 raise StateMismatchError(
                     f"{where}: the saved {label} state does not fit the current optimizer "

@@ -20,9 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from ckptguard.format.codec import decode, encode, load_into
 from ckptguard.capture.configdrift import normalize_config
-from ckptguard.errors import StateMismatchError, UnsupportedStateError
 from ckptguard.capture.rng import capture_rng, restore_rng
 from ckptguard.capture.sampler import (
     ResumableSampler,
@@ -30,6 +28,8 @@ from ckptguard.capture.sampler import (
     loader_state,
     track_dataloader,
 )
+from ckptguard.errors import StateMismatchError, UnsupportedStateError
+from ckptguard.format.codec import decode, encode, load_into
 
 __all__ = [
     "Snapshot",
@@ -340,7 +340,7 @@ def _user_errors(where: str, what: str, saved: Any) -> Iterator[None]:
         yield
     except StateMismatchError:
         raise
-    except Exception as e:  # noqa: BLE001 - whatever the user's code raises
+    except Exception as e:
         key = f" (key {e.args[0]!r})" if isinstance(e, KeyError) and e.args else ""
         keys = f"; the checkpoint holds keys {sorted(map(str, saved))[:12]}" if isinstance(saved, Mapping) else ""
         raise StateMismatchError(

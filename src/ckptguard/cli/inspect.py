@@ -7,10 +7,10 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.run.catalog import info_for
 from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.format.manifest import MANIFEST
+from ckptguard.run.catalog import info_for
 from ckptguard.storage.base import join
 from ckptguard.verification.verify import resolve_target
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.run.catalog import find_debris, find_unknown, scan
 from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 from ckptguard.errors import CheckpointNotFoundError
+from ckptguard.run.catalog import find_debris, find_unknown, scan
 from ckptguard.run.sizes import run_sizes
 from ckptguard.storage import open_storage
 

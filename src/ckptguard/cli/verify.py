@@ -8,9 +8,9 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.run.catalog import scan
 from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 from ckptguard.cli.progress import delayed_progress
+from ckptguard.run.catalog import scan
 from ckptguard.verification.verify import resolve_target, verify
 
 

@@ -44,13 +44,13 @@ from typing import Any, TypeVar
 
 import torch
 
+from ckptguard.capture.state import TrainState, capture, restore_state
 from ckptguard.distributed.dcp import DCP_DIR, dcp_load, dcp_save, hash_file, is_sharded, verify_dcp_files
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsupportedStateError
 from ckptguard.format.manifest import checkpoint_name, safe_relpath
-from ckptguard.capture.state import TrainState, capture, restore_state
+from ckptguard.persist.writer import begin_checkpoint, clean_debris, write_blob, write_checkpoint
 from ckptguard.storage.base import Storage, join
 from ckptguard.storage.local import LocalStorage
-from ckptguard.persist.writer import begin_checkpoint, clean_debris, write_blob, write_checkpoint
 
 __all__ = [
     "Coordinator",
@@ -271,7 +271,7 @@ def save_distributed(
             assert state.model is not None
             dcp_save(state.model, state.optimizers.values(), storage.describe(join(staging, DCP_DIR)))
             written.update(_hash_share(storage, staging, coord))
-    except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException(BaseException)
+    except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         error = f"rank {coord.rank}: sharded state: {type(e).__name__}: {e}"
@@ -407,7 +407,7 @@ def _agree(coord: Coordinator, exc: BaseException | None, where: str, doing: str
 def _capture_exc(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
     try:
         return fn(), None
-    except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException(BaseException)
+    except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         return None, e

@@ -117,7 +117,7 @@ def safe_load_metadata(data: bytes, where: str) -> Any:
     """Parse DCP metadata without running code; UnsafeCheckpointError on anything unexpected."""
     try:
         return _SafeUnpickler(io.BytesIO(data)).load()
-    except Exception as e:  # noqa: BLE001 - any failure of a hostile pickle is the same verdict
+    except Exception as e:
         raise UnsafeCheckpointError(
             f"{where}: the DCP metadata is not plain DCP metadata ({e}); refusing to load it. "
             "The checkpoint is damaged or hostile; restore falls back to an older one.",
@@ -261,7 +261,7 @@ def dcp_load(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
             dcp.load(sd, storage_reader=reader, planner=_planner(not strict))
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps per-rank failures
+    except (Exception, CheckpointException) as e:
         raise StateMismatchError(
             f"{where}: the sharded state does not fit the model/optimizer ({type(e).__name__}: "
             f"{str(e)[:500]}). Was the model or optimizer changed? Build the same model to restore."

@@ -30,7 +30,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ckptguard.format import safejson
 from ckptguard.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -38,6 +37,7 @@ from ckptguard.errors import (
     InvalidStepError,
     UnsafeCheckpointError,
 )
+from ckptguard.format import safejson
 from ckptguard.format.tensorfile import MAX_HEADER, digest_bytes, numel
 
 __all__ = [

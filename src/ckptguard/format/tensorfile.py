@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import xxhash
 
-from ckptguard.format import safejson
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
+from ckptguard.format import safejson
 from ckptguard.storage.base import Writer
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: verifying and listing need no torch

@@ -31,9 +31,9 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ckptguard.run.catalog import scan
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.format.manifest import checkpoint_name
+from ckptguard.run.catalog import scan
 from ckptguard.run.metrics_log import read_metrics
 
 __all__ = ["MLflowLogger", "flatten_params", "resume_from_mlflow"]

@@ -24,32 +24,32 @@ from typing import Any
 
 import torch
 
-from ckptguard.persist.background import BackgroundSaves, Reaper
-from ckptguard.run.catalog import CheckpointInfo, ManifestCache, scan
 from ckptguard.capture.configdrift import log_config_drift
-from ckptguard.distributed.coordination import coordinator, preempt_code, restore_checkpoint, signum_of
 from ckptguard.capture.environment import collect_environment
+from ckptguard.capture.state import Snapshot, TrainState, capture
+from ckptguard.distributed.coordination import coordinator, preempt_code, restore_checkpoint, signum_of
 from ckptguard.errors import (
     CheckpointError,
 )
-from ckptguard.persist.gc import collect_garbage
-from ckptguard.run.history import record_events
-from ckptguard.persist.incremental import IncrementalRun
-from ckptguard.run.lock import LockPolicy, RunLock
 from ckptguard.format.manifest import as_step, checkpoint_name
-from ckptguard.run.metrics_log import MetricsLog, plain_metrics
+from ckptguard.manager.restoring import newer_than, restore_first_valid, select_candidates, supersede
+from ckptguard.persist.background import BackgroundSaves, Reaper
+from ckptguard.persist.gc import collect_garbage
+from ckptguard.persist.incremental import IncrementalRun
 from ckptguard.persist.parallel_io import default_tensor_writer
+from ckptguard.persist.reader import CheckpointReader
+from ckptguard.persist.staging import Stager
+from ckptguard.persist.writer import clean_debris, write_checkpoint
 from ckptguard.policies.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.policies.preemption import DEFAULT_SIGNALS, PreemptionGuard
-from ckptguard.persist.reader import CheckpointReader
 from ckptguard.policies.retention import Decision, Retention, apply_decisions
-from ckptguard.run.runrecord import RUN_FILE, RunRecord, read_run_record
-from ckptguard.manager.restoring import newer_than, restore_first_valid, select_candidates, supersede
 from ckptguard.policies.schedule import SaveSchedule, observed_mtbf
-from ckptguard.persist.staging import Stager
-from ckptguard.capture.state import Snapshot, TrainState, capture
+from ckptguard.run.catalog import CheckpointInfo, ManifestCache, scan
+from ckptguard.run.history import record_events
+from ckptguard.run.lock import LockPolicy, RunLock
+from ckptguard.run.metrics_log import MetricsLog, plain_metrics
+from ckptguard.run.runrecord import RUN_FILE, RunRecord, read_run_record
 from ckptguard.storage import Storage, open_storage
-from ckptguard.persist.writer import clean_debris, write_checkpoint
 
 __all__ = ["CheckpointManager", "RUN_FILE"]
 

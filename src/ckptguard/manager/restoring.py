@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ckptguard.run.catalog import BAD_STATUSES, SUPERSEDED, CheckpointInfo, clear_mark, find_unknown, mark_status, read_manifest
+from ckptguard.capture.state import TrainState
 from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -38,9 +38,9 @@ from ckptguard.errors import (
 from ckptguard.format.manifest import SELF_DIGEST_KEY
 from ckptguard.persist.reader import CheckpointReader
 from ckptguard.persist.safeload import load_verified, raise_if_newer_format
-from ckptguard.capture.state import TrainState
-from ckptguard.storage import Storage
+from ckptguard.run.catalog import BAD_STATUSES, SUPERSEDED, CheckpointInfo, clear_mark, find_unknown, mark_status, read_manifest
 from ckptguard.run.trust import is_read_failure
+from ckptguard.storage import Storage
 
 __all__ = ["restore_first_valid", "select_candidates"]
 

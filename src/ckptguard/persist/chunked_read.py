@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StorageError, StorageUnavailableError
-from ckptguard.storage.base import Storage
 from ckptguard.format.tensorfile import destination, digest_bytes, dtype_tables, tensor_view
 from ckptguard.run.trust import pack_path, read_full, record_distrust
+from ckptguard.storage.base import Storage
 
 if TYPE_CHECKING:  # tensors arrive from callers; verifying imports no torch
     import torch

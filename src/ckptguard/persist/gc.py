@@ -31,8 +31,8 @@ import functools
 import logging
 from collections.abc import Callable
 
-from ckptguard.run.catalog import read_manifest
 from ckptguard.errors import CheckpointError
+from ckptguard.format.manifest import MANIFEST
 from ckptguard.persist.incremental import (
     OBJECTS,
     PACK_RE,
@@ -41,9 +41,9 @@ from ckptguard.persist.incremental import (
     pack_path,
     pack_time,
 )
-from ckptguard.format.manifest import MANIFEST
-from ckptguard.storage.base import Storage, join
+from ckptguard.run.catalog import read_manifest
 from ckptguard.run.trust import forget_distrust
+from ckptguard.storage.base import Storage, join
 
 __all__ = ["GcReport", "collect", "collect_garbage", "referenced_packs"]
 

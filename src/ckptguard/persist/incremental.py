@@ -55,13 +55,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import xxhash
 
-from ckptguard.run.catalog import BAD_STATUSES, CheckpointInfo, ManifestCache
-from ckptguard.persist.chunked_read import read_chunked, verify_chunked
 from ckptguard.errors import CheckpointError, StorageError
 from ckptguard.format.manifest import _fail, _hex, _int, validate_tensor_table
-from ckptguard.persist.parallel_io import ParallelTensorWriter, Segment, write_segments
-from ckptguard.storage.base import Storage
 from ckptguard.format.tensorfile import digest_bytes, plan_tensor_file, tensor_view
+from ckptguard.persist.chunked_read import read_chunked, verify_chunked
+from ckptguard.persist.parallel_io import ParallelTensorWriter, Segment, write_segments
+from ckptguard.run.catalog import BAD_STATUSES, CheckpointInfo, ManifestCache
 from ckptguard.run.trust import (
     OBJECTS,
     PACK_RE,
@@ -74,6 +73,7 @@ from ckptguard.run.trust import (
     read_full,
     record_distrust,
 )
+from ckptguard.storage.base import Storage
 
 if TYPE_CHECKING:  # tensors arrive from callers; listing and verifying import no torch
     import torch

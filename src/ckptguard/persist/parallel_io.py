@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import xxhash
 
 from ckptguard.errors import CheckpointError
-from ckptguard.storage.base import Storage, Writer, translate_os_error
 from ckptguard.format.tensorfile import (
     digest_bytes,
     plan_tensor_file,
@@ -45,6 +44,7 @@ from ckptguard.format.tensorfile import (
     tensor_view,
     write_tensor_file,
 )
+from ckptguard.storage.base import Storage, Writer, translate_os_error
 
 if TYPE_CHECKING:  # tensors arrive from callers; listing and verifying import no torch
     import torch
@@ -147,8 +147,8 @@ def default_tensor_writer(
     (PERF-NOTES.md, BENCHMARKS.md); where a filesystem refuses it the writer falls back to
     buffered parallel writes.
     """
-    from ckptguard.storage.local import LocalStorage
     from ckptguard.persist.writer import write_local_tensor_file
+    from ckptguard.storage.local import LocalStorage
 
     if isinstance(storage, LocalStorage):
         return ParallelTensorWriter(threads=1 if background else 2, direct=True)

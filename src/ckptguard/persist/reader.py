@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from ckptguard.format import safejson
 from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -20,9 +19,10 @@ from ckptguard.errors import (
     StorageUnavailableError,
     UnsafeCheckpointError,
 )
+from ckptguard.format import safejson
+from ckptguard.format.tensorfile import CHUNK, check_header, digest_bytes, read_tensor_file
 from ckptguard.persist.parallel_io import read_ahead
 from ckptguard.storage.base import Storage, join
-from ckptguard.format.tensorfile import CHUNK, check_header, digest_bytes, read_tensor_file
 
 if TYPE_CHECKING:  # reading tensors imports torch; verifying bytes does not
     import torch

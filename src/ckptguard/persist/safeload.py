@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ckptguard.run.catalog import read_manifest
+from ckptguard.capture.state import TrainState, restore_state
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, FormatVersionError
 from ckptguard.persist.reader import CheckpointReader
-from ckptguard.capture.state import TrainState, restore_state
+from ckptguard.run.catalog import read_manifest
 from ckptguard.storage import Storage
 
 __all__ = ["load_verified", "raise_if_newer_format"]

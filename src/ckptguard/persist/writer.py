@@ -26,11 +26,11 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ckptguard.run.catalog import UNCOMMITTED, find_debris, find_unknown, is_empty_dir
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CommitUnknownError, StorageUnavailableError
 from ckptguard.format.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
-from ckptguard.storage.base import Storage, Writer, join
 from ckptguard.format.tensorfile import digest_bytes, write_tensor_file
+from ckptguard.run.catalog import UNCOMMITTED, find_debris, find_unknown, is_empty_dir
+from ckptguard.storage.base import Storage, Writer, join
 
 if TYPE_CHECKING:  # tensors arrive from callers; pruning imports no torch
     import torch

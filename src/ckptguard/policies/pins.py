@@ -19,11 +19,11 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from ckptguard.format import safejson
-from ckptguard.run.catalog import CheckpointInfo, read_manifest
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageUnavailableError
+from ckptguard.format import safejson
 from ckptguard.format.manifest import MANIFEST, checkpoint_name
 from ckptguard.policies.retention import Decision, Retention, plan_retention
+from ckptguard.run.catalog import CheckpointInfo, read_manifest
 from ckptguard.storage.base import Storage, join, read_capped
 
 __all__ = [

@@ -19,12 +19,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ckptguard.format import safejson
-from ckptguard.run.catalog import read_manifest
 from ckptguard.capture.configdrift import config_diff
 from ckptguard.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptguard.format import safejson
 from ckptguard.format.manifest import MANIFEST
 from ckptguard.persist.reader import CheckpointReader
+from ckptguard.run.catalog import read_manifest
 from ckptguard.storage.base import join
 from ckptguard.verification.verify import resolve_target
 

@@ -27,13 +27,13 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptguard.run.catalog import read_manifest, scan
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
-from ckptguard.persist.reader import CheckpointReader
 from ckptguard.format.manifest import ITEMSIZE
+from ckptguard.format.tensorfile import numel, write_tensor_file
+from ckptguard.persist.reader import CheckpointReader
+from ckptguard.run.catalog import read_manifest, scan
 from ckptguard.storage import LocalStorage, Storage
 from ckptguard.storage.base import join
-from ckptguard.format.tensorfile import numel, write_tensor_file
 from ckptguard.verification.verify import resolve_target
 
 if TYPE_CHECKING:

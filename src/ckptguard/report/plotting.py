@@ -17,8 +17,8 @@ import dataclasses
 import os
 from typing import Any
 
-from ckptguard.run.catalog import CheckpointInfo, scan
 from ckptguard.errors import CheckpointNotFoundError
+from ckptguard.run.catalog import CheckpointInfo, scan
 from ckptguard.run.history import read_history
 from ckptguard.run.metrics_log import read_metrics
 from ckptguard.run.runrecord import read_run_record

@@ -29,12 +29,12 @@ import threading
 import time
 from typing import Any
 
-from ckptguard.format import safejson
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageUnavailableError, UnsafeCheckpointError
+from ckptguard.format import safejson
 from ckptguard.format.manifest import MANIFEST, MAX_MANIFEST_BYTES, STATUS, checkpoint_name, parse_manifest, parse_step
-from ckptguard.storage.base import Storage, join, read_capped
 from ckptguard.format.tensorfile import digest_bytes
 from ckptguard.run.trust import PackStats, pack_problems
+from ckptguard.storage.base import Storage, join, read_capped
 
 __all__ = [
     "BAD_STATUSES",

@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ckptguard.format import safejson
 from ckptguard.errors import CheckpointError
+from ckptguard.format import safejson
 from ckptguard.storage.base import Storage, read_capped
 
 __all__ = ["HISTORY_FILE", "read_history", "record_events"]

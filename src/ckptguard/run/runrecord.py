@@ -23,8 +23,8 @@ import time
 import uuid
 from typing import Any
 
-from ckptguard.format import safejson
 from ckptguard.errors import CheckpointError
+from ckptguard.format import safejson
 from ckptguard.storage.base import Storage, read_capped
 
 __all__ = ["RUN_FILE", "RunRecord", "read_run_record"]

@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from ckptguard.run.catalog import CheckpointInfo
 from ckptguard.errors import CheckpointError
 from ckptguard.persist.incremental import KIND, OBJECTS, PACK_RE, chunk_refs, pack_path
+from ckptguard.run.catalog import CheckpointInfo
 from ckptguard.storage.base import Storage
 
 __all__ = ["CheckpointSizes", "RunSizes", "run_sizes"]

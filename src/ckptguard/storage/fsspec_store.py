@@ -39,8 +39,8 @@ import threading
 from typing import Any, BinaryIO
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageError, StorageUnavailableError
-from ckptguard.storage.retry import RetryPolicy, is_transient
 from ckptguard.storage.base import content_version, translate_os_error
+from ckptguard.storage.retry import RetryPolicy, is_transient
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "FsspecStorage", "storage_error"]
 
@@ -132,7 +132,7 @@ class _FsspecWriter:
         self._path = path
         self._display = display
         self._size = 0
-        self._spool: Any = tempfile.SpooledTemporaryFile(max_size=store.block_size)  # noqa: SIM115
+        self._spool: Any = tempfile.SpooledTemporaryFile(max_size=store.block_size)
 
     def write(self, data: memoryview | bytes) -> None:
         assert self._spool is not None, "write after close"
@@ -163,7 +163,7 @@ class _FsspecWriter:
                 f"Cannot upload {self._display}: the bucket or parent does not exist ({e}). "
                 "Create the bucket first or check the URL."
             ) from e
-        except Exception as e:  # noqa: BLE001 - every client error leaves as a StorageError
+        except Exception as e:
             raise storage_error(e, self._display, "uploading", self._store.attempts_for(e)) from e
         finally:
             self._spool.close()
@@ -249,7 +249,7 @@ class FsspecStorage:
         """Run one fsspec call under the retry policy; map errors to the library's hierarchy."""
         try:
             return self.retry.call(fn, *args, what=f"{doing} {self.describe(path)}", **kwargs)
-        except Exception as e:  # noqa: BLE001 - every client error leaves as a StorageError
+        except Exception as e:
             raise storage_error(e, self.describe(path), doing, self.attempts_for(e)) from e
 
     def attempts_for(self, err: Exception) -> int:

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ckptguard.run.catalog import mark_status
+from ckptguard.capture.state import MODEL_FILE, model_state_dict, unwrap_model
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
+from ckptguard.persist.reader import CheckpointReader
+from ckptguard.run.catalog import mark_status
 from ckptguard.verification.probe import (
     PROBE_FILE,
     ProbeInputs,
@@ -37,12 +39,10 @@ from ckptguard.verification.probe import (
     run_probe,
     summarize,
 )
-from ckptguard.persist.reader import CheckpointReader
-from ckptguard.capture.state import MODEL_FILE, model_state_dict, unwrap_model
 
 if TYPE_CHECKING:
-    from ckptguard.manager.manager import CheckpointManager
     from ckptguard.capture.state import TrainState
+    from ckptguard.manager.manager import CheckpointManager
 
 __all__ = ["VerificationResult", "Verifier", "attach_verifier", "cpu_template"]
 

@@ -27,17 +27,9 @@ from typing import Any
 
 from torch import nn
 
-from ckptguard.run.catalog import read_manifest, read_status
-from ckptguard.format.codec import decode
 from ckptguard.capture.configdrift import config_diff
 from ckptguard.capture.environment import _git, collect_environment
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError
-from ckptguard.verification.hparams import lr_at_step, optimizer_hparam_diffs, scheduler_diffs
-from ckptguard.format.manifest import FORMAT_VERSION, MANIFEST
 from ckptguard.capture.mismatch import _ShapeOnly, _structure, optimizer_plan
-from ckptguard.verification.probe import compare_probe, load_probe, run_probe, summarize
-from ckptguard.persist.reader import CheckpointReader, verify_files
-from ckptguard.format.safejson import yaml_loads
 from ckptguard.capture.state import (
     EXTRA_FILE,
     MODEL_FILE,
@@ -46,7 +38,15 @@ from ckptguard.capture.state import (
     _compare_model,
     model_state_dict,
 )
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError
+from ckptguard.format.codec import decode
+from ckptguard.format.manifest import FORMAT_VERSION, MANIFEST
+from ckptguard.format.safejson import yaml_loads
+from ckptguard.persist.reader import CheckpointReader, verify_files
+from ckptguard.run.catalog import read_manifest, read_status
 from ckptguard.storage.base import join
+from ckptguard.verification.hparams import lr_at_step, optimizer_hparam_diffs, scheduler_diffs
+from ckptguard.verification.probe import compare_probe, load_probe, run_probe, summarize
 from ckptguard.verification.verify import resolve_target
 
 __all__ = ["DoctorReport", "Finding", "build_current", "doctor", "load_factory"]

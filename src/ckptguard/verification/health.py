@@ -30,10 +30,10 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from ckptguard.run.catalog import mark_status
-from ckptguard.errors import TrainingDivergedError
 from ckptguard.capture.sampler import ResumableSampler, track_dataloader
 from ckptguard.capture.state import TrainState
+from ckptguard.errors import TrainingDivergedError
+from ckptguard.run.catalog import mark_status
 
 if TYPE_CHECKING:
     from ckptguard.manager.manager import CheckpointManager

@@ -26,10 +26,9 @@ import torch
 import xxhash
 from torch import nn
 
-from ckptguard.format import safejson
-from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
-from ckptguard.storage.base import read_capped
 from ckptguard.capture.state import unwrap_model
+from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
+from ckptguard.format import safejson
 from ckptguard.format.tensorfile import (
     DTYPE_TO_ST,
     ST_TO_DTYPE,
@@ -37,6 +36,7 @@ from ckptguard.format.tensorfile import (
     tensor_view,
     write_tensor_file,
 )
+from ckptguard.storage.base import read_capped
 
 __all__ = [
     "PROBE_FILE",

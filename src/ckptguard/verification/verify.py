@@ -14,10 +14,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ckptguard.run.catalog import UNCOMMITTED, clear_mark, info_for, is_empty_dir, mark_status, read_manifest, read_status
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.format.manifest import MANIFEST, parse_step
 from ckptguard.persist.reader import NOT_EVIDENCE, verify_files
+from ckptguard.run.catalog import UNCOMMITTED, clear_mark, info_for, is_empty_dir, mark_status, read_manifest, read_status
 from ckptguard.storage import Storage, open_storage
 from ckptguard.storage.base import join
 
