@@ -101,7 +101,7 @@ def report(s: dict[str, Any], out: str, tag: str, step: int) -> None:
 def save_with_a_failing_rank(s: dict[str, Any], mgr: cg.CheckpointManager, out: str, total: int) -> None:
     """Rank 1's disk "fails" while writing its rank file: nothing may be committed, every rank
     must raise, and the next save must work."""
-    import ckptguard.distributed.coordination as cd
+    import ckptguard.distributed.saving as cd
 
     real = cd.write_blob
 

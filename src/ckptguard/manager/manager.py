@@ -27,7 +27,8 @@ import torch
 from ckptguard.capture.configdrift import log_config_drift
 from ckptguard.capture.environment import collect_environment
 from ckptguard.capture.state import Snapshot, TrainState, capture
-from ckptguard.distributed.coordination import coordinator, preempt_code, restore_checkpoint, signum_of
+from ckptguard.distributed.coordination import coordinator, preempt_code, signum_of
+from ckptguard.distributed.restoring import restore_checkpoint
 from ckptguard.errors import (
     CheckpointError,
 )
@@ -295,7 +296,7 @@ class CheckpointManager:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         if self._coord.active:
-            from ckptguard.distributed.coordination import save_distributed
+            from ckptguard.distributed.saving import save_distributed
 
             save_distributed(self, step, state, metrics, reason=reason, extra=extra)
             return
