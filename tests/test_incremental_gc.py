@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import ckptguard as cg
-from _faults import CrashingStorage, SimulatedCrash
 from ckptguard.persist.gc import collect
 from ckptguard.persist.incremental import OBJECTS, chunk_refs
 from ckptguard.run.catalog import scan
 from ckptguard.storage import LocalStorage
+from ckptguard.testing import FaultyStorage, SimulatedCrash
 from conftest import FULL
 from trainlib import same_weights
 
@@ -55,7 +55,17 @@ def build_run(run: Path, steps: int) -> dict[int, dict[str, torch.Tensor]]:
     return saved
 
 
-def crash_during_save(run: Path, step: int, storage: CrashingStorage, async_save: bool) -> dict[str, torch.Tensor]:
+# What a crash "at the k-th write" or "at the k-th delete" counts: the calls of the old test wrapper
+# (plain writers, so every byte goes through a counted write(); renames count as deletes).
+CRASH_OPS = {"write": {"create", "write", "close", "replace", "append"}, "delete": {"delete", "rename"}}
+
+
+def crashing(run: Path, kind: str, crash_at: int | None = None) -> FaultyStorage:
+    """A storage on ``run`` whose process dies at the ``crash_at``-th operation of ``kind``."""
+    return FaultyStorage(LocalStorage(run), fail_at=crash_at, ops=CRASH_OPS[kind], crash=True, plain_writers=True)
+
+
+def crash_during_save(run: Path, step: int, storage: FaultyStorage, async_save: bool) -> dict[str, torch.Tensor]:
     """Continue the run from its last checkpoint and save ``step`` through ``storage``."""
     model, opt, state = make()
     mgr = cg.CheckpointManager(storage, incremental=True, retention=RETENTION, lock=False, async_save=async_save)
@@ -108,7 +118,7 @@ def test_crash_at_every_operation_of_a_save_with_gc(tmp_path: Path, kind: str, a
     # count the operations of one save (which writes, prunes step 2 and collects its packs)
     probe = tmp_path / "probe"
     shutil.copytree(base, probe)
-    counter = CrashingStorage(LocalStorage(probe), kind)
+    counter = crashing(probe, kind)
     crash_during_save(probe, 4, counter, async_save)
     total = counter.count
     assert total >= (3 if kind == "delete" else 10), total
@@ -118,7 +128,7 @@ def test_crash_at_every_operation_of_a_save_with_gc(tmp_path: Path, kind: str, a
     for k in ks:
         run = tmp_path / f"{kind}-{k}"
         shutil.copytree(base, run)
-        new_weights = crash_during_save(run, 4, CrashingStorage(LocalStorage(run), kind, crash_at=k), async_save)
+        new_weights = crash_during_save(run, 4, crashing(run, kind, crash_at=k), async_save)
         exp = {**expected, 4: new_weights}
         steps = check_run(run, exp)
         assert steps[-1] in (3, 4) and set(steps) <= {2, 3, 4}, (k, steps)

@@ -110,24 +110,18 @@ def test_pruned_checkpoints_vanish_at_once_and_their_data_is_freed_in_the_backgr
     assert [n for n in _names(run_dir) if n.startswith((".trash-", "step-"))] == ["step-000000004"]
 
 
-def test_failed_background_removal_is_debris_for_the_next_save(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_background_removal_is_debris_for_the_next_save(run_dir: Path) -> None:
     from ckptguard.storage.local import LocalStorage
+    from ckptguard.testing import FaultyStorage
 
-    real = LocalStorage.remove_tree
-    failures = []
-
-    def remove_tree(self: LocalStorage, rel: str) -> None:
-        if rel.startswith(".trash-") and not failures:
-            failures.append(rel)
-            raise OSError(5, "Input/output error")
-        real(self, rel)
-
-    monkeypatch.setattr(LocalStorage, "remove_tree", remove_tree)
-    with cg.CheckpointManager(run_dir, retention=cg.Retention(keep_last=1)) as mgr:
+    # the first removal of a trash folder fails (EIO)
+    storage = FaultyStorage(LocalStorage(run_dir), fail_at=1, ops={"remove_tree"}, path=".trash-*")
+    with cg.CheckpointManager(storage, retention=cg.Retention(keep_last=1)) as mgr:
         mgr.save(1, _state(1), force=True)
         mgr.save(2, _state(2), force=True)  # prunes 1; its removal fails on the reaper thread
         mgr.wait()
-        assert failures and failures[0] in _names(run_dir)  # left behind, logged, not raised
+        failed = storage.failed
+        assert failed is not None and failed.path in _names(run_dir)  # left behind, logged, not raised
         mgr.save(3, _state(3), force=True)  # cleans it, prunes 2
         assert [c.step for c in mgr.checkpoints()] == [3]
     assert [n for n in _names(run_dir) if n.startswith((".trash-", "step-"))] == ["step-000000003"]

@@ -19,6 +19,7 @@ from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.format.manifest import MANIFEST
 from ckptguard.run.catalog import find_debris, scan
 from ckptguard.storage import Storage, open_storage
+from ckptguard.testing import FaultyStorage
 
 BACKENDS = ["local", "memory", "s3"]
 
@@ -207,24 +208,6 @@ def _state(seed: int) -> tuple[cg.TrainState, torch.nn.Module]:
     return cg.TrainState(model=model, optimizer=opt, extra={"seed": seed}), model
 
 
-class FaultyStorage:
-    """Delegates to a real backend but fails the k-th ``create`` (a crash mid-save)."""
-
-    def __init__(self, inner: Storage, fail_at: int) -> None:
-        self._inner = inner
-        self._fail_at = fail_at
-        self.creates = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def create(self, path: str) -> Any:
-        self.creates += 1
-        if self.creates == self._fail_at:
-            raise OSError(5, f"injected failure creating {path}")
-        return self._inner.create(path)
-
-
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
@@ -252,8 +235,8 @@ def test_failed_save_never_commits_and_restore_returns_previous(store_url: str, 
         mgr.save(1, state, force=True)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.weight.data.mul_(3.0)
-    faulty = FaultyStorage(open_storage(store_url), fail_at)
-    mgr = cg.CheckpointManager(faulty, lock=False)  # type: ignore[arg-type]
+    faulty = FaultyStorage(open_storage(store_url), fail_at=fail_at, ops={"create"})  # a crash mid-save
+    mgr = cg.CheckpointManager(faulty, lock=False)
     with pytest.raises(OSError):
         mgr.save(2, state, force=True)
     mgr.close()

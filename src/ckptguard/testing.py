@@ -1,12 +1,26 @@
-"""Fault injection for tests: a Storage wrapper that fails the k-th operation.
+"""Fault injection for tests: one Storage wrapper that fails, or crashes at, the k-th operation.
 
 :class:`FaultyStorage` wraps any :class:`~ckptguard.storage.Storage` and counts the operations
-that change the run (file writes, fsyncs, renames, deletes, atomic replaces...). The ``fail_at``-th
-counted operation raises a realistic ``OSError`` (``EIO`` by default, or ``ENOSPC``...) translated
-through :func:`~ckptguard.storage.base.translate_os_error`, exactly as the real backend reports it.
-With ``sticky=True`` every later operation fails too (a disk that stays full).
+that change the run (file writes, fsyncs, renames, deletes, atomic replaces...); reads are counted
+too when asked for (``ops={"read"}``). The ``fail_at``-th counted operation either
+
+* raises a realistic ``OSError`` (``EIO`` by default, or ``ENOSPC``...) translated through
+  :func:`~ckptguard.storage.base.translate_os_error`, exactly as the real backend reports it
+  (``sticky=True``: every later counted operation fails too, a disk that stays full); or
+* with ``crash=True``, raises :class:`SimulatedCrash`, a ``BaseException``: the process "dies"
+  there. No ``except Exception`` clean-up runs, every later operation that changes the storage
+  raises ``SimulatedCrash`` as well, and a writer's ``abort()`` removes nothing (a dead process
+  cleans nothing up). The files are left as a killed process leaves them.
+
+Which operations count: ``ops`` names operation kinds (:data:`ALL_OPS`, plus ``"read"``) or the
+storage methods themselves (:data:`CALLS`: ``"remove_tree"``, ``"sync_dir"``, a writer's
+``"close"``...), and ``path``, a glob pattern (:func:`fnmatch.fnmatchcase`, ``*`` crosses ``/``),
+keeps only the operations on matching paths. Every counted operation is recorded in ``log`` as an
+:class:`InjectedFault`; ``count`` is how many there were since the last :meth:`FaultyStorage.arm`.
 
 Sweep every k a save performs::
+
+    from ckptguard.testing import FaultyStorage, count_ops
 
     fs = FaultyStorage(LocalStorage("runs/a"))
     mgr = CheckpointManager(fs)
@@ -19,6 +33,11 @@ Sweep every k a save performs::
             mgr.save(2, state, force=True)
         assert mgr.restore(state) == 1
 
+Crash at the 3rd deletion (or rename) of a save, or fail the first removal of a trash folder::
+
+    FaultyStorage(LocalStorage(run), fail_at=3, ops={"delete", "rename"}, crash=True)
+    FaultyStorage(LocalStorage(run), fail_at=1, ops={"remove_tree"}, path=".trash-*")
+
 The wrapper holds no state a checkpoint depends on; it only forwards, counts and fails.
 """
 
@@ -26,36 +45,78 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fnmatch
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
 from ckptguard.storage.base import Storage, Writer, translate_os_error
 
-__all__ = ["ALL_OPS", "FaultyStorage", "FaultyWriter", "InjectedFault", "count_ops"]
+__all__ = ["ALL_OPS", "CALLS", "FaultyStorage", "FaultyWriter", "InjectedFault", "SimulatedCrash", "count_ops", "unwrap"]
 
-# What FaultyStorage counts. "fsync" covers a writer's close() (durable on close) and sync_dir().
+# The operation kinds counted by default: those that change the run. "fsync" covers a writer's
+# close() (durable on close) and sync_dir(); "delete" covers remove_file() and remove_tree().
 ALL_OPS = frozenset({"create", "write", "fsync", "mkdir", "rename", "delete", "replace", "append"})
+
+# Each wrapped method (the storage's, and a writer's write/pwrite/close) -> its operation kind.
+CALLS: dict[str, str] = {
+    "create": "create",
+    "write": "write",
+    "pwrite": "write",
+    "close": "fsync",
+    "sync_dir": "fsync",
+    "makedirs": "mkdir",
+    "rename_dir": "rename",
+    "remove_file": "delete",
+    "remove_tree": "delete",
+    "replace_file": "replace",
+    "append": "append",
+    "read_bytes": "read",
+    "open_read": "read",
+}
+
+_KINDS = ALL_OPS | {"read"}
+
+
+class SimulatedCrash(BaseException):
+    """The process "dies" here (``FaultyStorage(..., crash=True)``): a ``BaseException``, so
+    nothing that catches ``Exception`` runs after it, as after a real kill."""
 
 
 @dataclasses.dataclass(frozen=True)
 class InjectedFault:
-    """One counted operation: its number (1-based), kind and path."""
+    """One counted operation: its number (1-based), kind (see :data:`ALL_OPS`), path, and the
+    method that performed it (``"remove_tree"``, ``"close"``...)."""
 
     index: int
     op: str
     path: str
+    call: str = ""
 
 
 class FaultyStorage:
-    """Forwards to ``inner``; the ``fail_at``-th counted operation raises.
+    """Forwards to ``inner``; the ``fail_at``-th counted operation fails (or crashes).
 
     Args:
         inner: any Storage (``LocalStorage``, ``FsspecStorage``...).
         fail_at: 1-based number of the counted operation that fails; None never fails.
-        ops: which operation kinds are counted (and can fail); default :data:`ALL_OPS`.
+        ops: which operations are counted (and can fail): kinds of :data:`ALL_OPS` or
+            ``"read"``, or method names of :data:`CALLS`; default :data:`ALL_OPS`.
+        path: count only operations on paths matching this glob pattern (None: every path).
         error: the errno raised (``errno.EIO``, ``errno.ENOSPC``, ``errno.EACCES``...).
         sticky: after the first failure, every later counted operation fails as well.
+        crash: raise :class:`SimulatedCrash` instead of an ``OSError``, and stay dead: every
+            later change to the storage raises it too, and writers' ``abort()`` does nothing.
+        plain_writers: the writers handed out offer only ``write``/``close``/``abort`` (not the
+            local writer's ``pwritev`` nor its O_DIRECT path), so every byte the library writes
+            goes through ``write()``, one counted operation per call.
+
+    Example::
+
+        fs = FaultyStorage(LocalStorage(run), fail_at=1, ops={"rename"}, sticky=True)
+        with pytest.raises(StorageError):
+            CheckpointManager(fs).save(1, state, force=True)
+        assert fs.failed is not None and fs.failed.op == "rename"
     """
 
     def __init__(
@@ -64,22 +125,32 @@ class FaultyStorage:
         *,
         fail_at: int | None = None,
         ops: Iterable[str] = ALL_OPS,
+        path: str | None = None,
         error: int = errno.EIO,
         sticky: bool = False,
+        crash: bool = False,
+        plain_writers: bool = False,
     ) -> None:
-        unknown = set(ops) - ALL_OPS
+        ops = frozenset(ops)
+        unknown = ops - _KINDS - set(CALLS)
         if unknown:
-            raise ValueError(f"unknown operation kinds {sorted(unknown)}; known: {sorted(ALL_OPS)}")
+            raise ValueError(
+                f"unknown operation kinds {sorted(unknown)}; known: {sorted(_KINDS)} or the methods {sorted(CALLS)}"
+            )
         if fail_at is not None and fail_at < 1:
             raise ValueError(f"fail_at counts from 1, got {fail_at}")
         self.inner = inner
-        self.ops = frozenset(ops)
+        self.ops = ops
+        self.path = path
         self.error = error
         self.sticky = sticky
+        self.crash = crash
+        self.plain_writers = plain_writers
         self.fail_at = fail_at
         self.count = 0
         self.log: list[InjectedFault] = []
         self.failed: InjectedFault | None = None
+        self.dead = False
 
     # ---- control ------------------------------------------------------------------------------
 
@@ -89,35 +160,50 @@ class FaultyStorage:
         self.count = 0
         self.log = []
         self.failed = None
+        self.dead = False
         if error is not None:
             self.error = error
         if sticky is not None:
             self.sticky = sticky
 
-    def tick(self, op: str, path: str) -> None:
-        """Count one operation; raise the injected error when its turn has come."""
-        if op not in self.ops:
+    def counts(self, call: str, path: str) -> bool:
+        """Whether the operation ``call`` (a method of :data:`CALLS`) on ``path`` is counted."""
+        if CALLS[call] not in self.ops and call not in self.ops:
+            return False
+        return self.path is None or fnmatch.fnmatchcase(path, self.path)
+
+    def tick(self, call: str, path: str) -> None:
+        """Count one operation (``call``: a method of :data:`CALLS`); raise the injected fault
+        when its turn has come. Subclasses may extend it (e.g. to kill the process instead)."""
+        op = CALLS[call]
+        if self.dead and op != "read":
+            raise SimulatedCrash(f"{call} {path} after the crash")  # a dead process changes nothing more
+        if not self.counts(call, path):
             return
         self.count += 1
-        event = InjectedFault(self.count, op, path)
+        event = InjectedFault(self.count, op, path, call)
         self.log.append(event)
         due = self.fail_at is not None and (
             self.count == self.fail_at or (self.sticky and self.count > self.fail_at)
         )
-        if due:
-            if self.failed is None:
-                self.failed = event
-            err = OSError(self.error, os.strerror(self.error), self.inner.describe(path))
-            raise translate_os_error(err, self.inner.describe(path), f"{op} (injected fault #{self.count})") from err
+        if not due:
+            return
+        if self.failed is None:
+            self.failed = event
+        if self.crash:
+            self.dead = True
+            raise SimulatedCrash(f"crash at {op} #{self.count} ({call} {path})")
+        err = OSError(self.error, os.strerror(self.error), self.inner.describe(path))
+        raise translate_os_error(err, self.inner.describe(path), f"{op} (injected fault #{self.count})") from err
 
     # ---- Storage protocol ---------------------------------------------------------------------
 
     @property
-    def url(self) -> str:  # type: ignore[override]
+    def url(self) -> str:
         return self.inner.url
 
     @property
-    def atomic_rename(self) -> bool:  # type: ignore[override]
+    def atomic_rename(self) -> bool:
         return self.inner.atomic_rename
 
     def __repr__(self) -> str:
@@ -145,9 +231,11 @@ class FaultyStorage:
         return self.inner.mtime(path)
 
     def read_bytes(self, path: str) -> bytes:
+        self.tick("read_bytes", path)
         return self.inner.read_bytes(path)
 
     def open_read(self, path: str) -> BinaryIO:
+        self.tick("open_read", path)
         return self.inner.open_read(path)
 
     def create(self, path: str) -> FaultyWriter:
@@ -155,23 +243,23 @@ class FaultyStorage:
         return FaultyWriter(self, self.inner.create(path), path)
 
     def makedirs(self, path: str) -> None:
-        self.tick("mkdir", path)
+        self.tick("makedirs", path)
         self.inner.makedirs(path)
 
     def rename_dir(self, src: str, dst: str) -> None:
-        self.tick("rename", dst)
+        self.tick("rename_dir", dst)
         self.inner.rename_dir(src, dst)
 
     def sync_dir(self, path: str) -> None:
-        self.tick("fsync", path)
+        self.tick("sync_dir", path)
         self.inner.sync_dir(path)
 
     def remove_file(self, path: str) -> None:
-        self.tick("delete", path)
+        self.tick("remove_file", path)
         self.inner.remove_file(path)
 
     def remove_tree(self, path: str) -> None:
-        self.tick("delete", path)
+        self.tick("remove_tree", path)
         self.inner.remove_tree(path)
 
     def append(self, path: str, data: bytes) -> None:
@@ -179,12 +267,16 @@ class FaultyStorage:
         self.inner.append(path, data)
 
     def replace_file(self, path: str, data: bytes) -> None:
-        self.tick("replace", path)
+        self.tick("replace_file", path)
         self.inner.replace_file(path, data)
 
 
 class FaultyWriter:
-    """A Writer whose write() and close() (the fsync) are counted operations."""
+    """A Writer whose write()/pwrite() and close() (the fsync) are counted operations.
+
+    Other attributes of the real writer (``pwritev``, ``path``...) are forwarded unless the
+    owner was made with ``plain_writers=True``.
+    """
 
     def __init__(self, owner: FaultyStorage, inner: Writer, path: str) -> None:
         self._owner = owner
@@ -196,19 +288,22 @@ class FaultyWriter:
         self._inner.write(data)
 
     def close(self) -> None:
-        self._owner.tick("fsync", self._path)
+        self._owner.tick("close", self._path)
         self._inner.close()
 
     def abort(self) -> None:
-        self._inner.abort()
+        if not self._owner.dead:  # a dead process cleans nothing up
+            self._inner.abort()
 
     def __getattr__(self, name: str) -> Any:  # pwrite and other extras of the real writer
+        if self._owner.plain_writers:
+            raise AttributeError(f"{type(self).__name__} made with plain_writers=True has no {name!r}")
         attr = getattr(self._inner, name)
         if name != "pwrite":
             return attr
 
         def pwrite(data: memoryview | bytes, offset: int) -> None:
-            self._owner.tick("write", self._path)
+            self._owner.tick("pwrite", self._path)
             attr(data, offset)
 
         return pwrite
@@ -225,6 +320,6 @@ def unwrap(storage: Storage) -> Storage:
     """The innermost storage behind wrappers that expose ``.inner`` (FaultyStorage...)."""
     seen = 0
     while hasattr(storage, "inner") and seen < 16:
-        storage = storage.inner  # type: ignore[attr-defined]
+        storage = storage.inner
         seen += 1
     return storage
