@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ckptguard as cg
+from ckptguard.errors import InvalidStepError
 
 ACCUM, TOTAL = 4, 20
 
@@ -226,7 +227,7 @@ def test_save_refuses_a_step_that_cannot_name_a_checkpoint(tmp_path: Path, bad: 
     returned None (a fresh run) with that checkpoint on disk; step=True silently saved nothing."""
     run = tmp_path / "run"
     with cg.CheckpointManager(run) as mgr:
-        with pytest.raises(cg.InvalidStepError, match=r"must be a whole number >= 0.*int\(step\)\. Nothing was saved") as ei:
+        with pytest.raises(InvalidStepError, match=r"must be a whole number >= 0.*int\(step\)\. Nothing was saved") as ei:
             mgr.save(bad, cg.TrainState(model=nn.Linear(1, 1)), metrics={"loss": 1.0}, force=True)  # type: ignore[arg-type]
         assert str(run) in str(ei.value) and isinstance(ei.value, ValueError)
     assert not run.exists() or not [p.name for p in run.iterdir() if p.name.startswith("step-")]

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import ckptguard as cg
+from ckptguard.errors import TrainingDivergedError
 import trainlib
 from ckptguard.verification.health import zscore
 
@@ -102,14 +103,14 @@ def test_injected_fault_rolls_back_and_skips_the_window(tmp_path: Path, kind: st
 
 
 def test_persistent_divergence_raises_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(cg.TrainingDivergedError) as e:
+    with pytest.raises(TrainingDivergedError) as e:
         train(tmp_path / "run", 30, inject="nan-always", inject_at=13, max_retries=2)
     msg = str(e.value)
     assert "step 13" in msg and "nan" in msg and "after 2 rollback(s)" in msg and "learning rate" in msg
 
 
 def test_no_checkpoint_to_roll_back_to(tmp_path: Path) -> None:
-    with pytest.raises(cg.TrainingDivergedError, match="no valid checkpoint before it"):
+    with pytest.raises(TrainingDivergedError, match="no valid checkpoint before it"):
         train(tmp_path / "run", 10, inject="nan", inject_at=3)
 
 

@@ -10,7 +10,7 @@ import pytest
 import ckptguard as cg
 from ckptguard.cli import main
 from ckptguard.report.plotting import plot_run
-from ckptguard.run.catalog import mark_status
+from ckptguard.run.catalog import CheckpointInfo, mark_status
 from ckptguard.run.history import read_history
 from ckptguard.storage import open_storage
 from trainlib import make_setup, run_training
@@ -38,7 +38,7 @@ def plotted_run(tmp_path_factory: pytest.TempPathFactory) -> str:
     return run
 
 
-def scan_steps(run: str) -> list[cg.CheckpointInfo]:
+def scan_steps(run: str) -> list[CheckpointInfo]:
     return cg.CheckpointManager(run, lock=False).checkpoints()
 
 

@@ -26,6 +26,7 @@ from ckptguard.policies.pins import (
 from ckptguard.policies.retention import (
     Decision,
     KeepBeforeConfigChange,
+    KeepLast,
     KeepPhased,
     budget_overrun,
     plan_retention,
@@ -331,7 +332,7 @@ def test_fresh_second_run_does_not_delete_the_first_runs_history(run_dir: Path) 
 def test_keep_last_keeps_every_checkpoint_while_fewer_than_n_exist() -> None:
     """Issue 12 item 1: the ring buffer slice started negative, so keep_last=3 kept one."""
     for n in (3, 5):
-        policy = cg.KeepLast(n)
+        policy = KeepLast(n)
         assert policy.keep([info(10), info(20)]) == {10: f"last {n}", 20: f"last {n}"}
         assert kept(plan_retention([info(10), info(20)], cg.Retention(keep_last=n))) == [10, 20]
-    assert sorted(cg.KeepLast(3).keep([info(s) for s in (1, 2, 3, 4)])) == [2, 3, 4]
+    assert sorted(KeepLast(3).keep([info(s) for s in (1, 2, 3, 4)])) == [2, 3, 4]

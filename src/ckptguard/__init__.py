@@ -6,6 +6,20 @@ Public API (see README.md)::
     state = cg.TrainState(model=model, optimizer=opt, scheduler=sched, dataloader=loader)
     mgr = cg.CheckpointManager("runs/exp1", every_steps=500, retention=cg.Retention(keep_last=3))
     step = mgr.restore(state)
+
+The top level holds what DESIGN.md names (``TrainState``, ``ResumableSampler``,
+``CheckpointManager``, ``Retention``, ``verify``, ``CheckpointError``), the two other classes the
+README's code uses (``LossGuard``, ``LockPolicy``) and the errors the README says a training loop
+meets. Everything else lives in its subpackage, for example:
+
+- ``ckptguard.errors``: every error class (``StorageUnavailableError``, ``InvalidStepError``,
+  ``TrainingDivergedError``...);
+- ``ckptguard.policies.retention``: ``KeepLast``, ``KeepBest``, ``KeepEvery``, ``KeepPhased``,
+  ``KeepBeforeConfigChange``; ``ckptguard.policies.schedule``: the save-interval formula;
+- ``ckptguard.capture.state``: ``Stateful``; ``ckptguard.run.catalog``: ``CheckpointInfo``,
+  ``scan``; ``ckptguard.verification.verify``: ``VerifyReport``;
+- ``ckptguard.storage``: ``LocalStorage``, ``FsspecStorage``, ``open_storage``;
+  ``ckptguard.testing``: ``FaultyStorage`` (fault injection for tests).
 """
 
 from __future__ import annotations
@@ -18,42 +32,33 @@ from ckptguard.version import __version__
 # Public name -> the module that defines it. Imported on first use (PEP 562), so that commands
 # that only read metadata (``ckptguard ls``, ``verify``...) start without importing torch.
 _LAZY: dict[str, str] = {
+    "CheckpointManager": "ckptguard.manager.manager",
+    "LockPolicy": "ckptguard.run.lock",
+    "LossGuard": "ckptguard.verification.health",
+    "ResumableSampler": "ckptguard.capture.sampler",
+    "Retention": "ckptguard.policies.retention",
+    "TrainState": "ckptguard.capture.state",
+    "verify": "ckptguard.verification.verify",
+    # errors (all of them: ckptguard.errors)
     "AsyncSaveError": "ckptguard.errors",
     "CheckpointError": "ckptguard.errors",
     "CheckpointNotFoundError": "ckptguard.errors",
     "CorruptCheckpointError": "ckptguard.errors",
     "DiskFullError": "ckptguard.errors",
     "FormatVersionError": "ckptguard.errors",
-    "InvalidStepError": "ckptguard.errors",
     "NoValidCheckpointError": "ckptguard.errors",
     "RunLockedError": "ckptguard.errors",
     "RunLockLostError": "ckptguard.errors",
     "StateMismatchError": "ckptguard.errors",
     "StorageError": "ckptguard.errors",
     "StoragePermissionError": "ckptguard.errors",
-    "TrainingDivergedError": "ckptguard.errors",
     "UnsafeCheckpointError": "ckptguard.errors",
     "UnsupportedStateError": "ckptguard.errors",
-    "CheckpointInfo": "ckptguard.run.catalog",
-    "LossGuard": "ckptguard.verification.health",
-    "LockPolicy": "ckptguard.run.lock",
-    "CheckpointManager": "ckptguard.manager.manager",
-    "KeepBeforeConfigChange": "ckptguard.policies.retention",
-    "KeepBest": "ckptguard.policies.retention",
-    "KeepEvery": "ckptguard.policies.retention",
-    "KeepLast": "ckptguard.policies.retention",
-    "KeepPhased": "ckptguard.policies.retention",
-    "Retention": "ckptguard.policies.retention",
-    "ResumableSampler": "ckptguard.capture.sampler",
-    "Stateful": "ckptguard.capture.state",
-    "TrainState": "ckptguard.capture.state",
-    "VerifyReport": "ckptguard.verification.verify",
-    "verify": "ckptguard.verification.verify",
 }
 
 if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
     from ckptguard.capture.sampler import ResumableSampler
-    from ckptguard.capture.state import Stateful, TrainState
+    from ckptguard.capture.state import TrainState
     from ckptguard.errors import (
         AsyncSaveError,
         CheckpointError,
@@ -61,24 +66,20 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
         CorruptCheckpointError,
         DiskFullError,
         FormatVersionError,
-        InvalidStepError,
         NoValidCheckpointError,
         RunLockedError,
         RunLockLostError,
         StateMismatchError,
         StorageError,
         StoragePermissionError,
-        TrainingDivergedError,
         UnsafeCheckpointError,
         UnsupportedStateError,
     )
     from ckptguard.manager.manager import CheckpointManager
-    from ckptguard.policies.retention import KeepBeforeConfigChange, KeepBest, KeepEvery, KeepLast, KeepPhased, Retention
-    from ckptguard.run.catalog import CheckpointInfo
+    from ckptguard.policies.retention import Retention
     from ckptguard.run.lock import LockPolicy
     from ckptguard.verification.health import LossGuard
-    from ckptguard.verification.verify import VerifyReport, verify
-
+    from ckptguard.verification.verify import verify
 
 
 def __getattr__(name: str) -> Any:
@@ -97,34 +98,24 @@ def __dir__() -> list[str]:
 __all__ = [
     "AsyncSaveError",
     "CheckpointError",
-    "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "DiskFullError",
     "FormatVersionError",
-    "InvalidStepError",
-    "KeepBeforeConfigChange",
-    "KeepBest",
-    "KeepEvery",
-    "KeepLast",
-    "KeepPhased",
     "LockPolicy",
     "LossGuard",
     "NoValidCheckpointError",
     "ResumableSampler",
     "Retention",
-    "RunLockedError",
     "RunLockLostError",
+    "RunLockedError",
     "StateMismatchError",
-    "Stateful",
     "StorageError",
     "StoragePermissionError",
     "TrainState",
-    "TrainingDivergedError",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
-    "VerifyReport",
     "__version__",
     "verify",
 ]

@@ -6,7 +6,7 @@ last ``window`` healthy values. On a trip, :meth:`LossGuard.rollback` restores t
 checkpoint from before the trip, moves the sampler past the offending data window (the batches from
 the restored step up to the trip, plus ``skip_extra_batches``), and returns the restored step. After
 ``max_retries`` rollbacks without getting ``recover_steps`` past the last trip it raises
-:class:`~ckptguard.TrainingDivergedError`.
+:class:`~ckptguard.errors.TrainingDivergedError`.
 
 Check *before* saving, so that a poisoned step is never checkpointed::
 
