@@ -10,6 +10,7 @@ names plus what a README user needs, and nothing else.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -148,3 +149,23 @@ def test_subpackages_say_what_they_hold_and_import_no_torch() -> None:
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def _entry_points() -> list[tuple[str, str]]:
+    """(module, name) for every ``- ``module`` (...): ``Name``, ...`` bullet of a subpackage docstring."""
+    found = []
+    for init in sorted((ROOT / "src" / "ckptguard").glob("*/__init__.py")):
+        doc = re.match(r'"""(.*?)"""', init.read_text(), flags=re.S)
+        bullets = re.findall(r"^- ``(\w+)`` \(.*?\): (.*?)(?=^- |^$|\Z)", doc.group(1) if doc else "", flags=re.S | re.M)
+        for module, names in bullets:
+            found += [(f"ckptguard.{init.parent.name}.{module}", n) for n in re.findall(r"``(\w+)``", names)]
+    return found
+
+
+def test_subpackage_docstrings_list_entry_points_that_exist() -> None:
+    entries = _entry_points()
+    assert len({m.split(".")[1] for m, _ in entries}) >= 10, entries
+    if "mlflow" not in sys.modules and importlib.util.find_spec("mlflow") is None:
+        entries = [e for e in entries if not e[0].endswith(".mlflow")]
+    missing = [f"{m}.{n}" for m, n in entries if not hasattr(importlib.import_module(m), n)]
+    assert not missing, missing

@@ -1,1 +1,12 @@
-"""torch.distributed runs: agreement between ranks, rank files, sharded state through torch.distributed.checkpoint."""
+"""torch.distributed runs: agreement between ranks, rank files, sharded state through torch.distributed.checkpoint.
+
+Public entry points, by module; the other names in each module's ``__all__`` serve
+ckptguard's own modules and may change:
+
+- ``coordination`` (agreement between ranks): ``Coordinator``, ``coordinator``, ``agree``
+- ``saving`` (the collective save): ``save_distributed``
+- ``restoring`` (the collective restore): ``restore_checkpoint``
+- ``dcp`` (sharded state through torch.distributed.checkpoint): ``dcp_save``, ``dcp_load``
+
+The manager calls these; a training script uses ``CheckpointManager`` as in one process.
+"""

@@ -1,1 +1,12 @@
-"""Policies that decide (what to keep, when to save, when to stop, what is pinned); they never delete."""
+"""Policies that decide (what to keep, when to save, when to stop, what is pinned); they never delete.
+
+Public entry points, by module; the other names in each module's ``__all__`` serve
+ckptguard's own modules and may change:
+
+- ``retention`` (what to keep): ``Retention``, ``KeepLast``, ``KeepBest``, ``KeepEvery``,
+  ``KeepPhased``, ``KeepBeforeConfigChange``, ``plan_retention``
+- ``schedule`` (when to save, Young/Daly): ``SaveSchedule``, ``young_daly_interval``,
+  ``wasted_fraction``
+- ``preemption`` (a signal sets a flag): ``PreemptionGuard``
+- ``pins`` (checkpoints no policy deletes): ``pin``, ``unpin``, ``pinned_steps``
+"""

@@ -1,4 +1,16 @@
-"""Where checkpoints live: local directories and fsspec URLs behind one small interface."""
+"""Where checkpoints live: local directories and fsspec URLs behind one small interface.
+
+Public entry points, by module; the other names in each module's ``__all__`` serve
+ckptguard's own modules and may change:
+
+- ``base`` (the seam a backend implements and how it is called): ``Storage``, ``Writer``,
+  ``translate_os_error``
+- ``local`` (local filesystems): ``LocalStorage``
+- ``fsspec_store`` (object stores and other fsspec filesystems): ``FsspecStorage``
+- ``retry`` (transient errors retried with backoff): ``RetryPolicy``
+
+``open_storage`` (in this package) turns a path, URL or Storage into a Storage.
+"""
 
 from __future__ import annotations
 
