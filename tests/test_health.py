@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import ckptguard as cg
-from ckptguard.errors import TrainingDivergedError
 import trainlib
+from ckptguard.errors import TrainingDivergedError
 from ckptguard.verification.health import zscore
 
 CHILD = str(Path(__file__).parent / "policy_child.py")

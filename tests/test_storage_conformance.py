@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import ckptguard as cg
-from ckptguard.errors import CheckpointNotFoundError
+from ckptguard.errors import CheckpointNotFoundError, StorageError
 from ckptguard.format.manifest import MANIFEST
 from ckptguard.run.catalog import find_debris, scan
 from ckptguard.storage import Storage, open_storage
-from ckptguard.testing import FaultyStorage
+from ckptguard.testing import FaultyStorage, SimulatedCrash, count_ops
 
 BACKENDS = ["local", "memory", "s3"]
 
@@ -406,3 +406,50 @@ def test_retry_policy_validates_and_caps_delays() -> None:
     delays = [p.delay(k, rng) for k in range(1, 10) for _ in range(50)]
     assert all(0.0 <= d <= 4.0 for d in delays)
     assert max(p.delay(1, rng) for _ in range(200)) <= 0.5
+
+
+# ---- ckptguard.testing.FaultyStorage over every backend ----------------------------------------
+
+
+def test_faulty_storage_counts_methods_and_paths_and_fails_the_kth(store: Storage) -> None:
+    store.makedirs(".trash-a")
+    store.makedirs("other")
+    put(store, ".trash-a/f", b"f")
+    put(store, ".trash-a/kept", b"k")
+    put(store, "other/g", b"g")
+    fs = FaultyStorage(store, fail_at=1, ops={"remove_tree"}, path=".trash-*")
+    fs.remove_file(".trash-a/f")  # not a remove_tree: not counted
+    fs.remove_tree("other")  # not on a matching path: not counted
+    assert fs.count == 0 and not store.exists("other")
+    with pytest.raises(StorageError, match="injected fault #1") as ei:
+        fs.remove_tree(".trash-a")
+    assert isinstance(ei.value, OSError)
+    assert fs.failed is not None and (fs.failed.op, fs.failed.call, fs.failed.path) == ("delete", "remove_tree", ".trash-a")
+    assert store.listdir(".trash-a") == ["kept"]  # the failed operation did nothing
+
+
+def test_faulty_storage_counts_reads_only_when_asked(store: Storage) -> None:
+    put(store, "f", b"payload")
+    assert count_ops(FaultyStorage(store), lambda: store.read_bytes("f")) == 0
+    fs = FaultyStorage(store, fail_at=2, ops={"read"})
+    assert fs.read_bytes("f") == b"payload"
+    with pytest.raises(StorageError):
+        fs.open_read("f")
+    assert [e.call for e in fs.log] == ["read_bytes", "open_read"]
+
+
+def test_faulty_storage_crash_is_a_base_exception_and_the_process_stays_dead(store: Storage) -> None:
+    fs = FaultyStorage(store, fail_at=2, ops={"create"}, crash=True, plain_writers=True)
+    w = fs.create("first")
+    assert not hasattr(w, "pwritev")  # plain writers: every byte goes through a counted write()
+    with pytest.raises(SimulatedCrash):
+        fs.create("second")
+    assert not issubclass(SimulatedCrash, Exception)
+    for change in (lambda: w.write(b"x"), lambda: w.close(), lambda: fs.makedirs("d"), lambda: fs.replace_file("r", b"r")):
+        with pytest.raises(SimulatedCrash, match="after the crash"):
+            change()
+    w.abort()  # a dead process cleans nothing up: no error, nothing done
+    assert fs.listdir("") == store.listdir("") and not store.exists("r")  # reads still work
+    fs.arm(None)  # a new process
+    put(fs, "second", b"2")
+    assert store.read_bytes("second") == b"2"

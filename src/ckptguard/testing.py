@@ -167,15 +167,18 @@ class FaultyStorage:
             self.sticky = sticky
 
     def counts(self, call: str, path: str) -> bool:
-        """Whether the operation ``call`` (a method of :data:`CALLS`) on ``path`` is counted."""
-        if CALLS[call] not in self.ops and call not in self.ops:
+        """Whether the operation ``call`` (a method of :data:`CALLS`, or a kind) on ``path`` is counted."""
+        if CALLS.get(call, call) not in self.ops and call not in self.ops:
             return False
         return self.path is None or fnmatch.fnmatchcase(path, self.path)
 
     def tick(self, call: str, path: str) -> None:
-        """Count one operation (``call``: a method of :data:`CALLS`); raise the injected fault
-        when its turn has come. Subclasses may extend it (e.g. to kill the process instead)."""
-        op = CALLS[call]
+        """Count one operation (``call``: a method of :data:`CALLS`, or an operation kind); raise
+        the injected fault when its turn has come. Subclasses may extend it (e.g. to kill the
+        process instead)."""
+        op = CALLS.get(call, call)
+        if op not in _KINDS:
+            raise ValueError(f"unknown operation {call!r}; known: {sorted(CALLS)} or {sorted(_KINDS)}")
         if self.dead and op != "read":
             raise SimulatedCrash(f"{call} {path} after the crash")  # a dead process changes nothing more
         if not self.counts(call, path):
