@@ -32,18 +32,18 @@ CHILD = textwrap.dedent(
     import sys, time
     import trainlib
     from ckptguard.storage import open_storage
+    from ckptguard.testing import FaultyStorage
 
     url, hold_step, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    store = open_storage(url)
-    real_create = store.create
 
-    def create(path):
-        if hold_step and path == f"step-{hold_step:09d}/MANIFEST.json":
-            print("HOLD", flush=True)   # every data file of this step is uploaded
-            time.sleep(600)
-        return real_create(path)
+    class HoldBeforeManifest(FaultyStorage):
+        def tick(self, call, path):
+            if call == "create" and hold_step and path == f"step-{hold_step:09d}/MANIFEST.json":
+                print("HOLD", flush=True)   # every data file of this step is uploaded
+                time.sleep(600)
+            super().tick(call, path)
 
-    store.create = create
+    store = HoldBeforeManifest(open_storage(url))
     print("START", flush=True)
     trainlib.run_training(store, total, every_steps=1 if not hold_step else 5)
     print("DONE", flush=True)
