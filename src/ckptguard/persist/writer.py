@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # tensors arrive from callers; pruning imports no torch
     import torch
 
 __all__ = [
-    "FileWriters", "begin_checkpoint", "clean_debris", "commit_manifest", "delete_checkpoint", "write_checkpoint",
+    "FileWriters", "TensorFileWriter", "begin_checkpoint", "clean_debris", "commit_manifest", "delete_checkpoint", "write_checkpoint",
     "write_file",
 ]
 
@@ -216,7 +216,7 @@ def commit_manifest(storage: Storage, rel: str, raw: bytes) -> None:
     try:
         stored = storage.read_bytes(rel)
     except CheckpointNotFoundError:
-        raise failure  # never arrived: nothing committed, the upload's error stands (cause kept)
+        raise failure from failure.__cause__  # never arrived: nothing committed, the upload's error stands
     except CheckpointError as e:
         unreadable: CheckpointError = e
     else:
