@@ -24,24 +24,24 @@ import torch
 
 from ckptguard.capture.configdrift import log_config_drift
 from ckptguard.capture.state import TrainState, capture
-from ckptguard.distributed.coordination import coordinator, preempt_code, signum_of
+from ckptguard.distributed.coordination import coordinator
 from ckptguard.distributed.restoring import restore_checkpoint
 from ckptguard.errors import CheckpointError
 from ckptguard.format.manifest import as_step
+from ckptguard.manager.options import checked_retention, checked_run_id, initial_schedule
+from ckptguard.manager.preemption import Preemption
 from ckptguard.manager.restoring import newer_than, restore_first_valid, select_candidates, supersede
 from ckptguard.manager.saving import RunCallbacks, SavePipeline, SaveRequest
-from ckptguard.persist.incremental import IncrementalRun
 from ckptguard.persist.reader import CheckpointReader
 from ckptguard.persist.writer import TensorFileWriter
 from ckptguard.policies.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.policies.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.policies.retention import Decision, Retention, apply_decisions
-from ckptguard.policies.schedule import SaveSchedule, observed_mtbf
 from ckptguard.run.catalog import CheckpointInfo, ManifestCache, scan
 from ckptguard.run.history import record_events
-from ckptguard.run.lock import LockPolicy, RunLock
+from ckptguard.run.lock import LockPolicy
 from ckptguard.run.metrics_log import MetricsLog
-from ckptguard.run.runrecord import RUN_FILE, RunRecord, read_run_record
+from ckptguard.run.runrecord import RUN_FILE, RunRecord
 from ckptguard.storage import Storage, open_storage
 from ckptguard.verification.behaviour import Verifier, attach_verifier
 
@@ -59,43 +59,11 @@ def _wait_at_exit(ref: weakref.ReferenceType[CheckpointManager]) -> None:
             log.error("A pending checkpoint save failed at exit: %s", e)
 
 
-def _checked_run_id(run_id: str | None) -> str | None:
-    if run_id is not None and (not isinstance(run_id, str) or not run_id.replace("-", "").replace("_", "").isalnum()):
-        raise ValueError(f"run_id must be a non-empty string of letters, digits, '-' and '_', got {run_id!r}")
-    return run_id
-
-
-def _checked_retention(retention: Retention | None) -> Retention:
-    if retention is None:
-        return Retention()
-    if not isinstance(retention, Retention):
-        raise TypeError(f"retention must be a ckptguard.Retention, got {type(retention).__name__}")
-    return retention
-
-
-def _schedule(
-    storage: Storage, record: RunRecord, every_steps: int | None, every_seconds: float | None,
-    every: str | None, mtbf_seconds: float | None,
-) -> SaveSchedule:
-    """The save schedule; ``every="auto"`` starts from the MTBF and save cost the run's history
-    observed."""
-    if every not in (None, "auto"):
-        raise ValueError(f"every= accepts only 'auto' (or None), got {every!r}; use every_steps/every_seconds")
-    schedule = SaveSchedule(every_steps, every_seconds, auto=every == "auto", mtbf_seconds=mtbf_seconds)
-    if schedule.auto:
-        schedule.use_observed_mtbf(observed_mtbf(record.previous_sessions()))
-        prev_cost = (read_run_record(storage).get("save_interval") or {}).get("save_cost_seconds")
-        if isinstance(prev_cost, (int, float)) and not isinstance(prev_cost, bool):
-            schedule.save_cost = float(prev_cost)
-    return schedule
-
-
 class CheckpointManager:
     """Saves, restores and curates the checkpoints of one run directory.
 
     Args:
-        directory: local path, ``file://`` URL, any fsspec URL (``s3://bucket/prefix``), or a
-            Storage object.
+        directory: local path, ``file://`` URL, any fsspec URL (``s3://bucket/prefix``), or a Storage.
         every_steps / every_seconds: when ``save()`` saves (either fires); ``force=True`` always.
         every: ``"auto"`` adds the Young/Daly interval sqrt(2 x save cost x MTBF), from the
             measured save cost and ``mtbf_seconds`` (else the MTBF observed in the run's history,
@@ -106,10 +74,8 @@ class CheckpointManager:
         probe: optional probe batch for behavioural verification (a tensor, tuple/dict of
             tensors, or a callable returning one), frozen at the first save in
             ``RUN/probe.safetensors``; see ckptguard.verification.behaviour.
-        drift_epsilon: warn when the probe output changes by more than this (relative L2)
-            between consecutive saves.
-        on_verification_failure: called with a dict (step, status, detail, path) when a
-            committed checkpoint fails verification.
+        drift_epsilon: warn when the probe output changes by more than this (relative L2) between saves.
+        on_verification_failure: called with a dict (step, status, detail, path) when a commit fails verification.
         verify_on_restore: check every byte against the manifest's checksums when restoring.
         storage_options: passed to fsspec for URLs.
         lock: take the run's writer lock (one writer per run) at the first write (save, pin,
@@ -142,13 +108,13 @@ class CheckpointManager:
         incremental: bool = False,
         run_id: str | None = None,
     ) -> None:
-        run_id = _checked_run_id(run_id)
+        run_id = checked_run_id(run_id)
         self.storage: Storage = open_storage(directory, storage_options)
         self.run_id = run_id or new_run_id()  # lineage; a restore adopts the restored checkpoint's
         self._own_lineages: set[str | None] = {self.run_id}
         self._run_record = RunRecord(self.storage, self.run_id)
-        self.schedule = _schedule(self.storage, self._run_record, every_steps, every_seconds, every, mtbf_seconds)
-        self.retention = _checked_retention(retention)
+        self.schedule = initial_schedule(self.storage, self._run_record, every_steps, every_seconds, every, mtbf_seconds)
+        self.retention = checked_retention(retention)
         self._warned_unranked = False  # keep_best's metric missing from a save: said once
         self.probe = probe
         self.verify_on_restore = verify_on_restore
@@ -160,8 +126,12 @@ class CheckpointManager:
         self.last_blocked_seconds: float | None = None
         self.metrics_log = MetricsLog(self.storage)
         self._coord = coordinator()  # torch.distributed: rank 0 locks, commits, curates
-        self._saves = self._pipeline(lock, async_save, incremental)
-        self._guard: PreemptionGuard | None = None
+        self._saves = SavePipeline(
+            self.storage, self._coord, self.metrics_log,
+            RunCallbacks(self._run_fields, self._blocked, self._saved, self._committed, self._apply_retention),
+            lock=lock, async_save=async_save, incremental=incremental, manifests=self._manifests,
+        )
+        self._preemption = Preemption()
         self._closed = False
         self.last_restore_report: Any = None
         self.verifier: Verifier | None = None if probe is None else attach_verifier(
@@ -169,37 +139,21 @@ class CheckpointManager:
         )
         atexit.register(_wait_at_exit, weakref.ref(self))
 
-    def _pipeline(self, lock: bool | LockPolicy, async_save: bool, incremental: bool) -> SavePipeline:
-        if self._coord.active and async_save:
-            log.info("async_save is not used in a distributed run: saves are collective and synchronous.")
-            async_save = False
-        policy = lock if isinstance(lock, LockPolicy) else None
-        return SavePipeline(
-            self.storage, self._coord, self.metrics_log,
-            RunCallbacks(self._run_fields, self._blocked, self._saved, self._committed, self._apply_retention),
-            lock=RunLock(self.storage, policy=policy) if lock and self._coord.is_primary else None,
-            async_save=async_save, manifests=self._manifests,
-            incremental=IncrementalRun(self.storage, manifests=self._manifests) if incremental else None,
-        )
-
     # ---- context manager ----------------------------------------------------------------------
 
     def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
+        try:
             self.close()
-        else:
-            try:
-                self.close()
-            except CheckpointError as e:
-                log.error("While closing after an error: %s", e)
+        except CheckpointError as e:
+            if exc_type is None:
+                raise
+            log.error("While closing after an error: %s", e)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.storage.url!r})"
-
-    # ---- listing ------------------------------------------------------------------------------
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """All committed checkpoints of the run, oldest first (by step number)."""
@@ -235,29 +189,22 @@ class CheckpointManager:
             self._saves.acquire_lock()  # a writer from its first save() (metrics.csv included)
         if metrics and self._coord.is_primary:
             self.metrics_log.record(step, metrics)
-        preempted = self._guard is not None and self._guard.poll()
-        code = preempt_code(preempted, self._guard.signum if self._guard is not None else None)
-        due, code = self._coord.agree_save(step, force or self.schedule.due(step), code)
+        due, code = self._coord.agree_save(step, force or self.schedule.due(step), self._preemption.code())
         if not (due or code):
-            if self.async_save and not self._saves.stager.prepared:  # allocate the host buffers early
-                self._saves.stager.prepare(lambda: capture(state, step).tensor_files)
+            self._saves.prepare_host_buffers(lambda: capture(state, step).tensor_files)  # before the first save
             return False
         if code:
-            if self._guard is None:
-                self._guard = PreemptionGuard(())
-            self._guard.trigger("preemption on another rank", signum_of(code))
-            self._preemption_exit(step, state, metrics)
+            self._preemption_exit(self._preemption.trigger(code), step, state, metrics)
         self._save_now(SaveRequest(step, state, metrics, "forced" if force and not self.schedule.due(step) else "periodic"))
         return True
 
-    def _preemption_exit(self, step: int, state: TrainState, metrics: Mapping[str, Any] | None) -> None:
-        assert self._guard is not None
-        reason = self._guard.reason or "preemption"
+    def _preemption_exit(self, guard: PreemptionGuard, step: int, state: TrainState, metrics: Mapping[str, Any] | None) -> None:
+        reason = guard.reason or "preemption"
         log.warning("Preemption (%s): saving step %d synchronously, then exiting.", reason, step)
         self.wait()
         if self.last_saved_step != step:
             self._save_now(SaveRequest(step, state, metrics, "preemption", extra={"preemption": reason}, sync=True))
-        code = self._guard.resolved_exit_code()
+        code = guard.resolved_exit_code()
         self._run_record.session["preempted"] = True
         self.close()
         self._coord.barrier()  # every rank leaves only after the commit and rank 0's clean-up
@@ -269,21 +216,14 @@ class CheckpointManager:
             check_not_foreign(self.storage, request.step, self._own_lineages, self.run_id)
         self._saves.save(request)
 
-    # ---- extending a save ---------------------------------------------------------------------
-
     def add_manifest_fields(self, provider: Callable[[int, TrainState], Mapping[str, Any]]) -> None:
-        """Merge ``provider(step, state)`` into the manifest of every later save.
-
-        Called in the training thread when the state is captured (rank 0 of a distributed run),
-        after the built-in fields; a key it returns replaces the built-in one (``probe``...).
-        """
+        """Merge ``provider(step, state)`` into every later manifest (training thread, rank 0;
+        after the built-in fields: a key it returns replaces the built-in one)."""
         self._saves.add_manifest_fields(provider)
 
     def add_post_commit_hook(self, hook: Callable[[dict[str, Any]], None]) -> None:
         """Call ``hook(manifest)`` after every commit (in the saving thread; before retention)."""
         self._saves.add_post_commit_hook(hook)
-
-    # ---- what the save pipeline asks of the run ---------------------------------------------
 
     def _run_fields(self, step: int, metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         unranked = None if self._warned_unranked else self.retention.unranked(step, metrics)
@@ -301,8 +241,7 @@ class CheckpointManager:
         self.last_save_seconds = seconds
 
     def _committed(self, manifest: dict[str, Any]) -> None:
-        """Merge the policy, the save interval and this session into RUN/ckptguard.json; mark
-        what a rollback abandoned (the first commit after it)."""
+        """Record the save in RUN/ckptguard.json; mark what a rollback abandoned (first commit after it)."""
         self._run_record.session["saves"] = int(self._run_record.session.get("saves", 0)) + 1
         self._run_record.write(retention=self.retention.to_json(), save_interval=self.schedule.describe())
         abandoned, self._abandoned = self._abandoned, {}
@@ -356,19 +295,12 @@ class CheckpointManager:
 
     @property
     def host_buffers(self) -> Mapping[tuple[str, str], torch.Tensor]:
-        """The host buffers async saves copy the state into, by (file, tensor name), reused from
-        one save to the next; waits for buffers being prepared. Empty before the first async save."""
+        """The host buffers async saves copy into, by (file, tensor); waits while they are prepared."""
         return self._saves.stager.buffers
 
     @property
-    def host_buffers_bytes(self) -> int:
-        """Bytes of host memory held by :attr:`host_buffers`."""
-        return sum(b.numel() * b.element_size() for b in self.host_buffers.values())
-
-    @property
     def tensor_writer(self) -> TensorFileWriter:
-        """What writes each tensor file (``ckptguard.persist.parallel_io.default_tensor_writer``
-        by default); may be replaced, e.g. by a ``ParallelTensorWriter`` with other options."""
+        """What writes each tensor file (``default_tensor_writer``); replaceable (``ParallelTensorWriter``)."""
         return self._saves.tensor_writer
 
     @tensor_writer.setter
@@ -377,8 +309,7 @@ class CheckpointManager:
 
     @property
     def environment(self) -> dict[str, Any]:
-        """The environment recorded in every manifest (git, library versions, host, device);
-        collected once, at the first save or at the first read of this property."""
+        """The environment every manifest records (git, versions, host, device); collected once."""
         return self._saves.environment
 
     @property
@@ -387,8 +318,7 @@ class CheckpointManager:
         return self._saves.last_waited_seconds
 
     def wait(self) -> None:
-        """Block until the pending async save is durable and the data of the checkpoints
-        retention pruned is freed; raise the save's error if it failed."""
+        """Block until the pending async save is durable and pruned data is freed; raise its error."""
         self._saves.wait()
 
     def close(self) -> None:
@@ -403,17 +333,11 @@ class CheckpointManager:
             with contextlib.suppress(CheckpointError):
                 if not lost:
                     self.metrics_log.flush()
-            if self._guard is not None:
-                self._guard.uninstall()
+            self._preemption.uninstall()
             if self._saves.locked and not lost and self._run_record.session.get("saves"):
                 self._run_record.session["clean"] = not self._run_record.session["preempted"]
                 self._run_record.write(save_interval=self.schedule.describe())
             self._saves.release_lock()
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called (a closed manager saves and restores nothing)."""
-        return self._closed
 
     def _check_open(self) -> None:
         if self._closed:
@@ -470,11 +394,5 @@ class CheckpointManager:
         poll_seconds: float = 5.0,
     ) -> Iterator[PreemptionGuard]:
         """Catch preemption signals for the duration of the block (see ckptguard.policies.preemption)."""
-        guard = PreemptionGuard(signals, exit_code=exit_code, pollers=pollers, poll_seconds=poll_seconds)
-        guard.install()
-        previous, self._guard = self._guard, guard
-        try:
+        with self._preemption.installed(signals, exit_code=exit_code, pollers=pollers, poll_seconds=poll_seconds) as guard:
             yield guard
-        finally:
-            guard.uninstall()
-            self._guard = previous

@@ -44,7 +44,7 @@ from ckptguard.persist.parallel_io import default_tensor_writer
 from ckptguard.persist.staging import Stager
 from ckptguard.persist.writer import TensorFileWriter, begin_checkpoint, clean_debris, write_checkpoint
 from ckptguard.run.catalog import ManifestCache
-from ckptguard.run.lock import RunLock
+from ckptguard.run.lock import LockPolicy, RunLock
 from ckptguard.run.metrics_log import MetricsLog, plain_metrics
 from ckptguard.storage.base import Storage
 
@@ -104,7 +104,8 @@ class _Save:
 class SavePipeline:
     """The save side of a manager: lock, debris, host buffers, the background save, the reaper.
 
-    Call order: ``acquire_lock()`` at the first write, ``save(request)`` per checkpoint (returns
+    ``lock``: take the run's writer lock (on rank 0; a LockPolicy tunes it); ``incremental``: write
+    tensors through an :class:`IncrementalRun`. Call order: ``acquire_lock()`` at the first write, ``save(request)`` per checkpoint (returns
     the seconds training was blocked), ``wait()`` for the save in flight, ``close()`` once.
     """
 
@@ -115,18 +116,22 @@ class SavePipeline:
         metrics_log: MetricsLog,
         run: RunCallbacks,
         *,
-        lock: RunLock | None,
+        lock: bool | LockPolicy,
         async_save: bool,
-        incremental: IncrementalRun | None,
+        incremental: bool,
         manifests: ManifestCache,
     ) -> None:
+        if coord.active and async_save:
+            log.info("async_save is not used in a distributed run: saves are collective and synchronous.")
+            async_save = False
         self.storage = storage
         self.coord = coord
         self.metrics_log = metrics_log
         self.run = run
-        self.lock = lock
+        policy = lock if isinstance(lock, LockPolicy) else None  # only rank 0 writes the run
+        self.lock = RunLock(storage, policy=policy) if lock and coord.is_primary else None
         self.async_save = async_save
-        self.incremental = incremental
+        self.incremental = IncrementalRun(storage, manifests=manifests) if incremental else None
         self.manifests = manifests
         self.tensor_writer: TensorFileWriter = default_tensor_writer(storage, background=async_save)
         self.stager = Stager()
@@ -165,6 +170,11 @@ class SavePipeline:
     def debris_left(self) -> None:
         """Something (a half-done delete, a failed save) left debris: the next save cleans it."""
         self._debris_cleaned = False
+
+    def prepare_host_buffers(self, files: Callable[[], TensorFiles]) -> None:
+        """Async saves: allocate the host buffers in the background before the first save needs them."""
+        if self.async_save and not self.stager.prepared:
+            self.stager.prepare(files)
 
     # ---- the stages -----------------------------------------------------------------------------
 
