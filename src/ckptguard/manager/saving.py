@@ -195,14 +195,19 @@ class SavePipeline:
         """Stages capture and describe."""
         sharded = self.coord.active and shardable(self.storage, request.state)
         state = without_model(request.state) if sharded else request.state
-        snap, exc = capture_exc(lambda: capture(state, request.step))
+
+        def describe() -> tuple[Snapshot, dict[str, Any]]:
+            snap = capture(state, request.step)
+            return snap, self._fields(request, snap) if self.coord.is_primary else {}
+
+        captured, exc = capture_exc(describe)
         agree(self.coord, exc, self.storage.describe(checkpoint_name(request.step)), "save")
-        assert snap is not None  # no rank waits for a failed one
+        assert captured is not None  # no rank waits for a failed one
+        snap, fields = captured
         files = {k: v for k, v in snap.tensor_files.items() if v} if sharded else snap.tensor_files
         blobs = {"state.json": json.dumps(snap.state, separators=(",", ":")).encode()}
         if snap.config_yaml is not None:
             blobs["config.yaml"] = snap.config_yaml
-        fields = self._fields(request, snap) if self.coord.is_primary else {}
         if self.coord.active:
             fields["distributed"] = distributed_fields(self.coord, sharded)
         return _Save(request, snap, files, blobs, fields, sharded, t0)
@@ -245,8 +250,10 @@ class SavePipeline:
         """Stages prepare, share, gather, commit and after commit."""
         step, coord = save.request.step, self.coord
         staging = on_primary(coord, lambda: self._prepare(step), f"preparing {self.storage.describe(checkpoint_name(step))}")
-        share, error = write_rank_share(self.storage, staging, coord, save.request.state, save.snap.state, save.sharded) if coord.active else ({}, None)
-        reports = coord.gather((share, error))
+        share: tuple[dict[str, dict[str, Any]], str | None] = ({}, None)  # a single process writes no share
+        if coord.active:
+            share = write_rank_share(self.storage, staging, coord, save.request.state, save.snap.state, save.sharded)
+        reports = coord.gather(share)
         manifest: dict[str, Any] = {}
         try:
             manifest = on_primary(coord, lambda: self._commit(save, staging, reports), f"committing step {step}")
