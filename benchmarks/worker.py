@@ -24,7 +24,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ckptguard as cg
-from ckptguard.capture.environment import collect_environment
 from ckptguard.persist.staging import Stager
 from harness import PeakRSS, StateSpec, build_state, fsync_path
 
@@ -102,12 +101,12 @@ class Saver:
         self.stager: Stager | None = None
         if method.startswith("ckptguard"):
             self.mgr = cg.CheckpointManager(root / "run", async_save=method == "ckptguard_async")
-            self.mgr._environment = collect_environment()  # one-off git call, not a save cost
+            _ = self.mgr.environment  # collected once (a git call), not a save cost
             if method == "ckptguard_async":
                 # As in a training loop: a save() call that is not due allocates the host buffers
                 # in the background (the bare-copy method below gets its buffers allocated too).
                 self.mgr.save(1, cg.TrainState(model=model, optimizer=opt))
-                self.mgr._stager._join()
+                _ = self.mgr.host_buffers  # waits until they are prepared
             if method == "ckptguard_buffered":
                 from ckptguard.persist.parallel_io import ParallelTensorWriter
 
@@ -349,17 +348,17 @@ def job_train(job: dict[str, Any]) -> dict[str, Any]:
             mgr = None
             if mode != "none":
                 mgr = cg.CheckpointManager(run, async_save=mode == "async", every_steps=every, retention=cg.Retention(keep_last=1))
-                mgr._environment = collect_environment()
+                _ = mgr.environment
             steps, saves, blocked = 0, 0, 0.0
             step_times: list[float] = []
             overlapped: list[bool] = []  # a background save was running during the step
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < job["seconds"]:
-                busy = mgr is not None and mgr._background.busy
+                busy = mgr is not None and mgr.pending
                 s0 = time.perf_counter()
                 step()
                 step_times.append(time.perf_counter() - s0)
-                overlapped.append(busy or (mgr is not None and mgr._background.busy))
+                overlapped.append(busy or (mgr is not None and mgr.pending))
                 steps += 1
                 if mgr is not None:
                     b0 = time.perf_counter()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -97,16 +99,20 @@ def test_keep_last_ring_buffer(run_dir: Path, async_save: bool) -> None:
         assert [c.step for c in mgr.checkpoints()] == [4, 5]
 
 
-def test_pruned_checkpoints_vanish_at_once_and_their_data_is_freed_in_the_background(run_dir: Path) -> None:
+def test_pruned_checkpoints_vanish_at_once_and_their_data_is_freed_in_the_background(
+    run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Retention uncommits and hides a pruned checkpoint before save() returns; the reaper frees
     its bytes beside training, and close() waits for it."""
+    caplog.set_level(logging.DEBUG, logger="ckptguard.manager.saving")
     with cg.CheckpointManager(run_dir, retention=cg.Retention(keep_last=1)) as mgr:
         for s in range(1, 5):
             mgr.save(s, _state(s), force=True)
             assert [c.step for c in mgr.checkpoints()] == [s]  # no wait needed
             assert not any(n.startswith("step-") and n != f"step-{s:09d}" for n in _names(run_dir))
             assert not any((run_dir / n / "MANIFEST.json").exists() for n in _names(run_dir) if n.startswith(".trash-"))
-        assert mgr._debris_cleaned  # what the reaper is removing is not debris to clean again
+        # what the reaper is removing is not debris to clean again: only the first save cleans
+        assert [r.message for r in caplog.records].count(f"Cleaning up debris in {mgr.storage.url}") == 1
     assert [n for n in _names(run_dir) if n.startswith((".trash-", "step-"))] == ["step-000000004"]
 
 
@@ -211,3 +217,25 @@ def test_keep_best_metric_missing_from_saves_is_said_once(run_dir: Path, caplog:
     said = [r.getMessage() for r in caplog.records if "ranked only by the metrics passed" in r.getMessage()]
     assert len(said) == 1 and "got no 'val_loss' (metrics given: loss)" in said[0] and "save of step 2" in said[0]
     assert [c.step for c in cg.CheckpointManager(run_dir).checkpoints()] == [4, 8]  # 4: best val_loss
+
+
+def test_manifest_field_providers_and_post_commit_hooks_extend_every_save(run_dir: Path, async_save: bool) -> None:
+    """The public extension points: a provider's fields land in the manifest (replacing a
+    built-in one it names), hooks see each committed manifest in order, before retention."""
+    seen: list[tuple[str, int, list[int]]] = []
+
+    def provider(step: int, state: cg.TrainState) -> dict[str, Any]:
+        return {"extra_data": {"step_seen": step}, "probe": {"custom": True}}
+
+    with cg.CheckpointManager(run_dir, async_save=async_save, retention=cg.Retention(keep_last=1)) as mgr:
+        mgr.add_manifest_fields(provider)
+        mgr.add_post_commit_hook(lambda m: seen.append(("first", m["step"], [c.step for c in mgr.checkpoints()])))
+        mgr.add_post_commit_hook(lambda m: seen.append(("second", m["step"], [])))
+        for s in (1, 2):
+            mgr.save(s, _state(s), force=True)
+        mgr.wait()
+    manifest = json.loads((run_dir / "step-000000002" / "MANIFEST.json").read_text())
+    assert manifest["extra_data"] == {"step_seen": 2} and manifest["probe"] == {"custom": True}
+    assert manifest["verification"] == {"status": "unverified"}  # built-in fields stay
+    # hooks run in registration order, after the commit and before retention pruned step 1
+    assert seen == [("first", 1, [1]), ("second", 1, []), ("first", 2, [1, 2]), ("second", 2, [])]

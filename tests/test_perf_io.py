@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,11 +201,11 @@ def test_staging_buffers_are_reused_across_async_saves(run_dir: Path) -> None:
     state = cg.TrainState(model=model, optimizer=opt)
     with cg.CheckpointManager(run_dir, async_save=True) as mgr:
         mgr.save(1, state, force=True)
-        first = {k: b.data_ptr() for k, b in mgr._stager._buffers.items()}
+        first = {k: b.data_ptr() for k, b in mgr.host_buffers.items()}
         model(torch.randn(5, 16)).sum().backward()
         opt.step()
         mgr.save(2, state, force=True)
-        second = {k: b.data_ptr() for k, b in mgr._stager._buffers.items()}
+        second = {k: b.data_ptr() for k, b in mgr.host_buffers.items()}
         mgr.wait()
     assert first and first == second
     # the second checkpoint holds the second state, not stale buffer contents
@@ -222,17 +223,15 @@ def test_first_async_save_uses_buffers_prepared_by_an_earlier_call(run_dir: Path
     opt.step()  # Adam's moments exist: the optimizer's tensors are prepared too
     state = cg.TrainState(model=model, optimizer=opt)
     with cg.CheckpointManager(run_dir, async_save=True, every_steps=3) as mgr:
-        assert not mgr._stager.prepared
+        assert not mgr.host_buffers
         assert mgr.save(1, state) is False
-        assert mgr._stager.prepared
-        mgr._stager._join()
-        prepared = {k: b.data_ptr() for k, b in mgr._stager._buffers.items()}
+        prepared = {k: b.data_ptr() for k, b in mgr.host_buffers.items()}
         n_opt = sum(1 for f, _ in prepared if f.startswith("optim"))
         assert n_opt >= 2 * len(list(model.parameters()))  # at least exp_avg and exp_avg_sq of each
-        assert all(not b.any() for b in mgr._stager._buffers.values())  # touched (zero-filled)
+        assert all(not b.any() for b in mgr.host_buffers.values())  # touched (zero-filled)
         assert mgr.save(2, state) is False  # prepared once only
         assert mgr.save(3, state) is True
-        staged = {k: b.data_ptr() for k, b in mgr._stager._buffers.items()}
+        staged = {k: b.data_ptr() for k, b in mgr.host_buffers.items()}
         mgr.wait()
     assert prepared == staged
     restored, restored_opt = _model_and_opt(3)
@@ -281,8 +280,8 @@ def test_async_error_surfaces_on_next_call(tmp_path: Path, surface: str) -> None
     mgr.save(1, state, force=True)  # returns at once; the background write fails
     with pytest.raises(AsyncSaveError, match="No space left"):
         if surface == "save":
-            if mgr._background.pending is not None:
-                mgr._background.pending.exception()  # let it finish so the next save sees the error
+            while mgr.pending:  # let it finish so the next save sees the error
+                time.sleep(0.01)
             mgr.save(2, state, force=True)
         elif surface == "wait":
             mgr.wait()

@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import ckptguard as cg
 from ckptguard.capture.rng import rng_fingerprint
+from ckptguard.storage.local import LocalStorage
+from ckptguard.testing import FaultyStorage
 from trainlib import Net, NoisyDataset, train_step
 
 
@@ -98,25 +100,26 @@ def report(s: dict[str, Any], out: str, tag: str, step: int) -> None:
         save_file(weights, os.path.join(out, f"{tag}.safetensors"))
 
 
-def save_with_a_failing_rank(s: dict[str, Any], mgr: cg.CheckpointManager, out: str, total: int) -> None:
-    """Rank 1's disk "fails" while writing its rank file: nothing may be committed, every rank
+def run_storage(path: str) -> FaultyStorage:
+    """The run's storage, through the fault-injecting wrapper (disarmed: it only forwards)."""
+    os.makedirs(path, exist_ok=True)
+    return FaultyStorage(LocalStorage(path), ops={"create"})
+
+
+def save_with_a_failing_rank(
+    s: dict[str, Any], mgr: cg.CheckpointManager, storage: FaultyStorage, out: str, total: int
+) -> None:
+    """Rank 1's disk "fails" when it creates its rank file: nothing may be committed, every rank
     must raise, and the next save must work."""
-    import ckptguard.distributed.saving as cd
-
-    real = cd.write_blob
-
-    def failing(storage: Any, rel: str, data: bytes) -> Any:
-        raise cg.StorageError(f"I/O error while writing {rel}: injected on rank 1")
-
     if dist.get_rank() == 1:
-        cd.write_blob = failing
+        storage.arm(1)  # the first file rank 1 creates in a save is its rank file
     try:
         mgr.save(total + 1, s["state"], force=True)
         outcome = "saved"
     except cg.CheckpointError as e:
         outcome = f"{type(e).__name__}: {e}"
     finally:
-        cd.write_blob = real
+        storage.arm(None)
     mgr.save(total + 2, s["state"], force=True)
     with open(os.path.join(out, f"failed-save-rank{dist.get_rank()}.json"), "w") as f:
         json.dump({"outcome": outcome}, f)
@@ -163,11 +166,12 @@ def main() -> None:
         report(s, args.out, "stopped", step)
     elif args.scenario == "ddp-resume":
         s = build(kind)
-        mgr = cg.CheckpointManager(os.path.join(args.run, "stopped"), every_steps=5)
+        storage = run_storage(os.path.join(args.run, "stopped"))
+        mgr = cg.CheckpointManager(storage, every_steps=5)
         step = mgr.restore(s["state"]) or 0
         report(s, args.out, "restored", step)
         report(s, args.out, "resumed", train(s, mgr, step, args.total, None))
-        save_with_a_failing_rank(s, mgr, args.out, args.total)
+        save_with_a_failing_rank(s, mgr, storage, args.out, args.total)
         mgr.close()
         restore_after_damage(args.run, args.out, args.total + 2)
     elif args.scenario == "fsdp":

@@ -11,7 +11,8 @@ manager gets a :class:`ProcessGroupCoordinator` and:
   step (ranks calling ``save`` with different steps is an error), and on preemption: a signal on
   any rank makes every rank save the same step, wait until it is committed and exit with the
   same code.
-* Saving: rank 0 creates the staging directory and broadcasts its name (``broadcast_object_list``
+* Saving (the stages of ckptguard.manager.saving, the one save pipeline, with this coordinator;
+  the distributed stages are in :mod:`ckptguard.distributed.saving`): rank 0 creates the staging directory and broadcasts its name (``broadcast_object_list``
   between trusted ranks; nothing is pickled into the checkpoint). Every rank writes its own
   ``rank-0000R.json`` (RNG of python/numpy/torch/CUDA and the sampler or DataLoader position of
   that rank). Replicated (DDP) state: rank 0 writes model/optimizer tensors once, exactly as a

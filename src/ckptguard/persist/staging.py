@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import types
 from collections.abc import Callable, Mapping
 
 import torch
@@ -78,6 +79,13 @@ class Stager:
         except RuntimeError:  # interpreter shutting down: the save allocates them
             return
         self._preparing = thread
+
+    @property
+    def buffers(self) -> Mapping[tuple[str, str], torch.Tensor]:
+        """The buffers kept for the next save, by (file, tensor name), read-only; waits for a
+        preparation in progress (see ``prepare``)."""
+        self._join()
+        return types.MappingProxyType(self._buffers)
 
     def _join(self) -> None:
         if self._preparing is not None:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # tensors arrive from callers; pruning imports no torch
     import torch
 
 __all__ = [
-    "FileWriters", "begin_checkpoint", "clean_debris", "commit_manifest", "delete_checkpoint", "write_checkpoint",
+    "FileWriters", "TensorFileWriter", "begin_checkpoint", "clean_debris", "commit_manifest", "delete_checkpoint", "write_checkpoint",
     "write_file",
 ]
 
@@ -150,50 +150,64 @@ def write_checkpoint(
         finish = getattr(tensor_writer, "finish", None)
         if finish is not None:  # e.g. incremental saves: sync the shared objects once
             finish(storage)
-        now = time.time()
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "step": int(step),
-            "name": name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-            "created_unix": now,
-            "checksum": "xxh3-128",
-            **fields,
-            "files": files,
-        }
-        manifest["save_seconds"] = round(time.perf_counter() - t0 + float(fields.get("save_seconds", 0.0)), 6)
+        manifest = _manifest(step, fields, files, time.perf_counter() - t0)
         if before_commit is not None:
             before_commit()
-        if storage.atomic_rename:
-            write_blob(storage, join(staging, MANIFEST), encode_manifest(manifest))
-        else:
-            commit_manifest(storage, join(staging, MANIFEST), encode_manifest(manifest))
-        storage.sync_dir(staging)
-        if storage.atomic_rename:
-            trash = None
-            if storage.exists(name):
-                trash = f".trash-{name}-{uuid.uuid4().hex[:8]}"
-                storage.rename_dir(name, trash)
-            try:
-                storage.rename_dir(staging, name)
-            except BaseException:
-                if trash is not None:  # put the old checkpoint of this step back
-                    _rename_quietly(storage, trash, name)
-                raise
-            storage.sync_dir("")
-            if trash is not None:
-                _remove_quietly(storage, trash, uncommit=True)
-        else:
-            try:  # committed: the marker only matters without a manifest
-                storage.remove_file(join(name, UNCOMMITTED))
-            except (CheckpointError, OSError) as e:
-                log.info("Could not remove %s: %s", storage.describe(join(name, UNCOMMITTED)), e)
+        _commit(storage, name, staging, manifest)
     except BaseException:
         if storage.atomic_rename and staging is not None:
             _remove_quietly(storage, staging)
         raise
     return manifest
+
+
+def _manifest(step: int, fields: Mapping[str, Any], files: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The manifest of a checkpoint whose files are written (``seconds`` it took, plus any
+    ``save_seconds`` the caller spent before)."""
+    now = time.time()
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "name": checkpoint_name(step),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "created_unix": now,
+        "checksum": "xxh3-128",
+        **fields,
+        "files": files,
+    }
+    manifest["save_seconds"] = round(seconds + float(fields.get("save_seconds", 0.0)), 6)
+    return manifest
+
+
+def _commit(storage: Storage, name: str, staging: str, manifest: dict[str, Any]) -> None:
+    """Write the manifest last; local: rename ``staging`` to ``name`` (an old checkpoint of the
+    step goes to the trash first and comes back if the rename fails); object stores: the
+    manifest is the commit, then the UNCOMMITTED marker goes."""
+    if storage.atomic_rename:
+        write_blob(storage, join(staging, MANIFEST), encode_manifest(manifest))
+    else:
+        commit_manifest(storage, join(staging, MANIFEST), encode_manifest(manifest))
+    storage.sync_dir(staging)
+    if not storage.atomic_rename:
+        try:  # committed: the marker only matters without a manifest
+            storage.remove_file(join(name, UNCOMMITTED))
+        except (CheckpointError, OSError) as e:
+            log.info("Could not remove %s: %s", storage.describe(join(name, UNCOMMITTED)), e)
+        return
+    trash = None
+    if storage.exists(name):
+        trash = f".trash-{name}-{uuid.uuid4().hex[:8]}"
+        storage.rename_dir(name, trash)
+    try:
+        storage.rename_dir(staging, name)
+    except BaseException:
+        if trash is not None:  # put the old checkpoint of this step back
+            _rename_quietly(storage, trash, name)
+        raise
+    storage.sync_dir("")
+    if trash is not None:
+        _remove_quietly(storage, trash, uncommit=True)
 
 
 def commit_manifest(storage: Storage, rel: str, raw: bytes) -> None:
@@ -216,7 +230,7 @@ def commit_manifest(storage: Storage, rel: str, raw: bytes) -> None:
     try:
         stored = storage.read_bytes(rel)
     except CheckpointNotFoundError:
-        raise failure  # never arrived: nothing committed, the upload's error stands (cause kept)
+        raise failure from failure.__cause__  # never arrived: nothing committed, the upload's error stands
     except CheckpointError as e:
         unreadable: CheckpointError = e
     else:

@@ -20,15 +20,16 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ckptguard.capture.state import MODEL_FILE, model_state_dict, unwrap_model
+from ckptguard.capture.state import MODEL_FILE, TrainState, model_state_dict, unwrap_model
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 from ckptguard.persist.reader import CheckpointReader
 from ckptguard.run.catalog import mark_status
+from ckptguard.storage.base import Storage
 from ckptguard.verification.probe import (
     PROBE_FILE,
     ProbeInputs,
@@ -40,14 +41,22 @@ from ckptguard.verification.probe import (
     summarize,
 )
 
-if TYPE_CHECKING:
-    from ckptguard.capture.state import TrainState
-    from ckptguard.manager.manager import CheckpointManager
-
-__all__ = ["VerificationResult", "Verifier", "attach_verifier", "cpu_template"]
+__all__ = ["Extensible", "VerificationResult", "Verifier", "attach_verifier", "cpu_template"]
 
 log = logging.getLogger(__name__)
 FailureCallback = Callable[[dict[str, Any]], None]
+
+
+class Extensible(Protocol):
+    """What verification needs of a checkpoint manager: its storage and the public extension
+    points of a save (``CheckpointManager`` is one)."""
+
+    @property
+    def storage(self) -> Storage: ...
+
+    def add_manifest_fields(self, provider: Callable[[int, TrainState], Mapping[str, Any]]) -> None: ...
+
+    def add_post_commit_hook(self, hook: Callable[[dict[str, Any]], None]) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +105,7 @@ class Verifier:
 
     def __init__(
         self,
-        mgr: CheckpointManager,
+        mgr: Extensible,
         probe: Any,
         *,
         drift_epsilon: float | None = None,
@@ -209,7 +218,7 @@ class Verifier:
 
 
 def attach_verifier(
-    mgr: CheckpointManager,
+    mgr: Extensible,
     probe: Any,
     *,
     drift_epsilon: float | None = None,
@@ -217,7 +226,7 @@ def attach_verifier(
 ) -> Verifier:
     """Create a Verifier for ``mgr`` and register its manifest provider and post-commit hook."""
     v = Verifier(mgr, probe, drift_epsilon=drift_epsilon, on_failure=on_failure)
-    mgr._manifest_fields.append(v.manifest_fields)
-    mgr._post_commit.append(v.after_commit)
+    mgr.add_manifest_fields(v.manifest_fields)
+    mgr.add_post_commit_hook(v.after_commit)
     return v
 

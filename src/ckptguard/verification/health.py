@@ -28,19 +28,33 @@ import collections
 import dataclasses
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from ckptguard.capture.sampler import ResumableSampler, track_dataloader
 from ckptguard.capture.state import TrainState
 from ckptguard.errors import TrainingDivergedError
-from ckptguard.run.catalog import mark_status
+from ckptguard.run.catalog import CheckpointInfo, mark_status
+from ckptguard.storage.base import Storage
 
-if TYPE_CHECKING:
-    from ckptguard.manager.manager import CheckpointManager
-
-__all__ = ["LossGuard", "Trip", "zscore"]
+__all__ = ["LossGuard", "RollbackTarget", "Trip", "zscore"]
 
 log = logging.getLogger(__name__)
+
+
+class RollbackTarget(Protocol):
+    """What a LossGuard needs of the run's checkpoint manager (``CheckpointManager`` is one)."""
+
+    @property
+    def storage(self) -> Storage: ...
+
+    def add_manifest_fields(self, provider: Callable[[int, TrainState], Mapping[str, Any]]) -> None: ...
+
+    def wait(self) -> None: ...
+
+    def checkpoints(self) -> list[CheckpointInfo]: ...
+
+    def restore(self, state: TrainState, step: int | None = None, strict: bool = True) -> int | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +112,7 @@ class LossGuard:
 
     def __init__(
         self,
-        manager: CheckpointManager,
+        manager: RollbackTarget,
         *,
         window: int = 50,
         z_threshold: float = 6.0,
@@ -124,7 +138,7 @@ class LossGuard:
         self.trips: list[Trip] = []
         self.pending: Trip | None = None
         self.retries = 0
-        manager._manifest_fields.append(self._manifest_field)
+        manager.add_manifest_fields(self._manifest_field)
 
     def _manifest_field(self, step: int, state: TrainState) -> dict[str, Any]:
         return {"loss_guard": {"trips": [dataclasses.asdict(t) for t in self.trips[-20:]]}} if self.trips else {}

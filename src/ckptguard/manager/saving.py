@@ -1,0 +1,348 @@
+"""The one save pipeline: sync, async and distributed saves run the same stages.
+
+A save is a :class:`SaveRequest` that goes through these stages, in order::
+
+    capture       every rank, training thread: snapshot the TrainState (tensors, state.json, config.yaml)
+    describe      rank 0: the manifest fields (the run's, the environment, metrics, field providers)
+    stage         async only: copy the tensors into reused host buffers; the rest runs in the background
+    prepare       rank 0: refresh the run lock, clean debris, flush metrics, create the staging place
+    share         every rank: what each rank writes itself (distributed only: its rank file, DCP shards)
+    gather        the coordinator brings every rank's file entries (or its error) to rank 0
+    commit        rank 0: tensor files through the sink, blobs, MANIFEST.json last (lock checked first)
+    after commit  rank 0: metrics, the run's bookkeeping, post-commit hooks, retention, GC
+
+Two collaborators make the modes: the coordinator (:mod:`ckptguard.distributed.coordination`: who
+writes what and who commits; a single process's coordinator is the identity) and the tensor sink
+(what writes a tensor file: ``default_tensor_writer``, ``ParallelTensorWriter`` or an
+incremental run's writer). A new tier or store adds a sink or a stage, not another pipeline.
+
+The run (the manager) plugs in through :class:`RunCallbacks`: its manifest fields, what it
+records once a checkpoint is committed, and its retention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ckptguard.capture.environment import collect_environment
+from ckptguard.capture.state import Snapshot, TrainState, capture
+from ckptguard.distributed.coordination import Coordinator, agree, capture_exc, on_primary
+from ckptguard.distributed.saving import distributed_fields, shardable, without_model, write_rank_share
+from ckptguard.errors import CheckpointError
+from ckptguard.format.manifest import checkpoint_name
+from ckptguard.persist.background import BackgroundSaves, Reaper
+from ckptguard.persist.gc import collect_garbage
+from ckptguard.persist.incremental import IncrementalRun
+from ckptguard.persist.parallel_io import default_tensor_writer
+from ckptguard.persist.staging import Stager
+from ckptguard.persist.writer import TensorFileWriter, begin_checkpoint, clean_debris, write_checkpoint
+from ckptguard.run.catalog import ManifestCache
+from ckptguard.run.lock import LockPolicy, RunLock
+from ckptguard.run.metrics_log import MetricsLog, plain_metrics
+from ckptguard.storage.base import Storage
+
+__all__ = ["ManifestFieldProvider", "PostCommitHook", "RunCallbacks", "SavePipeline", "SaveRequest"]
+
+log = logging.getLogger(__name__)
+
+ManifestFieldProvider = Callable[[int, TrainState], Mapping[str, Any]]
+PostCommitHook = Callable[[dict[str, Any]], None]
+TensorFiles = Mapping[str, Mapping[str, torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveRequest:
+    """One save: what to save and why (``sync``: never in the background, e.g. at preemption)."""
+
+    step: int
+    state: TrainState
+    metrics: Mapping[str, Any] | None
+    reason: str
+    extra: Mapping[str, Any] | None = None
+    sync: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCallbacks:
+    """What the pipeline asks of the run it saves into (the manager provides them).
+
+    ``fields(step, metrics)``: the run's manifest fields (``resumed_from``, ``run_id``,
+    ``save_interval``), in the training thread. ``blocked(seconds)``: the caller may go on
+    (training thread; an async save continues in the background). ``saved(step, seconds)``: a checkpoint is
+    committed (every rank; before the bookkeeping). ``committed(manifest)``: rank 0, right after
+    the commit, before the post-commit hooks (run record, supersede). ``curate()``: rank 0, after
+    the hooks (retention).
+    """
+
+    fields: Callable[[int, Mapping[str, Any] | None], dict[str, Any]]
+    blocked: Callable[[float], None]
+    saved: Callable[[int, float], None]
+    committed: Callable[[dict[str, Any]], None]
+    curate: Callable[[], None]
+
+
+@dataclasses.dataclass
+class _Save:
+    """A captured save on its way to the commit."""
+
+    request: SaveRequest
+    snap: Snapshot
+    tensor_files: TensorFiles
+    blobs: dict[str, bytes]
+    fields: dict[str, Any]
+    sharded: bool
+    t0: float
+
+
+class SavePipeline:
+    """The save side of a manager: lock, debris, host buffers, the background save, the reaper.
+
+    ``lock``: take the run's writer lock (on rank 0; a LockPolicy tunes it); ``incremental``: write
+    tensors through an :class:`IncrementalRun`. Call order: ``acquire_lock()`` at the first write, ``save(request)`` per checkpoint (returns
+    the seconds training was blocked), ``wait()`` for the save in flight, ``close()`` once.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        coord: Coordinator,
+        metrics_log: MetricsLog,
+        run: RunCallbacks,
+        *,
+        lock: bool | LockPolicy,
+        async_save: bool,
+        incremental: bool,
+        manifests: ManifestCache,
+    ) -> None:
+        if coord.active and async_save:
+            log.info("async_save is not used in a distributed run: saves are collective and synchronous.")
+            async_save = False
+        self.storage = storage
+        self.coord = coord
+        self.metrics_log = metrics_log
+        self.run = run
+        policy = lock if isinstance(lock, LockPolicy) else None  # only rank 0 writes the run
+        self.lock = RunLock(storage, policy=policy) if lock and coord.is_primary else None
+        self.async_save = async_save
+        self.incremental = IncrementalRun(storage, manifests=manifests) if incremental else None
+        self.manifests = manifests
+        self.tensor_writer: TensorFileWriter = default_tensor_writer(storage, background=async_save)
+        self.stager = Stager()
+        self.background = BackgroundSaves(storage.url)
+        self.reaper = Reaper(storage)  # frees pruned checkpoints' data beside training
+        self.locked = False
+        self.last_waited_seconds: float | None = None
+        self._environment: dict[str, Any] | None = None
+        self._debris_cleaned = False
+        self._providers: list[ManifestFieldProvider] = []
+        self._hooks: list[PostCommitHook] = []
+
+    # ---- extension points -----------------------------------------------------------------------
+
+    def add_manifest_fields(self, provider: ManifestFieldProvider) -> None:
+        self._providers.append(provider)
+
+    def add_post_commit_hook(self, hook: PostCommitHook) -> None:
+        self._hooks.append(hook)
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        """The environment recorded in every manifest, collected once (a git call)."""
+        if self._environment is None:
+            self._environment = collect_environment()
+        return self._environment
+
+    # ---- lock and debris ------------------------------------------------------------------------
+
+    def acquire_lock(self) -> None:
+        """Take the writer lock at the first write (RunLockLostError once another took the run)."""
+        if self.lock is not None:
+            self.lock.acquire()  # a no-op while held
+            self.locked = True
+
+    def debris_left(self) -> None:
+        """Something (a half-done delete, a failed save) left debris: the next save cleans it."""
+        self._debris_cleaned = False
+
+    def prepare_host_buffers(self, files: Callable[[], TensorFiles]) -> None:
+        """Async saves: allocate the host buffers in the background before the first save needs them."""
+        if self.async_save and not self.stager.prepared:
+            self.stager.prepare(files)
+
+    # ---- the stages -----------------------------------------------------------------------------
+
+    def save(self, request: SaveRequest) -> None:
+        """Run one save through every stage (the last ones in the background for an async save)."""
+        t0 = time.perf_counter()
+        if self.coord.active:
+            self.wait()
+        save = self._capture(request, t0)
+        if self.async_save and not request.sync:
+            self._submit(save)
+            return
+        self.background.result()
+        self._write_and_commit(save)
+        self.run.blocked(time.perf_counter() - t0)
+
+    def _capture(self, request: SaveRequest, t0: float) -> _Save:
+        """Stages capture and describe."""
+        sharded = self.coord.active and shardable(self.storage, request.state)
+        state = without_model(request.state) if sharded else request.state
+
+        def describe() -> tuple[Snapshot, dict[str, Any]]:
+            snap = capture(state, request.step)
+            return snap, self._fields(request, snap) if self.coord.is_primary else {}
+
+        captured, exc = capture_exc(describe)
+        agree(self.coord, exc, self.storage.describe(checkpoint_name(request.step)), "save")
+        assert captured is not None  # no rank waits for a failed one
+        snap, fields = captured
+        files = {k: v for k, v in snap.tensor_files.items() if v} if sharded else snap.tensor_files
+        blobs = {"state.json": json.dumps(snap.state, separators=(",", ":")).encode()}
+        if snap.config_yaml is not None:
+            blobs["config.yaml"] = snap.config_yaml
+        if self.coord.active:
+            fields["distributed"] = distributed_fields(self.coord, sharded)
+        return _Save(request, snap, files, blobs, fields, sharded, t0)
+
+    def _fields(self, request: SaveRequest, snap: Snapshot) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "reason": request.reason,
+            "metrics": plain_metrics(request.metrics),
+            "config_hash": snap.config_hash,
+            "environment": self.environment,
+            "probe": None,
+            "verification": {"status": "unverified"},
+            **self.run.fields(request.step, request.metrics),
+            "extra": {},
+        }
+        for provider in self._providers:
+            fields.update(provider(request.step, request.state))
+        fields["extra"].update(request.extra or {})
+        return fields
+
+    def _submit(self, save: _Save) -> None:
+        """Stage to host memory, hand the rest to the background thread."""
+        waited = 0.0
+        if self.background.busy:
+            w0 = time.perf_counter()
+            self.background.result()
+            waited = time.perf_counter() - w0
+            log.info("save(step=%d) waited %.3fs for the previous async save", save.request.step, waited)
+        else:
+            self.background.result()
+        save.tensor_files = self.stager.stage(save.tensor_files)
+        blocked = time.perf_counter() - save.t0
+        save.fields["blocked_seconds"] = round(blocked, 6)
+        save.fields["waited_seconds"] = round(waited, 6)
+        self.last_waited_seconds = waited
+        self.run.blocked(blocked)
+        self.background.submit(self._write_and_commit, save)
+
+    def _write_and_commit(self, save: _Save) -> None:
+        """Stages prepare, share, gather, commit and after commit."""
+        step, coord = save.request.step, self.coord
+        staging = on_primary(coord, lambda: self._prepare(step), f"preparing {self.storage.describe(checkpoint_name(step))}")
+        share: tuple[dict[str, dict[str, Any]], str | None] = ({}, None)  # a single process writes no share
+        if coord.active:
+            share = write_rank_share(self.storage, staging, coord, save.request.state, save.snap.state, save.sharded)
+        reports = coord.gather(share)
+        manifest: dict[str, Any] = {}
+        try:
+            manifest = on_primary(coord, lambda: self._commit(save, staging, reports), f"committing step {step}")
+        except CheckpointError as e:
+            if not coord.active:
+                raise
+            raise CheckpointError(
+                f"Distributed save of step {step} to {self.storage.url} failed: {e}. The checkpoints "
+                "already committed are intact."
+            ) from e
+        seconds = time.perf_counter() - save.t0
+        self.run.saved(step, seconds)
+        if coord.is_primary:
+            ranks = f" ({coord.world_size} ranks)" if coord.active else ""
+            log.info("Saved %s%s in %.3fs", self.storage.describe(checkpoint_name(step)), ranks, seconds)
+            self._after_commit(manifest)
+
+    def _prepare(self, step: int) -> str:
+        self.acquire_lock()
+        if self.lock is not None:
+            self.lock.refresh()  # before removing debris: a writer that lost the run removes nothing
+        if not self._debris_cleaned or self.reaper.failed:
+            self.reaper.wait()  # what it is removing is not debris
+            self.reaper.failed = 0
+            log.debug("Cleaning up debris in %s", self.storage.url)
+            clean_debris(self.storage)
+            self._debris_cleaned = True
+        self._flush_metrics()  # rows up to this step reach metrics.csv before the commit: a crash loses none
+        try:
+            return begin_checkpoint(self.storage, step)
+        except BaseException:
+            self._debris_cleaned = False
+            raise
+
+    def _commit(self, save: _Save, staging: str, reports: list[tuple[dict[str, Any], str | None]] | None) -> dict[str, Any]:
+        assert reports is not None
+        errors = [err for _, err in reports if err]
+        entries = {name: entry for share, _ in reports for name, entry in share.items()}
+        fields = dict(save.fields)
+        if self.coord.active:
+            fields["save_seconds"] = time.perf_counter() - save.t0
+        sink = self.incremental.writer() if self.incremental else self.tensor_writer
+        try:
+            if errors:
+                self.storage.remove_tree(staging)
+                raise CheckpointError("; ".join(errors))
+            return write_checkpoint(
+                self.storage, save.request.step, save.tensor_files, save.blobs, fields, tensor_writer=sink,
+                staging=staging, written=entries, before_commit=self.lock.check if self.lock is not None else None,
+            )
+        except BaseException:
+            self._debris_cleaned = False  # the failed save may have left debris: next save cleans
+            raise
+
+    def _flush_metrics(self) -> None:
+        try:
+            self.metrics_log.flush()
+        except CheckpointError as e:  # the checkpoint does not depend on them; retried later
+            log.warning("Could not append to metrics.csv: %s", e)
+
+    def _after_commit(self, manifest: dict[str, Any]) -> None:
+        self._flush_metrics()
+        self.run.committed(manifest)
+        for hook in self._hooks:
+            hook(manifest)
+        self.run.curate()
+        collect_garbage(self.storage, self.manifests, reap=self.reaper)
+        reaping = self.reaper.pending
+        if any(n.startswith((".tmp-", ".trash-")) and n not in reaping for n in self.storage.listdir("")):
+            self._debris_cleaned = False  # a cleanup failed quietly: the next save retries it
+
+    # ---- waiting and closing --------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until the save in flight is durable and pruned data is freed; raise its error."""
+        try:
+            self.background.result()
+        finally:
+            self.reaper.wait()
+
+    def close(self) -> None:
+        """Wait for the save in flight, then end the background threads (even when it failed)."""
+        try:
+            self.wait()
+        finally:
+            self.background.shutdown()
+            self.reaper.close()  # removals finish under the run lock; its thread ends
+
+    def release_lock(self) -> None:
+        if self.lock is not None and self.locked:
+            self.lock.release()
+            self.locked = False
