@@ -4,7 +4,7 @@ Public entry points, by module; the other names in each module's ``__all__`` ser
 ckptguard's own modules and may change:
 
 - ``coordination`` (agreement between ranks): ``Coordinator``, ``coordinator``, ``agree``
-- ``saving`` (the collective save): ``save_distributed``
+- ``saving`` (the distributed stages of the one save pipeline: rank files, sharded state): ``write_rank_share``
 - ``restoring`` (the collective restore): ``restore_checkpoint``
 - ``dcp`` (sharded state through torch.distributed.checkpoint): ``dcp_save``, ``dcp_load``
 

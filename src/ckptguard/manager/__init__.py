@@ -4,5 +4,6 @@ Public entry points, by module; the other names in each module's ``__all__`` ser
 ckptguard's own modules and may change:
 
 - ``manager`` (save, restore, retention, verification): ``CheckpointManager``
+- ``saving`` (the one save pipeline: sync, async, distributed): ``SavePipeline``
 - ``restoring`` (which checkpoint to restore, and fall-back): ``restore_first_valid``
 """
