@@ -27,7 +27,7 @@ from torch import nn
 
 import ckptguard as cg
 from ckptguard.run.catalog import scan
-from ckptguard.run.sizes import run_sizes
+from ckptguard.report.sizes import run_sizes
 from ckptguard.storage import open_storage
 
 

@@ -11,7 +11,7 @@ from rich.table import Table
 from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.run.catalog import find_debris, find_unknown, scan
-from ckptguard.run.sizes import run_sizes
+from ckptguard.report.sizes import run_sizes
 from ckptguard.storage import open_storage
 
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             )
     debris = find_debris(storage) if only is None else []
     unknown = find_unknown(storage) if only is None else []
-    sizes = run_sizes(storage, ckpts)  # logical vs physical: see ckptguard.run.sizes
+    sizes = run_sizes(storage, ckpts)  # logical vs physical: see ckptguard.report.sizes
     if args.json:
         print_json(
             {
