@@ -10,8 +10,8 @@ from rich.table import Table
 
 from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 from ckptguard.errors import CheckpointNotFoundError
-from ckptguard.run.catalog import find_debris, find_unknown, scan
 from ckptguard.report.sizes import run_sizes
+from ckptguard.run.catalog import find_debris, find_unknown, scan
 from ckptguard.storage import open_storage
 
 

@@ -38,12 +38,13 @@ from ckptguard.persist.background import BackgroundSaves, Reaper
 from ckptguard.persist.gc import collect_garbage
 from ckptguard.persist.incremental import IncrementalRun
 from ckptguard.persist.parallel_io import default_tensor_writer
+from ckptguard.persist.prune import apply_decisions
 from ckptguard.persist.reader import CheckpointReader
 from ckptguard.persist.staging import Stager
 from ckptguard.persist.writer import clean_debris, write_checkpoint
 from ckptguard.policies.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.policies.preemption import DEFAULT_SIGNALS, PreemptionGuard
-from ckptguard.policies.retention import Decision, Retention, apply_decisions
+from ckptguard.policies.retention import Decision, Retention
 from ckptguard.policies.schedule import SaveSchedule, observed_mtbf
 from ckptguard.run.catalog import CheckpointInfo, ManifestCache, scan
 from ckptguard.run.history import record_events
