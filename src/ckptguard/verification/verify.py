@@ -114,7 +114,8 @@ def verify(
         found: list[Problem] = []
         size = nfiles = 0
         status = "committed"
-        step = parse_step(name) if parse_step(name) is not None else -1
+        parsed = parse_step(name)
+        step = parsed if parsed is not None else -1
         if not storage.exists(join(name, MANIFEST)):
             if storage.exists(join(name, UNCOMMITTED)) or is_empty_dir(storage, name):
                 why = "missing: not a committed checkpoint (debris of an interrupted save; 'ckptguard prune' removes it)"
