@@ -9,7 +9,7 @@ DEV := $(VENV)/.installed-dev
 TORCH_PIN := torch==2.13.0
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: venv demo test test-full bench bench-full clean
+.PHONY: venv demo test test-full lint bench bench-full clean
 
 venv: $(DEV)
 
@@ -36,6 +36,11 @@ test: $(DEV)
 
 test-full: $(DEV)
 	CKPTGUARD_TEST_FULL=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+# ruff (rule set in pyproject.toml) and mypy --strict on src/ckptguard; .ci/run runs it after the tests.
+lint: $(DEV)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 bench: $(DEV)
 	$(BIN)/python benchmarks/run.py --quick

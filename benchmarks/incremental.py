@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import ckptguard as cg
+from ckptguard.report.sizes import run_sizes
 from ckptguard.run.catalog import scan
-from ckptguard.run.sizes import run_sizes
 from ckptguard.storage import open_storage
 
 

@@ -146,7 +146,7 @@ def _schedule(name: str, total: int, kills: int) -> list[tuple[int, str, float]]
 
 def _cases() -> list[Any]:
     out = []
-    for name, (_total, default, full) in ZOO.items():
+    for name, (_total, default, _full) in ZOO.items():
         marks = [pytest.mark.slow, pytest.mark.xdist_group("client_zoo")]
         if not FULL and default is None:
             marks.append(pytest.mark.skip(reason="sampled out: CKPTGUARD_TEST_FULL=1 runs every client"))

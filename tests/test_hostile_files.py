@@ -76,7 +76,7 @@ def good_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (run / STEP2 / "PINNED").write_text(json.dumps({"pinned": True, "note": "keep"}))
     (run / "history.jsonl").write_text(json.dumps({"event": "pruned", "step": 0, "time": 1.0, "reason": ""}) + "\n")
     (base / "model.py").write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom trainlib import Net\n\ndef factory():\n    return Net(hidden=4)\n" % str(HERE)
+        f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom trainlib import Net\n\ndef factory():\n    return Net(hidden=4)\n"
     )
     digests = {}
     for step in (1, 2):

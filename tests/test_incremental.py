@@ -14,8 +14,8 @@ from torch import nn
 
 import ckptguard as cg
 from ckptguard.persist.incremental import OBJECTS, chunk_refs
+from ckptguard.report.sizes import run_sizes
 from ckptguard.run.catalog import scan
-from ckptguard.run.sizes import run_sizes
 from ckptguard.storage import open_storage
 from trainlib import run_training, same_weights
 

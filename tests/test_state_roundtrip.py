@@ -84,7 +84,7 @@ def _sched_state(kind: str) -> cg.TrainState:
         sched = S.ReduceLROnPlateau(opt, patience=1)
     else:
         sched = S.LambdaLR(opt, _halving)
-    for i in range(5):
+    for _ in range(5):
         opt.step()
         sched.step(1.0) if kind == "plateau" else sched.step()
     return cg.TrainState(model=m, optimizer=opt, scheduler=sched)

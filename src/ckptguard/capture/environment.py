@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["collect_environment", "git_state"]
+__all__ = ["collect_environment", "git_output", "git_state"]
 
 
-def _git(args: list[str], cwd: str) -> str | None:
+def git_output(args: list[str], cwd: str) -> str | None:
+    """The standard output of ``git ARGS`` run in ``cwd``, or None when git is missing, fails or
+    takes over 5 s (a checkpoint never fails because of git)."""
     try:
         out = subprocess.run(
             ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
@@ -28,10 +30,10 @@ def _git(args: list[str], cwd: str) -> str | None:
 def git_state(cwd: str | None = None) -> dict[str, Any]:
     """Commit, dirty flag and changed files of the git work tree containing ``cwd`` (or {})."""
     cwd = cwd or os.getcwd()
-    commit = _git(["rev-parse", "HEAD"], cwd)
+    commit = git_output(["rev-parse", "HEAD"], cwd)
     if commit is None:
         return {}
-    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd) or ""
+    status = git_output(["status", "--porcelain", "--untracked-files=no"], cwd) or ""
     changed = [line[3:] for line in status.splitlines() if line.strip()]
     return {"commit": commit.strip(), "dirty": bool(changed), "changed_files": changed[:100]}
 

@@ -34,7 +34,7 @@ def _unb64(s: str) -> torch.Tensor:
 def capture_rng() -> dict[str, Any]:
     """Snapshot every global generator. CUDA generators are included whenever CUDA is usable."""
     version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     out: dict[str, Any] = {
         "python": {"version": version, "state": list(mt), "gauss_next": gauss},
         "numpy": {

@@ -241,7 +241,7 @@ class ResumableSampler(Sampler[int]):
 class _Tracker:
     """Per-DataLoader record of the live iterator: where it started and what the loop consumed."""
 
-    def __init__(self, sampler: ResumableSampler, batch_size: int, loader: DataLoader) -> None:
+    def __init__(self, sampler: ResumableSampler, batch_size: int, loader: DataLoader[Any]) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
         self.num_workers = int(loader.num_workers)
@@ -334,7 +334,7 @@ def key_dataset(dataset: Any, base_seed: int) -> bool:
     return True
 
 
-def _new_torch_iterator(loader: DataLoader, generator: torch.Generator | None) -> Iterator[Any]:
+def _new_torch_iterator(loader: DataLoader[Any], generator: torch.Generator | None) -> Iterator[Any]:
     """``DataLoader.__iter__`` with a replay generator and the keyed worker_init_fn in place."""
     original_gen, original_init = loader.generator, loader.worker_init_fn
     if generator is not None:
@@ -342,12 +342,14 @@ def _new_torch_iterator(loader: DataLoader, generator: torch.Generator | None) -
     if loader.num_workers > 0:
         loader.worker_init_fn = KeyedWorkerInit(original_init)
     try:
-        return super(type(loader), loader).__iter__()  # type: ignore[no-any-return]
+        base: Any = super(type(loader), loader)  # the loader's own class: its __iter__ is replaced by the tracked one
+        inner: Iterator[Any] = base.__iter__()
+        return inner
     finally:
         loader.generator, loader.worker_init_fn = original_gen, original_init
 
 
-def _tracked_iter(self: DataLoader) -> Iterator[Any]:
+def _tracked_iter(self: DataLoader[Any]) -> Iterator[Any]:
     tracker: _Tracker = self._ckptguard_tracker  # type: ignore[attr-defined]
     sampler = tracker.sampler
     tracker.num_workers = int(self.num_workers)
@@ -357,7 +359,8 @@ def _tracked_iter(self: DataLoader) -> Iterator[Any]:
     replay, tracker.replay_rng = tracker.replay_rng, None
     if tracker.persistent and getattr(self, "_iterator", None) is not None:
         pre = tracker.pre_iter_rng  # torch resets the persistent iterator: no seed is drawn
-        inner = super(type(self), self).__iter__()
+        base: Any = super(type(self), self)
+        inner = base.__iter__()
     elif replay is not None:
         pre = replay
         gen = torch.Generator()
@@ -372,7 +375,7 @@ def _tracked_iter(self: DataLoader) -> Iterator[Any]:
     return _CountingIterator(inner, tracker)
 
 
-def _find_sampler(loader: DataLoader) -> tuple[ResumableSampler | None, int]:
+def _find_sampler(loader: DataLoader[Any]) -> tuple[ResumableSampler | None, int]:
     bs = loader.batch_sampler
     inner = getattr(bs, "sampler", None)
     if isinstance(inner, ResumableSampler):
@@ -382,7 +385,7 @@ def _find_sampler(loader: DataLoader) -> tuple[ResumableSampler | None, int]:
     return None, 1
 
 
-def track_dataloader(loader: DataLoader) -> _Tracker:
+def track_dataloader(loader: DataLoader[Any]) -> _Tracker:
     """Start tracking ``loader`` (idempotent). Its sampler must be a ResumableSampler."""
     existing = getattr(loader, "_ckptguard_tracker", None)
     if existing is not None:
@@ -399,7 +402,7 @@ def track_dataloader(loader: DataLoader) -> _Tracker:
     cls = type(loader)
     tracked_cls = type(f"Resumable{cls.__name__}", (cls,), {"__iter__": _tracked_iter})
     tracker = _Tracker(sampler, batch_size, loader)
-    loader._ckptguard_tracker = tracker  # type: ignore[attr-defined]
+    loader._ckptguard_tracker = tracker
     loader.__class__ = tracked_cls
     return tracker
 
@@ -438,7 +441,7 @@ def loader_state(tracker: _Tracker, generator: torch.Generator | None) -> dict[s
     return out
 
 
-def load_loader_state(tracker: _Tracker, loader: DataLoader, state: dict[str, Any], where: str = "state.json") -> None:
+def load_loader_state(tracker: _Tracker, loader: DataLoader[Any], state: dict[str, Any], where: str = "state.json") -> None:
     """Put a saved loader position back. Malformed fields raise CorruptCheckpointError (``where``)."""
     try:
         sampler_state = state["sampler"]
@@ -485,7 +488,8 @@ def load_loader_state(tracker: _Tracker, loader: DataLoader, state: dict[str, An
         tracker.replay_rng = replay
     if persistent and getattr(loader, "_iterator", None) is not None:
         # Workers of an iterator from before the restore hold another base seed: start anew.
-        loader._iterator._shutdown_workers()  # type: ignore[attr-defined]
+        stale: Any = loader._iterator
+        stale._shutdown_workers()
         loader._iterator = None
     if generator is not None and loader.generator is not None:
         loader.generator.set_state(generator)

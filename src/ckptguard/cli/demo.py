@@ -79,6 +79,28 @@ def _drive(
     return out
 
 
+def _print_result(c: Any, rows: list[tuple[str, str, str, str]], ref: dict[str, Any], final: dict[str, Any],
+                  torn: int, sound: bool, seconds: float) -> None:
+    """The runs' table and the result: kills, leftovers, checkpoints, accuracy, weights compared."""
+    table = Table(title="runs")
+    for col in ("run", "resumed at step", "how it ended", "last step"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*r)
+    c.print(table)
+    summary = Table(show_header=False, title="result")
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("kills", "2 x SIGKILL (one mid-epoch, one inside a save)")
+    summary.add_row("torn save left behind", f"{torn} staging dir(s), ignored by restore, cleaned by the next save")
+    summary.add_row("checkpoints kept", ", ".join(str(s) for s in final["checkpoints"]) + f"  (verify: {'all sound' if sound else 'PROBLEMS'})")
+    summary.add_row("validation accuracy", f"reference {ref['val_acc']:.4f}, preempted {final['val_acc']:.4f}")
+    summary.add_row("final weights (xxh3-128)", f"reference {ref['digest'][:16]}, preempted {final['digest'][:16]}")
+    summary.add_row("bit-identical", "[green]YES[/]" if ref["digest"] == final["digest"] else "[red]NO[/]")
+    summary.add_row("time", f"{seconds:.1f}s")
+    c.print(summary)
+
+
 def run(args: argparse.Namespace) -> int:
     c = console()
     steps, every = args.steps, args.every
@@ -98,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     hold = ((int(steps * 0.55) // every) or 1) * every
     c.print(f"[bold]ckptguard demo[/]: digits MLP, {steps} steps, dropout + AdamW + warm-up/cosine, shuffled sampler, save every {every}")
     t0 = time.perf_counter()
-    rows = []
+    rows: list[tuple[str, str, str, str]] = []
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=c) as progress:
         t = progress.add_task("reference (uninterrupted)", total=steps)
         ref = _drive(_child(ref_dir, steps, every), progress, t)
@@ -117,23 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = verify(run_dir)
     same = ref["done"]["digest"] == a3["done"]["digest"]
-    table = Table(title="runs")
-    for col in ("run", "resumed at step", "how it ended", "last step"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(*r)
-    c.print(table)
-    summary = Table(show_header=False, title="result")
-    summary.add_column(style="bold")
-    summary.add_column()
-    summary.add_row("kills", "2 x SIGKILL (one mid-epoch, one inside a save)")
-    summary.add_row("torn save left behind", f"{len(debris)} staging dir(s), ignored by restore, cleaned by the next save")
-    summary.add_row("checkpoints kept", ", ".join(str(s) for s in a3["done"]["checkpoints"]) + f"  (verify: {'all sound' if report.ok else 'PROBLEMS'})")
-    summary.add_row("validation accuracy", f"reference {ref['done']['val_acc']:.4f}, preempted {a3['done']['val_acc']:.4f}")
-    summary.add_row("final weights (xxh3-128)", f"reference {ref['done']['digest'][:16]}, preempted {a3['done']['digest'][:16]}")
-    summary.add_row("bit-identical", "[green]YES[/]" if same else "[red]NO[/]")
-    summary.add_row("time", f"{time.perf_counter() - t0:.1f}s")
-    c.print(summary)
+    _print_result(c, rows, ref["done"], a3["done"], len(debris), report.ok, time.perf_counter() - t0)
     if not args.keep and args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
     else:

@@ -21,7 +21,10 @@ import xxhash
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import ckptguard as cg
+from ckptguard.capture.sampler import ResumableSampler
+from ckptguard.capture.state import TrainState
+from ckptguard.manager.manager import CheckpointManager
+from ckptguard.policies.retention import Retention
 from ckptguard.storage.local import LocalStorage, LocalWriter
 
 __all__ = ["build", "model_digest", "main"]
@@ -63,7 +66,7 @@ def build(total_steps: int, seed: int = 0) -> dict[str, Any]:
         milestones=[warmup],
     )
     ds = TensorDataset(xtr, ytr)
-    loader = DataLoader(ds, batch_size=32, sampler=cg.ResumableSampler(ds, shuffle=True, seed=seed))
+    loader = DataLoader(ds, batch_size=32, sampler=ResumableSampler(ds, shuffle=True, seed=seed))
     return {"model": model, "opt": opt, "sched": sched, "loader": loader, "val": (xva, yva)}
 
 
@@ -106,15 +109,15 @@ def train(run: str, total_steps: int, every: int, hold_in_save: int | None) -> d
     parts = build(total_steps)
     model, opt, sched, loader = parts["model"], parts["opt"], parts["sched"], parts["loader"]
     xva, yva = parts["val"]
-    state = cg.TrainState(
+    state = TrainState(
         model=model, optimizer=opt, scheduler=sched, dataloader=loader,
         config={"lr": 3e-3, "batch_size": 32, "total_steps": total_steps, "dropout": 0.2},
         extra={"epoch": 0},
     )
     storage = _HoldingStorage(run, hold_in_save) if hold_in_save else run
-    mgr = cg.CheckpointManager(
+    mgr = CheckpointManager(
         storage, every_steps=every,
-        retention=cg.Retention(keep_last=3, keep_best=1, metric="val_loss", mode="min"),
+        retention=Retention(keep_last=3, keep_best=1, metric="val_loss", mode="min"),
     )
     step = mgr.restore(state) or 0
     _emit(event="start", step=step)
@@ -122,7 +125,7 @@ def train(run: str, total_steps: int, every: int, hold_in_save: int | None) -> d
         for xb, yb in loader:
             loss = nn.functional.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             opt.step()
             sched.step()
             step += 1

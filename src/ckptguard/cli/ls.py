@@ -10,9 +10,9 @@ from rich.table import Table
 
 from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
 from ckptguard.errors import CheckpointNotFoundError
-from ckptguard.run.catalog import find_debris, find_unknown, scan
-from ckptguard.run.sizes import run_sizes
-from ckptguard.storage import open_storage
+from ckptguard.report.sizes import RunSizes, run_sizes
+from ckptguard.run.catalog import CheckpointInfo, find_debris, find_unknown, scan
+from ckptguard.storage import Storage, open_storage
 
 
 def register(sub: Any) -> None:
@@ -22,15 +22,16 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _open_listing(target: str) -> tuple[Storage, list[CheckpointInfo], str | None]:
+    """The run's storage, its checkpoints and, for a checkpoint directory, that one's name."""
     only: str | None = None
-    if check_target(args.run, want="run") == "checkpoint":
+    if check_target(target, want="run") == "checkpoint":
         # A checkpoint directory: list its run, showing that one checkpoint.
-        text = os.path.abspath(args.run.rstrip("/"))
+        text = os.path.abspath(target.rstrip("/"))
         parent, only = os.path.dirname(text), os.path.basename(text)
         storage = open_storage(parent)
     else:
-        storage = open_storage(args.run)
+        storage = open_storage(target)
     if not storage.isdir(""):
         raise CheckpointNotFoundError(f"{storage.describe('')} does not exist. Pass a run directory (runs/exp1).")
     ckpts = scan(storage)
@@ -38,13 +39,18 @@ def run(args: argparse.Namespace) -> int:
         ckpts = [c for c in ckpts if c.name == only]
         if not ckpts:
             raise CheckpointNotFoundError(
-                f"{args.run} is a checkpoint directory, not a run, and not a committed checkpoint of its run "
+                f"{target} is a checkpoint directory, not a run, and not a committed checkpoint of its run "
                 f"{storage.describe('')} (no valid MANIFEST.json: debris of an interrupted save?). "
-                f"Run 'ckptguard ls {storage.describe('')}' or 'ckptguard verify {args.run}'."
+                f"Run 'ckptguard ls {storage.describe('')}' or 'ckptguard verify {target}'."
             )
+    return storage, ckpts, only
+
+
+def run(args: argparse.Namespace) -> int:
+    storage, ckpts, only = _open_listing(args.run)
     debris = find_debris(storage) if only is None else []
     unknown = find_unknown(storage) if only is None else []
-    sizes = run_sizes(storage, ckpts)  # logical vs physical: see ckptguard.run.sizes
+    sizes = run_sizes(storage, ckpts)  # logical vs physical: see ckptguard.report.sizes
     if args.json:
         print_json(
             {
@@ -67,6 +73,16 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         return 0
+    console().print(_table(storage, ckpts, sizes))
+    if only is not None:
+        console().print(f"{args.run} is one checkpoint of the run {storage.describe('')}: "
+                        f"'ckptguard ls {storage.describe('')}' lists them all.", highlight=False)
+        return 0
+    _print_run_notes(ckpts, sizes, debris, unknown)
+    return 0
+
+
+def _table(storage: Storage, ckpts: list[CheckpointInfo], sizes: RunSizes) -> Table:
     metric_names = sorted({k for c in ckpts for k in c.metrics})[:4]
     t = Table(title=f"{storage.describe('')}: {len(ckpts)} checkpoint(s)")
     for col in ("step", "created (UTC)", "logical", "physical", "status", "reason", *metric_names):
@@ -84,11 +100,10 @@ def run(args: argparse.Namespace) -> int:
             *vals,
             style=style,
         )
-    console().print(t)
-    if only is not None:
-        console().print(f"{args.run} is one checkpoint of the run {storage.describe('')}: "
-                        f"'ckptguard ls {storage.describe('')}' lists them all.", highlight=False)
-        return 0
+    return t
+
+
+def _print_run_notes(ckpts: list[CheckpointInfo], sizes: RunSizes, debris: list[str], unknown: list[str]) -> None:
     if not ckpts:
         console().print("no committed checkpoint in this directory" + (" (only leftovers of interrupted saves)" if debris else "")
                         + ": is it the run directory?", highlight=False)
@@ -106,4 +121,3 @@ def run(args: argparse.Namespace) -> int:
             "MANIFEST.json back from a backup, or remove the folder yourself.",
             highlight=False,
         )
-    return 0

@@ -16,9 +16,10 @@ from rich.table import Table
 from ckptguard.cli.common import add_json_flag, console, err_console, human_bytes, print_json, require_run
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.persist.gc import collect
+from ckptguard.persist.prune import apply_decisions
 from ckptguard.persist.writer import clean_debris
 from ckptguard.policies.pins import lineage_protection, pinned_steps
-from ckptguard.policies.retention import Decision, Retention, apply_decisions, budget_overrun, plan_retention
+from ckptguard.policies.retention import Decision, Retention, budget_overrun, plan_retention
 from ckptguard.run.catalog import find_debris, find_unknown, scan
 from ckptguard.run.lock import RunLock
 from ckptguard.run.runrecord import read_run_record

@@ -139,9 +139,9 @@ def _state_dicts(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], 
 
 
 def _writer_cls() -> type:
-    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-    class _Writer(FileSystemWriter):  # type: ignore[misc]
+    class _Writer(FileSystemWriter):
         def _get_metadata_path(self, rank: int | None = None) -> os.PathLike[str]:
             return Path(self.path) / (DCP_METADATA if rank is None else f"__{rank}_{DCP_METADATA}")
 
@@ -150,10 +150,10 @@ def _writer_cls() -> type:
 
 def dcp_save(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], directory: str) -> None:
     """Write the sharded model (+ optimizer) state into ``directory`` (collective on all ranks)."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import save
 
     sd = _state_dicts(model, optimizers)
-    dcp.save(sd, storage_writer=_writer_cls()(directory, sync_files=True, overwrite=True))
+    save(sd, storage_writer=_writer_cls()(directory, sync_files=True, overwrite=True))
 
 
 def verify_dcp_files(root: str, files: Mapping[str, Mapping[str, Any]], where: str) -> None:
@@ -199,10 +199,10 @@ def read_verified_metadata(directory: str, allowed: frozenset[str], where: str) 
 
 
 def _reader_cls(metadata: Any) -> type:
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    class _Reader(FileSystemReader):  # type: ignore[misc]
+    class _Reader(FileSystemReader):
         """Hands DCP the metadata we already verified and parsed; never unpickles anything."""
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
@@ -218,7 +218,7 @@ def _planner(allow_partial_load: bool) -> Any:
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.planner import ReadItem
 
-    class _SafePlanner(DefaultLoadPlanner):  # type: ignore[misc]
+    class _SafePlanner(DefaultLoadPlanner):
         """DCP's planner loads non-tensor items with ``weights_only=False``; we never do."""
 
         def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
@@ -248,9 +248,9 @@ def dcp_load(
     module in a single process. Call :func:`verify_dcp_files` first. ``strict=False`` leaves
     entries the checkpoint lacks as they are.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load
 
     opt_list = list(optimizers)
     allowed = frozenset(rel[len(DCP_DIR) + 1:] for rel in files if rel.startswith(DCP_DIR + "/"))
@@ -260,7 +260,7 @@ def dcp_load(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
-            dcp.load(sd, storage_reader=reader, planner=_planner(not strict))
+            load(sd, storage_reader=reader, planner=_planner(not strict))
     except (Exception, CheckpointException) as e:
         raise StateMismatchError(
             f"{where}: the sharded state does not fit the model/optimizer ({type(e).__name__}: "

@@ -15,7 +15,7 @@ import base64
 import dataclasses
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 
-__all__ = ["decode", "encode", "load_into"]
+__all__ = ["ShapeOnly", "decode", "encode", "load_into"]
 
 _TAGS = frozenset({"__tensor__", "__tuple__", "__float__", "__map__", "__bytes__", "__ndarray__"})
 
@@ -50,18 +50,8 @@ def _enc(obj: Any, tensors: dict[str, torch.Tensor], prefix: str, where: str) ->
         if math.isfinite(obj):
             return obj
         return {"__float__": repr(obj)}
-    if isinstance(obj, torch.Tensor):
-        key = prefix or "tensor"
-        while key in tensors:
-            key += "_"
-        tensors[key] = obj
-        return {"__tensor__": key}
-    if isinstance(obj, np.ndarray):
-        key = prefix or "array"
-        while key in tensors:
-            key += "_"
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
-        return {"__ndarray__": key}
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return _enc_array(obj, tensors, prefix)
     if isinstance(obj, np.generic):
         return _enc(obj.item(), tensors, prefix, where)
     if isinstance(obj, (bytes, bytearray)):
@@ -77,33 +67,74 @@ def _enc(obj: Any, tensors: dict[str, torch.Tensor], prefix: str, where: str) ->
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return _enc(dataclasses.asdict(obj), tensors, prefix, where)
     if isinstance(obj, Mapping):
-        plain = all(isinstance(k, str) and k not in _TAGS for k in obj)
-        if plain:
-            return {
-                k: _enc(v, tensors, _key(prefix, k), f"{where}[{k!r}]") for k, v in obj.items()
-            }
-        items = []
-        for k, v in obj.items():
-            if not isinstance(k, (str, int, float, bool)) and k is not None:
-                raise UnsupportedStateError(
-                    f"{where} has a key of type {type(k).__name__}; only str/int/float/bool keys "
-                    "can be stored without pickle."
-                )
-            items.append([k, _enc(v, tensors, _key(prefix, k), f"{where}[{k!r}]")])
-        return {"__map__": items}
+        return _enc_mapping(obj, tensors, prefix, where)
+    raise _unsupported(obj, where)
+
+
+def _enc_array(obj: torch.Tensor | np.ndarray[Any, Any], tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, str]:
+    """Set a tensor (or a numpy array, as a tensor sharing its memory) aside under a free key."""
+    is_tensor = isinstance(obj, torch.Tensor)
+    key = prefix or ("tensor" if is_tensor else "array")
+    while key in tensors:
+        key += "_"
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj
+        return {"__tensor__": key}
+    tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
+    return {"__ndarray__": key}
+
+
+def _enc_mapping(obj: Mapping[Any, Any], tensors: dict[str, torch.Tensor], prefix: str, where: str) -> Any:
+    """A dict with plain string keys stays a dict; any other keys make a ``__map__`` of pairs."""
+    plain = all(isinstance(k, str) and k not in _TAGS for k in obj)
+    if plain:
+        return {
+            k: _enc(v, tensors, _key(prefix, k), f"{where}[{k!r}]") for k, v in obj.items()
+        }
+    items = []
+    for k, v in obj.items():
+        if not isinstance(k, (str, int, float, bool)) and k is not None:
+            raise UnsupportedStateError(
+                f"{where} has a key of type {type(k).__name__}; only str/int/float/bool keys "
+                "can be stored without pickle."
+            )
+        items.append([k, _enc(v, tensors, _key(prefix, k), f"{where}[{k!r}]")])
+    return {"__map__": items}
+
+
+def _unsupported(obj: Any, where: str) -> UnsupportedStateError:
+    """The error for a value that cannot be stored without pickle (a function is code, not data)."""
     if callable(obj):
         name = getattr(obj, "__qualname__", type(obj).__name__)
-        raise UnsupportedStateError(
+        return UnsupportedStateError(
             f"{where} holds a function ({name}). ckptguard stores data, never code: a checkpoint "
             "must not be able to run anything when loaded. Recreate the function in your code "
             "(e.g. build LambdaLR with a module-level function, which its state_dict skips, or "
             "keep only plain numbers in the object's state)."
         )
-    raise UnsupportedStateError(
+    return UnsupportedStateError(
         f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}, which cannot be stored "
         "without pickle. Keep state to numbers, strings, lists, dicts and tensors (override "
         "state_dict()/load_state_dict() to convert it)."
     )
+
+
+class ShapeOnly(Mapping[str, torch.Tensor]):
+    """A tensor lookup that reads a state's structure without its tensors: every tensor reference
+    decodes to a 0-d placeholder, e.g. ``decode(entry["state_dict"], ShapeOnly(), what)`` to plan a
+    load (which parameters have optimizer state) before reading any tensor file."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return torch.empty(())
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 def decode(data: Any, tensors: Mapping[str, torch.Tensor], where: str = "state") -> Any:

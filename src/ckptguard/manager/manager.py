@@ -32,11 +32,12 @@ from ckptguard.manager.options import checked_retention, checked_run_id, initial
 from ckptguard.manager.preemption import Preemption
 from ckptguard.manager.restoring import newer_than, restore_first_valid, select_candidates, supersede
 from ckptguard.manager.saving import RunCallbacks, SavePipeline, SaveRequest
+from ckptguard.persist.prune import apply_decisions
 from ckptguard.persist.reader import CheckpointReader
 from ckptguard.persist.writer import TensorFileWriter
 from ckptguard.policies.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.policies.preemption import DEFAULT_SIGNALS, PreemptionGuard
-from ckptguard.policies.retention import Decision, Retention, apply_decisions
+from ckptguard.policies.retention import Decision, Retention
 from ckptguard.run.catalog import CheckpointInfo, ManifestCache, scan
 from ckptguard.run.history import record_events
 from ckptguard.run.lock import LockPolicy

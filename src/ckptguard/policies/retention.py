@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ckptguard.run.catalog import CheckpointInfo
@@ -413,32 +413,3 @@ def budget_overrun(decisions: Sequence[Decision], retention: Retention) -> int:
     if retention.max_bytes is None:
         return 0
     return max(0, stored_size([d for d in decisions if d.keep]) - int(retention.max_bytes))
-
-
-def apply_decisions(
-    storage: Any, decisions: Sequence[Decision], *, reap: Callable[[str], None] | None = None
-) -> tuple[list[int], dict[int, str]]:
-    """Delete every checkpoint a plan does not keep (manifest first: a crash leaves debris).
-    ``reap``: frees the uncommitted data instead of this call (see ``delete_checkpoint``).
-
-    Returns (deleted steps, {step: error} for deletes that failed); never raises for one.
-    """
-    import logging
-
-    from ckptguard.errors import CheckpointError
-    from ckptguard.persist.writer import delete_checkpoint
-
-    log = logging.getLogger(__name__)
-    deleted: list[int] = []
-    failed: dict[int, str] = {}
-    for d in decisions:
-        if d.keep:
-            continue
-        try:
-            delete_checkpoint(storage, d.name, reap=reap)
-            deleted.append(d.step)
-            log.info("Retention deleted %s (%s)", d.name, "; ".join(d.reasons))
-        except CheckpointError as e:
-            failed[d.step] = str(e)
-            log.warning("Retention could not delete %s: %s", d.name, e)
-    return deleted, failed

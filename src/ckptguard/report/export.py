@@ -133,7 +133,7 @@ def _real_size(storage: Storage, rel: str) -> int:
         except OSError:
             return size
         if blocks is not None and blocks * 512 + 1024 * 1024 < size // 2:
-            return blocks * 512
+            return int(blocks) * 512
     return size
 
 

@@ -90,6 +90,53 @@ def _value_at(step: int, steps: list[int], values: list[float], fallback: Any) -
     return values[i]
 
 
+def _metric_curve(storage: Storage, metric: str, log_scale: bool) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``metric`` from ``metrics.csv``; a resumed run repeats steps: the latest wins."""
+    columns, rows = read_metrics(storage)
+    if not rows:
+        raise CheckpointNotFoundError(
+            f"{storage.describe('metrics.csv')} has no rows: nothing to plot. Pass metrics to "
+            "mgr.save(step, state, metrics={...}) during training."
+        )
+    if metric not in columns:
+        have = ", ".join(c for c in columns if c not in ("step", "wall_time")) or "none"
+        raise CheckpointNotFoundError(
+            f"{storage.describe('metrics.csv')} has no column {metric!r} (columns: {have}). "
+            "Choose one with --metric."
+        )
+    by_step: dict[int, float] = {}
+    for r in rows:
+        v = r.get(metric)
+        if isinstance(v, float) and (v > 0 or not log_scale):
+            by_step[int(r["step"])] = v
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _ema(values: list[float], smooth: int) -> list[float]:
+    """The exponential moving average over about ``smooth`` points."""
+    ema, acc, beta = [], values[0], 1.0 - 1.0 / smooth
+    for v in values:
+        acc = beta * acc + (1 - beta) * v
+        ema.append(acc)
+    return ema
+
+
+def _draw_marks(
+    ax: Any, marks: dict[str, list[int]], curve: tuple[list[int], list[float]], at: dict[int, Any], best_rule: tuple[str, str]
+) -> None:
+    """One scatter per category; a mark sits at the checkpoint's own metric (``at``), else on the curve."""
+    steps, values = curve
+    for cat, (label, marker, face, edge, size) in CATEGORIES.items():
+        found = [(s, _value_at(s, steps, values, at.get(s))) for s in marks[cat]]
+        pts = [(s, y) for s, y in found if y is not None]
+        if not pts:
+            continue
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=size, facecolors=face,
+                   edgecolors=edge, linewidths=1.3, zorder=3,
+                   label=f"{label} by {best_rule[0]} ({best_rule[1]})" if cat == "best" else f"{label} ({len(pts)})")
+
+
 def plot_run(
     run: str | os.PathLike[str] | Storage,
     output: str | os.PathLike[str],
@@ -107,25 +154,7 @@ def plot_run(
     import matplotlib.pyplot as plt
 
     storage = open_storage(run, storage_options)
-    columns, rows = read_metrics(storage)
-    if not rows:
-        raise CheckpointNotFoundError(
-            f"{storage.describe('metrics.csv')} has no rows: nothing to plot. Pass metrics to "
-            "mgr.save(step, state, metrics={...}) during training."
-        )
-    if metric not in columns:
-        have = ", ".join(c for c in columns if c not in ("step", "wall_time")) or "none"
-        raise CheckpointNotFoundError(
-            f"{storage.describe('metrics.csv')} has no column {metric!r} (columns: {have}). "
-            "Choose one with --metric."
-        )
-    by_step: dict[int, float] = {}
-    for r in rows:  # a resumed run repeats steps: the latest value wins
-        v = r.get(metric)
-        if isinstance(v, float) and (v > 0 or not log_scale):
-            by_step[int(r["step"])] = v
-    steps = sorted(by_step)
-    values = [by_step[s] for s in steps]
+    steps, values = _metric_curve(storage, metric, log_scale)
     ckpts = scan(storage)
     pruned = {int(e["step"]) for e in read_history(storage) if e["event"] == "pruned"}
     best_metric, best_mode = _best_rule(storage, metric)
@@ -135,20 +164,10 @@ def plot_run(
     fig, ax = plt.subplots(figsize=(10, 5.2), dpi=110)
     ax.plot(steps, values, color="#4c72b0", alpha=0.35 if smooth > 1 else 0.9, lw=1.0, label=metric)
     if smooth > 1 and len(values) > 1:
-        ema, acc, beta = [], values[0], 1.0 - 1.0 / smooth
-        for v in values:
-            acc = beta * acc + (1 - beta) * v
-            ema.append(acc)
-        ax.plot(steps, ema, color="#1f3b70", lw=1.8, label=f"{metric} (EMA {smooth})")
-        values, manifest_metric = ema, {}  # marks sit on the smoothed curve
-    for cat, (label, marker, face, edge, size) in CATEGORIES.items():
-        found = [(s, _value_at(s, steps, values, manifest_metric.get(s))) for s in marks[cat]]
-        pts = [(s, y) for s, y in found if y is not None]
-        if not pts:
-            continue
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=size, facecolors=face,
-                   edgecolors=edge, linewidths=1.3, zorder=3,
-                   label=f"{label} by {best_metric} ({best_mode})" if cat == "best" else f"{label} ({len(pts)})")
+        values = _ema(values, smooth)
+        ax.plot(steps, values, color="#1f3b70", lw=1.8, label=f"{metric} (EMA {smooth})")
+        manifest_metric = {}  # marks sit on the smoothed curve
+    _draw_marks(ax, marks, (steps, values), manifest_metric, (best_metric, best_mode))
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("step")

@@ -206,7 +206,7 @@ class RunLock:
         self._owner_pid = os.getpid()
         self._since = 0.0
         self._version: str | None = None
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[..., RunLock] | None = None
         self._held = False
         self._lost: RunLockLostError | None = None
         self._mutex = threading.RLock()
@@ -307,7 +307,7 @@ class RunLock:
 
     def _conditional(self) -> Any:
         if self._cas is None:
-            found = _unwrap(self.storage, ConditionalWrites)  # type: ignore[type-abstract]
+            found = _unwrap(self.storage, ConditionalWrites)
             self._cas = found if found is not None else EmulatedConditionalWrites(self.storage)
         return self._cas
 

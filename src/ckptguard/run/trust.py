@@ -57,7 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OBJECTS = "objects"
-DISTRUST_DIR = join(OBJECTS, "distrusted")
+DISTRUST_DIR = f"{OBJECTS}/distrusted"  # run-relative paths always use "/"
 PACK_RE = re.compile(r"^p-(\d{13})-([0-9a-f]{8})\.pack$")
 RECORD_RE = re.compile(r"^(p-\d{13}-[0-9a-f]{8}\.pack)(?:@(\d{1,15}))?\.json$")
 RECORD_FORMAT = "ckptguard-distrust"

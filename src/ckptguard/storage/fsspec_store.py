@@ -304,7 +304,7 @@ class FsspecStorage:
     def open_read(self, path: str) -> BinaryIO:
         """A buffered, seekable reader whose every fetch is a retried range request."""
         size = self.size(path)
-        return io.BufferedReader(_RangedReader(self, path, size), buffer_size=2**20)  # type: ignore[return-value]
+        return io.BufferedReader(_RangedReader(self, path, size), buffer_size=2**20)
 
     def read_range(self, path: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of an object at least ``end`` bytes long (retried until whole)."""
@@ -434,8 +434,8 @@ class FsspecStorage:
         finally:
             try:
                 body.close()
-            except Exception:  # noqa: BLE001 - the bytes are read; a close error changes nothing
-                pass
+            except Exception as e:  # noqa: BLE001 - the bytes are read; a close error changes nothing
+                log.debug("closing the response body of %s failed after the read (ignored: the bytes are in): %r", full, e)
         return bytes(data), str(resp["ETag"])
 
     def _s3_put_if(self, full: str, data: bytes, cond: dict[str, Any]) -> str | None:

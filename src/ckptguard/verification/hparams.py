@@ -48,7 +48,7 @@ def values_differ(a: Any, b: Any) -> bool:
     """Compare plain values; floats with a relative tolerance of 1e-9, tuples equal to lists."""
     a, b = _plain(a), _plain(b)
     if isinstance(a, bool) or isinstance(b, bool):
-        return a != b
+        return bool(a != b)
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return not math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-15)
     if isinstance(a, list) and isinstance(b, list):

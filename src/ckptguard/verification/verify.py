@@ -111,44 +111,55 @@ def verify(
     for name in names:
         if progress is not None:
             progress(name)
-        found: list[Problem] = []
-        size = nfiles = 0
-        status = "committed"
-        step = parse_step(name) if parse_step(name) is not None else -1
-        if not storage.exists(join(name, MANIFEST)):
-            if storage.exists(join(name, UNCOMMITTED)) or is_empty_dir(storage, name):
-                why = "missing: not a committed checkpoint (debris of an interrupted save; 'ckptguard prune' removes it)"
-            else:
-                why = (
-                    "missing, yet no interrupted save left this folder (the manifest was deleted by "
-                    "hand?): not restorable; prune keeps it. Put the manifest back from a backup, "
-                    "or delete the folder by hand"
-                )
-            found.append(Problem(name, MANIFEST, why))
-        else:
-            try:
-                manifest = read_manifest(storage, name)
-                nfiles = len(manifest["files"])
-                size = sum(int(e.get("size", 0)) for e in manifest["files"].values())
-                step = int(manifest["step"])
-                damage = verify_files(storage, name, manifest)
-                found.extend(Problem(name, fname, msg) for fname, msg in damage)
-                rec = read_status(storage, name)
-                evidence = [(f, m) for f, m in damage if not m.startswith(NOT_EVIDENCE)]
-                if evidence and (rec or {}).get("status") != "corrupt":
-                    if mark_status(storage, name, "corrupt", "; ".join(f"{f}: {m}" for f, m in evidence)):
-                        marked.append(name)
-                elif not damage and (rec or {}).get("status") == "corrupt" and clear_mark(storage, name):
-                    cleared.append(name)
-                info = info_for(storage, name, check_files=False)
-                status = info.status
-                rec = read_status(storage, name)
-                if rec and rec.get("status") == "failed":
-                    found.append(Problem(name, "", f"failed behavioural verification: {rec.get('detail', '')}"))
-            except CheckpointError as e:
-                found.append(Problem(name, MANIFEST, str(e)))
-        reports.append(CheckpointReport(name, step, not found, nfiles, size, "corrupt" if found else status, tuple(found)))
-        problems.extend(found)
+        report = _verify_one(storage, name, cleared, marked)
+        reports.append(report)
+        problems.extend(report.problems)
     if not names:
         problems.append(Problem(storage.describe(""), "", "no checkpoints found"))
     return VerifyReport(storage.describe(""), tuple(reports), tuple(problems), tuple(cleared), tuple(marked))
+
+
+def _missing_manifest(storage: Storage, name: str) -> Problem:
+    if storage.exists(join(name, UNCOMMITTED)) or is_empty_dir(storage, name):
+        why = "missing: not a committed checkpoint (debris of an interrupted save; 'ckptguard prune' removes it)"
+    else:
+        why = (
+            "missing, yet no interrupted save left this folder (the manifest was deleted by "
+            "hand?): not restorable; prune keeps it. Put the manifest back from a backup, "
+            "or delete the folder by hand"
+        )
+    return Problem(name, MANIFEST, why)
+
+
+def _verify_one(storage: Storage, name: str, cleared: list[str], marked: list[str]) -> CheckpointReport:
+    """Verify one checkpoint; its corrupt mark is set (name added to ``marked``) or cleared (``cleared``)."""
+    found: list[Problem] = []
+    size = nfiles = 0
+    status = "committed"
+    parsed = parse_step(name)
+    step = parsed if parsed is not None else -1
+    if not storage.exists(join(name, MANIFEST)):
+        found.append(_missing_manifest(storage, name))
+    else:
+        try:
+            manifest = read_manifest(storage, name)
+            nfiles = len(manifest["files"])
+            size = sum(int(e.get("size", 0)) for e in manifest["files"].values())
+            step = int(manifest["step"])
+            damage = verify_files(storage, name, manifest)
+            found.extend(Problem(name, fname, msg) for fname, msg in damage)
+            rec = read_status(storage, name)
+            evidence = [(f, m) for f, m in damage if not m.startswith(NOT_EVIDENCE)]
+            if evidence and (rec or {}).get("status") != "corrupt":
+                if mark_status(storage, name, "corrupt", "; ".join(f"{f}: {m}" for f, m in evidence)):
+                    marked.append(name)
+            elif not damage and (rec or {}).get("status") == "corrupt" and clear_mark(storage, name):
+                cleared.append(name)
+            info = info_for(storage, name, check_files=False)
+            status = info.status
+            rec = read_status(storage, name)
+            if rec and rec.get("status") == "failed":
+                found.append(Problem(name, "", f"failed behavioural verification: {rec.get('detail', '')}"))
+        except CheckpointError as e:
+            found.append(Problem(name, MANIFEST, str(e)))
+    return CheckpointReport(name, step, not found, nfiles, size, "corrupt" if found else status, tuple(found))
