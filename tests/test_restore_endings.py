@@ -788,3 +788,36 @@ def test_verify_names_a_deleted_file_as_damage(run: Path) -> None:
         "the checkpoint is damaged; restore falls back to an older one."
     )
     assert restore(run, make(seed=5)) == 2
+
+
+def test_after_a_rollback_and_a_new_commit_a_reopened_run_restores_the_live_branch(tmp_path: Path) -> None:
+    """The retention oracle's shrunk example, deterministic: keep_best=1 by an unreported metric,
+    saves 1 and 3, restore(step=1), save 2, reopen. Step 3 is kept (the newest) but belongs to the
+    continuation the run left: a plain restore() resumes the live branch (2), not the newest step;
+    restore(step=3) still goes back to it."""
+    run = tmp_path / "run"
+    retention = cg.Retention(keep_best=1, metric="val", mode="min")
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    state = cg.TrainState(model=model, config={"v": "a"})
+    weights: dict[int, torch.Tensor] = {}
+    with cg.CheckpointManager(run, retention=retention, async_save=False) as mgr:
+        for step in (1, 3):
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            assert mgr.save(step, state, force=True)
+            weights[step] = model.weight.detach().clone()
+        assert mgr.restore(state, step=1) == 1
+        with torch.no_grad():
+            model.weight.add_(10.0)
+        assert mgr.save(2, state, force=True)
+        weights[2] = model.weight.detach().clone()
+    assert sorted(int(p.name[5:]) for p in run.glob("step-*")) == [1, 2, 3]
+    st = statuses(run)
+    assert st[S(3)]["status"] == "superseded" and st[S(2)] is None
+    assert "rolled back to step 1" in st[S(3)]["detail"]
+    with cg.CheckpointManager(run, retention=retention) as mgr:
+        assert mgr.restore(state) == 2
+        assert torch.equal(model.weight, weights[2])
+        assert mgr.restore(state, step=3) == 3
+        assert torch.equal(model.weight, weights[3])
