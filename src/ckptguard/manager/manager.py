@@ -28,7 +28,6 @@ from ckptguard.capture.configdrift import log_config_drift
 from ckptguard.capture.environment import collect_environment
 from ckptguard.capture.state import Snapshot, TrainState, capture
 from ckptguard.distributed.coordination import coordinator, preempt_code, signum_of
-from ckptguard.distributed.restoring import restore_checkpoint
 from ckptguard.errors import (
     CheckpointError,
 )
@@ -480,10 +479,8 @@ class CheckpointManager:
         self.wait()
         candidates = select_candidates(self.checkpoints(), step, self.storage.url)
         found = restore_first_valid(
-            self.storage, candidates, state, verify=self.verify_on_restore, strict=strict,
-            restore=lambda st, rd, strict: restore_checkpoint(self._coord, st, rd, strict=strict),
-            rescan=lambda: select_candidates(self.checkpoints(), None, self.storage.url),
-            explicit=step is not None,
+            self.storage, candidates, state, coord=self._coord, verify=self.verify_on_restore,
+            strict=strict, rescan=self.checkpoints, explicit=step is not None,
         )
         if found is None:
             self.metrics_log.restart_after(None)  # a fresh run: rows of an attempt that never committed go

@@ -31,7 +31,7 @@ from typing import Any
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageUnavailableError, UnsafeCheckpointError
 from ckptguard.format import safejson
-from ckptguard.format.manifest import MANIFEST, MAX_MANIFEST_BYTES, STATUS, checkpoint_name, parse_manifest, parse_step
+from ckptguard.format.manifest import MANIFEST, MAX_MANIFEST_BYTES, STATUS, checkpoint_name, malformed, parse_manifest, parse_step
 from ckptguard.format.tensorfile import digest_bytes
 from ckptguard.run.trust import PackStats, pack_problems
 from ckptguard.storage.base import Storage, join, read_capped
@@ -155,9 +155,7 @@ def read_manifest(storage: Storage, name: str, *, cache: ManifestCache | None = 
     manifest = cache.parse(name, raw, where) if cache is not None else parse_manifest(raw, where)
     step = parse_step(name)
     if step is not None and manifest["step"] != step:
-        from ckptguard.format.manifest import _fail
-
-        raise _fail(where, f"step {manifest['step']} does not match the directory name {name!r}")
+        raise malformed(where, f"step {manifest['step']} does not match the directory name {name!r}")
     return manifest
 
 

@@ -29,13 +29,13 @@ from torch import nn
 
 from ckptguard.capture.configdrift import config_diff
 from ckptguard.capture.environment import _git, collect_environment
-from ckptguard.capture.mismatch import _ShapeOnly, _structure, optimizer_plan
+from ckptguard.capture.mismatch import ShapeOnly, compare_model, optimizer_plan, optimizer_structure
+from ckptguard.capture.model_keys import param_names
 from ckptguard.capture.state import (
     EXTRA_FILE,
     MODEL_FILE,
     OPTIM_FILE,
     TrainState,
-    _compare_model,
     model_state_dict,
 )
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
@@ -159,7 +159,7 @@ def check_integrity(storage: Any, name: str, manifest: Mapping[str, Any]) -> lis
 def check_keys(manifest: Mapping[str, Any], model: nn.Module) -> list[Finding]:
     table = manifest["files"].get(MODEL_FILE, {}).get("tensors", {})
     tensors, _, _ = model_state_dict(model)
-    rep = _compare_model(table, tensors)
+    rep = compare_model(table, tensors)
     out = []
     renamed = dict(rep.renames)
     if rep.unexpected:
@@ -219,7 +219,7 @@ def _saved_entries(objs: Mapping[str, Any], saved: Mapping[str, Any], kind: str,
 def check_optimizer_state(ts: TrainState, state: Mapping[str, Any]) -> list[Finding]:
     out: list[Finding] = []
     for label, opt, entry in _saved_entries(ts.optimizers, state.get("optimizers") or {}, "optimizer", "it restarts cold", out):
-        plan = optimizer_plan(ts.model, opt, entry, _structure(entry), label)
+        plan = optimizer_plan(ts.model, opt, entry, optimizer_structure(entry), label)
         if plan.new:
             out.append(Finding("error", "optimizer.cold_params",
                                f"{label}: {len(plan.new)} trainable parameter(s) have no saved state (newly unfrozen?): "
@@ -239,7 +239,7 @@ def check_optimizer_state(ts: TrainState, state: Mapping[str, Any]) -> list[Find
         if cls and cls != type(opt).__name__:
             out.append(Finding("error", "optimizer.class", f"{label}: checkpoint holds {cls} state, the current code uses {type(opt).__name__}"))
         sd = entry.get("state_dict") if isinstance(entry.get("state_dict"), Mapping) else {}
-        groups = decode(sd.get("param_groups", []), _ShapeOnly(), f"{label} param_groups")
+        groups = decode(sd.get("param_groups", []), ShapeOnly(), f"{label} param_groups")
         diffs = optimizer_hparam_diffs({"param_groups": groups}, opt, plan.groups)
         if diffs:
             out.append(Finding("warning", "optimizer.hparams",
@@ -249,9 +249,7 @@ def check_optimizer_state(ts: TrainState, state: Mapping[str, Any]) -> list[Find
 
 
 def _frozen_with_state(ts: TrainState, opt: Any, plan: Any) -> list[str]:
-    from ckptguard.capture.state import _param_names
-
-    names = _param_names(ts.model, opt)
+    names = param_names(ts.model, opt)
     params = [p for g in opt.param_groups for p in g["params"]]
     return [names[i] or f"param {i}" for i in plan.mapping if not params[i].requires_grad]
 
