@@ -821,3 +821,29 @@ def test_after_a_rollback_and_a_new_commit_a_reopened_run_restores_the_live_bran
         assert torch.equal(model.weight, weights[2])
         assert mgr.restore(state, step=3) == 3
         assert torch.equal(model.weight, weights[3])
+
+
+def test_a_superseded_checkpoint_restored_by_its_step_rejoins_the_live_branch_at_the_next_commit(tmp_path: Path) -> None:
+    """Saves 1 and 3, restore(step=1), save 2 (3 superseded), restore(step=3), save 4: the run
+    went on from 3, so its mark goes (a restore alone changes nothing). When 4 is damaged, a
+    plain restore falls back to 3, not to 2 of the branch the run left."""
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    state = cg.TrainState(model=model)
+    with cg.CheckpointManager(run, async_save=False) as mgr:
+        for step in (1, 3):
+            assert mgr.save(step, state, force=True)
+        assert mgr.restore(state, step=1) == 1
+        assert mgr.save(2, state, force=True)
+        assert mgr.restore(state, step=3) == 3
+        assert statuses(run)[S(3)]["status"] == "superseded"  # restoring alone changes nothing
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        assert mgr.save(4, state, force=True)
+    assert statuses(run) == {S(1): None, S(2): None, S(3): None, S(4): None}
+    with cg.CheckpointManager(run) as mgr:
+        assert mgr.restore(state) == 4
+    flip(run / S(4) / "model.safetensors")
+    with cg.CheckpointManager(run) as mgr:
+        assert mgr.restore(state) == 3

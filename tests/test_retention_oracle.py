@@ -317,8 +317,10 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
         # After a restore of an older step, the first commit marks the checkpoints that were newer
         # than it 'superseded' (a re-save of one of those steps replaces it, mark included): a
         # plain restore() skips them and takes the newest checkpoint of the live branch.
+        # restore(step=N) of a superseded N and a commit after it take N back onto the live branch.
         abandoned: set[int] = set()
         superseded: set[int] = set()
+        revived: set[int] = set()
         try:
             for op in ops:
                 steps = sorted(existing)
@@ -326,8 +328,8 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
                     _, gap, metric, cfg = op
                     pos += gap
                     user.save(pos, metric, cfg)
-                    superseded = (superseded | abandoned) - {pos}
-                    abandoned = set()
+                    superseded = (superseded | abandoned) - {pos} - revived
+                    abandoned, revived = set(), set()
                     pins.discard(pos)  # a re-save (after restoring an older step) replaces the checkpoint, pin included
                     existing[pos] = Ck(pos, metric=metric, cfg=cfg, size=stored_size(run_dir, pos))
                     last_saved, session_saved, saved_resumed = pos, True, resumed
@@ -350,7 +352,7 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
                     assert user.mgr.restore(user.state, step=step) == step
                     pos = resumed = last_saved = step
                     saved_resumed = step if session_saved else saved_resumed
-                    abandoned = {s for s in steps if s > step}
+                    abandoned, revived = {s for s in steps if s > step}, {step} & superseded
                 elif op[0] == "reopen":
                     user.mgr.close()
                     user.mgr = user.open()
@@ -366,7 +368,7 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
                     got = user.mgr.restore(user.state) if op[1] is None else user.mgr.restore(user.state, step=want)
                     assert got == want, (sorted(superseded), steps)
                     pos = resumed = last_saved = got
-                    abandoned = {s for s in steps if s > got}
+                    abandoned, revived = {s for s in steps if s > got}, {got} & superseded
                     session_saved = False
                 assert on_disk(run_dir) == set(existing)  # nothing but a save deletes
             # what the manager would decide now (pins and restores since its last save count)

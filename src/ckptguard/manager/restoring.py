@@ -1,7 +1,19 @@
-"""Choosing which checkpoint to restore, and falling back past damaged ones.
+"""The restore pipeline: choosing which checkpoint to restore, and falling back past damaged ones.
 
 ``select_candidates`` orders the run's checkpoints newest first (or picks exactly one step);
-``restore_first_valid`` tries them in turn. Every way it can end:
+``restore_first_valid`` tries them in turn, each through :func:`load_checkpoint`::
+
+    CheckpointManager.restore -> restore_first_valid -> load_checkpoint(coord, state, reader)
+        -> reader.check_headers            (verify: before any manifest shape meets the model)
+        -> coord.same_step, prepare_rank   (model layout, this rank's RNG / data position)
+        -> load_sharded                    (DCP checkpoints only)
+        -> restore_state(ts, reader, per_rank=...)
+        -> reader.verify_unread            (verify: config.yaml and the other unread files)
+
+The collaborators are explicit: the :class:`~ckptguard.distributed.coordination.Coordinator`
+(identities in a single process; agreement between ranks after each stage otherwise) and a
+:class:`~ckptguard.persist.reader.CheckpointReader` built with ``verify=``. Every way a restore
+can end:
 
 - a checkpoint restores: its step (with a warning naming each one skipped on the way);
 - the run has no committed checkpoint at all: ``None`` (a fresh run);
@@ -40,7 +52,16 @@ from ckptguard.errors import (
 )
 from ckptguard.format.manifest import SELF_DIGEST_KEY
 from ckptguard.persist.reader import CheckpointReader
-from ckptguard.run.catalog import BAD_STATUSES, SUPERSEDED, CheckpointInfo, clear_mark, find_unknown, mark_status, read_manifest
+from ckptguard.run.catalog import (
+    BAD_STATUSES,
+    SUPERSEDED,
+    CheckpointInfo,
+    clear_mark,
+    clear_superseded,
+    find_unknown,
+    mark_status,
+    read_manifest,
+)
 from ckptguard.run.trust import is_read_failure
 from ckptguard.storage import Storage
 
@@ -85,10 +106,19 @@ def _read_failures(c: CheckpointInfo) -> list[str]:
     return [p for p in c.problems if is_read_failure(p)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """In the plan of :func:`newer_than`: the restored checkpoint itself, marked superseded by an
+    earlier rollback; once the run commits on from it, it is on the live branch again."""
+
+
 def newer_than(ckpts: Sequence[CheckpointInfo], step: int) -> dict[str, Any]:
-    """The valid checkpoints newer than ``step`` (name -> manifest digest): after a restore of
-    ``step`` they are a continuation the run leaves behind once it commits again."""
-    return {c.name: (c.manifest or {}).get(SELF_DIGEST_KEY) for c in ckpts if c.step > step and c.valid}
+    """What the first commit after a restore of ``step`` changes: the valid checkpoints newer
+    than it (name -> manifest digest) are a continuation the run leaves behind, and the restored
+    one (name -> :class:`Resumed`), if a rollback had marked it superseded, is taken back."""
+    plan: dict[str, Any] = {c.name: (c.manifest or {}).get(SELF_DIGEST_KEY) for c in ckpts if c.step > step and c.valid}
+    plan.update({c.name: Resumed() for c in ckpts if c.step == step and c.status == SUPERSEDED})
+    return plan
 
 
 def supersede(storage: Storage, abandoned: Mapping[str, Any], resumed_from: int | None) -> list[str]:
@@ -96,9 +126,13 @@ def supersede(storage: Storage, abandoned: Mapping[str, Any], resumed_from: int 
     ``resumed_from``: a plain restore() skips them, so an auto-restart stays on the branch the run
     is on. They stay valid and retention treats them as any other checkpoint. A step re-saved
     meanwhile has another manifest and is left alone. ``restore(state, step=N)`` still restores
-    one; deleting its ``STATUS.json`` undoes the mark."""
+    one (and once a save commits after it, its mark goes: the run went on from it); deleting its
+    ``STATUS.json`` undoes the mark."""
     marked = []
     for name, digest in sorted(abandoned.items()):
+        if isinstance(digest, Resumed):
+            clear_superseded(storage, name)
+            continue
         try:
             same = read_manifest(storage, name).get(SELF_DIGEST_KEY) == digest
         except CheckpointError:

@@ -43,6 +43,7 @@ __all__ = [
     "UNCOMMITTED",
     "is_empty_dir",
     "clear_mark",
+    "clear_superseded",
     "committed_names",
     "find_debris",
     "find_unknown",
@@ -220,6 +221,22 @@ def clear_mark(storage: Storage, name: str) -> bool:
         log.warning("Could not clear the corrupt mark of %s: %s", storage.describe(name), e)
         return False
     log.info("Cleared the corrupt mark of %s: every byte checks out.", storage.describe(name))
+    return True
+
+
+def clear_superseded(storage: Storage, name: str) -> bool:
+    """Remove a ``superseded`` mark: the run went on from this checkpoint (it was restored by
+    its step and a save committed after it), so it belongs to the live branch again. Returns
+    whether a mark was removed."""
+    rec = read_status(storage, name)
+    if rec is None or rec.get("status") != SUPERSEDED:
+        return False
+    try:
+        storage.remove_file(join(name, STATUS))
+    except CheckpointError as e:
+        log.warning("Could not clear the superseded mark of %s: %s", storage.describe(name), e)
+        return False
+    log.info("Cleared the superseded mark of %s: the run went on from it.", storage.describe(name))
     return True
 
 
