@@ -501,7 +501,9 @@ def test_hostile_manifest_and_hostile_state_fall_back(run: Path, caplog: pytest.
     (run / S(2) / "state.json").write_bytes(bad)
     from ckptguard.format.tensorfile import digest_bytes
 
-    _rewrite_manifest(run / S(2) / "MANIFEST.json", files={**json.loads((run / S(2) / "MANIFEST.json").read_text())["files"], "state.json": {"kind": "blob", "size": len(bad), "xxh3_128": digest_bytes(bad)}})
+    files = json.loads((run / S(2) / "MANIFEST.json").read_text())["files"]
+    files["state.json"] = {"kind": "blob", "size": len(bad), "xxh3_128": digest_bytes(bad)}
+    _rewrite_manifest(run / S(2) / "MANIFEST.json", files=files)
     with pytest.raises(NoValidCheckpointError) as ei:
         restore(run, make(seed=5))
     assert "refusing file path" in ei.value.failures[0][1]

@@ -443,7 +443,7 @@ def test_readme_retention_example_keeps_the_last_three_and_the_best(tmp_path: Pa
         mgr.close()
         saves = list(range(2, 21, 2))
         want = []
-        for i, k in enumerate(saves):
+        for i in range(len(saves)):
             keep = set(saves[max(0, i - 2) : i + 1])  # the newest three (all while fewer exist)
             if with_val:
                 keep.add(min(saves[: i + 1], key=lambda s: (val[s], -s)))  # the best so far
