@@ -502,7 +502,8 @@ def test_hostile_manifest_and_hostile_state_fall_back(run: Path, caplog: pytest.
     from ckptguard.format.tensorfile import digest_bytes
 
     files = json.loads((run / S(2) / "MANIFEST.json").read_text())["files"]
-    _rewrite_manifest(run / S(2) / "MANIFEST.json", files={**files, "state.json": {"kind": "blob", "size": len(bad), "xxh3_128": digest_bytes(bad)}})
+    files["state.json"] = {"kind": "blob", "size": len(bad), "xxh3_128": digest_bytes(bad)}
+    _rewrite_manifest(run / S(2) / "MANIFEST.json", files=files)
     with pytest.raises(NoValidCheckpointError) as ei:
         restore(run, make(seed=5))
     assert "refusing file path" in ei.value.failures[0][1]
@@ -789,3 +790,62 @@ def test_verify_names_a_deleted_file_as_damage(run: Path) -> None:
         "the checkpoint is damaged; restore falls back to an older one."
     )
     assert restore(run, make(seed=5)) == 2
+
+
+def test_after_a_rollback_and_a_new_commit_a_reopened_run_restores_the_live_branch(tmp_path: Path) -> None:
+    """The retention oracle's shrunk example, deterministic: keep_best=1 by an unreported metric,
+    saves 1 and 3, restore(step=1), save 2, reopen. Step 3 is kept (the newest) but belongs to the
+    continuation the run left: a plain restore() resumes the live branch (2), not the newest step;
+    restore(step=3) still goes back to it."""
+    run = tmp_path / "run"
+    retention = cg.Retention(keep_best=1, metric="val", mode="min")
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    state = cg.TrainState(model=model, config={"v": "a"})
+    weights: dict[int, torch.Tensor] = {}
+    with cg.CheckpointManager(run, retention=retention, async_save=False) as mgr:
+        for step in (1, 3):
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            assert mgr.save(step, state, force=True)
+            weights[step] = model.weight.detach().clone()
+        assert mgr.restore(state, step=1) == 1
+        with torch.no_grad():
+            model.weight.add_(10.0)
+        assert mgr.save(2, state, force=True)
+        weights[2] = model.weight.detach().clone()
+    assert sorted(int(p.name[5:]) for p in run.glob("step-*")) == [1, 2, 3]
+    st = statuses(run)
+    assert st[S(3)]["status"] == "superseded" and st[S(2)] is None
+    assert "rolled back to step 1" in st[S(3)]["detail"]
+    with cg.CheckpointManager(run, retention=retention) as mgr:
+        assert mgr.restore(state) == 2
+        assert torch.equal(model.weight, weights[2])
+        assert mgr.restore(state, step=3) == 3
+        assert torch.equal(model.weight, weights[3])
+
+
+def test_a_superseded_checkpoint_restored_by_its_step_rejoins_the_live_branch_at_the_next_commit(tmp_path: Path) -> None:
+    """Saves 1 and 3, restore(step=1), save 2 (3 superseded), restore(step=3), save 4: the run
+    went on from 3, so its mark goes (a restore alone changes nothing). When 4 is damaged, a
+    plain restore falls back to 3, not to 2 of the branch the run left."""
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    state = cg.TrainState(model=model)
+    with cg.CheckpointManager(run, async_save=False) as mgr:
+        for step in (1, 3):
+            assert mgr.save(step, state, force=True)
+        assert mgr.restore(state, step=1) == 1
+        assert mgr.save(2, state, force=True)
+        assert mgr.restore(state, step=3) == 3
+        assert statuses(run)[S(3)]["status"] == "superseded"  # restoring alone changes nothing
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        assert mgr.save(4, state, force=True)
+    assert statuses(run) == {S(1): None, S(2): None, S(3): None, S(4): None}
+    with cg.CheckpointManager(run) as mgr:
+        assert mgr.restore(state) == 4
+    flip(run / S(4) / "model.safetensors")
+    with cg.CheckpointManager(run) as mgr:
+        assert mgr.restore(state) == 3

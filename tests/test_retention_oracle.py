@@ -314,6 +314,13 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
         # prune reads resumed_from from the run record's last session that saved (written at each
         # save, and at close() by a session that saved)
         session_saved, saved_resumed = False, None
+        # After a restore of an older step, the first commit marks the checkpoints that were newer
+        # than it 'superseded' (a re-save of one of those steps replaces it, mark included): a
+        # plain restore() skips them and takes the newest checkpoint of the live branch.
+        # restore(step=N) of a superseded N and a commit after it take N back onto the live branch.
+        abandoned: set[int] = set()
+        superseded: set[int] = set()
+        revived: set[int] = set()
         try:
             for op in ops:
                 steps = sorted(existing)
@@ -321,6 +328,8 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
                     _, gap, metric, cfg = op
                     pos += gap
                     user.save(pos, metric, cfg)
+                    superseded = (superseded | abandoned) - {pos} - revived
+                    abandoned, revived = set(), set()
                     pins.discard(pos)  # a re-save (after restoring an older step) replaces the checkpoint, pin included
                     existing[pos] = Ck(pos, metric=metric, cfg=cfg, size=stored_size(run_dir, pos))
                     last_saved, session_saved, saved_resumed = pos, True, resumed
@@ -329,6 +338,7 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
                     assert on_disk(run_dir) == kept, (op, sorted(existing))
                     existing = {s: c for s, c in existing.items() if s in kept}
                     pins &= kept
+                    superseded &= kept
                 elif op[0] in ("pin", "unpin") and steps:
                     step = steps[op[1] % len(steps)]
                     if op[0] == "pin":
@@ -342,16 +352,23 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
                     assert user.mgr.restore(user.state, step=step) == step
                     pos = resumed = last_saved = step
                     saved_resumed = step if session_saved else saved_resumed
+                    abandoned, revived = {s for s in steps if s > step}, {step} & superseded
                 elif op[0] == "reopen":
                     user.mgr.close()
                     user.mgr = user.open()
                     if not steps:
                         assert user.mgr.restore(user.state) is None
                         continue
-                    want = steps[-1] if op[1] is None else steps[op[1] % len(steps)]
+                    live = [s for s in steps if s not in superseded]
+                    if op[1] is None and not live:  # only an abandoned branch is left: never None
+                        with pytest.raises(cg.CheckpointError, match="superseded"):
+                            user.mgr.restore(user.state)
+                        continue
+                    want = live[-1] if op[1] is None else steps[op[1] % len(steps)]
                     got = user.mgr.restore(user.state) if op[1] is None else user.mgr.restore(user.state, step=want)
-                    assert got == want
+                    assert got == want, (sorted(superseded), steps)
                     pos = resumed = last_saved = got
+                    abandoned, revived = {s for s in steps if s > got}, {got} & superseded
                     session_saved = False
                 assert on_disk(run_dir) == set(existing)  # nothing but a save deletes
             # what the manager would decide now (pins and restores since its last save count)

@@ -10,6 +10,7 @@ them (``Tensor.to`` returns the tensor itself when dtype and device already matc
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 
@@ -21,14 +22,13 @@ __all__ = ["optimizer_targets"]
 log = logging.getLogger(__name__)
 
 
-def optimizer_targets(ts: object) -> dict[str, torch.Tensor]:
+def optimizer_targets(optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
     """Live optimizer tensors keyed as ``capture`` keys them in ``optimizer.safetensors``.
 
     Only tensors whose dtype, shape and layout match the saved ones are filled in place (the
     reader checks); others are read into fresh memory. Empty when no optimizer has state yet.
     """
     out: dict[str, torch.Tensor] = {}
-    optimizers = getattr(ts, "optimizers", {}) or {}
     if not any(opt.state for opt in optimizers.values()):
         return out
     try:

@@ -1,4 +1,9 @@
-"""What does not fit between a checkpoint and today's code, and how it is reported and loaded."""
+"""What does not fit between a checkpoint and today's code, and how it is reported and loaded.
+
+:class:`MismatchReport` collects the differences (``compare_model`` for the model's tensors,
+``check_optimizers`` for optimizer state); ``mismatch_error`` is the error of a strict restore.
+``restore_state`` (:mod:`ckptguard.capture.state`) uses these; this module knows nothing of it.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,67 @@ import dataclasses
 import difflib
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
+from ckptguard.capture.model_keys import param_names
 from ckptguard.errors import StateMismatchError
-from ckptguard.format.codec import decode
+from ckptguard.format.codec import ShapeOnly, decode
+from ckptguard.format.tensorfile import dtype_tables
 
-if TYPE_CHECKING:
-    from ckptguard.capture.state import MismatchReport, TrainState
-
-__all__ = ["OptimizerPlan", "check_optimizers", "format_mismatch", "likely_renames", "load_optimizers", "mismatch_error", "optimizer_plan"]
+__all__ = [
+    "MismatchReport",
+    "OptimizerPlan",
+    "check_optimizers",
+    "compare_model",
+    "format_mismatch",
+    "likely_renames",
+    "load_optimizers",
+    "mismatch_error",
+    "optimizer_plan",
+    "optimizer_structure",
+]
 
 log = logging.getLogger(__name__)
+Optimizers = Mapping[str, torch.optim.Optimizer]
+
+
+@dataclasses.dataclass
+class MismatchReport:
+    """Differences between a checkpoint and the objects being restored."""
+
+    missing: list[str] = dataclasses.field(default_factory=list)  # in the model, not saved
+    unexpected: list[str] = dataclasses.field(default_factory=list)  # saved, not in the model
+    reshaped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    retyped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    renames: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (saved, model) likely renames
+    cold: list[str] = dataclasses.field(default_factory=list)  # trainable params without saved optimizer state
+    refused: list[str] = dataclasses.field(default_factory=list)  # other differences strict refuses
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.reshaped or self.retyped or self.refused)
+
+    def table(self) -> str:
+        return format_mismatch(self)
+
+
+def compare_model(table: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor]) -> MismatchReport:
+    """Compare a checkpoint's tensor table (key -> dtype, shape) with a model's tensors."""
+    rep = MismatchReport()
+    rep.missing = sorted(k for k in tensors if k not in table)
+    rep.unexpected = sorted(k for k in table if k not in tensors)
+    for k in sorted(set(table) & set(tensors)):
+        saved_shape = tuple(table[k]["shape"])
+        if saved_shape != tuple(tensors[k].shape):
+            rep.reshaped.append((k, saved_shape, tuple(tensors[k].shape)))
+        elif dtype_tables()[1][table[k]["dtype"]] != tensors[k].dtype:
+            rep.retyped.append((k, table[k]["dtype"], str(tensors[k].dtype).replace("torch.", "")))
+    rep.renames = likely_renames(rep, {k: tuple(v["shape"]) for k, v in table.items()}, {k: tuple(t.shape) for k, t in tensors.items()})
+    return rep
 
 
 def likely_renames(
@@ -102,14 +155,12 @@ def _flat_ids(groups: Any) -> list[Any]:
 
 def optimizer_plan(model: Any, opt: torch.optim.Optimizer, entry: Mapping[str, Any], sd: Mapping[str, Any], label: str) -> OptimizerPlan:
     """Match saved optimizer state (``sd`` decoded, ``entry`` from state.json) to ``opt``."""
-    from ckptguard.capture.state import _param_names
-
     saved_groups = sd.get("param_groups", []) if isinstance(sd, Mapping) else []
     saved_state = sd.get("state", {}) if isinstance(sd, Mapping) else {}
     saved_ids = _flat_ids(saved_groups)
     saved_names = list(entry.get("param_names") or [])
     now_params = [p for g in opt.param_groups for p in g["params"]]
-    now_names = _param_names(model, opt) if model is not None else [None] * len(now_params)
+    now_names = param_names(model, opt) if model is not None else [None] * len(now_params)
     sizes_then = [len(g.get("params", [])) for g in saved_groups if isinstance(g, dict)]
     sizes_now = [len(g["params"]) for g in opt.param_groups]
     by_name = (
@@ -195,10 +246,12 @@ def _group_problems(
     return out
 
 
-def check_optimizers(ts: TrainState, state: Mapping[str, Any], report: MismatchReport, where: str) -> None:
+def check_optimizers(
+    model: nn.Module | None, optimizers: Optimizers, state: Mapping[str, Any], report: MismatchReport, where: str
+) -> None:
     """Report optimizer differences; a structural one (new parameters) fails strict restores."""
     saved = state.get("optimizers") or {}
-    for name, opt in ts.optimizers.items():
+    for name, opt in optimizers.items():
         entry = saved.get(name)
         label = f"optimizer {name!r}" if name else "optimizer"
         if entry is None:
@@ -206,7 +259,7 @@ def check_optimizers(ts: TrainState, state: Mapping[str, Any], report: MismatchR
             continue
         sd = entry.get("state_dict") if isinstance(entry, Mapping) else None
         if not isinstance(sd, dict) or not isinstance(sd.get("param_groups", []), list):
-            # malformed contents, not a code change: load_verified turns this into corruption
+            # malformed contents, not a code change: the restore pipeline turns this into corruption
             raise TypeError(f"{label}: the saved state is a {type(sd).__name__}, not a state dict")
         if class_differs(entry, opt):
             report.refused.append(
@@ -214,7 +267,7 @@ def check_optimizers(ts: TrainState, state: Mapping[str, Any], report: MismatchR
                 f"{type(opt).__name__}; not loaded (its state starts fresh)"
             )
             continue
-        plan = optimizer_plan(ts.model, opt, entry, _structure(entry), label)
+        plan = optimizer_plan(model, opt, entry, optimizer_structure(entry), label)
         _report_plan(plan, report)
 
 
@@ -223,7 +276,7 @@ def class_differs(entry: Mapping[str, Any], opt: torch.optim.Optimizer) -> bool:
     return isinstance(saved, str) and saved != type(opt).__name__
 
 
-def _structure(entry: Mapping[str, Any]) -> dict[str, Any]:
+def optimizer_structure(entry: Mapping[str, Any]) -> dict[str, Any]:
     """The optimizer state dict with tensors as placeholders (enough to plan a load)."""
     sd = entry.get("state_dict")
     if not isinstance(sd, dict):
@@ -233,23 +286,10 @@ def _structure(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 def _decode_keys(state: Any) -> dict[Any, Any]:
     try:
-        decoded = decode(state, _ShapeOnly(), "optimizer structure")
+        decoded = decode(state, ShapeOnly(), "optimizer structure")
     except Exception:  # noqa: BLE001 - structure only; the real load validates properly
         return {}
     return decoded if isinstance(decoded, dict) else {}
-
-
-class _ShapeOnly(dict):  # type: ignore[type-arg]
-    """Tensor lookup for planning: every referenced tensor decodes to a 0-d placeholder."""
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return torch.empty(())
-
-    def __contains__(self, key: object) -> bool:
-        return True
-
-    def get(self, key: str, default: Any = None) -> torch.Tensor:
-        return torch.empty(())
 
 
 def _report_plan(plan: OptimizerPlan, report: MismatchReport) -> None:
@@ -279,7 +319,8 @@ def _report_plan(plan: OptimizerPlan, report: MismatchReport) -> None:
 
 
 def load_optimizers(
-    ts: TrainState,
+    model: nn.Module | None,
+    optimizers: Optimizers,
     saved: Mapping[str, Any],
     tensors: Mapping[str, torch.Tensor],
     report: MismatchReport,
@@ -287,7 +328,8 @@ def load_optimizers(
     *,
     strict: bool,
 ) -> None:
-    for name, opt in ts.optimizers.items():
+    """Load each optimizer's saved state (remapped by parameter name where the layout changed)."""
+    for name, opt in optimizers.items():
         entry = saved.get(name)
         if entry is None:
             continue
@@ -295,7 +337,7 @@ def load_optimizers(
         if class_differs(entry, opt):
             continue  # reported by check_optimizers; strict refused before anything was loaded
         sd = decode(entry["state_dict"], tensors, f"{where} optimizer")
-        plan = optimizer_plan(ts.model, opt, entry, sd, label)
+        plan = optimizer_plan(model, opt, entry, sd, label)
         partial = plan.structural or plan.reshaped or plan.group_problems
         try:
             opt.load_state_dict(_remap(opt, sd, plan) if partial else sd)

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -21,6 +21,9 @@ import yaml
 from torch import nn
 
 from ckptguard.capture.configdrift import normalize_config
+from ckptguard.capture.inplace import optimizer_targets
+from ckptguard.capture.mismatch import MismatchReport, check_optimizers, compare_model, load_optimizers, mismatch_error
+from ckptguard.capture.model_keys import canonical_key, model_state_dict, param_names, unwrap_model
 from ckptguard.capture.rng import capture_rng, restore_rng
 from ckptguard.capture.sampler import (
     ResumableSampler,
@@ -28,10 +31,12 @@ from ckptguard.capture.sampler import (
     loader_state,
     track_dataloader,
 )
-from ckptguard.errors import StateMismatchError, UnsupportedStateError
+from ckptguard.errors import CorruptCheckpointError, StateMismatchError, UnsupportedStateError
 from ckptguard.format.codec import decode, encode, load_into
 
 __all__ = [
+    "CheckpointSource",
+    "MismatchReport",
     "Snapshot",
     "Stateful",
     "TrainState",
@@ -76,7 +81,7 @@ class TrainState:
         optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None = None,
         scheduler: Any = None,
         scaler: Any = None,
-        dataloader: torch.utils.data.DataLoader | None = None,
+        dataloader: torch.utils.data.DataLoader[Any] | None = None,
         sampler: ResumableSampler | None = None,
         config: Any = None,
         extra: dict[str, Any] | None = None,
@@ -118,52 +123,6 @@ def _named(obj: Any) -> dict[str, Any]:
     if isinstance(obj, Mapping):
         return dict(obj)
     return {"": obj}
-
-
-# ---- model keys ------------------------------------------------------------------------------
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / torch.compile wrappers to reach the user's module."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while True:
-        if isinstance(model, (DataParallel, DistributedDataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
-
-
-def canonical_key(key: str) -> str:
-    """Drop the ``_orig_mod`` segments torch.compile inserts into nested module names."""
-    return ".".join(p for p in key.split(".") if p != "_orig_mod")
-
-
-def model_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
-    """(canonical key -> tensor, canonical -> actual key, non-tensor entries)."""
-    inner = unwrap_model(model)
-    sd = inner.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    actual: dict[str, str] = {}
-    other: dict[str, Any] = {}
-    for k, v in sd.items():
-        ck = canonical_key(k)
-        actual[ck] = k
-        if isinstance(v, torch.Tensor):
-            tensors[ck] = v
-        else:
-            other[ck] = v
-    return tensors, actual, other
-
-
-def _param_names(model: nn.Module | None, opt: torch.optim.Optimizer) -> list[str | None]:
-    names: dict[int, str] = {}
-    if model is not None:
-        for n, p in unwrap_model(model).named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), canonical_key(n))
-    return [names.get(id(p)) for g in opt.param_groups for p in g["params"]]
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -215,7 +174,7 @@ def capture(ts: TrainState, step: int) -> Snapshot:
             state["optimizers"][name] = {
                 "class": type(opt).__name__,
                 "state_dict": encode(opt.state_dict(), files[OPTIM_FILE], prefix.rstrip("."), f"optimizer {name!r}"),
-                "param_names": _param_names(ts.model, opt),
+                "param_names": param_names(ts.model, opt),
             }
     if ts.schedulers:
         state["schedulers"] = {
@@ -247,47 +206,6 @@ def capture(ts: TrainState, step: int) -> Snapshot:
 
 
 # ---- restore ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class MismatchReport:
-    """Differences between a checkpoint and the objects being restored."""
-
-    missing: list[str] = dataclasses.field(default_factory=list)  # in the model, not saved
-    unexpected: list[str] = dataclasses.field(default_factory=list)  # saved, not in the model
-    reshaped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
-    retyped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    renames: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (saved, model) likely renames
-    cold: list[str] = dataclasses.field(default_factory=list)  # trainable params without saved optimizer state
-    refused: list[str] = dataclasses.field(default_factory=list)  # other differences strict refuses
-
-    @property
-    def clean(self) -> bool:
-        return not (self.missing or self.unexpected or self.reshaped or self.retyped or self.refused)
-
-    def table(self) -> str:
-        from ckptguard.capture.mismatch import format_mismatch
-
-        return format_mismatch(self)
-
-
-def _compare_model(table: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor]) -> MismatchReport:
-    from ckptguard.format.tensorfile import ST_TO_DTYPE
-
-    rep = MismatchReport()
-    rep.missing = sorted(k for k in tensors if k not in table)
-    rep.unexpected = sorted(k for k in table if k not in tensors)
-    for k in sorted(set(table) & set(tensors)):
-        saved_shape = tuple(table[k]["shape"])
-        if saved_shape != tuple(tensors[k].shape):
-            rep.reshaped.append((k, saved_shape, tuple(tensors[k].shape)))
-        elif ST_TO_DTYPE[table[k]["dtype"]] != tensors[k].dtype:
-            rep.retyped.append((k, table[k]["dtype"], str(tensors[k].dtype).replace("torch.", "")))
-    from ckptguard.capture.mismatch import likely_renames
-
-    rep.renames = likely_renames(rep, {k: tuple(v["shape"]) for k, v in table.items()}, {k: tuple(t.shape) for k, t in tensors.items()})
-    return rep
 
 
 def _sched_label(name: str, sched: Any) -> str:
@@ -351,60 +269,105 @@ def _user_errors(where: str, what: str, saved: Any) -> Iterator[None]:
         ) from e
 
 
-def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> MismatchReport:
-    """Load a verified checkpoint into ``ts``. Raises StateMismatchError when ``strict``."""
-    from ckptguard.capture.mismatch import check_optimizers, mismatch_error
+class CheckpointSource(Protocol):
+    """What ``restore_state`` reads from: the verified files of one checkpoint
+    (:class:`ckptguard.persist.reader.CheckpointReader` is one)."""
 
+    @property
+    def where(self) -> str: ...
+
+    def has(self, fname: str) -> bool: ...
+
+    def json(self, fname: str) -> Any: ...
+
+    def tensor_table(self, fname: str) -> dict[str, dict[str, Any]]: ...
+
+    def tensors(
+        self, fname: str, *, targets: Mapping[str, torch.Tensor] | None = None, names: Iterable[str] | None = None
+    ) -> dict[str, torch.Tensor]: ...
+
+
+ModelParts = tuple[dict[str, torch.Tensor], dict[str, str], dict[str, dict[str, Any]]]
+
+
+def restore_state(
+    ts: TrainState, reader: CheckpointSource, *, strict: bool = True, per_rank: Mapping[str, Any] | None = None
+) -> MismatchReport:
+    """Load a verified checkpoint into ``ts``. Raises StateMismatchError when ``strict``.
+
+    Everything that can mismatch is checked before any live object is touched. ``per_rank``:
+    entries of ``state.json`` that one rank of a distributed run holds for itself (its RNG and
+    data position, from its rank file); each replaces the shared entry, and a key mapped to None
+    drops it.
+    """
     where = reader.where
-    state = reader.json("state.json")
-    if not isinstance(state, dict):
-        from ckptguard.errors import CorruptCheckpointError
-
-        raise CorruptCheckpointError(f"{where}/state.json must hold an object.", path=where)
-    report = MismatchReport()
+    state = _read_state(reader, per_rank)
     extra_tensors = reader.tensors(EXTRA_FILE) if reader.has(EXTRA_FILE) else {}
-
-    # Check everything that can mismatch before touching any live object.
-    model_parts = None
+    report, model_parts = MismatchReport(), None
     if ts.model is not None:
         tensors, actual, _other = model_state_dict(ts.model)
         table = reader.tensor_table(MODEL_FILE)
-        report = _compare_model(table, tensors)
-        model_parts = (tensors, actual, table)
-    check_optimizers(ts, state, report, where)
+        report, model_parts = compare_model(table, tensors), (tensors, actual, table)
+    check_optimizers(ts.model, ts.optimizers, state, report, where)
     skip_schedulers = _check_schedulers(ts, state, report)
     _check_objects(ts, state, report)
     if strict and not report.clean:
         raise mismatch_error(where, report)
 
-    if model_parts is not None:
-        assert ts.model is not None
-        tensors, actual, table = model_parts
-        bad = {k for k, *_ in report.reshaped}
-        names = [k for k in table if k in tensors and k not in bad]
-        loaded = reader.tensors(MODEL_FILE, targets=tensors, names=names)
-        leftovers = {actual[k]: t for k, t in loaded.items() if t.data_ptr() != tensors[k].data_ptr()}
-        if "model_extra" in state:
-            for k, v in decode(state["model_extra"], extra_tensors, f"{where} model_extra").items():
-                if k in actual:
-                    leftovers[actual[k]] = v
-        if leftovers:
-            with torch.no_grad(), _user_errors(where, "the model", leftovers):
-                unwrap_model(ts.model).load_state_dict(leftovers, strict=False)
-        # A checkpoint holds no gradients: the restored model has none, as in a fresh process.
-        # (An in-process restore, e.g. a LossGuard rollback, would otherwise add the abandoned
-        # batches' gradients to the next accumulation.)
-        for p in unwrap_model(ts.model).parameters():
-            p.grad = None
-
+    if ts.model is not None and model_parts is not None:
+        _load_model(ts.model, reader, state, model_parts, report, extra_tensors)
     if ts.optimizers and "optimizers" in state:
-        from ckptguard.capture.inplace import optimizer_targets
-        from ckptguard.capture.mismatch import load_optimizers
-
-        targets = optimizer_targets(ts) if report.clean else None  # read into existing state
+        targets = optimizer_targets(ts.optimizers) if report.clean else None  # read into existing state
         opt_tensors = reader.tensors(OPTIM_FILE, targets=targets) if reader.has(OPTIM_FILE) else {}
-        load_optimizers(ts, state["optimizers"], opt_tensors, report, where, strict=strict)
+        load_optimizers(ts.model, ts.optimizers, state["optimizers"], opt_tensors, report, where, strict=strict)
+    _load_objects(ts, state, extra_tensors, skip_schedulers, where)
+    _load_position(ts, state, report, where)
+    return report
 
+
+def _read_state(reader: CheckpointSource, per_rank: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``state.json``, with this rank's own entries in place of the shared ones."""
+    state = reader.json("state.json")
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{reader.where}/state.json must hold an object.", path=reader.where)
+    for key, value in (per_rank or {}).items():
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = value
+    return state
+
+
+def _load_model(
+    model: nn.Module, reader: CheckpointSource, state: Mapping[str, Any], parts: ModelParts,
+    report: MismatchReport, extra_tensors: Mapping[str, torch.Tensor],
+) -> None:
+    """Read the model's tensors in place; what could not be read in place goes through
+    ``load_state_dict`` (with the non-tensor entries)."""
+    where = reader.where
+    tensors, actual, table = parts
+    bad = {k for k, *_ in report.reshaped}
+    names = [k for k in table if k in tensors and k not in bad]
+    loaded = reader.tensors(MODEL_FILE, targets=tensors, names=names)
+    leftovers = {actual[k]: t for k, t in loaded.items() if t.data_ptr() != tensors[k].data_ptr()}
+    if "model_extra" in state:
+        for k, v in decode(state["model_extra"], extra_tensors, f"{where} model_extra").items():
+            if k in actual:
+                leftovers[actual[k]] = v
+    if leftovers:
+        with torch.no_grad(), _user_errors(where, "the model", leftovers):
+            unwrap_model(model).load_state_dict(leftovers, strict=False)
+    # A checkpoint holds no gradients: the restored model has none, as in a fresh process.
+    # (An in-process restore, e.g. a LossGuard rollback, would otherwise add the abandoned
+    # batches' gradients to the next accumulation.)
+    for p in unwrap_model(model).parameters():
+        p.grad = None
+
+
+def _load_objects(
+    ts: TrainState, state: Mapping[str, Any], extra_tensors: Mapping[str, torch.Tensor], skip_schedulers: set[str], where: str
+) -> None:
+    """Schedulers, the scaler, the user's own objects and ``extra``."""
     for name, sched in ts.schedulers.items():
         saved = (state.get("schedulers") or {}).get(name)
         if saved is None or name in skip_schedulers:
@@ -427,6 +390,9 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
     if isinstance(saved_extra, dict):
         load_into(ts.extra, saved_extra)  # the user's nested objects and tensors stay theirs
 
+
+def _load_position(ts: TrainState, state: Mapping[str, Any], report: MismatchReport, where: str) -> None:
+    """The data position (DataLoader or sampler) and the RNG, in the order exact resume needs."""
     mid_epoch = False
     if ts._tracker is not None and ts.dataloader is not None and "dataloader" in state:
         load_loader_state(ts._tracker, ts.dataloader, state["dataloader"], f"{where}/state.json")
@@ -434,7 +400,7 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
         saved = state.get("sampler") or (state.get("dataloader") or {}).get("sampler")
         if saved is not None:
             ts.sampler.load_state_dict(saved)
-            mid_epoch = ts.sampler._start > 0
+            mid_epoch = ts.sampler.position > 0
     if ts.capture_rng:
         if "rng" in state:
             restore_rng(state["rng"], f"{where}/state.json")
@@ -443,4 +409,3 @@ def restore_state(ts: TrainState, reader: Any, *, strict: bool = True) -> Mismat
             log.warning("%s holds no RNG state; the resumed run will not be bit-exact.", where)
     if mid_epoch and ts.sampler is not None:
         ts.sampler.expect_resume_iterator(torch.get_rng_state())
-    return report

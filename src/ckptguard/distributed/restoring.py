@@ -1,4 +1,10 @@
-"""Restoring a checkpoint in a torch.distributed run: rank files, agreement, sharded state."""
+"""Restoring in a torch.distributed run: which rank file a rank takes its RNG and data position
+from, and sharded (DCP) model state.
+
+The restore pipeline (:func:`ckptguard.manager.restoring.load_checkpoint`) calls these on every
+rank and agrees between ranks after each stage; in a single process they are plain functions
+(a checkpoint saved by several ranks, or with a sharded model, restores there too).
+"""
 
 from __future__ import annotations
 
@@ -6,46 +12,73 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from ckptguard.capture.state import TrainState, restore_state
-from ckptguard.distributed.coordination import PER_RANK_KEYS, Coordinator, agree, capture_exc, rank_file
+from ckptguard.capture.state import TrainState
+from ckptguard.distributed.coordination import PER_RANK_KEYS, Coordinator, rank_file
 from ckptguard.distributed.dcp import DCP_DIR, dcp_load, is_sharded, verify_dcp_files
 from ckptguard.distributed.saving import without_model
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
+from ckptguard.persist.reader import CheckpointReader
 from ckptguard.storage.local import LocalStorage
 
-__all__ = ["restore_checkpoint"]
+__all__ = ["check_layout", "is_dcp", "load_sharded", "prepare_rank", "rank_entries"]
 
 log = logging.getLogger(__name__)
 
 
-class _RankReader:
-    """A checkpoint reader whose ``state.json`` carries this rank's RNG and data position."""
-
-    def __init__(self, inner: Any, rank_doc: Mapping[str, Any] | None) -> None:
-        self._inner = inner
-        self._doc = rank_doc
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def json(self, fname: str) -> Any:
-        data = self._inner.json(fname)
-        if fname == "state.json" and self._doc is not None and isinstance(data, dict):
-            data = {k: v for k, v in data.items() if k not in PER_RANK_KEYS}
-            data.update({k: v for k, v in self._doc.items() if k in PER_RANK_KEYS})
-        return data
+def is_dcp(manifest: Mapping[str, Any]) -> bool:
+    """Whether the checkpoint holds sharded model state (written through DCP into ``dcp/``)."""
+    info = manifest.get("distributed")
+    return isinstance(info, dict) and info.get("mode") == "dcp"
 
 
-def _read_rank_doc(reader: Any, name: str) -> Mapping[str, Any] | None:
+def check_layout(state: TrainState, reader: CheckpointReader) -> None:
+    """Refuse a checkpoint whose model layout (sharded or replicated) ``state`` cannot take;
+    verify the DCP shards of a sharded one (all of them: DCP reads them whole)."""
+    where = reader.where
+    if is_dcp(reader.manifest):
+        if not isinstance(reader.storage, LocalStorage):
+            raise UnsupportedStateError(f"{where}: sharded (DCP) checkpoints are read from local or shared filesystems only.")
+        verify_dcp_files(reader.storage.describe(reader.name), reader.manifest["files"], where)
+        # verified above, streaming: not again in verify_unread
+        reader.checked.update(f for f in reader.manifest["files"] if f.startswith(DCP_DIR + "/"))
+    elif is_sharded(state.model):
+        raise UnsupportedStateError(
+            f"{where} holds replicated (full) model state, the model is sharded (FSDP2/DTensor). "
+            "Restore it into the unsharded model, then shard it, or restore a checkpoint saved "
+            "with the sharded model."
+        )
+
+
+def rank_entries(coord: Coordinator, reader: CheckpointReader) -> dict[str, Any] | None:
+    """This rank's own ``state.json`` entries (RNG, data position; ``restore_state(per_rank=)``)
+    from its rank file, or rank 0's when the world size changed (logged: not bit-exact). None
+    for a checkpoint without rank files (saved by a single process)."""
+    saved_world = _saved_world_size(reader)
+    rank = coord.rank
+    if saved_world != coord.world_size:
+        log.warning(
+            "%s was saved by %d rank(s) and is restored on %d: rank 0's RNG state is used on every "
+            "rank (the resumed run is not bit-exact) and the sampler resumes from the global sample "
+            "count (resharded).",
+            reader.where, saved_world, coord.world_size,
+        )
+        rank = 0
+    name = rank_file(rank)
     if not reader.has(name):
         return None
     doc = reader.json(name)
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{reader.where}/{name} must hold an object.", path=reader.where, file=name)
-    return doc
+    return {k: doc.get(k) for k in PER_RANK_KEYS}
 
 
-def _saved_world_size(reader: Any) -> int:
+def prepare_rank(coord: Coordinator, state: TrainState, reader: CheckpointReader) -> dict[str, Any] | None:
+    """:func:`check_layout`, then :func:`rank_entries`: the first stage of a restore on each rank."""
+    check_layout(state, reader)
+    return rank_entries(coord, reader)
+
+
+def _saved_world_size(reader: CheckpointReader) -> int:
     info = reader.manifest.get("distributed")
     if info is None:
         return 1
@@ -59,53 +92,12 @@ def _saved_world_size(reader: Any) -> int:
     return size
 
 
-def _rank_doc(coord: Coordinator, reader: Any) -> Mapping[str, Any] | None:
-    saved_world = _saved_world_size(reader)
-    if saved_world == coord.world_size:
-        return _read_rank_doc(reader, rank_file(coord.rank))
-    log.warning(
-        "%s was saved by %d rank(s) and is restored on %d: rank 0's RNG state is used on every "
-        "rank (the resumed run is not bit-exact) and the sampler resumes from the global sample "
-        "count (resharded).",
-        reader.where, saved_world, coord.world_size,
-    )
-    return _read_rank_doc(reader, rank_file(0))
-
-
-def restore_checkpoint(coord: Coordinator, state: TrainState, reader: Any, *, strict: bool = True) -> Any:
-    """Restore one verified checkpoint into ``state`` on every rank (collective when distributed)."""
-    info = reader.manifest.get("distributed")
-    mode = info.get("mode") if isinstance(info, dict) else None
-    where = reader.where
-    coord.same_step(int(reader.manifest["step"]), reader.storage.describe(""))
-
-    def check() -> Mapping[str, Any] | None:
-        if mode == "dcp":
-            if not isinstance(reader.storage, LocalStorage):
-                raise UnsupportedStateError(f"{where}: sharded (DCP) checkpoints are read from local or shared filesystems only.")
-            verify_dcp_files(reader.storage.describe(reader.name), reader.manifest["files"], where)
-            checked = getattr(reader, "checked", None)
-            if isinstance(checked, set):  # verified above, streaming: not again in verify_unread
-                checked.update(f for f in reader.manifest["files"] if f.startswith(DCP_DIR + "/"))
-        elif is_sharded(state.model):
-            raise UnsupportedStateError(
-                f"{where} holds replicated (full) model state, the model is sharded (FSDP2/DTensor). "
-                "Restore it into the unsharded model, then shard it, or restore a checkpoint saved "
-                "with the sharded model."
-            )
-        return _rank_doc(coord, reader)
-
-    doc, exc = capture_exc(check)
-    agree(coord, exc, where)
-    if mode == "dcp":
-        model = state.model
-        if model is None:
-            raise UnsupportedStateError(f"{where} holds sharded model state; pass model= to TrainState to restore it.")
-        _, exc = capture_exc(
-            lambda: dcp_load(model, state.optimizers.values(), reader.storage.describe(reader.name), reader.manifest["files"], where, strict=strict)
-        )
-        agree(coord, exc, where)
-    ts = without_model(state) if mode == "dcp" else state
-    report, exc = capture_exc(lambda: restore_state(ts, _RankReader(reader, doc), strict=strict))
-    agree(coord, exc, where)
-    return report
+def load_sharded(state: TrainState, reader: CheckpointReader, *, strict: bool) -> TrainState:
+    """Load the model and optimizer state of a DCP checkpoint (resharded to today's layout);
+    return the rest of ``state`` (what ``restore_state`` loads from the shared files)."""
+    model = state.model
+    if model is None:
+        raise UnsupportedStateError(f"{reader.where} holds sharded model state; pass model= to TrainState to restore it.")
+    directory = reader.storage.describe(reader.name)
+    dcp_load(model, state.optimizers.values(), directory, reader.manifest["files"], reader.where, strict=strict)
+    return without_model(state)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from ckptguard.errors import (
@@ -41,17 +42,23 @@ from ckptguard.format import safejson
 from ckptguard.format.tensorfile import MAX_HEADER, digest_bytes, numel
 
 __all__ = [
+    "FILE_KIND_VALIDATORS",
     "FORMAT_VERSION",
     "MANIFEST",
+    "PACK_RE",
     "STATUS",
     "as_step",
+    "check_hex",
+    "check_int",
     "checkpoint_name",
     "encode_manifest",
+    "malformed",
     "parse_manifest",
     "parse_step",
     "safe_relpath",
+    "validate_chunked",
     "validate_manifest",
-    "FILE_KIND_VALIDATORS",
+    "validate_tensor_table",
 ]
 
 FORMAT = "ckptguard"
@@ -67,6 +74,9 @@ MAX_MANIFEST_FILES = 100_000
 _NAME_RE = re.compile(r"^step-(\d{9,})$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
+# The name of a pack of shared chunks (``RUN/objects/``): creation time in unix ms, 8 random hex.
+# Only such names are read or deleted: never a path taken from a manifest.
+PACK_RE = re.compile(r"^p-(\d{13})-([0-9a-f]{8})\.pack$")
 
 ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -117,7 +127,9 @@ def safe_relpath(name: object, where: str) -> str:
     return name
 
 
-def _fail(where: str, what: str) -> CorruptCheckpointError:
+def malformed(where: str, what: str) -> CorruptCheckpointError:
+    """The error for a manifest (or a manifest-like record) at ``where`` that breaks the schema:
+    ``what`` names the field and what was found."""
     return CorruptCheckpointError(
         f"{where}: malformed manifest: {what}. The checkpoint is damaged or was not written by "
         "ckptguard; restore skips it ('ckptguard verify' gives details).",
@@ -125,91 +137,127 @@ def _fail(where: str, what: str) -> CorruptCheckpointError:
     )
 
 
-def _int(v: object, where: str, what: str, lo: int = 0) -> int:
+def check_int(v: object, where: str, what: str, lo: int = 0) -> int:
+    """``v`` when it is an integer >= ``lo`` (a bool is not); :func:`malformed` otherwise."""
     if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise _fail(where, f"{what} must be an integer >= {lo}, found {v!r}")
+        raise malformed(where, f"{what} must be an integer >= {lo}, found {v!r}")
     return v
 
 
-def _hex(v: object, where: str, what: str) -> str:
+def check_hex(v: object, where: str, what: str) -> str:
+    """``v`` when it is a 128-bit lowercase hex digest (xxh3-128); :func:`malformed` otherwise."""
     if not isinstance(v, str) or not _HEX32.match(v):
-        raise _fail(where, f"{what} must be a 128-bit hex digest, found {v!r}")
+        raise malformed(where, f"{what} must be a 128-bit hex digest, found {v!r}")
     return v
 
 
 def _validate_blob(entry: dict[str, Any], where: str, name: str) -> None:
-    _int(entry.get("size"), where, f"files[{name!r}].size")
-    _hex(entry.get("xxh3_128"), where, f"files[{name!r}].xxh3_128")
+    check_int(entry.get("size"), where, f"files[{name!r}].size")
+    check_hex(entry.get("xxh3_128"), where, f"files[{name!r}].xxh3_128")
 
 
 def validate_tensor_table(table: object, where: str, name: str) -> int:
     """Check a tensor table; return the data length it covers."""
     if not isinstance(table, dict):
-        raise _fail(where, f"files[{name!r}].tensors must be an object")
+        raise malformed(where, f"files[{name!r}].tensors must be an object")
     pos = 0
     ordered = []
     for tname, info in table.items():
         if not isinstance(info, dict):
-            raise _fail(where, f"tensor {tname!r} entry must be an object")
+            raise malformed(where, f"tensor {tname!r} entry must be an object")
         dtype = info.get("dtype")
         if dtype not in ITEMSIZE:
-            raise _fail(where, f"tensor {tname!r} has unknown dtype {dtype!r}")
+            raise malformed(where, f"tensor {tname!r} has unknown dtype {dtype!r}")
         shape = info.get("shape")
         if not isinstance(shape, list) or len(shape) > 64:
-            raise _fail(where, f"tensor {tname!r} has a bad shape {shape!r}")
+            raise malformed(where, f"tensor {tname!r} has a bad shape {shape!r}")
         for d in shape:
-            _int(d, where, f"tensor {tname!r} dimension")
+            check_int(d, where, f"tensor {tname!r} dimension")
         offsets = info.get("offsets")
         if not isinstance(offsets, list) or len(offsets) != 2:
-            raise _fail(where, f"tensor {tname!r} has bad offsets {offsets!r}")
-        b, e = (_int(x, where, f"tensor {tname!r} offset") for x in offsets)
+            raise malformed(where, f"tensor {tname!r} has bad offsets {offsets!r}")
+        b, e = (check_int(x, where, f"tensor {tname!r} offset") for x in offsets)
         if e - b != numel(shape) * ITEMSIZE[dtype]:
-            raise _fail(
+            raise malformed(
                 where,
                 f"tensor {tname!r}: byte range {b}..{e} does not hold a {dtype} tensor of shape "
                 f"{shape}",
             )
         if "xxh3_128" in info:
-            _hex(info["xxh3_128"], where, f"tensor {tname!r} digest")
+            check_hex(info["xxh3_128"], where, f"tensor {tname!r} digest")
         ordered.append((b, e, tname))
     for b, e, tname in sorted(ordered):
         if b != pos:
-            raise _fail(where, f"tensor {tname!r} starts at {b}, expected {pos} (gap or overlap)")
+            raise malformed(where, f"tensor {tname!r} starts at {b}, expected {pos} (gap or overlap)")
         pos = e
     return pos
 
 
 def _validate_tensors(entry: dict[str, Any], where: str, name: str) -> None:
-    size = _int(entry.get("size"), where, f"files[{name!r}].size")
-    header = _int(entry.get("header_size"), where, f"files[{name!r}].header_size", lo=8)
+    size = check_int(entry.get("size"), where, f"files[{name!r}].size")
+    header = check_int(entry.get("header_size"), where, f"files[{name!r}].header_size", lo=8)
     if header > MAX_HEADER + 8:
-        raise _fail(where, f"files[{name!r}] header of {header} bytes is implausibly large")
-    _hex(entry.get("header_xxh3_128"), where, f"files[{name!r}].header_xxh3_128")
-    _hex(entry.get("xxh3_128"), where, f"files[{name!r}].xxh3_128")
+        raise malformed(where, f"files[{name!r}] header of {header} bytes is implausibly large")
+    check_hex(entry.get("header_xxh3_128"), where, f"files[{name!r}].header_xxh3_128")
+    check_hex(entry.get("xxh3_128"), where, f"files[{name!r}].xxh3_128")
     data = validate_tensor_table(entry.get("tensors"), where, name)
     for tname, info in entry["tensors"].items():
         if "xxh3_128" not in info:
-            raise _fail(where, f"tensor {tname!r} has no digest")
+            raise malformed(where, f"tensor {tname!r} has no digest")
     if header + data != size:
-        raise _fail(where, f"files[{name!r}] size {size} != header {header} + data {data}")
+        raise malformed(where, f"files[{name!r}] size {size} != header {header} + data {data}")
 
 
-def _validate_chunked(entry: dict[str, Any], where: str, name: str) -> None:
-    from ckptguard.persist.incremental import validate_chunked  # wired here: incremental imports this module
+def validate_chunked(entry: dict[str, Any], where: str, name: str) -> None:
+    """A ``chunked`` entry (an incremental checkpoint's tensor file, see
+    :mod:`ckptguard.persist.incremental`): every field checked; pack names must match PACK_RE and
+    every chunk must lie inside its pack."""
+    size = check_int(entry.get("size"), where, f"files[{name!r}].size")
+    check_int(entry.get("chunk_size"), where, f"files[{name!r}].chunk_size", lo=1)
+    check_hex(entry.get("xxh3_128"), where, f"files[{name!r}].xxh3_128")
+    packs = entry.get("packs")
+    if not isinstance(packs, dict):
+        raise malformed(where, f"files[{name!r}].packs must be an object")
+    for pname, psize in packs.items():
+        if not PACK_RE.match(pname):
+            raise malformed(where, f"files[{name!r}] names an object {pname!r} that is not a pack name")
+        check_int(psize, where, f"files[{name!r}].packs[{pname!r}]")
+    data = validate_tensor_table(entry.get("tensors"), where, name)
+    if data != size:
+        raise malformed(where, f"files[{name!r}] size {size} != tensor bytes {data}")
+    for tname, info in entry["tensors"].items():
+        _validate_chunks(info.get("chunks"), packs, info["offsets"], where, tname)
 
-    validate_chunked(entry, where, name)
+
+def _validate_chunks(chunks: object, packs: dict[str, Any], offsets: list[int], where: str, tname: str) -> None:
+    if not isinstance(chunks, list):
+        raise malformed(where, f"tensor {tname!r} has no chunk list")
+    total = 0
+    for c in chunks:
+        if not isinstance(c, dict):
+            raise malformed(where, f"tensor {tname!r} has a malformed chunk {c!r}")
+        check_hex(c.get("digest"), where, f"tensor {tname!r} chunk digest")
+        n = check_int(c.get("size"), where, f"tensor {tname!r} chunk size", lo=1)
+        off = check_int(c.get("offset"), where, f"tensor {tname!r} chunk offset")
+        if c.get("pack") not in packs or off + n > packs[c["pack"]]:
+            raise malformed(where, f"tensor {tname!r} chunk lies outside its pack {c.get('pack')!r}")
+        total += n
+    b, e = offsets
+    if total != e - b:
+        raise malformed(where, f"tensor {tname!r}: chunks hold {total} bytes, the tensor {e - b}")
 
 
-FILE_KIND_VALIDATORS: dict[str, Callable[[dict[str, Any], str, str], None]] = {
+# The file kinds a manifest may list, each with the check of its entry (a new kind is added here).
+FILE_KIND_VALIDATORS: Mapping[str, Callable[[dict[str, Any], str, str], None]] = MappingProxyType({
     "blob": _validate_blob,
     "tensors": _validate_tensors,
-    "chunked": _validate_chunked,
-}
+    "chunked": validate_chunked,
+})
 
 
 def _check_version(version: object, where: str) -> None:
     if not isinstance(version, int) or isinstance(version, bool):
-        raise _fail(where, f"format_version must be an integer, found {version!r}")
+        raise malformed(where, f"format_version must be an integer, found {version!r}")
     if version > FORMAT_VERSION or version < 1:
         raise FormatVersionError(
             f"{where} was written in checkpoint format version {version}; this ckptguard reads "
@@ -221,30 +269,30 @@ def _check_version(version: object, where: str) -> None:
 def validate_manifest(data: object, where: str) -> dict[str, Any]:
     """Validate parsed manifest data; return it or raise a CheckpointError subclass."""
     if not isinstance(data, dict):
-        raise _fail(where, "top level must be an object")
+        raise malformed(where, "top level must be an object")
     if data.get("format") != FORMAT:
-        raise _fail(where, f"'format' must be {FORMAT!r}, found {data.get('format')!r}")
+        raise malformed(where, f"'format' must be {FORMAT!r}, found {data.get('format')!r}")
     _check_version(data.get("format_version"), where)
-    _int(data.get("step"), where, "step")
+    check_int(data.get("step"), where, "step")
     files = data.get("files")
     if not isinstance(files, dict) or not files:
-        raise _fail(where, "'files' must be a non-empty object")
+        raise malformed(where, "'files' must be a non-empty object")
     if len(files) > MAX_MANIFEST_FILES:
         raise _too_many_files(where, len(files))
     for name, entry in files.items():
         safe_relpath(name, where)
         if name in ("MANIFEST.json", "STATUS.json"):
-            raise _fail(where, f"files lists the reserved name {name!r}")
+            raise malformed(where, f"files lists the reserved name {name!r}")
         if not isinstance(entry, dict):
-            raise _fail(where, f"files[{name!r}] must be an object")
+            raise malformed(where, f"files[{name!r}] must be an object")
         kind = entry.get("kind")
         validator = FILE_KIND_VALIDATORS.get(kind)  # type: ignore[arg-type]
         if validator is None:
-            raise _fail(where, f"files[{name!r}] has unknown kind {kind!r}")
+            raise malformed(where, f"files[{name!r}] has unknown kind {kind!r}")
         validator(entry, where, name)
     for key, typ in (("metrics", dict), ("environment", dict), ("extra", dict)):
         if key in data and data[key] is not None and not isinstance(data[key], typ):
-            raise _fail(where, f"{key!r} must be an object")
+            raise malformed(where, f"{key!r} must be an object")
     return data
 
 
@@ -287,7 +335,7 @@ def encode_manifest(manifest: dict[str, Any]) -> bytes:
 def _check_self_digest(raw: bytes, where: str) -> None:
     m = _TAIL.search(raw)
     if m is None:
-        raise _fail(
+        raise malformed(
             where,
             f"it does not end with its own checksum ({SELF_DIGEST_KEY!r}): the file was truncated, "
             "extended or edited",
@@ -303,7 +351,7 @@ def _check_self_digest(raw: bytes, where: str) -> None:
 
 
 def _too_many_files(where: str, n: int) -> CorruptCheckpointError:
-    return _fail(
+    return malformed(
         where,
         f"it lists {n} or more files, more than the {MAX_MANIFEST_FILES} any checkpoint "
         "ckptguard writes has (refused before reading them)",
@@ -313,13 +361,13 @@ def _too_many_files(where: str, n: int) -> CorruptCheckpointError:
 def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     """Parse and validate MANIFEST.json bytes (untrusted input), within the parse limits."""
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise _fail(where, f"{len(raw)} bytes is larger than any manifest ckptguard writes ({MAX_MANIFEST_BYTES})")
+        raise malformed(where, f"{len(raw)} bytes is larger than any manifest ckptguard writes ({MAX_MANIFEST_BYTES})")
     if raw.count(b'"kind":') > MAX_MANIFEST_FILES:  # every file entry has one: count before parsing
         raise _too_many_files(where, raw.count(b'"kind":'))
     try:
         data = safejson.loads(raw)
     except ValueError as e:
-        raise _fail(where, f"not valid JSON ({e})") from e
+        raise malformed(where, f"not valid JSON ({e})") from e
     # The checksum first: nothing in the manifest, format_version included, is believed before
     # it checks out (one flipped bit in the version must read as corruption, not as "upgrade").
     try:

@@ -25,7 +25,6 @@ import torch
 from ckptguard.capture.configdrift import log_config_drift
 from ckptguard.capture.state import TrainState, capture
 from ckptguard.distributed.coordination import coordinator
-from ckptguard.distributed.restoring import restore_checkpoint
 from ckptguard.errors import CheckpointError
 from ckptguard.format.manifest import as_step
 from ckptguard.manager.options import checked_retention, checked_run_id, initial_schedule
@@ -359,10 +358,8 @@ class CheckpointManager:
         self.wait()
         candidates = select_candidates(self.checkpoints(), step, self.storage.url)
         found = restore_first_valid(
-            self.storage, candidates, state, verify=self.verify_on_restore, strict=strict,
-            restore=lambda st, rd, strict: restore_checkpoint(self._coord, st, rd, strict=strict),
-            rescan=lambda: select_candidates(self.checkpoints(), None, self.storage.url),
-            explicit=step is not None,
+            self.storage, candidates, state, coord=self._coord, verify=self.verify_on_restore,
+            strict=strict, rescan=self.checkpoints, explicit=step is not None,
         )
         if found is None:
             self.metrics_log.restart_after(None)  # a fresh run: rows of an attempt that never committed go

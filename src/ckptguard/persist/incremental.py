@@ -56,7 +56,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import xxhash
 
 from ckptguard.errors import CheckpointError, StorageError
-from ckptguard.format.manifest import _fail, _hex, _int, validate_tensor_table
 from ckptguard.format.tensorfile import digest_bytes, plan_tensor_file, tensor_view
 from ckptguard.persist.chunked_read import read_chunked, verify_chunked
 from ckptguard.persist.parallel_io import ParallelTensorWriter, Segment, write_segments
@@ -94,7 +93,6 @@ __all__ = [
     "pack_time",
     "read_chunked",
     "trusted_index",
-    "validate_chunked",
     "verify_chunked",
 ]
 
@@ -106,40 +104,6 @@ COPY_FORWARD_BELOW = 0.5
 
 
 # ---- manifest entries --------------------------------------------------------------------------
-
-
-def validate_chunked(entry: dict[str, Any], where: str, name: str) -> None:
-    """``FILE_KIND_VALIDATORS['chunked']``: every field checked; pack names must match PACK_RE."""
-    size = _int(entry.get("size"), where, f"files[{name!r}].size")
-    _int(entry.get("chunk_size"), where, f"files[{name!r}].chunk_size", lo=1)
-    _hex(entry.get("xxh3_128"), where, f"files[{name!r}].xxh3_128")
-    packs = entry.get("packs")
-    if not isinstance(packs, dict):
-        raise _fail(where, f"files[{name!r}].packs must be an object")
-    for pname, psize in packs.items():
-        if not PACK_RE.match(pname):
-            raise _fail(where, f"files[{name!r}] names an object {pname!r} that is not a pack name")
-        _int(psize, where, f"files[{name!r}].packs[{pname!r}]")
-    data = validate_tensor_table(entry.get("tensors"), where, name)
-    if data != size:
-        raise _fail(where, f"files[{name!r}] size {size} != tensor bytes {data}")
-    for tname, info in entry["tensors"].items():
-        chunks = info.get("chunks")
-        if not isinstance(chunks, list):
-            raise _fail(where, f"tensor {tname!r} has no chunk list")
-        total = 0
-        for c in chunks:
-            if not isinstance(c, dict):
-                raise _fail(where, f"tensor {tname!r} has a malformed chunk {c!r}")
-            _hex(c.get("digest"), where, f"tensor {tname!r} chunk digest")
-            n = _int(c.get("size"), where, f"tensor {tname!r} chunk size", lo=1)
-            off = _int(c.get("offset"), where, f"tensor {tname!r} chunk offset")
-            if c.get("pack") not in packs or off + n > packs[c["pack"]]:
-                raise _fail(where, f"tensor {tname!r} chunk lies outside its pack {c.get('pack')!r}")
-            total += n
-        b, e = info["offsets"]
-        if total != e - b:
-            raise _fail(where, f"tensor {tname!r}: chunks hold {total} bytes, the tensor {e - b}")
 
 
 def chunk_refs(manifest: Mapping[str, Any]) -> Iterator[tuple[str, int, str, int]]:

@@ -1,12 +1,16 @@
 """Reading a committed checkpoint back, verifying every byte against its manifest.
 
-File kinds are pluggable: ``READERS[kind]`` reads tensors of a file entry and ``VERIFIERS[kind]``
-checks one without keeping data. ``blob`` files are small (JSON, YAML) and read whole.
+The file kinds are fixed by the format (:data:`ckptguard.format.manifest.FILE_KIND_VALIDATORS`):
+``READERS[kind]`` reads the tensors of a ``tensors`` (a local safetensors file) or ``chunked``
+entry (an incremental checkpoint's chunks, :mod:`ckptguard.persist.chunked_read`) and
+``VERIFIERS[kind]`` checks a file without keeping data; ``blob`` files are small (JSON, YAML) and
+read whole. Both mappings are read-only: a new kind is added here, by hand.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -21,6 +25,7 @@ from ckptguard.errors import (
 )
 from ckptguard.format import safejson
 from ckptguard.format.tensorfile import CHUNK, check_header, digest_bytes, read_tensor_file
+from ckptguard.persist.chunked_read import read_chunked, verify_chunked
 from ckptguard.persist.parallel_io import read_ahead
 from ckptguard.storage.base import Storage, join
 
@@ -67,18 +72,11 @@ def _read_local_tensors(
             raise
 
 
-def _read_chunked(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any], **kw: Any) -> dict[str, torch.Tensor]:
-    from ckptguard.persist.chunked_read import read_chunked  # wired here: chunked_read imports this package's catalog
-
-    return read_chunked(storage, ckpt, fname, entry, **kw)
-
-
-READERS: dict[str, TensorReader] = {"tensors": _read_local_tensors, "chunked": _read_chunked}
+READERS: Mapping[str, TensorReader] = MappingProxyType({"tensors": _read_local_tensors, "chunked": read_chunked})
 
 
 def _verify_tensors(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> None:
-    reader = READERS[entry["kind"]]
-    reader(storage, ckpt, fname, entry, keep=False)
+    _read_local_tensors(storage, ckpt, fname, entry, keep=False)
 
 
 def _verify_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> None:
@@ -117,11 +115,11 @@ def _checksum_mismatch(where: str, fname: str) -> CorruptCheckpointError:
     )
 
 
-VERIFIERS: dict[str, Callable[[Storage, str, str, Mapping[str, Any]], None]] = {
+VERIFIERS: Mapping[str, Callable[[Storage, str, str, Mapping[str, Any]], None]] = MappingProxyType({
     "tensors": _verify_tensors,
     "blob": _verify_blob,
-    "chunked": _verify_tensors,
-}
+    "chunked": verify_chunked,
+})
 
 
 def read_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, Any]) -> bytes:
@@ -159,12 +157,18 @@ def verify_files(
 
 
 class CheckpointReader:
-    """Verified access to the files of one committed checkpoint."""
+    """Verified access to the files of one committed checkpoint.
 
-    def __init__(self, storage: Storage, name: str, manifest: dict[str, Any]) -> None:
+    ``verify``: whether tensor reads hash every byte against the manifest (the default of
+    :meth:`tensors`; ``CheckpointManager(verify_on_restore=False)`` turns it off). Small files
+    (``state.json``, ``config.yaml``) are always checked.
+    """
+
+    def __init__(self, storage: Storage, name: str, manifest: dict[str, Any], *, verify: bool = True) -> None:
         self.storage = storage
         self.name = name
         self.manifest = manifest
+        self.verify = verify
         self.checked: set[str] = set()  # files whose every byte was verified by a read
 
     def verify_unread(self) -> None:
@@ -257,8 +261,11 @@ class CheckpointReader:
         *,
         targets: Mapping[str, torch.Tensor] | None = None,
         names: Iterable[str] | None = None,
-        verify: bool = True,
+        verify: bool | None = None,
     ) -> dict[str, torch.Tensor]:
+        """The tensors of ``fname`` (only ``names`` when given), read into ``targets`` where
+        dtype, shape and layout match; ``verify`` (default: the reader's) hashes every byte."""
+        verify = self.verify if verify is None else verify
         entry = self.manifest["files"].get(fname)
         if entry is None:
             return {}

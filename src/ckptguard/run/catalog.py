@@ -31,7 +31,7 @@ from typing import Any
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageUnavailableError, UnsafeCheckpointError
 from ckptguard.format import safejson
-from ckptguard.format.manifest import MANIFEST, MAX_MANIFEST_BYTES, STATUS, checkpoint_name, parse_manifest, parse_step
+from ckptguard.format.manifest import MANIFEST, MAX_MANIFEST_BYTES, STATUS, checkpoint_name, malformed, parse_manifest, parse_step
 from ckptguard.format.tensorfile import digest_bytes
 from ckptguard.run.trust import PackStats, pack_problems
 from ckptguard.storage.base import Storage, join, read_capped
@@ -43,6 +43,7 @@ __all__ = [
     "UNCOMMITTED",
     "is_empty_dir",
     "clear_mark",
+    "clear_superseded",
     "committed_names",
     "find_debris",
     "find_unknown",
@@ -155,9 +156,7 @@ def read_manifest(storage: Storage, name: str, *, cache: ManifestCache | None = 
     manifest = cache.parse(name, raw, where) if cache is not None else parse_manifest(raw, where)
     step = parse_step(name)
     if step is not None and manifest["step"] != step:
-        from ckptguard.format.manifest import _fail
-
-        raise _fail(where, f"step {manifest['step']} does not match the directory name {name!r}")
+        raise malformed(where, f"step {manifest['step']} does not match the directory name {name!r}")
     return manifest
 
 
@@ -222,6 +221,22 @@ def clear_mark(storage: Storage, name: str) -> bool:
         log.warning("Could not clear the corrupt mark of %s: %s", storage.describe(name), e)
         return False
     log.info("Cleared the corrupt mark of %s: every byte checks out.", storage.describe(name))
+    return True
+
+
+def clear_superseded(storage: Storage, name: str) -> bool:
+    """Remove a ``superseded`` mark: the run went on from this checkpoint (it was restored by
+    its step and a save committed after it), so it belongs to the live branch again. Returns
+    whether a mark was removed."""
+    rec = read_status(storage, name)
+    if rec is None or rec.get("status") != SUPERSEDED:
+        return False
+    try:
+        storage.remove_file(join(name, STATUS))
+    except CheckpointError as e:
+        log.warning("Could not clear the superseded mark of %s: %s", storage.describe(name), e)
+        return False
+    log.info("Cleared the superseded mark of %s: the run went on from it.", storage.describe(name))
     return True
 
 

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StorageUnavailableError
+from ckptguard.format.manifest import PACK_RE
 from ckptguard.storage.base import Storage, join
 
 __all__ = [
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 
 OBJECTS = "objects"
 DISTRUST_DIR = f"{OBJECTS}/distrusted"  # run-relative paths always use "/"
-PACK_RE = re.compile(r"^p-(\d{13})-([0-9a-f]{8})\.pack$")
 RECORD_RE = re.compile(r"^(p-\d{13}-[0-9a-f]{8}\.pack)(?:@(\d{1,15}))?\.json$")
 RECORD_FORMAT = "ckptguard-distrust"
 RECORD_VERSION = 1

@@ -25,17 +25,16 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ckptguard.capture.configdrift import config_diff
 from ckptguard.capture.environment import collect_environment, git_output
-from ckptguard.capture.mismatch import likely_renames, optimizer_plan
+from ckptguard.capture.mismatch import compare_model, optimizer_plan, optimizer_structure
+from ckptguard.capture.model_keys import param_names
 from ckptguard.capture.state import (
     EXTRA_FILE,
     MODEL_FILE,
     OPTIM_FILE,
-    MismatchReport,
     TrainState,
     model_state_dict,
 )
@@ -157,39 +156,10 @@ def check_integrity(storage: Any, name: str, manifest: Mapping[str, Any]) -> lis
     return out
 
 
-def _compare_keys(table: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor]) -> MismatchReport:
-    """The model's keys, shapes and dtypes against the checkpoint's tensor table (nothing is read)."""
-    from ckptguard.format.tensorfile import ST_TO_DTYPE
-
-    rep = MismatchReport()
-    rep.missing = sorted(k for k in tensors if k not in table)
-    rep.unexpected = sorted(k for k in table if k not in tensors)
-    for k in sorted(set(table) & set(tensors)):
-        saved_shape = tuple(table[k]["shape"])
-        if saved_shape != tuple(tensors[k].shape):
-            rep.reshaped.append((k, saved_shape, tuple(tensors[k].shape)))
-        elif ST_TO_DTYPE[table[k]["dtype"]] != tensors[k].dtype:
-            rep.retyped.append((k, table[k]["dtype"], str(tensors[k].dtype).replace("torch.", "")))
-    rep.renames = likely_renames(rep, {k: tuple(v["shape"]) for k, v in table.items()}, {k: tuple(t.shape) for k, t in tensors.items()})
-    return rep
-
-
-def _optimizer_structure(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """An optimizer entry's state dict with placeholders for its tensors: enough to plan a load."""
-    sd = entry.get("state_dict")
-    if not isinstance(sd, dict):
-        return {}
-    try:
-        state = decode(sd.get("state"), ShapeOnly(), "optimizer structure")
-    except Exception:  # noqa: BLE001 - structure only; the real load validates properly
-        state = {}
-    return {"param_groups": sd.get("param_groups", []), "state": state if isinstance(state, dict) else {}}
-
-
 def check_keys(manifest: Mapping[str, Any], model: nn.Module) -> list[Finding]:
     table = manifest["files"].get(MODEL_FILE, {}).get("tensors", {})
     tensors, _, _ = model_state_dict(model)
-    rep = _compare_keys(table, tensors)
+    rep = compare_model(table, tensors)
     out = []
     renamed = dict(rep.renames)
     if rep.unexpected:
@@ -249,7 +219,7 @@ def _saved_entries(objs: Mapping[str, Any], saved: Mapping[str, Any], kind: str,
 def check_optimizer_state(ts: TrainState, state: Mapping[str, Any]) -> list[Finding]:
     out: list[Finding] = []
     for label, opt, entry in _saved_entries(ts.optimizers, state.get("optimizers") or {}, "optimizer", "it restarts cold", out):
-        plan = optimizer_plan(ts.model, opt, entry, _optimizer_structure(entry), label)
+        plan = optimizer_plan(ts.model, opt, entry, optimizer_structure(entry), label)
         if plan.new:
             out.append(Finding("error", "optimizer.cold_params",
                                f"{label}: {len(plan.new)} trainable parameter(s) have no saved state (newly unfrozen?): "
@@ -268,8 +238,8 @@ def check_optimizer_state(ts: TrainState, state: Mapping[str, Any]) -> list[Find
         cls = entry.get("class")
         if cls and cls != type(opt).__name__:
             out.append(Finding("error", "optimizer.class", f"{label}: checkpoint holds {cls} state, the current code uses {type(opt).__name__}"))
-        sd = entry.get("state_dict")
-        groups = decode(sd.get("param_groups", []) if isinstance(sd, Mapping) else [], ShapeOnly(), f"{label} param_groups")
+        sd = entry.get("state_dict") if isinstance(entry.get("state_dict"), Mapping) else {}
+        groups = decode(sd.get("param_groups", []), ShapeOnly(), f"{label} param_groups")
         diffs = optimizer_hparam_diffs({"param_groups": groups}, opt, plan.groups)
         if diffs:
             out.append(Finding("warning", "optimizer.hparams",
@@ -279,8 +249,6 @@ def check_optimizer_state(ts: TrainState, state: Mapping[str, Any]) -> list[Find
 
 
 def _frozen_with_state(ts: TrainState, opt: Any, plan: Any) -> list[str]:
-    from ckptguard.capture.state import param_names  # public from engineer B's change of capture/state.py
-
     names = param_names(ts.model, opt)
     params = [p for g in opt.param_groups for p in g["params"]]
     return [names[i] or f"param {i}" for i in plan.mapping if not params[i].requires_grad]
