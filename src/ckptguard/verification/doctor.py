@@ -238,8 +238,8 @@ def check_optimizer_state(ts: TrainState, state: Mapping[str, Any]) -> list[Find
         cls = entry.get("class")
         if cls and cls != type(opt).__name__:
             out.append(Finding("error", "optimizer.class", f"{label}: checkpoint holds {cls} state, the current code uses {type(opt).__name__}"))
-        sd = entry.get("state_dict") if isinstance(entry.get("state_dict"), Mapping) else {}
-        groups = decode(sd.get("param_groups", []), ShapeOnly(), f"{label} param_groups")
+        sd = entry.get("state_dict")
+        groups = decode(sd.get("param_groups", []) if isinstance(sd, Mapping) else [], ShapeOnly(), f"{label} param_groups")
         diffs = optimizer_hparam_diffs({"param_groups": groups}, opt, plan.groups)
         if diffs:
             out.append(Finding("warning", "optimizer.hparams",
