@@ -39,10 +39,12 @@ test-full: $(DEV)
 
 bench: $(DEV)
 	$(BIN)/python benchmarks/run.py --quick
+	$(BIN)/python benchmarks/io_limits.py --quick
 	$(BIN)/python benchmarks/incremental.py --quick
 
 bench-full: $(DEV)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/io_limits.py --output BENCHMARKS.md
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/checksums.py
 

@@ -13,6 +13,7 @@ the writer opens its own ``O_DIRECT`` handle, and ``close()`` makes the file dur
 from __future__ import annotations
 
 import dataclasses
+import logging
 import mmap
 import queue
 import threading
@@ -21,6 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from ckptguard.storage.base import PositionalWriter
 
 __all__ = ["ALIGN", "DIRECT_BUFFERS", "BufferPool", "Segment", "write_direct"]
+
+log = logging.getLogger(__name__)
 
 ALIGN = 4096
 DIRECT_BUFFERS = 3  # staging buffers of one piece each in flight between the two threads
@@ -52,38 +55,52 @@ class BufferPool:
     def __init__(self, size: int) -> None:
         self.size = size
         self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-        self._preparing: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._coming = 0  # buffers the preparing thread has still to hand over
+        self._prepared = False
 
     def prepare(self, count: int = DIRECT_BUFFERS) -> None:
-        """Allocate ``count`` buffers in the background (at most once; a no-op when they exist)."""
-        with self._lock:
-            if self._preparing is not None or self._free:
+        """Allocate ``count`` buffers in the background, each handed over as soon as it is ready
+        (once per pool)."""
+        with self._cond:
+            if self._prepared:
                 return
+            self._prepared = True
+            self._coming = count
 
-            def run() -> None:
-                bufs = [_anonymous(self.size) for _ in range(count)]
-                self.give(bufs)
-
-            thread = threading.Thread(target=run, name="ckptguard-buffers", daemon=True)
+        def run() -> None:
             try:
-                thread.start()
-            except RuntimeError:  # interpreter shutting down: take() allocates
-                return
-            self._preparing = thread
+                for _ in range(count):
+                    buf = _anonymous(self.size)
+                    with self._cond:
+                        self._free.append(buf)
+                        self._coming -= 1
+                        self._cond.notify_all()
+            except (OSError, MemoryError) as e:  # the save allocates what is missing, and reports
+                log.debug("Preparing O_DIRECT staging buffers stopped: %s", e)
+            finally:
+                with self._cond:
+                    self._coming = 0
+                    self._cond.notify_all()
+
+        thread = threading.Thread(target=run, name="ckptguard-buffers", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutting down: take() allocates
+            with self._cond:
+                self._coming = 0
 
     def take(self) -> mmap.mmap:
-        preparing = self._preparing
-        if preparing is not None:
-            preparing.join()
-        with self._lock:
+        with self._cond:
+            self._cond.wait_for(lambda: self._free or not self._coming)
             if self._free:
                 return self._free.pop()
         return _anonymous(self.size)
 
     def give(self, bufs: Sequence[mmap.mmap]) -> None:
-        with self._lock:
+        with self._cond:
             self._free.extend(bufs)
+            self._cond.notify_all()
 
 
 def _stage(buf: mmap.mmap, segs: Sequence[Segment]) -> int:

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -126,7 +127,7 @@ class ParallelTensorWriter:
         object.__setattr__(self, "pool", BufferPool(self.piece_bytes))
 
     def __call__(self, storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        return write_file(storage, rel, lambda w: self.write_to(w, tensors))
+        return write_file(storage, rel, functools.partial(self.write_to, tensors=tensors))
 
     def write_to(self, w: Writer, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Write the tensor file into the open ``w`` (the caller closes it); the entry."""
@@ -294,31 +295,26 @@ def write_segments(
     ``after(piece)`` runs once per piece, on the thread that staged (O_DIRECT) or wrote
     (buffered) it; again for pieces re-written after O_DIRECT was refused. Returns the file
     size. The caller closes the writer (which fsyncs the file)."""
+    recorded = _Recorded(segs)
     try:
-        return _write_segments(writer, _Recorded(segs), options, after)
+        if options.direct:
+            pieces = _pieces(recorded, options.piece_bytes, aligned=True, first=min(FIRST_PIECE, options.piece_bytes))
+            if write_direct(writer, pieces, options.pool, after):
+                writer.truncate(recorded.size)
+                return recorded.size
+            log.info("O_DIRECT refused for %s; writing buffered.", writer.path)
+            recorded = _Recorded(recorded.all())
+
+        def job(batch: list[Segment]) -> None:
+            writer.pwritev([x.view for x in batch], batch[0].offset)
+            after(batch)
+
+        _run(job, _pieces(recorded, options.piece_bytes, aligned=False), options.threads)
+        return recorded.size
     except CheckpointError:
         raise
     except OSError as e:
         raise translate_os_error(e, writer.path, "writing") from e
-
-
-def _write_segments(
-    writer: PositionalWriter, segs: _Recorded, options: ParallelTensorWriter, after: Callable[[Sequence[Segment]], None]
-) -> int:
-    if options.direct:
-        first = min(FIRST_PIECE, options.piece_bytes)
-        if write_direct(writer, _pieces(segs, options.piece_bytes, aligned=True, first=first), options.pool, after):
-            writer.truncate(segs.size)
-            return segs.size
-        log.info("O_DIRECT refused for %s; writing buffered.", writer.path)
-        segs = _Recorded(segs.all())
-
-    def job(batch: list[Segment]) -> None:
-        writer.pwritev([x.view for x in batch], batch[0].offset)
-        after(batch)
-
-    _run(job, _pieces(segs, options.piece_bytes, aligned=False), options.threads)
-    return segs.size
 
 
 Job = TypeVar("Job")
