@@ -132,6 +132,7 @@ class ParallelTensorWriter:
     def write_to(self, w: Writer, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Write the tensor file into the open ``w`` (the caller closes it); the entry."""
         if isinstance(w, PositionalWriter):
+            self.prepare()  # first save: the other buffers are made while the first piece is staged
             return write_tensor_file_parallel(w, tensors, options=self)
         return write_tensor_file(w, tensors)
 
@@ -148,15 +149,15 @@ class ParallelTensorWriter:
         return size
 
     def prepare(self) -> None:
-        """Allocate the ``O_DIRECT`` staging buffers now, in the background (a manager calls it
-        when it starts, so that its first save copies into memory already faulted in)."""
+        """Allocate the ``O_DIRECT`` staging buffers now, in the background, once (the first
+        write does it; a caller that knows a save is coming, e.g. at the first ``save()`` call
+        that is not due, can call it earlier so that the first save finds them ready)."""
         if self.direct:
             self.pool.prepare()
 
 
 def default_tensor_writer(storage: Storage, *, background: bool = False) -> TensorSink:
-    """Parallel O_DIRECT writes on local storage (its buffers prepared in the background at
-    once); the stream elsewhere.
+    """Parallel O_DIRECT writes on local storage; the stream elsewhere.
 
     ``background=True`` (async saves): a buffered fallback writes with one thread, not two:
     training runs beside it, and on a 2-core machine a second copying thread took a core from
@@ -168,9 +169,7 @@ def default_tensor_writer(storage: Storage, *, background: bool = False) -> Tens
     buffered parallel writes.
     """
     if isinstance(storage, LocalStorage):
-        sink = ParallelTensorWriter(threads=1 if background else 2, direct=True)
-        sink.prepare()
-        return sink
+        return ParallelTensorWriter(threads=1 if background else 2, direct=True)
     return stream_tensor_file
 
 
