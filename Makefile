@@ -44,10 +44,12 @@ lint: $(DEV)
 
 bench: $(DEV)
 	$(BIN)/python benchmarks/run.py --quick
+	$(BIN)/python benchmarks/io_limits.py --quick
 	$(BIN)/python benchmarks/incremental.py --quick
 
 bench-full: $(DEV)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/io_limits.py --output BENCHMARKS.md
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/checksums.py
 

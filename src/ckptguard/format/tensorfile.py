@@ -13,18 +13,18 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import xxhash
 
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 from ckptguard.format import safejson
-from ckptguard.storage.base import Writer
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: verifying and listing need no torch
     import torch
 
 __all__ = [
+    "ByteSink",
     "CHUNK",
     "check_header",
     "destination",
@@ -52,7 +52,15 @@ _DTYPES: dict[str, tuple[str, int]] = {
     "F8_E5M2": ("float8_e5m2", 1), "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
 }
 ST_ITEMSIZE: dict[str, int] = {k: size for k, (_, size) in _DTYPES.items()}
+DTYPE_TO_ST: dict[torch.dtype, str]  # provided by __getattr__ below (built on first use)
+ST_TO_DTYPE: dict[str, torch.dtype]
 _tables: tuple[dict[Any, str], dict[str, Any]] | None = None
+
+
+class ByteSink(Protocol):
+    """Where a tensor file's bytes go, in order (a storage ``Writer`` is one)."""
+
+    def write(self, data: memoryview | bytes) -> None: ...
 
 
 def dtype_tables() -> tuple[dict[torch.dtype, str], dict[str, torch.dtype]]:
@@ -100,7 +108,7 @@ def tensor_view(t: torch.Tensor) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return t.view(torch.uint8).numpy().data.cast("B")
 
 
 def plan_tensor_file(
@@ -130,7 +138,7 @@ def plan_tensor_file(
 
 
 def write_tensor_file(
-    writer: Writer,
+    writer: ByteSink,
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -193,56 +201,56 @@ def read_tensor_file(
     head = fh.read(header_size)
     if len(head) != header_size:
         raise CorruptCheckpointError(f"{where} is truncated inside its header.", path=where)
-    if verify and digest_bytes(head) != entry["header_xxh3_128"]:
-        raise CorruptCheckpointError(
-            f"{where}: the safetensors header does not match its checksum in the manifest. The "
-            "file is corrupt; restore falls back to an older checkpoint.",
-            path=where,
-        )
     if verify:
+        if digest_bytes(head) != entry["header_xxh3_128"]:
+            raise CorruptCheckpointError(
+                f"{where}: the safetensors header does not match its checksum in the manifest. The "
+                "file is corrupt; restore falls back to an older checkpoint.",
+                path=where,
+            )
         check_header(head, entry, where)
     wanted = set(entry["tensors"]) if names is None else set(names)
     out: dict[str, torch.Tensor] = {}
-    scratch: bytearray | None = None
-    ordered = sorted(entry["tensors"].items(), key=lambda kv: kv[1]["offsets"][0])
-    for name, info in ordered:
-        begin, end = info["offsets"]
+    scratch: list[bytearray] = []  # one buffer reused for the tensors that are only verified
+    for name, info in sorted(entry["tensors"].items(), key=lambda kv: kv[1]["offsets"][0]):
         if name not in wanted:
             continue
+        begin, end = info["offsets"]
         fh.seek(header_size + begin)
-        shape = tuple(info["shape"])
-        nbytes = end - begin
-        dest = None
-        if keep:
-            dtype = dtype_tables()[1][info["dtype"]]
-            dest = destination(dtype, shape, None if targets is None else targets.get(name), keep=keep)
-        h = xxhash.xxh3_128()
+        dtype = dtype_tables()[1][info["dtype"]] if keep else None
+        dest = None if dtype is None else destination(dtype, tuple(info["shape"]), None if targets is None else targets.get(name))
         if dest is not None:
-            view = tensor_view(dest) if nbytes else memoryview(b"")
-            for pos in range(0, nbytes, CHUNK):
-                part = view[pos : pos + CHUNK]
-                _read_exact_into(fh, part, where)
-                if verify:
-                    h.update(part)
             out[name] = dest
-        else:
-            if scratch is None:
-                scratch = bytearray(min(CHUNK, max(nbytes, 1)))
-            for pos in range(0, nbytes, CHUNK):
-                n = min(CHUNK, nbytes - pos)
-                if len(scratch) < n:
-                    scratch = bytearray(n)
-                part = memoryview(scratch)[:n]
-                _read_exact_into(fh, part, where)
-                h.update(part)
-        if verify and h.hexdigest() != info["xxh3_128"]:
+        into = None if dest is None else tensor_view(dest) if end > begin else memoryview(b"")
+        found = _read_tensor(fh, into, end - begin, where, scratch, hashing=verify)
+        if verify and found != info["xxh3_128"]:
             raise CorruptCheckpointError(
                 f"{where}: tensor {name!r} does not match its checksum (expected "
-                f"{info['xxh3_128']}, found {h.hexdigest()}). The bytes changed after the save "
+                f"{info['xxh3_128']}, found {found}). The bytes changed after the save "
                 "(bit rot or tampering); restore falls back to an older checkpoint.",
                 path=where,
             )
     return out
+
+
+def _read_tensor(
+    fh: BinaryIO, into: memoryview | None, nbytes: int, where: str, scratch: list[bytearray], *, hashing: bool
+) -> str:
+    """Read a tensor's ``nbytes`` into ``into`` (None: through the reused ``scratch`` buffer, at
+    most CHUNK bytes); return their xxh3-128 ("" when not ``hashing``)."""
+    h = xxhash.xxh3_128()
+    for pos in range(0, nbytes, CHUNK):
+        n = min(CHUNK, nbytes - pos)
+        if into is not None:
+            part = into[pos : pos + n]
+        else:
+            if not scratch or len(scratch[0]) < n:
+                scratch[:] = [bytearray(n)]
+            part = memoryview(scratch[0])[:n]
+        _read_exact_into(fh, part, where)
+        if hashing:
+            h.update(part)
+    return h.hexdigest() if hashing else ""
 
 
 def destination(

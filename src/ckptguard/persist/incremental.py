@@ -58,7 +58,7 @@ import xxhash
 from ckptguard.errors import CheckpointError, StorageError
 from ckptguard.format.tensorfile import digest_bytes, plan_tensor_file, tensor_view
 from ckptguard.persist.chunked_read import read_chunked, verify_chunked
-from ckptguard.persist.parallel_io import ParallelTensorWriter, Segment, write_segments
+from ckptguard.persist.parallel_io import ParallelTensorWriter, Segment
 from ckptguard.run.catalog import BAD_STATUSES, CheckpointInfo, ManifestCache
 from ckptguard.run.trust import (
     OBJECTS,
@@ -342,71 +342,18 @@ class IncrementalSave:
     def __call__(self, storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         _, table = plan_tensor_file(tensors)
         pack = new_pack_name()
-        packs: dict[str, int] = {}
+        packs: dict[str, int] = {}  # every pack the entry references
         root = xxhash.xxh3_128()
-        pos = 0
-        written: list[int] = []
-
-        def new_chunks() -> Iterator[Segment]:
-            """Hash every chunk in order; yield those to write (what is stored is referenced).
-            Lazy: on local disks the pack's first pieces are written while later chunks hash."""
-            nonlocal pos
-            for tname, t in tensors.items():
-                view = tensor_view(t)
-                chunks = []
-                for start in range(0, len(view), self.chunk_bytes):
-                    part = view[start : start + self.chunk_bytes]
-                    digest = digest_bytes(part)
-                    root.update(bytes.fromhex(digest))
-                    hit = self._reuse(storage, digest, len(part), pack)
-                    if hit is None:
-                        hit = (pack, pos)
-                        self.index.add(digest, len(part), pack, pos)
-                        written.append(pos)
-                        self.written_bytes += len(part)
-                        yield Segment(pos, part)
-                        pos += len(part)
-                    else:
-                        self.reused_bytes += len(part)
-                        if hit[0] != pack:  # a chunk met earlier in this file lives in this pack
-                            packs[hit[0]] = self.index.pack_size[hit[0]]
-                    chunks.append({"digest": digest, "size": len(part), "pack": hit[0], "offset": hit[1]})
-                if len(chunks) == 1:
-                    table[tname]["xxh3_128"] = chunks[0]["digest"]
-                table[tname]["chunks"] = chunks
-
-        todo = new_chunks()
-        writer = None
+        written: list[int] = []  # offsets of the chunks written into ``pack``
         try:
-            first = next(todo, None)  # a pack only when something is new
-            if first is not None:
-                storage.makedirs(OBJECTS)
-                if storage.is_symlink(OBJECTS):  # the packs would land in another folder (run)
-                    raise StorageError(
-                        f"{storage.describe(OBJECTS)} is a symbolic link; ckptguard never writes "
-                        "through a link inside a run (the packs would land in another run's folder "
-                        "and be read back by none). Replace the link by a real folder, then save again."
-                    )
-                writer = storage.create(pack_path(pack))
-                segs = itertools.chain([first], todo)
-                if hasattr(writer, "pwritev"):  # local files: the parallel O_DIRECT path
-                    write_segments(writer, segs, self.io)
-                else:
-                    for seg in segs:
-                        writer.write(seg.view)
-                writer.close()
-                self.new_packs += 1
+            size = self._write_pack(storage, pack, self._new_chunks(storage, tensors, table, pack, packs, root, written))
         except BaseException:
             self.index.drop(pack)  # never reference what did not become durable
-            if writer is not None:
-                writer.abort()
             raise
         finally:
             self._close_handles()
-        if writer is not None:
-            packs[pack] = pos
-            self.index.pack_size[pack] = pos
-            self.index.pack_live[pack] = pos
+        if size is not None:
+            packs[pack] = self.index.pack_size[pack] = self.index.pack_live[pack] = size
             self.checked.update(((pack, o), self.save_no) for o in written)  # hashed as written
         return {
             "kind": KIND,
@@ -416,6 +363,61 @@ class IncrementalSave:
             "packs": packs,
             "tensors": table,
         }
+
+    def _new_chunks(
+        self, storage: Storage, tensors: Mapping[str, torch.Tensor], table: dict[str, dict[str, Any]], pack: str,
+        packs: dict[str, int], root: Any, written: list[int],
+    ) -> Iterator[Segment]:
+        """Hash every chunk in order, fill ``table``'s chunk lists and ``root``; yield the chunks
+        to write into ``pack`` (what is stored is referenced; ``packs`` gets the other packs).
+        Lazy: on local disks the pack's first pieces are written while later chunks hash."""
+        pos = 0
+        for tname, t in tensors.items():
+            view = tensor_view(t)
+            chunks = []
+            for start in range(0, len(view), self.chunk_bytes):
+                part = view[start : start + self.chunk_bytes]
+                digest = digest_bytes(part)
+                root.update(bytes.fromhex(digest))
+                hit = self._reuse(storage, digest, len(part), pack)
+                if hit is None:
+                    hit = (pack, pos)
+                    self.index.add(digest, len(part), pack, pos)
+                    written.append(pos)
+                    self.written_bytes += len(part)
+                    yield Segment(pos, part)
+                    pos += len(part)
+                else:
+                    self.reused_bytes += len(part)
+                    if hit[0] != pack:  # a chunk met earlier in this file lives in this pack
+                        packs[hit[0]] = self.index.pack_size[hit[0]]
+                chunks.append({"digest": digest, "size": len(part), "pack": hit[0], "offset": hit[1]})
+            if len(chunks) == 1:
+                table[tname]["xxh3_128"] = chunks[0]["digest"]
+            table[tname]["chunks"] = chunks
+
+    def _write_pack(self, storage: Storage, pack: str, todo: Iterator[Segment]) -> int | None:
+        """Write what ``todo`` yields into the new pack ``pack``, durably (created only when
+        something is new: None when nothing was); its size."""
+        first = next(todo, None)
+        if first is None:
+            return None
+        storage.makedirs(OBJECTS)
+        if storage.is_symlink(OBJECTS):  # the packs would land in another folder (run)
+            raise StorageError(
+                f"{storage.describe(OBJECTS)} is a symbolic link; ckptguard never writes "
+                "through a link inside a run (the packs would land in another run's folder "
+                "and be read back by none). Replace the link by a real folder, then save again."
+            )
+        writer = storage.create(pack_path(pack))
+        try:  # local files: the parallel O_DIRECT path; elsewhere one stream
+            size = self.io.write_segments_to(writer, itertools.chain([first], todo))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        self.new_packs += 1
+        return size
 
     def finish(self, storage: Storage) -> None:
         """Before the manifest is written: make the new packs' names durable (one directory

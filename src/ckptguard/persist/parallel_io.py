@@ -1,38 +1,36 @@
-"""Parallel tensor-file writes for local storage.
+"""Tensor sinks: how a tensor file of a checkpoint becomes bytes on storage.
 
-A tensor file's layout is known before a byte is written (``plan_tensor_file``), so it is cut
-into pieces of ``piece_bytes`` written with positional writes, each tensor hashed once on the
-way; ``os.pwrite(v)``, numpy copies and ``xxhash`` release the GIL, so the work runs beside the
-training thread. The file is byte-identical to the sequential writer's output and its manifest
-entry (per-tensor xxh3-128, header digest, Merkle root) is the same. Segments may be produced
-lazily (incremental saves hash chunk k+1 while chunk k is written).
+A :class:`TensorSink` takes ``(storage, rel, tensors)``, writes one tensor file durably and
+returns its manifest entry. Two implementations:
 
-``direct=True`` writes through ``O_DIRECT``: the calling thread copies each piece into one of
-``DIRECT_BUFFERS`` page-aligned staging buffers (kept by the writer object across saves) and
-hashes it, while one writer thread issues the writes back to back. It skips page-cache growth,
-which on some VMs costs more than the disk, and keeps the disk streaming (one thread that both
-copies and writes leaves it idle while it copies). Filesystems that refuse ``O_DIRECT`` (tmpfs,
-some overlays) fall back to buffered ``pwritev`` by ``threads`` threads.
-
-Writers without ``pwritev`` (object stores) go through the plain sequential path.
+- :func:`stream_tensor_file`: any storage; the file goes out as one stream through the storage's
+  ``Writer`` (object stores, and the reference the parallel writer is checked against).
+- :class:`ParallelTensorWriter`: storage whose writer is a
+  :class:`~ckptguard.storage.base.PositionalWriter` (local files). A tensor file's layout is
+  known before a byte is written (``plan_tensor_file``), so it is cut into pieces of
+  ``piece_bytes`` written with positional writes, each tensor hashed once on the way;
+  ``os.pwrite(v)``, numpy copies and ``xxhash`` release the GIL, so the work runs beside the
+  training thread. ``direct=True`` writes through ``O_DIRECT`` (:mod:`ckptguard.persist.direct_io`);
+  filesystems that refuse it (tmpfs, some overlays) get buffered ``pwritev`` by ``threads``
+  threads. Any other writer gets the stream. The file is byte-identical to the stream's and its
+  manifest entry (per-tensor xxh3-128, header digest, Merkle root) is the same. Segments may be
+  produced lazily (incremental saves hash chunk k+1 while chunk k is written).
 
 Example::
 
-    write = ParallelTensorWriter(threads=2, direct=True)
-    write_checkpoint(storage, step, files, blobs, fields, tensor_writer=write)
+    sink = ParallelTensorWriter(threads=2, direct=True)
+    write_checkpoint(storage, step, files, blobs, fields, tensor_writer=sink)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
+import functools
 import logging
-import mmap
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import xxhash
 
@@ -44,61 +42,69 @@ from ckptguard.format.tensorfile import (
     tensor_view,
     write_tensor_file,
 )
-from ckptguard.storage.base import Storage, Writer, translate_os_error
+from ckptguard.persist.direct_io import ALIGN, DIRECT_BUFFERS, BufferPool, Segment, write_direct
+from ckptguard.storage.base import PositionalWriter, Storage, Writer, translate_os_error
+from ckptguard.storage.local import LocalStorage
 
 if TYPE_CHECKING:  # tensors arrive from callers; listing and verifying import no torch
     import torch
 
 __all__ = [
+    "ALIGN",
     "BACKGROUND_NICE",
+    "DIRECT_BUFFERS",
+    "FIRST_PIECE",
+    "IOV_MAX",
     "ParallelTensorWriter",
     "Segment",
+    "TensorSink",
     "default_tensor_writer",
     "lower_thread_priority",
     "read_ahead",
+    "stream_tensor_file",
+    "write_file",
     "write_segments",
     "write_tensor_file_parallel",
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-ALIGN = 4096
 IOV_MAX = 512
-DIRECT_BUFFERS = 3  # O_DIRECT staging buffers of piece_bytes each (96 MiB at the default piece)
+FIRST_PIECE = 4 * 1024 * 1024  # O_DIRECT: a small first piece, so the disk starts sooner
 BACKGROUND_NICE = 10  # niceness of async writer threads: training keeps the cores it needs
 
 
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """The bytes of ``view`` land at file offset ``offset`` (the unit ``write_segments`` takes)."""
+class TensorSink(Protocol):
+    """Writes one tensor file of a checkpoint, durably, and returns its manifest entry.
 
-    offset: int
-    view: memoryview
+    ``write_checkpoint(..., tensor_writer=sink)`` calls it once per tensor file; incremental
+    saves (:class:`~ckptguard.persist.incremental.IncrementalSave`) are a sink too.
+    """
+
+    def __call__(self, storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor], /) -> dict[str, Any]: ...
 
 
-class _BufferPool:
-    """Page-aligned staging buffers kept from one write to the next: on the VMs measured, a
-    first copy into fresh memory runs at 0.7-2.3 GB/s against ~10 GB/s into reused memory."""
+def write_file(storage: Storage, rel: str, body: Callable[[Writer], T]) -> T:
+    """Create ``rel``, let ``body`` write it, close (durable); on any failure abort and re-raise."""
+    w = storage.create(rel)
+    try:
+        out = body(w)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+    return out
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
 
-    def take(self) -> mmap.mmap:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return mmap.mmap(-1, self.size)  # anonymous memory: page-aligned
-
-    def give(self, bufs: Iterable[mmap.mmap]) -> None:
-        with self._lock:
-            self._free.extend(bufs)
+def stream_tensor_file(storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The generic :class:`TensorSink`: the file as one stream through the storage's writer."""
+    return write_file(storage, rel, lambda w: write_tensor_file(w, tensors))
 
 
 @dataclasses.dataclass(frozen=True)
 class ParallelTensorWriter:
-    """A ``tensor_writer`` for ``write_checkpoint`` that writes each file with several threads.
+    """The :class:`TensorSink` for local files: positional writes on several threads, or O_DIRECT.
 
     Args:
         threads: writer threads per file for buffered writes (``O_DIRECT`` writes always use
@@ -111,32 +117,47 @@ class ParallelTensorWriter:
     threads: int = 2
     piece_bytes: int = 32 * 1024 * 1024
     direct: bool = False
-    _pool: _BufferPool = dataclasses.field(init=False, repr=False, compare=False)
+    pool: BufferPool = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ValueError(f"threads must be a positive int, got {self.threads!r}")
         if self.piece_bytes < ALIGN or self.piece_bytes % ALIGN:
             raise ValueError(f"piece_bytes must be a positive multiple of {ALIGN}, got {self.piece_bytes}")
-        object.__setattr__(self, "_pool", _BufferPool(self.piece_bytes))
+        object.__setattr__(self, "pool", BufferPool(self.piece_bytes))
 
     def __call__(self, storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        from ckptguard.persist.writer import (
-            write_file,  # writer -> catalog -> reader -> this module
-        )
+        return write_file(storage, rel, functools.partial(self.write_to, tensors=tensors))
 
-        def body(w: Writer) -> dict[str, Any]:
-            if hasattr(w, "pwritev"):
-                return write_tensor_file_parallel(w, tensors, options=self)
-            return write_tensor_file(w, tensors)
+    def write_to(self, w: Writer, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Write the tensor file into the open ``w`` (the caller closes it); the entry."""
+        if isinstance(w, PositionalWriter):
+            self.prepare()  # first save: the other buffers are made while the first piece is staged
+            return write_tensor_file_parallel(w, tensors, options=self)
+        return write_tensor_file(w, tensors)
 
-        return write_file(storage, rel, body)
+    def write_segments_to(self, w: Writer, segs: Iterable[Segment]) -> int:
+        """Write contiguous ``segs`` (file order, from offset 0; may be produced lazily) into the
+        open ``w``: positional / O_DIRECT writes where ``w`` allows them, else as one stream.
+        Returns the file size; the caller closes ``w``."""
+        if isinstance(w, PositionalWriter):
+            return write_segments(w, segs, self)
+        size = 0
+        for seg in segs:
+            w.write(seg.view)
+            size = seg.offset + len(seg.view)
+        return size
+
+    def prepare(self) -> None:
+        """Allocate the ``O_DIRECT`` staging buffers now, in the background, once (the first
+        write does it; a caller that knows a save is coming, e.g. at the first ``save()`` call
+        that is not due, can call it earlier so that the first save finds them ready)."""
+        if self.direct:
+            self.pool.prepare()
 
 
-def default_tensor_writer(
-    storage: Storage, *, background: bool = False
-) -> Callable[[Storage, str, Mapping[str, torch.Tensor]], dict[str, Any]]:
-    """Parallel O_DIRECT writes on local storage; the plain sequential writer elsewhere.
+def default_tensor_writer(storage: Storage, *, background: bool = False) -> TensorSink:
+    """Parallel O_DIRECT writes on local storage; the stream elsewhere.
 
     ``background=True`` (async saves): a buffered fallback writes with one thread, not two:
     training runs beside it, and on a 2-core machine a second copying thread took a core from
@@ -147,12 +168,9 @@ def default_tensor_writer(
     (PERF-NOTES.md, BENCHMARKS.md); where a filesystem refuses it the writer falls back to
     buffered parallel writes.
     """
-    from ckptguard.persist.writer import write_local_tensor_file
-    from ckptguard.storage.local import LocalStorage
-
     if isinstance(storage, LocalStorage):
         return ParallelTensorWriter(threads=1 if background else 2, direct=True)
-    return write_local_tensor_file
+    return stream_tensor_file
 
 
 def lower_thread_priority(nice: int = BACKGROUND_NICE) -> None:
@@ -192,14 +210,15 @@ def _segments(head: bytes | bytearray, views: Iterable[memoryview], offset: int 
         offset += len(v)
 
 
-def _pieces(segs: Iterable[Segment], piece: int, *, aligned: bool) -> Iterator[list[Segment]]:
+def _pieces(segs: Iterable[Segment], piece: int, *, aligned: bool, first: int = 0) -> Iterator[list[Segment]]:
     """Group contiguous segments (in file order, from offset 0) into write jobs of ``piece``
     bytes, each yielded as soon as it is complete, so that a lazy ``segs`` (incremental saves
     hash while earlier pieces are written) keeps the writers busy. ``aligned``: job k covers
     exactly ``[k * piece, (k + 1) * piece)`` (O_DIRECT); otherwise a job also ends at IOV_MAX
-    segments (one ``pwritev`` each)."""
+    segments (one ``pwritev`` each). ``first`` (a multiple of ALIGN, at most ``piece``): the
+    first job is that long instead, then every job starts ``first + k * piece``."""
     cur: list[Segment] = []
-    boundary = piece
+    boundary = first or piece
     for seg in segs:
         view, offset = seg.view, seg.offset
         while len(view):
@@ -234,13 +253,13 @@ class _Recorded:
 
 
 def write_tensor_file_parallel(
-    writer: Writer,
+    writer: PositionalWriter,
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     *,
     options: ParallelTensorWriter = ParallelTensorWriter(),
 ) -> dict[str, Any]:
-    """Like ``tensorfile.write_tensor_file``, with several threads; ``writer`` needs ``pwritev``.
+    """Like ``tensorfile.write_tensor_file``, with positional writes on several threads.
 
     The caller closes the writer (which fsyncs the file). OS errors (full disk...) come out of
     ``write_segments`` as the library's errors, with the path.
@@ -265,46 +284,36 @@ def write_tensor_file_parallel(
 
 
 def write_segments(
-    writer: Writer,
+    writer: PositionalWriter,
     segs: Iterable[Segment],
     options: ParallelTensorWriter,
     after: Callable[[Sequence[Segment]], None] = lambda piece: None,
 ) -> int:
     """Write contiguous ``segs`` (file order, from offset 0; may be produced lazily) through
-    ``writer``, which needs ``pwritev``: O_DIRECT when asked and allowed, else buffered, on
-    ``options.threads`` threads. ``after(piece)`` runs once per piece, on the thread that staged
-    (O_DIRECT) or wrote (buffered) it; again for pieces re-written after O_DIRECT was refused.
-    Returns the file size. The caller closes the writer (which fsyncs the file)."""
+    ``writer``: O_DIRECT when asked and allowed, else buffered, on ``options.threads`` threads.
+    ``after(piece)`` runs once per piece, on the thread that staged (O_DIRECT) or wrote
+    (buffered) it; again for pieces re-written after O_DIRECT was refused. Returns the file
+    size. The caller closes the writer (which fsyncs the file)."""
+    recorded = _Recorded(segs)
     try:
-        return _write_segments(writer, _Recorded(segs), options, after)
+        if options.direct:
+            pieces = _pieces(recorded, options.piece_bytes, aligned=True, first=min(FIRST_PIECE, options.piece_bytes))
+            if write_direct(writer, pieces, options.pool, after):
+                writer.truncate(recorded.size)
+                return recorded.size
+            log.info("O_DIRECT refused for %s; writing buffered.", writer.path)
+            recorded = _Recorded(recorded.all())
+
+        def job(batch: list[Segment]) -> None:
+            writer.pwritev([x.view for x in batch], batch[0].offset)
+            after(batch)
+
+        _run(job, _pieces(recorded, options.piece_bytes, aligned=False), options.threads)
+        return recorded.size
     except CheckpointError:
         raise
     except OSError as e:
-        raise translate_os_error(e, str(getattr(writer, "path", "?")), "writing") from e
-
-
-def _write_segments(
-    writer: Writer, segs: _Recorded, options: ParallelTensorWriter, after: Callable[[Sequence[Segment]], None]
-) -> int:
-    if options.direct:
-        fd = _open_direct(writer)
-        if fd is not None:
-            try:
-                done = _run_direct(fd, _pieces(segs, options.piece_bytes, aligned=True), options, after)
-            finally:
-                os.close(fd)
-            if done:
-                writer.truncate(segs.size)  # type: ignore[attr-defined]
-                return segs.size
-            log.info("O_DIRECT refused for %s; writing buffered.", getattr(writer, "path", "?"))
-            segs = _Recorded(segs.all())
-
-    def job(batch: list[Segment]) -> None:
-        writer.pwritev([x.view for x in batch], batch[0].offset)  # type: ignore[attr-defined]
-        after(batch)
-
-    _run(job, _pieces(segs, options.piece_bytes, aligned=False), options.threads)
-    return segs.size
+        raise translate_os_error(e, writer.path, "writing") from e
 
 
 Job = TypeVar("Job")
@@ -344,105 +353,3 @@ def _run(job: Callable[[Job], None], todo: Iterator[Job], threads: int) -> None:
         t.join()
     if errors:
         raise errors[0]
-
-
-# ---- O_DIRECT ----------------------------------------------------------------------------------
-
-
-def _open_direct(writer: Writer) -> int | None:
-    path = getattr(writer, "path", None)
-    flag = getattr(os, "O_DIRECT", 0)
-    if path is None or not flag or not hasattr(writer, "truncate"):
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | flag)
-    except OSError as e:
-        log.info("Cannot open %s with O_DIRECT (%s); writing buffered.", path, e)
-        return None
-
-
-def _run_direct(
-    fd: int,
-    pieces: Iterator[list[Segment]],
-    options: ParallelTensorWriter,
-    after: Callable[[Sequence[Segment]], None],
-) -> bool:
-    """Stage aligned pieces into page-aligned buffers on the calling thread (copy, then
-    ``after``: hashing) while one writer thread issues the ``O_DIRECT`` writes back to back, as a
-    single large-write stream does (the disk's best: 2.6 GB/s measured here, against 1.3-1.6 GB/s
-    for two threads that each copy then write). ``DIRECT_BUFFERS`` buffers circulate between
-    the two. Returns False if the filesystem refuses ``O_DIRECT`` writes (nothing is raised)."""
-    import numpy as np  # here: listing and verifying a run need no numpy
-
-    pool = options._pool
-    used: list[mmap.mmap] = []
-    free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
-    for _ in range(DIRECT_BUFFERS):
-        free.put(None)  # taken from the pool on first use
-    full: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None] = queue.SimpleQueue()
-    failed: list[BaseException] = []
-    refused = threading.Event()
-
-    def write(item: tuple[mmap.mmap, int, int]) -> None:
-        buf, length, offset = item
-        if not failed and not refused.is_set():
-            try:
-                view = memoryview(buf)[:length]
-                try:
-                    while len(view):
-                        n = os.pwrite(fd, view, offset)
-                        view, offset = view[n:], offset + n
-                finally:
-                    view.release()
-            except OSError as e:
-                if e.errno == errno.EINVAL:
-                    refused.set()
-                else:
-                    failed.append(e)
-            except BaseException as e:  # noqa: BLE001 - re-raised by the staging thread
-                failed.append(e)
-        free.put(buf)
-
-    def write_loop() -> None:
-        while (item := full.get()) is not None:
-            write(item)
-
-    writer: threading.Thread | None = threading.Thread(target=write_loop, name="ckptguard-direct-write", daemon=True)
-    try:
-        writer.start()  # type: ignore[union-attr]
-    except RuntimeError:  # interpreter shutting down: stage and write on this thread
-        writer = None
-    try:
-        for segs in pieces:
-            if failed or refused.is_set():
-                break
-            buf = free.get()
-            if buf is None:
-                buf = pool.take()
-                used.append(buf)
-            arr = np.frombuffer(buf, dtype=np.uint8)
-            base = segs[0].offset
-            end = 0
-            for s in segs:
-                a = s.offset - base
-                # numpy's copy is one memcpy without the GIL; torch's copy_ here would start an
-                # OpenMP team on this thread that competes with training for the cores.
-                np.copyto(arr[a : a + len(s.view)], np.frombuffer(s.view, dtype=np.uint8))
-                end = a + len(s.view)
-            length = -(-end // ALIGN) * ALIGN
-            if length > end:
-                arr[end:length] = 0
-            del arr
-            after(segs)
-            if writer is None:
-                write((buf, length, base))
-            else:
-                full.put((buf, length, base))
-    finally:
-        if writer is not None:
-            full.put(None)
-            writer.join()
-        pool.give(used)
-    if failed:
-        raise failed[0]
-    return not refused.is_set()

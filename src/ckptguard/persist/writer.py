@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CommitUnknownError, StorageUnavailableError
 from ckptguard.format.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
-from ckptguard.format.tensorfile import digest_bytes, write_tensor_file
+from ckptguard.format.tensorfile import digest_bytes
+from ckptguard.persist.parallel_io import stream_tensor_file, write_file
 from ckptguard.run.catalog import UNCOMMITTED, find_debris, find_unknown, is_empty_dir
-from ckptguard.storage.base import Storage, Writer, join
+from ckptguard.storage.base import Storage, join
 
 if TYPE_CHECKING:  # tensors arrive from callers; pruning imports no torch
     import torch
@@ -48,20 +49,8 @@ T = TypeVar("T")
 TensorFileWriter = Callable[[Storage, str, "Mapping[str, torch.Tensor]"], dict[str, Any]]
 
 
-def write_file(storage: Storage, rel: str, body: Callable[[Writer], T]) -> T:
-    """Create ``rel``, let ``body`` write it, close (durable); on any failure abort and re-raise."""
-    w = storage.create(rel)
-    try:
-        out = body(w)
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
-    return out
-
-
-def write_local_tensor_file(storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    return write_file(storage, rel, lambda w: write_tensor_file(w, tensors))
+# The generic tensor sink (one stream through any storage's writer): the default of write_checkpoint.
+write_local_tensor_file = stream_tensor_file
 
 
 def write_blob(storage: Storage, rel: str, data: bytes) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import errno
 import hashlib
 import os
 import posixpath
+from collections.abc import Sequence
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from ckptguard.errors import (
@@ -33,7 +34,10 @@ from ckptguard.errors import (
     StoragePermissionError,
 )
 
-__all__ = ["ConditionalWrites", "EmulatedConditionalWrites", "Storage", "Writer", "content_version", "join", "read_capped", "translate_os_error"]
+__all__ = [
+    "ConditionalWrites", "EmulatedConditionalWrites", "PositionalWriter", "Storage", "Writer", "content_version", "join",
+    "read_capped", "translate_os_error",
+]
 
 
 @runtime_checkable
@@ -46,6 +50,42 @@ class Writer(Protocol):
 
     def abort(self) -> None:
         """Drop what was written; never raises."""
+        ...
+
+
+@runtime_checkable
+class PositionalWriter(Writer, Protocol):
+    """A Writer that can also write at given offsets: what parallel tensor-file writes need.
+
+    Optional: a backend's writer offers it by having these members (``LocalWriter`` does; object
+    stores' writers do not, and tensor files go to them as one stream). Checked with
+    ``isinstance(w, PositionalWriter)``. ``close()`` still makes the whole file durable, whichever
+    way its bytes were written.
+    """
+
+    @property
+    def path(self) -> str:
+        """Where the file is, for messages."""
+        ...
+
+    def pwritev(self, views: Sequence[memoryview], offset: int) -> None:
+        """Write ``views`` back to back from ``offset`` (the file grows as needed)."""
+        ...
+
+    def truncate(self, size: int) -> None:
+        """Set the file's size (after writes padded to whole pages)."""
+        ...
+
+    def open_direct(self) -> bool:
+        """Prepare :meth:`pwrite_direct` (a second handle on this file that bypasses the page
+        cache, ``O_DIRECT``); False where the OS or the filesystem refuses it."""
+        ...
+
+    def pwrite_direct(self, data: memoryview, offset: int) -> bool:
+        """Write ``data`` (page-aligned memory, a multiple of 4096 bytes) at ``offset`` (a
+        multiple of 4096) bypassing the page cache; False when the filesystem refuses such a
+        write (nothing of it counts: write those bytes with :meth:`pwritev` instead). Other
+        failures raise the library's storage errors."""
         ...
 
 

@@ -11,15 +11,19 @@ import contextlib
 import errno
 import fcntl
 import itertools
+import logging
 import os
 import shutil
 import stat
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from ckptguard.errors import UnsafeCheckpointError
 from ckptguard.storage.base import translate_os_error
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LocalStorage", "LocalWriter", "open_regular"]
 
@@ -89,12 +93,17 @@ def open_regular(path: str, display: str, flags: int = os.O_RDONLY, doing: str =
 
 
 class LocalWriter:
-    """Writes a file with ``os.write``; ``close()`` fsyncs. Partial writes are retried."""
+    """Writes a file with ``os.write``; ``close()`` fsyncs. Partial writes are retried.
+
+    Also a :class:`~ckptguard.storage.base.PositionalWriter`: positional writes, and ``O_DIRECT``
+    writes through a second descriptor of the same file that this writer opens and closes.
+    """
 
     def __init__(self, path: str, display: str) -> None:
         self._path = path
         self._display = display
         self._fd: int | None = open_regular(path, display, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "creating")
+        self._direct: int | None = None
 
     def write(self, data: memoryview | bytes) -> None:
         assert self._fd is not None, "write after close"
@@ -118,7 +127,7 @@ class LocalWriter:
         except OSError as e:
             raise translate_os_error(e, self._display, "writing") from e
 
-    def pwritev(self, views: list[memoryview], offset: int) -> None:
+    def pwritev(self, views: Sequence[memoryview], offset: int) -> None:
         """Positional gathered write of several buffers (one syscall when the kernel takes all)."""
         assert self._fd is not None, "write after close"
         pending = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views if len(v)]
@@ -144,10 +153,51 @@ class LocalWriter:
 
     @property
     def path(self) -> str:
-        """The file's local path (parallel writers open it with O_DIRECT)."""
+        """The file's local path (for messages)."""
         return self._path
 
+    def open_direct(self) -> bool:
+        """Open the file a second time with ``O_DIRECT`` (closed by ``close``/``abort``)."""
+        assert self._fd is not None, "write after close"
+        flag = getattr(os, "O_DIRECT", 0)
+        if self._direct is None and flag:
+            try:
+                self._direct = os.open(self._path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | flag)
+            except OSError as e:  # tmpfs, some overlays: the caller writes buffered
+                self._direct = None
+                log.info("Cannot open %s with O_DIRECT (%s); writing buffered.", self._display, e)
+            else:
+                if not self._same_file(self._direct):
+                    self._close_direct()
+        return self._direct is not None
+
+    def _same_file(self, fd: int) -> bool:
+        assert self._fd is not None
+        a, b = os.fstat(fd), os.fstat(self._fd)
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+    def pwrite_direct(self, data: memoryview, offset: int) -> bool:
+        """One aligned ``O_DIRECT`` write (partial writes retried); False when refused (EINVAL)."""
+        assert self._direct is not None, "open_direct first"
+        view = data
+        try:
+            while len(view):
+                n = os.pwrite(self._direct, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return False
+            raise translate_os_error(e, self._display, "writing") from e
+        return True
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            fd, self._direct = self._direct, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def close(self) -> None:
+        self._close_direct()
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -159,6 +209,7 @@ class LocalWriter:
         os.close(fd)
 
     def abort(self) -> None:
+        self._close_direct()
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
