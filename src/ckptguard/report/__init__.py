@@ -6,4 +6,5 @@ ckptguard's own modules and may change:
 - ``plotting`` (a run's curve with its checkpoints): ``plot_run``
 - ``diffing`` (what changed between two checkpoints): ``diff``
 - ``export`` (one plain safetensors file): ``export_checkpoint``
+- ``sizes`` (logical and physical sizes of a run): ``run_sizes``
 """

@@ -9,5 +9,4 @@ ckptguard's own modules and may change:
 - ``history`` (RUN/history.jsonl): ``read_history``
 - ``runrecord`` (RUN/ckptguard.json): ``RunRecord``, ``read_run_record``
 - ``metrics_log`` (RUN/metrics.csv): ``MetricsLog``, ``read_metrics``
-- ``sizes`` (logical and physical sizes): ``run_sizes``
 """
