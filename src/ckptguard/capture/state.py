@@ -9,6 +9,7 @@ checkpoint back into the live objects. Anything with ``state_dict()/load_state_d
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -35,6 +36,7 @@ from ckptguard.errors import CorruptCheckpointError, StateMismatchError, Unsuppo
 from ckptguard.format.codec import decode, encode, load_into
 
 __all__ = [
+    "without_model",
     "CheckpointSource",
     "MismatchReport",
     "Snapshot",
@@ -409,3 +411,11 @@ def _load_position(ts: TrainState, state: Mapping[str, Any], report: MismatchRep
             log.warning("%s holds no RNG state; the resumed run will not be bit-exact.", where)
     if mid_epoch and ts.sampler is not None:
         ts.sampler.expect_resume_iterator(torch.get_rng_state())
+
+
+def without_model(state: TrainState) -> TrainState:
+    """The TrainState minus model and optimizers (those go through DCP)."""
+    ts = copy.copy(state)
+    ts.model = None
+    ts.optimizers = {}
+    return ts

@@ -5,7 +5,7 @@ ckptguard's own modules and may change:
 
 - ``coordination`` (agreement between ranks): ``Coordinator``, ``coordinator``, ``agree``
 - ``saving`` (the distributed stages of the one save pipeline: rank files, sharded state): ``write_rank_share``
-- ``restoring`` (the collective restore): ``restore_checkpoint``
+- ``restoring`` (a rank's part of the one restore path: rank files, sharded state): ``prepare_rank``, ``load_sharded``
 - ``dcp`` (sharded state through torch.distributed.checkpoint): ``dcp_save``, ``dcp_load``
 
 The manager calls these; a training script uses ``CheckpointManager`` as in one process.

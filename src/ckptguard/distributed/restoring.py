@@ -12,10 +12,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from ckptguard.capture.state import TrainState
+from ckptguard.capture.state import TrainState, without_model
 from ckptguard.distributed.coordination import PER_RANK_KEYS, Coordinator, rank_file
 from ckptguard.distributed.dcp import DCP_DIR, dcp_load, is_sharded, verify_dcp_files
-from ckptguard.distributed.saving import without_model
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 from ckptguard.persist.reader import CheckpointReader
 from ckptguard.storage.local import LocalStorage

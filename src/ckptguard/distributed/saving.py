@@ -8,7 +8,6 @@ rank writes itself (its rank file, its share of the DCP files), and the manifest
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Mapping
@@ -23,15 +22,7 @@ from ckptguard.persist.writer import write_blob
 from ckptguard.storage.base import Storage, join
 from ckptguard.storage.local import LocalStorage
 
-__all__ = ["distributed_fields", "shardable", "without_model", "write_rank_share"]
-
-
-def without_model(state: TrainState) -> TrainState:
-    """The TrainState minus model and optimizers (those go through DCP)."""
-    ts = copy.copy(state)
-    ts.model = None
-    ts.optimizers = {}
-    return ts
+__all__ = ["distributed_fields", "shardable", "write_rank_share"]
 
 
 def shardable(storage: Storage, state: TrainState) -> bool:

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from ckptguard.capture.environment import collect_environment
-from ckptguard.capture.state import Snapshot, TrainState, capture
+from ckptguard.capture.state import Snapshot, TrainState, capture, without_model
 from ckptguard.distributed.coordination import Coordinator, agree, capture_exc, on_primary
-from ckptguard.distributed.saving import distributed_fields, shardable, without_model, write_rank_share
+from ckptguard.distributed.saving import distributed_fields, shardable, write_rank_share
 from ckptguard.errors import CheckpointError
 from ckptguard.format.manifest import checkpoint_name
 from ckptguard.persist.background import BackgroundSaves, Reaper
