@@ -40,6 +40,55 @@ def _corrupt(
     )
 
 
+class _Packs:
+    """The pack files one read opens, each size-checked against the manifest once; closed together."""
+
+    def __init__(self, storage: Storage, where: str, fname: str, sizes: Mapping[str, int]) -> None:
+        self.storage, self.where, self.fname, self.sizes = storage, where, fname, sizes
+        self.handles: dict[str, BinaryIO] = {}
+
+    def open(self, pack: str, tname: str) -> BinaryIO:
+        rel = pack_path(pack)
+        fh = self.handles.get(rel)
+        if fh is not None:
+            return fh
+        obj = self.storage.describe(rel)
+        try:
+            size = self.storage.size(rel)
+        except CheckpointNotFoundError as e:
+            raise _corrupt(self.where, self.fname, tname, obj, "is missing", record=(self.storage, pack, None, None)) from e
+        except StorageUnavailableError:
+            raise  # the network, not the data: nothing is recorded or marked
+        except CheckpointError as e:  # not evidence about the bytes: skip, never mark
+            raise StorageError(f"{self.where}: tensor {tname!r} of {self.fname}: shared object {obj} could not be read ({e})") from e
+        if size != self.sizes[pack]:
+            raise _corrupt(
+                self.where, self.fname, tname, obj, f"is {size} bytes, the manifest recorded {self.sizes[pack]}",
+                record=(self.storage, pack, None, None),
+            )
+        fh = self.handles[rel] = self.storage.open_read(rel)
+        return fh
+
+    def read_chunk(self, c: Mapping[str, Any], tname: str, part: memoryview, *, verify: bool) -> None:
+        """Read chunk ``c`` into ``part`` (its size), checking its length and, with ``verify``, its digest."""
+        fh = self.open(c["pack"], tname)
+        obj = self.storage.describe(pack_path(c["pack"]))
+        fh.seek(c["offset"])
+        if read_full(fh, part) != len(part):
+            raise _corrupt(self.where, self.fname, tname, obj, f"is truncated at chunk {c['digest']}", record=(self.storage, c["pack"], None, None))
+        if verify and digest_bytes(part) != c["digest"]:
+            raise _corrupt(
+                self.where, self.fname, tname, obj,
+                f"does not match chunk {c['digest']} (offset {c['offset']}, {len(part)} bytes): the "
+                "bytes changed after the save (bit rot or tampering)",
+                record=(self.storage, c["pack"], c["offset"], c["digest"]),
+            )
+
+    def close(self) -> None:
+        for fh in self.handles.values():
+            fh.close()
+
+
 def read_chunked(
     storage: Storage,
     ckpt: str,
@@ -52,66 +101,29 @@ def read_chunked(
     keep: bool = True,
 ) -> dict[str, torch.Tensor]:
     """``READERS['chunked']``: read chunks straight into the target tensors, verifying each."""
-    where = storage.describe(ckpt)
     wanted = set(entry["tensors"]) if names is None else set(names)
-    handles: dict[str, BinaryIO] = {}
+    packs = _Packs(storage, storage.describe(ckpt), fname, entry["packs"])
     out: dict[str, torch.Tensor] = {}
-    scratch: bytearray | None = None
+    scratch = bytearray()
     try:
         for tname, info in entry["tensors"].items():
             if tname not in wanted:
                 continue
-            shape = tuple(info["shape"])
             dest = None if not keep else destination(
-                dtype_tables()[1][info["dtype"]], shape, None if targets is None else targets.get(tname)
+                dtype_tables()[1][info["dtype"]], tuple(info["shape"]), None if targets is None else targets.get(tname)
             )
             view = tensor_view(dest) if dest is not None else None
             pos = 0
             for c in info["chunks"]:
-                rel = pack_path(c["pack"])
-                obj = storage.describe(rel)
-                fh = handles.get(rel)
-                if fh is None:
-                    try:
-                        size = storage.size(rel)
-                    except CheckpointNotFoundError as e:
-                        raise _corrupt(where, fname, tname, obj, "is missing", record=(storage, c["pack"], None, None)) from e
-                    except StorageUnavailableError:
-                        raise  # the network, not the data: nothing is recorded or marked
-                    except CheckpointError as e:  # not evidence about the bytes: skip, never mark
-                        raise StorageError(f"{where}: tensor {tname!r} of {fname}: shared object {obj} could not be read ({e})") from e
-                    if size != entry["packs"][c["pack"]]:
-                        raise _corrupt(
-                            where, fname, tname, obj, f"is {size} bytes, the manifest recorded {entry['packs'][c['pack']]}",
-                            record=(storage, c["pack"], None, None),
-                        )
-                    fh = handles[rel] = storage.open_read(rel)
                 n = c["size"]
-                if view is not None:
-                    part = view[pos : pos + n]
-                else:
-                    if scratch is None or len(scratch) < n:
-                        scratch = bytearray(n)
-                    part = memoryview(scratch)[:n]
-                fh.seek(c["offset"])
-                if read_full(fh, part) != n:
-                    raise _corrupt(
-                        where, fname, tname, obj, f"is truncated at chunk {c['digest']}",
-                        record=(storage, c["pack"], None, None),
-                    )
-                if verify and digest_bytes(part) != c["digest"]:
-                    raise _corrupt(
-                        where, fname, tname, obj,
-                        f"does not match chunk {c['digest']} (offset {c['offset']}, {n} bytes): the "
-                        "bytes changed after the save (bit rot or tampering)",
-                        record=(storage, c["pack"], c["offset"], c["digest"]),
-                    )
+                if view is None and len(scratch) < n:
+                    scratch = bytearray(n)
+                packs.read_chunk(c, tname, view[pos : pos + n] if view is not None else memoryview(scratch)[:n], verify=verify)
                 pos += n
             if dest is not None:
                 out[tname] = dest
     finally:
-        for fh in handles.values():
-            fh.close()
+        packs.close()
     return out
 
 

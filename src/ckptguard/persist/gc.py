@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 
 from ckptguard.errors import CheckpointError
 from ckptguard.format.manifest import MANIFEST
@@ -114,19 +114,7 @@ def collect(
         log.warning("GC of %s stopped, nothing deleted: a manifest could not be read (%s). Fix or "
                     "remove that checkpoint, then run 'ckptguard prune'.", storage.describe(OBJECTS), e)
         return GcReport(0, (), 0, (), stopped=str(e))
-    remove = storage.remove_file if reap is None else functools.partial(reap, file=True)
-    deleted: list[str] = []
-    kept: list[str] = []
-    freed = 0
-    doomed = []
-    for name in storage.listdir(OBJECTS):
-        if not PACK_RE.match(name) or name in live:
-            continue
-        created = pack_time(name)
-        if created is None or created >= newest:
-            kept.append(name)  # possibly being written by a save that has not committed yet
-            continue
-        doomed.append(name)
+    doomed, kept = _unreferenced(storage, live, newest)
     if doomed and not dry_run:
         try:
             make_uncommits_durable(storage)
@@ -134,17 +122,8 @@ def collect(
             log.warning("GC of %s stopped, nothing deleted: the pruned manifests' removal could not "
                         "be made durable (%s).", storage.describe(OBJECTS), e)
             return GcReport(len(live), (), 0, tuple(kept), stopped=str(e))
-    for name in doomed:
-        rel = pack_path(name)
-        try:
-            size = storage.size(rel)
-            if not dry_run:
-                remove(rel)
-        except CheckpointError as e:
-            log.warning("GC could not delete %s (%s); the next GC retries.", storage.describe(rel), e)
-            continue
-        deleted.append(name)
-        freed += size
+    remove = storage.remove_file if reap is None else functools.partial(reap, file=True)
+    deleted, freed = _delete_packs(storage, doomed, None if dry_run else remove)
     if deleted:
         log.info("GC %s %d unreferenced pack(s), %d bytes", "would delete" if dry_run else "deleted", len(deleted), freed)
     if not dry_run:
@@ -153,6 +132,39 @@ def collect(
         except CheckpointError as e:
             log.warning("GC could not list %s (%s); the next GC retries.", storage.describe(OBJECTS), e)
     return GcReport(len(live), tuple(deleted), freed, tuple(kept))
+
+
+def _unreferenced(storage: Storage, live: Collection[str], newest: float) -> tuple[list[str], list[str]]:
+    """(packs to delete, unreferenced packs kept because a save in progress may still commit them)."""
+    doomed: list[str] = []
+    kept: list[str] = []
+    for name in storage.listdir(OBJECTS):
+        if not PACK_RE.match(name) or name in live:
+            continue
+        created = pack_time(name)
+        if created is None or created >= newest:
+            kept.append(name)  # possibly being written by a save that has not committed yet
+        else:
+            doomed.append(name)
+    return doomed, kept
+
+
+def _delete_packs(storage: Storage, doomed: Iterable[str], remove: Callable[[str], None] | None) -> tuple[list[str], int]:
+    """Delete (``remove`` None: only size) each pack; return those done and the bytes freed."""
+    deleted: list[str] = []
+    freed = 0
+    for name in doomed:
+        rel = pack_path(name)
+        try:
+            size = storage.size(rel)
+            if remove is not None:
+                remove(rel)
+        except CheckpointError as e:
+            log.warning("GC could not delete %s (%s); the next GC retries.", storage.describe(rel), e)
+            continue
+        deleted.append(name)
+        freed += size
+    return deleted, freed
 
 
 def collect_garbage(
