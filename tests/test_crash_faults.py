@@ -286,3 +286,29 @@ def test_kill_between_the_two_renames_of_a_resave(trained: dict[str, Any], tmp_p
     with cg.CheckpointManager(run) as mgr:
         assert mgr.restore(other["state"]) == 1
     assert same_weights(_weights(other), trained["w1"]) and find_debris(storage) == []
+
+
+def test_faults_reach_the_positional_and_direct_writes_of_local_tensor_files(tmp_path: Path) -> None:
+    """The local disk writes tensor files with pwritev / O_DIRECT, not write(): FaultyStorage
+    counts those writes too, so a failing disk under them fails the save and commits nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights: large enough for the parallel writer
+    state = cg.TrainState(model=model)
+    run = tmp_path / "run"
+    with cg.CheckpointManager(run) as first:
+        first.save(1, state, force=True)
+    probe = FaultyStorage(LocalStorage(tmp_path / "count"), ops={"write"}, path="*model.safetensors")
+    with cg.CheckpointManager(probe, lock=False) as counting:
+        writes = count_ops(probe, lambda: counting.save(1, state, force=True))
+    assert writes >= 1, "no write of model.safetensors was counted"
+    assert {f.call for f in probe.log} & {"pwritev", "pwrite_direct"}, [f.call for f in probe.log]
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    fs = FaultyStorage(LocalStorage(run), fail_at=1, ops={"write"}, path="*model.safetensors")
+    mgr = cg.CheckpointManager(fs)
+    with pytest.raises(CheckpointError, match="model.safetensors|I/O error"):
+        mgr.save(2, state, force=True)
+    assert fs.failed is not None and fs.failed.call in ("pwritev", "pwrite_direct")
+    mgr.close()
+    assert [c.step for c in scan(LocalStorage(run))] == [1]
+    assert cg.verify(str(run)).ok

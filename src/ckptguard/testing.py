@@ -47,22 +47,24 @@ import dataclasses
 import errno
 import fnmatch
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, BinaryIO
 
-from ckptguard.storage.base import Storage, Writer, translate_os_error
+from ckptguard.storage.base import PositionalWriter, Storage, Writer, translate_os_error
 
-__all__ = ["ALL_OPS", "CALLS", "FaultyStorage", "FaultyWriter", "InjectedFault", "SimulatedCrash", "count_ops", "unwrap"]
+__all__ = ["ALL_OPS", "CALLS", "FaultyPositionalWriter", "FaultyStorage", "FaultyWriter", "InjectedFault", "SimulatedCrash", "count_ops", "unwrap"]
 
 # The operation kinds counted by default: those that change the run. "fsync" covers a writer's
 # close() (durable on close) and sync_dir(); "delete" covers remove_file() and remove_tree().
 ALL_OPS = frozenset({"create", "write", "fsync", "mkdir", "rename", "delete", "replace", "append"})
 
-# Each wrapped method (the storage's, and a writer's write/pwrite/close) -> its operation kind.
+# Each wrapped method (the storage's, and a writer's write/pwritev/pwrite_direct/truncate/close) -> its operation kind.
 CALLS: dict[str, str] = {
     "create": "create",
     "write": "write",
-    "pwrite": "write",
+    "pwritev": "write",
+    "pwrite_direct": "write",
+    "truncate": "write",
     "close": "fsync",
     "sync_dir": "fsync",
     "makedirs": "mkdir",
@@ -243,7 +245,10 @@ class FaultyStorage:
 
     def create(self, path: str) -> FaultyWriter:
         self.tick("create", path)
-        return FaultyWriter(self, self.inner.create(path), path)
+        inner = self.inner.create(path)
+        if isinstance(inner, PositionalWriter) and not self.plain_writers:
+            return FaultyPositionalWriter(self, inner, path)
+        return FaultyWriter(self, inner, path)
 
     def makedirs(self, path: str) -> None:
         self.tick("makedirs", path)
@@ -275,41 +280,53 @@ class FaultyStorage:
 
 
 class FaultyWriter:
-    """A Writer whose write()/pwrite() and close() (the fsync) are counted operations.
-
-    Other attributes of the real writer (``pwritev``, ``path``...) are forwarded unless the
-    owner was made with ``plain_writers=True``.
-    """
+    """A Writer whose ``write()`` and ``close()`` (the fsync) are counted operations."""
 
     def __init__(self, owner: FaultyStorage, inner: Writer, path: str) -> None:
-        self._owner = owner
-        self._inner = inner
-        self._path = path
+        self.owner = owner
+        self.inner = inner
+        self.name = path
 
     def write(self, data: memoryview | bytes) -> None:
-        self._owner.tick("write", self._path)
-        self._inner.write(data)
+        self.owner.tick("write", self.name)
+        self.inner.write(data)
 
     def close(self) -> None:
-        self._owner.tick("close", self._path)
-        self._inner.close()
+        self.owner.tick("close", self.name)
+        self.inner.close()
 
     def abort(self) -> None:
-        if not self._owner.dead:  # a dead process cleans nothing up
-            self._inner.abort()
+        if not self.owner.dead:  # a dead process cleans nothing up
+            self.inner.abort()
 
-    def __getattr__(self, name: str) -> Any:  # pwrite and other extras of the real writer
-        if self._owner.plain_writers:
-            raise AttributeError(f"{type(self).__name__} made with plain_writers=True has no {name!r}")
-        attr = getattr(self._inner, name)
-        if name != "pwrite":
-            return attr
 
-        def pwrite(data: memoryview | bytes, offset: int) -> None:
-            self._owner.tick("pwrite", self._path)
-            attr(data, offset)
+class FaultyPositionalWriter(FaultyWriter):
+    """The writer of a backend whose writers also write at offsets (:class:`PositionalWriter`,
+    e.g. the local disk's parallel and ``O_DIRECT`` writes): ``pwritev``, ``pwrite_direct`` and
+    ``truncate`` are counted ``"write"`` operations too, so faults reach every byte written."""
 
-        return pwrite
+    def __init__(self, owner: FaultyStorage, inner: PositionalWriter, path: str) -> None:
+        super().__init__(owner, inner, path)
+        self.positional = inner
+
+    @property
+    def path(self) -> str:
+        return self.positional.path
+
+    def pwritev(self, views: Sequence[memoryview], offset: int) -> None:
+        self.owner.tick("pwritev", self.name)
+        self.positional.pwritev(views, offset)
+
+    def truncate(self, size: int) -> None:
+        self.owner.tick("truncate", self.name)
+        self.positional.truncate(size)
+
+    def open_direct(self) -> bool:
+        return self.positional.open_direct()
+
+    def pwrite_direct(self, data: memoryview, offset: int) -> bool:
+        self.owner.tick("pwrite_direct", self.name)
+        return self.positional.pwrite_direct(data, offset)
 
 
 def count_ops(storage: FaultyStorage, action: Callable[[], Any]) -> int:

@@ -44,7 +44,6 @@ from ckptguard.format.tensorfile import (
 )
 from ckptguard.persist.direct_io import ALIGN, DIRECT_BUFFERS, BufferPool, Segment, write_direct
 from ckptguard.storage.base import PositionalWriter, Storage, Writer, translate_os_error
-from ckptguard.storage.local import LocalStorage
 
 if TYPE_CHECKING:  # tensors arrive from callers; listing and verifying import no torch
     import torch
@@ -157,7 +156,9 @@ class ParallelTensorWriter:
 
 
 def default_tensor_writer(storage: Storage, *, background: bool = False) -> TensorSink:
-    """Parallel O_DIRECT writes on local storage; the stream elsewhere.
+    """Parallel O_DIRECT writes where the storage's writers are :class:`PositionalWriter` (the
+    local disk, also behind a wrapper such as ``ckptguard.testing.FaultyStorage``); the stream
+    elsewhere (object stores), decided per file by :meth:`ParallelTensorWriter.write_to`.
 
     ``background=True`` (async saves): a buffered fallback writes with one thread, not two:
     training runs beside it, and on a 2-core machine a second copying thread took a core from
@@ -168,9 +169,7 @@ def default_tensor_writer(storage: Storage, *, background: bool = False) -> Tens
     (PERF-NOTES.md, BENCHMARKS.md); where a filesystem refuses it the writer falls back to
     buffered parallel writes.
     """
-    if isinstance(storage, LocalStorage):
-        return ParallelTensorWriter(threads=1 if background else 2, direct=True)
-    return stream_tensor_file
+    return ParallelTensorWriter(threads=1 if background else 2, direct=True)
 
 
 def lower_thread_priority(nice: int = BACKGROUND_NICE) -> None:
