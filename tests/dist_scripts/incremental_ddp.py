@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import ckptguard as cg  # noqa: E402
-from trainlib import Net, NoisyDataset  # noqa: E402
+import ckptguard as cg
+from trainlib import Net, NoisyDataset
 
 
 def main() -> None:
