@@ -187,6 +187,18 @@ def test_fsdp_checkpoint_restores_on_one_plain_process(fsdp: tuple[Path, Path]) 
     assert len(opt.state) == 4 and all(s["exp_avg"].shape == p.shape for p, s in opt.state.items())
 
 
+def test_export_of_a_sharded_checkpoint_is_one_plain_file_of_the_full_weights(fsdp: tuple[Path, Path], tmp_path: Path) -> None:
+    from ckptguard.cli import main
+
+    run, out = fsdp
+    dest = tmp_path / "model.safetensors"
+    assert main(["export", str(run / f"step-{STOP:09d}"), "-o", str(dest)]) == 0
+    assert _same(load_file(dest), load_file(out / "saved.safetensors"))  # consolidated from both ranks' shards
+    assert main(["export", str(run / f"step-{STOP:09d}"), "-o", str(dest)]) != 0  # no overwrite without --force
+    assert main(["export", str(run / f"step-{STOP:09d}"), "-o", str(tmp_path / "full.safetensors"), "--full"]) != 0
+    assert not (tmp_path / "full.safetensors").exists()
+
+
 def test_fsdp_corrupt_shard_is_detected_before_dcp_reads_it(fsdp: tuple[Path, Path], tmp_path: Path) -> None:
     import shutil
 
@@ -198,6 +210,10 @@ def test_fsdp_corrupt_shard_is_detected_before_dcp_reads_it(fsdp: tuple[Path, Pa
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     assert not cg.verify(copy / f"step-{STOP:09d}").ok
+    from ckptguard.cli import main
+
+    assert main(["export", str(copy / f"step-{STOP:09d}"), "-o", str(tmp_path / "m.safetensors")]) != 0
+    assert not (tmp_path / "m.safetensors").exists()  # damaged shards are refused before DCP reads them
     _, _, state = _plain()
     with cg.CheckpointManager(copy, lock=False) as mgr, pytest.raises(cg.CorruptCheckpointError, match="__1_0.distcp"):
         mgr.restore(state)

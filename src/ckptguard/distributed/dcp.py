@@ -41,10 +41,11 @@ import torch
 import xxhash
 from torch import nn
 
-from ckptguard.errors import CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
+from ckptguard.errors import CheckpointError, CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
 from ckptguard.storage.local import open_regular
 
 __all__ = [
+    "dcp_model_tensors",
     "DCP_DIR",
     "DCP_METADATA",
     "dcp_load",
@@ -269,3 +270,30 @@ def dcp_load(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         set_state_dict(model, opt_list, model_state_dict=sd["model"], optim_state_dict=sd.get("optim", {}))
+
+
+def dcp_model_tensors(root: str, files: Mapping[str, Mapping[str, Any]], where: str) -> dict[str, torch.Tensor]:
+    """The full (consolidated) model tensors of a verified ``dcp/`` directory, without the model's
+    code: every ``model.*`` tensor the metadata describes, assembled from all ranks' shards in one
+    process (what ``ckptguard export`` writes for a sharded checkpoint). Call
+    :func:`verify_dcp_files` first."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    allowed = frozenset(rel[len(DCP_DIR) + 1:] for rel in files if rel.startswith(DCP_DIR + "/"))
+    directory = os.path.join(root, DCP_DIR)
+    md = read_verified_metadata(directory, allowed, where)
+    model: dict[str, torch.Tensor] = {}
+    for fqn, meta in md.state_dict_metadata.items():
+        if fqn.startswith("model.") and isinstance(meta, TensorStorageMetadata):
+            model[fqn[len("model."):]] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    if not model:
+        raise CheckpointError(f"{where}: the sharded state holds no model tensors to export.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
+            load({"model": model}, storage_reader=_reader_cls(md)(directory), planner=_planner(True))
+    except (Exception, CheckpointException) as e:  # DCP's own errors, on bytes the manifest vouched for
+        raise CorruptCheckpointError(f"{where}: the sharded model state could not be assembled ({type(e).__name__}: {str(e)[:300]}).", path=where) from e
+    return model

@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ckptguard.distributed.dcp import dcp_model_tensors, verify_dcp_files
+from ckptguard.distributed.restoring import is_dcp
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.format.manifest import ITEMSIZE
 from ckptguard.format.tensorfile import numel, write_tensor_file
@@ -89,6 +91,8 @@ def export_checkpoint(
     manifest = read_manifest(storage, name)
     reader = CheckpointReader(storage, name, manifest)
     where = storage.describe(name)
+    if not reader.has(MODEL_FILE) and is_dcp(manifest):
+        return _export_sharded(storage, name, manifest, out, full=full)
     if not reader.has(MODEL_FILE):
         raise CheckpointError(f"{where} has no {MODEL_FILE}: there are no model weights to export.")
     check_declared_sizes(storage, name, manifest, [MODEL_FILE] if not full else list(PREFIXES))
@@ -105,6 +109,24 @@ def export_checkpoint(
         if reader.has("config.yaml"):
             metadata["ckptguard.config_yaml"] = reader.blob("config.yaml").decode("utf-8")
         metadata["ckptguard.metrics_json"] = json.dumps(manifest.get("metrics") or {})
+    nbytes = _write_atomically(out, tensors, metadata)
+    return ExportResult(where, str(out), int(manifest["step"]), len(tensors), nbytes, full)
+
+
+def _export_sharded(storage: Storage, name: str, manifest: dict[str, Any], out: Path, *, full: bool) -> ExportResult:
+    """A sharded (FSDP2 / DCP) checkpoint: its model tensors consolidated into one plain file."""
+    where = storage.describe(name)
+    if full:
+        raise CheckpointError(
+            f"{where} holds sharded (FSDP2/DCP) state: --full (optimizer and training state) is not "
+            "exported from sharded checkpoints yet. Export the model weights without --full."
+        )
+    if not isinstance(storage, LocalStorage):
+        raise CheckpointError(f"{where}: sharded (DCP) checkpoints are read from local or shared filesystems only.")
+    root = storage.describe(name)
+    verify_dcp_files(root, manifest["files"], where)
+    tensors = dcp_model_tensors(root, manifest["files"], where)
+    metadata = {"format": "pt", "ckptguard.source": where, "ckptguard.step": str(manifest["step"])}
     nbytes = _write_atomically(out, tensors, metadata)
     return ExportResult(where, str(out), int(manifest["step"]), len(tensors), nbytes, full)
 
