@@ -121,9 +121,6 @@ class SavePipeline:
         incremental: bool,
         manifests: ManifestCache,
     ) -> None:
-        if coord.active and async_save:
-            log.info("async_save is not used in a distributed run: saves are collective and synchronous.")
-            async_save = False
         self.storage = storage
         self.coord = coord
         self.metrics_log = metrics_log
@@ -135,7 +132,7 @@ class SavePipeline:
         self.manifests = manifests
         self.tensor_writer: TensorFileWriter = default_tensor_writer(storage, background=async_save)
         self.stager = Stager()
-        self.background = BackgroundSaves(storage.url)
+        self.background = BackgroundSaves(storage.url, collective=coord.active)
         self.reaper = Reaper(storage)  # frees pruned checkpoints' data beside training
         self.locked = False
         self.last_waited_seconds: float | None = None
@@ -179,16 +176,24 @@ class SavePipeline:
     # ---- the stages -----------------------------------------------------------------------------
 
     def save(self, request: SaveRequest) -> None:
-        """Run one save through every stage (the last ones in the background for an async save)."""
+        """Run one save through every stage (the last ones in the background for an async save).
+
+        Distributed: the previous save must be over on every rank first (one save at a time on the
+        background group; a failure of it raises on every rank here). Sharded (DCP) state is
+        written from the live model, so its saves stay synchronous; so do preemption saves.
+        """
         t0 = time.perf_counter()
         if self.coord.active:
-            self.wait()
+            _, exc = capture_exc(self.wait)
+            agree(self.coord, exc, f"the previous save to {self.storage.url}", "save")
         save = self._capture(request, t0)
-        if self.async_save and not request.sync:
+        if self.async_save and not request.sync and not save.sharded:
+            if self.coord.active and not self.coord.is_primary:
+                save.tensor_files = {}  # replicated state: rank 0 writes the tensors
             self._submit(save)
             return
         self.background.result()
-        self._write_and_commit(save)
+        self._write_and_commit(save, self.coord)
         self.run.blocked(time.perf_counter() - t0)
 
     def _capture(self, request: SaveRequest, t0: float) -> _Save:
@@ -244,11 +249,12 @@ class SavePipeline:
         save.fields["waited_seconds"] = round(waited, 6)
         self.last_waited_seconds = waited
         self.run.blocked(blocked)
-        self.background.submit(self._write_and_commit, save)
+        self.background.submit(self._write_and_commit, save, self.coord.for_background())
 
-    def _write_and_commit(self, save: _Save) -> None:
-        """Stages prepare, share, gather, commit and after commit."""
-        step, coord = save.request.step, self.coord
+    def _write_and_commit(self, save: _Save, coord: Coordinator) -> None:
+        """Stages prepare, share, gather, commit and after commit (an async save's ``coord`` is
+        the background one: its collectives run on a group of their own)."""
+        step = save.request.step
         staging = on_primary(coord, lambda: self._prepare(step), f"preparing {self.storage.describe(checkpoint_name(step))}")
         share: tuple[dict[str, dict[str, Any]], str | None] = ({}, None)  # a single process writes no share
         if coord.active:

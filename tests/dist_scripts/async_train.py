@@ -1,0 +1,122 @@
+"""Async saves in a 2-rank DDP run (gloo, CPU) for tests/test_distributed_async.py (under torchrun).
+
+``async``: a sync run and an async run of the same training (every 5 steps), a resume from the
+async run's newest checkpoint, then a save whose rank-1 part fails in the background.
+``slow``: the training group has a short timeout while rank 1's checkpoint write is slowed past
+it; training collectives must go on while the save is in flight. Results go to ``out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+from typing import Any
+
+import torch.distributed as dist
+from train import build, report, train
+
+import ckptguard as cg
+from ckptguard.storage.local import LocalStorage
+from ckptguard.testing import FaultyStorage
+
+TOTAL = 14
+
+
+class SlowStorage(FaultyStorage):
+    """Every counted operation sleeps ``delay`` seconds first (a slow disk on one rank)."""
+
+    delay = 0.0
+
+    def tick(self, call: str, path: str) -> None:
+        if self.delay and self.counts(call, path):
+            time.sleep(self.delay)
+        super().tick(call, path)
+
+
+def dump(out: str, name: str, doc: Any) -> None:
+    with open(os.path.join(out, f"{name}-rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(doc, f)
+
+
+def failing_save(s: dict[str, Any], mgr: cg.CheckpointManager, storage: FaultyStorage, out: str) -> None:
+    """Rank 1's rank file fails in the background: save() returns, wait() raises on every rank."""
+    if dist.get_rank() == 1:
+        storage.arm(1)
+    returned = mgr.save(TOTAL + 1, s["state"], force=True)
+    try:
+        mgr.wait()
+        outcome = "saved"
+    except cg.CheckpointError as e:
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        storage.arm(None)
+    mgr.save(TOTAL + 2, s["state"], force=True)
+    mgr.wait()
+    dump(out, "failed", {"returned": returned, "outcome": outcome})
+
+
+def scenario_async(run: str, out: str) -> None:
+    s = build("ddp")
+    with cg.CheckpointManager(os.path.join(run, "sync"), every_steps=5) as mgr:
+        report(s, out, "sync", train(s, mgr, 0, TOTAL, None))
+    s = build("ddp")
+    with cg.CheckpointManager(os.path.join(run, "async"), every_steps=5, async_save=True) as mgr:
+        assert mgr.async_save
+        report(s, out, "async", train(s, mgr, 0, TOTAL, None))
+    s = build("ddp", seed=7)  # a fresh run: everything comes from the async checkpoint
+    os.makedirs(os.path.join(run, "async"), exist_ok=True)
+    storage = FaultyStorage(LocalStorage(os.path.join(run, "async")), ops={"create"})
+    mgr = cg.CheckpointManager(storage, every_steps=5, async_save=True)
+    step = mgr.restore(s["state"]) or 0
+    dump(out, "restored", {"step": step})
+    report(s, out, "resumed", train(s, mgr, step, TOTAL, None))
+    failing_save(s, mgr, storage, out)
+    mgr.close()
+
+
+def scenario_slow(run: str, out: str, delay: float, steps: int) -> None:
+    s = build("ddp")
+    os.makedirs(run, exist_ok=True)
+    storage = SlowStorage(LocalStorage(run), ops={"create"}, path="*rank-*.json")
+    if dist.get_rank() == 1:
+        storage.delay = delay
+    mgr = cg.CheckpointManager(storage, every_steps=1000, async_save=True)
+    step = train(s, mgr, 0, 3, None)
+    t0 = time.monotonic()
+    mgr.save(step, s["state"], force=True)
+    blocked = time.monotonic() - t0
+    pending_after_save = mgr.pending
+    steps_while_pending = 0
+    for _ in range(steps):  # a DDP all_reduce per step, on the training group (short timeout)
+        step = train(s, mgr, step, step + 1, None, sleep=0.2)
+        steps_while_pending += int(mgr.pending)
+    mgr.wait()
+    storage.delay = 0.0
+    mgr.save(step, s["state"], force=True)
+    mgr.close()
+    dump(out, "slow", {"blocked": blocked, "pending_after_save": pending_after_save,
+                       "steps_while_pending": steps_while_pending, "final": step})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("scenario", choices=["async", "slow"])
+    ap.add_argument("run")
+    ap.add_argument("out")
+    ap.add_argument("--timeout", type=float, default=60.0, help="the training group's timeout (seconds)")
+    ap.add_argument("--delay", type=float, default=0.0, help="rank 1's slow checkpoint write (seconds)")
+    ap.add_argument("--steps", type=int, default=10, help="steps trained after the slow save")
+    args = ap.parse_args()
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    if args.scenario == "async":
+        scenario_async(args.run, args.out)
+    else:
+        scenario_slow(args.run, args.out, args.delay, args.steps)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
