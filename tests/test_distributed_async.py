@@ -1,7 +1,8 @@
-"""Async saves in distributed (DDP, gloo, CPU, 2 ranks under torchrun): tests/dist_scripts/async_train.py.
+"""Async saves in distributed (DDP and FSDP2, gloo, CPU, 2 ranks under torchrun): tests/dist_scripts/async_train.py.
 
 Two torchrun programs, shared by the tests through module-scoped fixtures: ``async`` (a sync and an
-async run of the same training, a resume from the async checkpoint, a background failure on rank 1)
+async run of the same training, a resume from the async checkpoint, a background failure on rank 1;
+the same with FSDP2)
 and ``slow`` (rank 1's checkpoint write is slower than the training group's timeout).
 """
 
@@ -103,3 +104,22 @@ def test_checkpoint_collectives_do_not_use_the_training_group(slow_run: tuple[Pa
     assert docs[0]["final"] == docs[1]["final"] == 28
     assert _steps(run) == ["step-000000003", "step-000000028"]
     assert all(cg.verify(run / name).ok for name in _steps(run))
+
+
+def test_fsdp_async_checkpoint_resumes_like_a_sync_run(async_run: tuple[Path, Path]) -> None:
+    run, out = async_run
+    sync, asyn = run / "fsdp-sync" / "step-000000010", run / "fsdp-async" / "step-000000010"
+    m = _json(asyn / "MANIFEST.json")
+    assert m["distributed"]["mode"] == "dcp" and 0 <= m["blocked_seconds"] <= m["save_seconds"]
+    shards = sorted(p.name for p in (asyn / "dcp").iterdir() if p.suffix == ".distcp")
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    for name in shards:  # the host copy wrote the same shard bytes as the live model
+        assert (sync / "dcp" / name).read_bytes() == (asyn / "dcp" / name).read_bytes(), name
+    assert cg.verify(asyn).ok
+    final = load_file(out / "fsdp-sync.safetensors")
+    for tag in ("fsdp-async", "fsdp-resumed"):
+        other = load_file(out / f"{tag}.safetensors")
+        assert other.keys() == final.keys() and all(other[k].equal(final[k]) for k in final), tag
+    for r in (0, 1):
+        assert _json(out / f"fsdp-restored-rank{r}.json") == {"step": 10}
+        assert _json(out / f"fsdp-resumed-rank{r}.json") == _json(out / f"fsdp-sync-rank{r}.json")

@@ -1,7 +1,8 @@
 """Async saves in a 2-rank DDP run (gloo, CPU) for tests/test_distributed_async.py (under torchrun).
 
 ``async``: a sync run and an async run of the same training (every 5 steps), a resume from the
-async run's newest checkpoint, then a save whose rank-1 part fails in the background.
+async run's newest checkpoint, then a save whose rank-1 part fails in the background; the same
+sync/async/resume comparison with FSDP2 (sharded state through DCP).
 ``slow``: the training group has a short timeout while rank 1's checkpoint write is slowed past
 it; training collectives must go on while the save is in flight. Results go to ``out`` as JSON.
 """
@@ -77,6 +78,20 @@ def scenario_async(run: str, out: str) -> None:
     mgr.close()
 
 
+def scenario_fsdp(run: str, out: str) -> None:
+    """FSDP2: a sync and an async run of the same training; a fresh model resumes from the async
+    run's newest checkpoint (step 10) and trains to TOTAL."""
+    for tag, async_save in (("fsdp-sync", False), ("fsdp-async", True)):
+        s = build("fsdp")
+        with cg.CheckpointManager(os.path.join(run, tag), every_steps=5, async_save=async_save) as mgr:
+            report(s, out, tag, train(s, mgr, 0, TOTAL, None))
+    s = build("fsdp", seed=7)
+    with cg.CheckpointManager(os.path.join(run, "fsdp-async"), every_steps=1000) as mgr:
+        step = mgr.restore(s["state"]) or 0
+        dump(out, "fsdp-restored", {"step": step})
+        report(s, out, "fsdp-resumed", train(s, mgr, step, TOTAL, None))
+
+
 def scenario_slow(run: str, out: str, delay: float, steps: int) -> None:
     s = build("ddp")
     os.makedirs(run, exist_ok=True)
@@ -113,6 +128,7 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
     if args.scenario == "async":
         scenario_async(args.run, args.out)
+        scenario_fsdp(args.run, args.out)
     else:
         scenario_slow(args.run, args.out, args.delay, args.steps)
     dist.destroy_process_group()

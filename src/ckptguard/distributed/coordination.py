@@ -114,6 +114,11 @@ class Coordinator:
         """The coordinator a background save uses (its own process group; here: itself)."""
         return self
 
+    @property
+    def group(self) -> Any:
+        """The process group of this coordinator's collectives (None: no process group)."""
+        return None
+
 
 class ProcessGroupCoordinator(Coordinator):
     """Agreement between the ranks of the default torch.distributed process group, on gloo
@@ -140,6 +145,10 @@ class ProcessGroupCoordinator(Coordinator):
 
     def for_background(self) -> Coordinator:
         return self._background if self._background is not None else self
+
+    @property
+    def group(self) -> Any:
+        return self._group
 
     def _max(self, values: list[int]) -> list[int]:
         t = torch.tensor(values, dtype=torch.int64, device=self._device)

@@ -34,7 +34,7 @@ import torch
 from ckptguard.capture.environment import collect_environment
 from ckptguard.capture.state import Snapshot, TrainState, capture, without_model
 from ckptguard.distributed.coordination import Coordinator, agree, capture_exc, on_primary
-from ckptguard.distributed.saving import distributed_fields, shardable, write_rank_share
+from ckptguard.distributed.saving import ShardStager, distributed_fields, shardable, write_rank_share
 from ckptguard.errors import CheckpointError
 from ckptguard.format.manifest import checkpoint_name
 from ckptguard.persist.background import BackgroundSaves, Reaper
@@ -99,6 +99,7 @@ class _Save:
     fields: dict[str, Any]
     sharded: bool
     t0: float
+    staged_shards: dict[str, Any] | None = None
 
 
 class SavePipeline:
@@ -132,6 +133,7 @@ class SavePipeline:
         self.manifests = manifests
         self.tensor_writer: TensorFileWriter = default_tensor_writer(storage, background=async_save)
         self.stager = Stager()
+        self.shard_stager = ShardStager()
         self.background = BackgroundSaves(storage.url, collective=coord.active)
         self.reaper = Reaper(storage)  # frees pruned checkpoints' data beside training
         self.locked = False
@@ -180,16 +182,19 @@ class SavePipeline:
 
         Distributed: the previous save must be over on every rank first (one save at a time on the
         background group; a failure of it raises on every rank here). Sharded (DCP) state is
-        written from the live model, so its saves stay synchronous; so do preemption saves.
+        copied to host memory here and written by DCP in the background. Preemption saves are
+        synchronous.
         """
         t0 = time.perf_counter()
         if self.coord.active:
             _, exc = capture_exc(self.wait)
             agree(self.coord, exc, f"the previous save to {self.storage.url}", "save")
         save = self._capture(request, t0)
-        if self.async_save and not request.sync and not save.sharded:
+        if self.async_save and not request.sync:
             if self.coord.active and not self.coord.is_primary:
-                save.tensor_files = {}  # replicated state: rank 0 writes the tensors
+                save.tensor_files = {}  # rank 0 writes the tensor files
+            if save.sharded:
+                save.staged_shards = self.shard_stager.stage(request.state)
             self._submit(save)
             return
         self.background.result()
@@ -258,7 +263,9 @@ class SavePipeline:
         staging = on_primary(coord, lambda: self._prepare(step), f"preparing {self.storage.describe(checkpoint_name(step))}")
         share: tuple[dict[str, dict[str, Any]], str | None] = ({}, None)  # a single process writes no share
         if coord.active:
-            share = write_rank_share(self.storage, staging, coord, save.request.state, save.snap.state, save.sharded)
+            share = write_rank_share(
+                self.storage, staging, coord, save.request.state, save.snap.state, save.sharded, save.staged_shards
+            )
         reports = coord.gather(share)
         manifest: dict[str, Any] = {}
         try:
