@@ -34,10 +34,10 @@ manager gets a :class:`ProcessGroupCoordinator` and:
   (``agree_save``, restore) and one for the background thread of an async save (share, gather,
   commit, outcome). Each has its own timeout (:data:`CHECKPOINT_TIMEOUT`), so a slow save cannot
   trip a training collective's timeout, and the two threads never interleave collectives on one
-  group. Async saves of replicated (DDP) state: ``save()`` blocks each rank for the capture and
-  the copy to host memory; the rest runs on the background group, one save at a time (the next
-  save waits for the previous one on every rank, and a failure on any rank raises on every rank
-  there). Sharded (DCP) and preemption saves are synchronous.
+  group (DCP's own collectives included). Async saves: ``save()`` blocks each rank for the capture
+  and the copy to host memory (sharded state: its DCP state dict); the rest runs on the background
+  group, one save at a time (the next save waits for the previous one on every rank, and a
+  failure on any rank raises on every rank there). Preemption saves are synchronous.
 """
 
 from __future__ import annotations
