@@ -23,7 +23,7 @@ import ckptguard as cg
 pytestmark = [pytest.mark.xdist_group("distributed")]
 SCRIPT = Path(__file__).parent / "dist_scripts" / "async_train.py"
 TOTAL = 14  # async_train.TOTAL
-TRAIN_TIMEOUT, DELAY = 2.0, 3.5  # the training group's timeout; rank 1's slow checkpoint write
+TRAIN_TIMEOUT, DELAY, STEPS = 2.0, 3.0, 20  # the training group's timeout; one rank's slow checkpoint part; steps trained meanwhile
 
 
 def _run(*args: str, timeout: float = 240) -> str:
@@ -52,7 +52,7 @@ def async_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def slow_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run, out = tmp_path_factory.mktemp("slow-run"), tmp_path_factory.mktemp("slow-out")
-    _run("slow", str(run), str(out), "--timeout", str(TRAIN_TIMEOUT), "--delay", str(DELAY), "--steps", "25")
+    _run("slow", str(run), str(out), "--timeout", str(TRAIN_TIMEOUT), "--delay", str(DELAY), "--steps", str(STEPS))
     return run, out
 
 
@@ -86,24 +86,31 @@ def test_background_failure_on_one_rank_commits_nothing_and_raises_on_every_rank
     assert cg.verify(run / "async" / f"step-{TOTAL + 2:09d}").ok  # the save after the failure worked
 
 
-def test_save_returns_before_the_commit(slow_run: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_save_returns_before_the_commit_and_saves_the_state_it_was_given(slow_run: tuple[Path, Path], kind: str) -> None:
     run, out = slow_run
     for r in (0, 1):
-        doc = _json(out / f"slow-rank{r}.json")
-        assert doc["pending_after_save"], doc  # rank 1's part was still being written
-    m = _json(run / "step-000000003" / "MANIFEST.json")
-    assert m["blocked_seconds"] < DELAY <= m["save_seconds"]  # blocked: the host copy; committed after rank 1's write
+        doc = _json(out / f"{kind}-slow-rank{r}.json")
+        assert doc["pending_after_save"], doc  # one rank's part was still being written
+    m = _json(run / kind / "step-000000003" / "MANIFEST.json")
+    assert m["blocked_seconds"] < DELAY <= m["save_seconds"]  # blocked: the host copy; committed after the slow part
+    # training changed the weights while the save was in flight: the checkpoint has step 3's
+    saved, restored = load_file(out / f"{kind}-at-save.safetensors"), load_file(out / f"{kind}-restored.safetensors")
+    assert saved.keys() == restored.keys() and all(saved[k].equal(restored[k]) for k in saved)
+    for r in (0, 1):
+        assert _json(out / f"{kind}-restored-rank{r}.json") == _json(out / f"{kind}-at-save-rank{r}.json")
 
 
-def test_checkpoint_collectives_do_not_use_the_training_group(slow_run: tuple[Path, Path]) -> None:
-    # Rank 0 waited DELAY s for rank 1's part, longer than the training group's timeout, while
-    # both ranks trained on (a DDP all_reduce per step): on the training group it would have timed out.
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_checkpoint_collectives_do_not_use_the_training_group(slow_run: tuple[Path, Path], kind: str) -> None:
+    # One rank waited DELAY s for the other's part, longer than the training group's timeout,
+    # while both trained on (a collective per step): on the training group it would have timed out.
     run, out = slow_run
-    docs = [_json(out / f"slow-rank{r}.json") for r in (0, 1)]
+    docs = [_json(out / f"{kind}-slow-rank{r}.json") for r in (0, 1)]
     assert all(d["steps_while_pending"] * 0.2 > TRAIN_TIMEOUT for d in docs), docs
-    assert docs[0]["final"] == docs[1]["final"] == 28
-    assert _steps(run) == ["step-000000003", "step-000000028"]
-    assert all(cg.verify(run / name).ok for name in _steps(run))
+    assert docs[0]["final"] == docs[1]["final"] == 3 + STEPS
+    assert _steps(run / kind) == ["step-000000003", f"step-{3 + STEPS:09d}"]
+    assert all(cg.verify(run / kind / name).ok for name in _steps(run / kind))
 
 
 def test_fsdp_async_checkpoint_resumes_like_a_sync_run(async_run: tuple[Path, Path]) -> None:

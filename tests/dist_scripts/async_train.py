@@ -3,14 +3,16 @@
 ``async``: a sync run and an async run of the same training (every 5 steps), a resume from the
 async run's newest checkpoint, then a save whose rank-1 part fails in the background; the same
 sync/async/resume comparison with FSDP2 (sharded state through DCP).
-``slow``: the training group has a short timeout while rank 1's checkpoint write is slowed past
-it; training collectives must go on while the save is in flight. Results go to ``out`` as JSON.
+``slow``: the training group has a short timeout while one rank's part of a save is slowed past
+it (DDP, then FSDP2); training collectives must go on while the save is in flight, and the
+checkpoint must hold the state of the step it was taken at. Results go to ``out`` as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import json
 import os
 import time
@@ -20,21 +22,30 @@ import torch.distributed as dist
 from train import build, report, train
 
 import ckptguard as cg
-from ckptguard.storage.local import LocalStorage
+from ckptguard.storage.local import LocalStorage, LocalWriter
 from ckptguard.testing import FaultyStorage
 
 TOTAL = 14
 
 
-class SlowStorage(FaultyStorage):
-    """Every counted operation sleeps ``delay`` seconds first (a slow disk on one rank)."""
+class SlowDisk(LocalStorage):
+    """A local run directory where creating a path matching ``pattern`` (a file or a directory)
+    first sleeps ``delay`` seconds: one rank's slow disk. A LocalStorage, so DCP writes to it."""
 
     delay = 0.0
+    pattern = "*"
 
-    def tick(self, call: str, path: str) -> None:
-        if self.delay and self.counts(call, path):
+    def _slow(self, path: str) -> None:
+        if self.delay and fnmatch.fnmatchcase(path, self.pattern):
             time.sleep(self.delay)
-        super().tick(call, path)
+
+    def create(self, path: str) -> LocalWriter:
+        self._slow(path)
+        return super().create(path)
+
+    def makedirs(self, path: str) -> None:
+        self._slow(path)
+        super().makedirs(path)
 
 
 def dump(out: str, name: str, doc: Any) -> None:
@@ -92,11 +103,16 @@ def scenario_fsdp(run: str, out: str) -> None:
         report(s, out, "fsdp-resumed", train(s, mgr, step, TOTAL, None))
 
 
-def scenario_slow(run: str, out: str, delay: float, steps: int) -> None:
-    s = build("ddp")
+def scenario_slow(run: str, out: str, kind: str, delay: float, steps: int) -> None:
+    """Save at step 3 with one rank's part slowed by ``delay`` s (DDP: rank 1's rank file, so rank 0
+    waits in the gather; FSDP2: rank 0 creating the staging directory, so every rank waits for it
+    before DCP writes), then train ``steps`` steps (training collectives) while it is in flight.
+    The checkpoint must hold the weights of step 3, not the ones training wrote since."""
+    s = build(kind)
     os.makedirs(run, exist_ok=True)
-    storage = SlowStorage(LocalStorage(run), ops={"create"}, path="*rank-*.json")
-    if dist.get_rank() == 1:
+    storage = SlowDisk(run)
+    slow_rank, storage.pattern = (1, "*rank-*.json") if kind == "ddp" else (0, ".tmp-step-*")
+    if dist.get_rank() == slow_rank:
         storage.delay = delay
     mgr = cg.CheckpointManager(storage, every_steps=1000, async_save=True)
     step = train(s, mgr, 0, 3, None)
@@ -104,16 +120,20 @@ def scenario_slow(run: str, out: str, delay: float, steps: int) -> None:
     mgr.save(step, s["state"], force=True)
     blocked = time.monotonic() - t0
     pending_after_save = mgr.pending
+    report(s, out, f"{kind}-at-save", step)
     steps_while_pending = 0
-    for _ in range(steps):  # a DDP all_reduce per step, on the training group (short timeout)
+    for _ in range(steps):  # training collectives on the training group (short timeout)
         step = train(s, mgr, step, step + 1, None, sleep=0.2)
         steps_while_pending += int(mgr.pending)
     mgr.wait()
     storage.delay = 0.0
     mgr.save(step, s["state"], force=True)
     mgr.close()
-    dump(out, "slow", {"blocked": blocked, "pending_after_save": pending_after_save,
-                       "steps_while_pending": steps_while_pending, "final": step})
+    dump(out, f"{kind}-slow", {"blocked": blocked, "pending_after_save": pending_after_save,
+                               "steps_while_pending": steps_while_pending, "final": step})
+    s = build(kind, seed=7)
+    with cg.CheckpointManager(run, lock=False) as mgr:
+        report(s, out, f"{kind}-restored", mgr.restore(s["state"], step=3) or 0)
 
 
 def main() -> None:
@@ -130,7 +150,8 @@ def main() -> None:
         scenario_async(args.run, args.out)
         scenario_fsdp(args.run, args.out)
     else:
-        scenario_slow(args.run, args.out, args.delay, args.steps)
+        for kind in ("ddp", "fsdp"):
+            scenario_slow(os.path.join(args.run, kind), args.out, kind, args.delay, args.steps)
     dist.destroy_process_group()
 
 
