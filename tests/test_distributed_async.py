@@ -79,11 +79,12 @@ def test_background_failure_on_one_rank_commits_nothing_and_raises_on_every_rank
     docs = [_json(out / f"failed-rank{r}.json") for r in (0, 1)]
     assert all(d["returned"] for d in docs)  # save() itself returned: the failure was in the background
     for d in docs:
-        assert d["outcome"].startswith("AsyncSaveError: "), d
-        assert f"step {TOTAL + 1}" in d["outcome"] and "rank 1: " in d["outcome"] and "injected fault" in d["outcome"]
-    assert _steps(run / "async") == ["step-000000005", "step-000000010", f"step-{TOTAL + 2:09d}"]
+        for surface, step in (("wait", TOTAL + 1), ("save", TOTAL + 2)):
+            assert d[surface].startswith("AsyncSaveError: "), d
+            assert f"step {step}" in d[surface] and "rank 1: " in d[surface] and "injected fault" in d[surface], d
+    assert _steps(run / "async") == ["step-000000005", "step-000000010", f"step-{TOTAL + 4:09d}"]
     assert not [p for p in (run / "async").iterdir() if p.name.startswith(".tmp-")]
-    assert cg.verify(run / "async" / f"step-{TOTAL + 2:09d}").ok  # the save after the failure worked
+    assert cg.verify(run / "async" / f"step-{TOTAL + 4:09d}").ok  # the save after the failures worked
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

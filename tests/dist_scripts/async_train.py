@@ -54,20 +54,23 @@ def dump(out: str, name: str, doc: Any) -> None:
 
 
 def failing_save(s: dict[str, Any], mgr: cg.CheckpointManager, storage: FaultyStorage, out: str) -> None:
-    """Rank 1's rank file fails in the background: save() returns, wait() raises on every rank."""
-    if dist.get_rank() == 1:
-        storage.arm(1)
-    returned = mgr.save(TOTAL + 1, s["state"], force=True)
-    try:
-        mgr.wait()
-        outcome = "saved"
-    except cg.CheckpointError as e:
-        outcome = f"{type(e).__name__}: {e}"
-    finally:
-        storage.arm(None)
-    mgr.save(TOTAL + 2, s["state"], force=True)
+    """Rank 1's rank file fails in the background: save() returns; the next wait() (step
+    TOTAL + 1) or the next save (step TOTAL + 2, surfacing at TOTAL + 3) raises on every rank."""
+    outcomes = {}
+    for step, surface in ((TOTAL + 1, "wait"), (TOTAL + 2, "save")):
+        if dist.get_rank() == 1:
+            storage.arm(1)
+        outcomes["returned"] = mgr.save(step, s["state"], force=True)
+        try:
+            mgr.wait() if surface == "wait" else mgr.save(step + 1, s["state"], force=True)
+            outcomes[surface] = "saved"
+        except cg.CheckpointError as e:
+            outcomes[surface] = f"{type(e).__name__}: {e}"
+        finally:
+            storage.arm(None)
+    mgr.save(TOTAL + 4, s["state"], force=True)
     mgr.wait()
-    dump(out, "failed", {"returned": returned, "outcome": outcome})
+    dump(out, "failed", outcomes)
 
 
 def scenario_async(run: str, out: str) -> None:
