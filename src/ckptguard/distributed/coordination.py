@@ -28,7 +28,7 @@ manager gets a :class:`ProcessGroupCoordinator` and:
   is used on every rank (logged: not bit-exact) and the sampler resumes from ``global_consumed``;
   sharded state is resharded by DCP (to a plain module in a single process, too).
 
-* Checkpoint collectives never run on the training group. The coordinator creates two gloo
+* A save's collectives never run on the training group. The coordinator creates two gloo
   groups over the same rendezvous when the manager is constructed (a collective call: every rank
   constructs its manager at the same point): one for the training thread's agreement
   (``agree_save``, restore) and one for the background thread of an async save (share, gather,
