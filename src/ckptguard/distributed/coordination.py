@@ -28,13 +28,21 @@ manager gets a :class:`ProcessGroupCoordinator` and:
   is used on every rank (logged: not bit-exact) and the sampler resumes from ``global_consumed``;
   sharded state is resharded by DCP (to a plain module in a single process, too).
 
-Saves in a distributed run are synchronous (``async_save`` is ignored, with a log line): a
-background thread issuing collectives beside the training loop's own would need a second
-process group; that is left for later.
+* A save's collectives never run on the training group. The coordinator creates two gloo
+  groups over the same rendezvous when the manager is constructed (a collective call: every rank
+  constructs its manager at the same point): one for the training thread's agreement
+  (``agree_save``, restore) and one for the background thread of an async save (share, gather,
+  commit, outcome). Each has its own timeout (:data:`CHECKPOINT_TIMEOUT`), so a slow save cannot
+  trip a training collective's timeout, and the two threads never interleave collectives on one
+  group (DCP's own collectives included). Async saves: ``save()`` blocks each rank for the capture
+  and the copy to host memory (sharded state: its DCP state dict); the rest runs on the background
+  group, one save at a time (the next save waits for the previous one on every rank, and a
+  failure on any rank raises on every rank there). Preemption saves are synchronous.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Callable
@@ -45,6 +53,7 @@ import torch
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
 
 __all__ = [
+    "CHECKPOINT_TIMEOUT",
     "PER_RANK_KEYS",
     "Coordinator",
     "ProcessGroupCoordinator",
@@ -62,6 +71,8 @@ T = TypeVar("T")
 PER_RANK_KEYS = ("rng", "dataloader", "sampler")
 _NO_SIGNAL = 1000  # a preemption raised by a poller or user code, not by a signal
 _OK, _CORRUPT, _FATAL = 0, 1, 2
+CHECKPOINT_TIMEOUT = datetime.timedelta(minutes=30)
+"""Timeout of the checkpoint process groups (independent of the training group's)."""
 
 
 def rank_file(rank: int) -> str:
@@ -99,27 +110,49 @@ class Coordinator:
     def barrier(self) -> None:
         return None
 
+    def for_background(self) -> Coordinator:
+        """The coordinator a background save uses (its own process group; here: itself)."""
+        return self
+
+    @property
+    def group(self) -> Any:
+        """The process group of this coordinator's collectives (None: no process group)."""
+        return None
+
 
 class ProcessGroupCoordinator(Coordinator):
-    """Agreement between the ranks of the default torch.distributed process group."""
+    """Agreement between the ranks of the default torch.distributed process group, on gloo
+    groups of their own (never on the training group).
+
+    Constructing one is a collective call (``new_group``): every rank must construct it at the same
+    point. ``group``: use that group and create none (the background coordinator's).
+    """
 
     active = True
 
-    def __init__(self) -> None:
+    def __init__(self, group: Any = None) -> None:
         import torch.distributed as dist
 
         self._dist = dist
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        backend = str(dist.get_backend())
-        self._device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if "nccl" in backend and torch.cuda.is_available() else torch.device("cpu")
-        )
+        self._device = torch.device("cpu")  # the checkpoint groups are gloo
+        self._background: ProcessGroupCoordinator | None = None
+        if group is None:
+            group = dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT)
+            self._background = ProcessGroupCoordinator(dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT))
+        self._group = group
+
+    def for_background(self) -> Coordinator:
+        return self._background if self._background is not None else self
+
+    @property
+    def group(self) -> Any:
+        return self._group
 
     def _max(self, values: list[int]) -> list[int]:
         t = torch.tensor(values, dtype=torch.int64, device=self._device)
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX)
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, group=self._group)
         return [int(v) for v in t.tolist()]
 
     def agree_save(self, step: int, due: bool, preempt: int) -> tuple[bool, int]:
@@ -145,16 +178,16 @@ class ProcessGroupCoordinator(Coordinator):
 
     def broadcast(self, obj: T) -> T:
         box: list[Any] = [obj]
-        self._dist.broadcast_object_list(box, src=0)
+        self._dist.broadcast_object_list(box, src=0, group=self._group)
         return box[0]  # type: ignore[no-any-return]
 
     def gather(self, obj: T) -> list[T] | None:
         out: list[Any] | None = [None] * self.world_size if self.is_primary else None
-        self._dist.gather_object(obj, out, dst=0)
+        self._dist.gather_object(obj, out, dst=0, group=self._group)
         return out
 
     def barrier(self) -> None:
-        self._dist.barrier()
+        self._dist.barrier(group=self._group)
 
 
 def coordinator() -> Coordinator:

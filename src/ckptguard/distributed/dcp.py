@@ -50,6 +50,7 @@ __all__ = [
     "DCP_METADATA",
     "dcp_load",
     "dcp_save",
+    "dcp_state_dict",
     "hash_file",
     "is_sharded",
     "read_verified_metadata",
@@ -149,12 +150,17 @@ def _writer_cls() -> type:
     return _Writer
 
 
-def dcp_save(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], directory: str) -> None:
-    """Write the sharded model (+ optimizer) state into ``directory`` (collective on all ranks)."""
+def dcp_state_dict(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, Any]:
+    """The sharded model (+ optimizer) state dict that :func:`dcp_save` writes (DTensors, no copy)."""
+    return _state_dicts(model, optimizers)
+
+
+def dcp_save(state_dict: dict[str, Any], directory: str, process_group: Any = None) -> None:
+    """Write a :func:`dcp_state_dict` (or a host copy of it) into ``directory`` (collective on
+    all ranks of ``process_group``; None: the default group)."""
     from torch.distributed.checkpoint.state_dict_saver import save
 
-    sd = _state_dicts(model, optimizers)
-    save(sd, storage_writer=_writer_cls()(directory, sync_files=True, overwrite=True))
+    save(state_dict, storage_writer=_writer_cls()(directory, sync_files=True, overwrite=True), process_group=process_group)
 
 
 def verify_dcp_files(root: str, files: Mapping[str, Mapping[str, Any]], where: str) -> None:

@@ -13,16 +13,18 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from ckptguard.capture.state import TrainState
 from ckptguard.distributed.coordination import PER_RANK_KEYS, Coordinator, rank_file
-from ckptguard.distributed.dcp import DCP_DIR, dcp_save, hash_file, is_sharded
+from ckptguard.distributed.dcp import DCP_DIR, dcp_save, dcp_state_dict, hash_file, is_sharded
 from ckptguard.errors import UnsupportedStateError
 from ckptguard.format.manifest import safe_relpath
 from ckptguard.persist.writer import write_blob
 from ckptguard.storage.base import Storage, join
 from ckptguard.storage.local import LocalStorage
 
-__all__ = ["distributed_fields", "shardable", "write_rank_share"]
+__all__ = ["ShardStager", "distributed_fields", "shardable", "write_rank_share"]
 
 
 def shardable(storage: Storage, state: TrainState) -> bool:
@@ -39,6 +41,24 @@ def shardable(storage: Storage, state: TrainState) -> bool:
             "Use a mounted path for the run directory."
         )
     return True
+
+
+class ShardStager:
+    """Async saves of sharded state: copies this rank's shards (model + optimizer, as DTensors)
+    to host memory in the training thread; DCP writes the copy in the background. On CUDA the
+    host buffers are pinned and reused across saves."""
+
+    def __init__(self) -> None:
+        self._stager: Any = None
+
+    def stage(self, state: TrainState) -> dict[str, Any]:
+        from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+        assert state.model is not None
+        if self._stager is None:
+            self._stager = BlockingAsyncStager(cache_staged_state_dict=torch.cuda.is_available())
+        staged: dict[str, Any] = self._stager.stage(dcp_state_dict(state.model, state.optimizers.values()))
+        return staged
 
 
 def distributed_fields(coord: Coordinator, sharded: bool) -> dict[str, Any]:
@@ -63,17 +83,22 @@ def _hash_share(storage: Storage, staging: str, coord: Coordinator) -> dict[str,
 
 
 def write_rank_share(
-    storage: Storage, staging: str, coord: Coordinator, state: TrainState, snap_state: Mapping[str, Any], sharded: bool
+    storage: Storage, staging: str, coord: Coordinator, state: TrainState, snap_state: Mapping[str, Any], sharded: bool,
+    staged: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], str | None]:
     """The share stage: write what this rank writes itself into ``staging`` (its DCP shards, its
     rank file); return their manifest entries and this rank's error (None when it succeeded).
-    Errors are returned, not raised: rank 0 hears of them and commits nothing."""
+    ``staged``: the host copy of the sharded state (:class:`ShardStager`; None: the live model's).
+    DCP's collectives run on ``coord``'s group. Errors are returned, not raised: rank 0 hears of
+    them and commits nothing."""
     written: dict[str, dict[str, Any]] = {}
     error: str | None = None
     try:
         if sharded:
-            assert state.model is not None
-            dcp_save(state.model, state.optimizers.values(), storage.describe(join(staging, DCP_DIR)))
+            if staged is None:
+                assert state.model is not None
+                staged = dcp_state_dict(state.model, state.optimizers.values())
+            dcp_save(staged, storage.describe(join(staging, DCP_DIR)), coord.group)
             written.update(_hash_share(storage, staging, coord))
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):

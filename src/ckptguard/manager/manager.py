@@ -285,7 +285,7 @@ class CheckpointManager:
 
     @property
     def async_save(self) -> bool:
-        """Whether ``save()`` returns after the copy to host memory (never in a distributed run)."""
+        """Whether ``save()`` returns after the copy to host memory (distributed runs too)."""
         return self._saves.async_save
 
     @property

@@ -34,7 +34,7 @@ import torch
 from ckptguard.capture.environment import collect_environment
 from ckptguard.capture.state import Snapshot, TrainState, capture, without_model
 from ckptguard.distributed.coordination import Coordinator, agree, capture_exc, on_primary
-from ckptguard.distributed.saving import distributed_fields, shardable, write_rank_share
+from ckptguard.distributed.saving import ShardStager, distributed_fields, shardable, write_rank_share
 from ckptguard.errors import CheckpointError
 from ckptguard.format.manifest import checkpoint_name
 from ckptguard.persist.background import BackgroundSaves, Reaper
@@ -99,6 +99,7 @@ class _Save:
     fields: dict[str, Any]
     sharded: bool
     t0: float
+    staged_shards: dict[str, Any] | None = None
 
 
 class SavePipeline:
@@ -121,9 +122,6 @@ class SavePipeline:
         incremental: bool,
         manifests: ManifestCache,
     ) -> None:
-        if coord.active and async_save:
-            log.info("async_save is not used in a distributed run: saves are collective and synchronous.")
-            async_save = False
         self.storage = storage
         self.coord = coord
         self.metrics_log = metrics_log
@@ -135,7 +133,8 @@ class SavePipeline:
         self.manifests = manifests
         self.tensor_writer: TensorFileWriter = default_tensor_writer(storage, background=async_save)
         self.stager = Stager()
-        self.background = BackgroundSaves(storage.url)
+        self.shard_stager = ShardStager()
+        self.background = BackgroundSaves(storage.url, collective=coord.active)
         self.reaper = Reaper(storage)  # frees pruned checkpoints' data beside training
         self.locked = False
         self.last_waited_seconds: float | None = None
@@ -179,16 +178,27 @@ class SavePipeline:
     # ---- the stages -----------------------------------------------------------------------------
 
     def save(self, request: SaveRequest) -> None:
-        """Run one save through every stage (the last ones in the background for an async save)."""
+        """Run one save through every stage (the last ones in the background for an async save).
+
+        Distributed: the previous save must be over on every rank first (one save at a time on the
+        background group; a failure of it raises on every rank here). Sharded (DCP) state is
+        copied to host memory here and written by DCP in the background. Preemption saves are
+        synchronous.
+        """
         t0 = time.perf_counter()
         if self.coord.active:
-            self.wait()
+            _, exc = capture_exc(self.wait)
+            agree(self.coord, exc, f"the previous save to {self.storage.url}", "save")
         save = self._capture(request, t0)
         if self.async_save and not request.sync:
+            if self.coord.active and not self.coord.is_primary:
+                save.tensor_files = {}  # rank 0 writes the tensor files
+            if save.sharded:
+                save.staged_shards = self.shard_stager.stage(request.state)
             self._submit(save)
             return
         self.background.result()
-        self._write_and_commit(save)
+        self._write_and_commit(save, self.coord)
         self.run.blocked(time.perf_counter() - t0)
 
     def _capture(self, request: SaveRequest, t0: float) -> _Save:
@@ -244,15 +254,18 @@ class SavePipeline:
         save.fields["waited_seconds"] = round(waited, 6)
         self.last_waited_seconds = waited
         self.run.blocked(blocked)
-        self.background.submit(self._write_and_commit, save)
+        self.background.submit(self._write_and_commit, save, self.coord.for_background())
 
-    def _write_and_commit(self, save: _Save) -> None:
-        """Stages prepare, share, gather, commit and after commit."""
-        step, coord = save.request.step, self.coord
+    def _write_and_commit(self, save: _Save, coord: Coordinator) -> None:
+        """Stages prepare, share, gather, commit and after commit (an async save's ``coord`` is
+        the background one: its collectives run on a group of their own)."""
+        step = save.request.step
         staging = on_primary(coord, lambda: self._prepare(step), f"preparing {self.storage.describe(checkpoint_name(step))}")
         share: tuple[dict[str, dict[str, Any]], str | None] = ({}, None)  # a single process writes no share
         if coord.active:
-            share = write_rank_share(self.storage, staging, coord, save.request.state, save.snap.state, save.sharded)
+            share = write_rank_share(
+                self.storage, staging, coord, save.request.state, save.snap.state, save.sharded, save.staged_shards
+            )
         reports = coord.gather(share)
         manifest: dict[str, Any] = {}
         try:
