@@ -150,3 +150,22 @@ def test_defaults_and_manager_lifecycle(tmp_path: Path) -> None:
     with wd2:
         wd2.beat(5)
     assert not wd2.running
+    with wd2.start():  # a stopped watchdog starts again
+        assert wd2.running
+        with wd2.saving(6):
+            assert wd2.overdue() is None
+    assert not wd2.running
+
+
+def test_deadlines_step_and_save(tmp_path: Path) -> None:
+    wd = Watchdog(LocalStorage(str(tmp_path)), WatchdogOptions(0.2, save_seconds=0.6))  # not started: never fires
+    assert wd.overdue() is None
+    wd.beat(7)
+    time.sleep(0.3)
+    assert "stuck after step 7" in (wd.overdue() or "")
+    with wd.saving(8):  # a save is a heartbeat, then runs under its own deadline
+        time.sleep(0.3)
+        assert wd.overdue() is None
+        time.sleep(0.4)
+        assert "the save of step 8 has blocked" in (wd.overdue() or "")
+    assert wd.overdue() is None  # the save's end is a beat

@@ -126,12 +126,14 @@ class Watchdog:
         self._step: int | None = None
         self._saving: tuple[float, int] | None = None  # (since, step) while the manager saves
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="ckptguard-watchdog", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="ckptguard-watchdog", daemon=True)  # not started
 
     def start(self) -> Watchdog:
-        """Start watching; the clock starts now."""
+        """Start watching (again, after :meth:`stop`); the clock starts now."""
         self.beat()
         if not self._thread.is_alive():
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._watch, name="ckptguard-watchdog", daemon=True)
             self._thread.start()
         return self
 
