@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -25,20 +26,30 @@ from ckptguard.run.watchdog import HANG_EXIT_CODE, HANGS_DIR, Watchdog, Watchdog
 from ckptguard.storage.local import LocalStorage
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "hang.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # now: the S3 fixture sets AWS_*
 
 
 def _python(*args: str, timeout: float = 60) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, str(SCRIPT), *args], env=ENV, text=True, capture_output=True, timeout=timeout)
+    p = subprocess.run([sys.executable, str(SCRIPT), *args], env=_env(), text=True, capture_output=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
 
 
 def _torchrun(*args: str, restarts: int = 0, timeout: float = 120) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            f"--max-restarts={restarts}", str(SCRIPT), *args]
-    p = subprocess.run(cmd, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
-    return p.returncode, p.stdout
+    p = subprocess.Popen(cmd, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the agent and its workers: this test's session only
+        out, _ = p.communicate()
+        pytest.fail(f"torchrun did not end in {timeout} s:\n{out[-6000:]}")
+    return p.returncode, out
 
 
 def _reports(run: Path) -> list[Path]:
@@ -71,6 +82,18 @@ def test_hang_in_user_code_exits_with_stacks_and_keeps_checkpoints(tmp_path: Pat
     mgr.close()
 
 
+@pytest.mark.slow  # a moto server and s3fs in the child: ~25 s
+def test_hang_report_goes_to_an_object_store(s3_url: str) -> None:
+    code, out, _ = _python("user", s3_url)
+    assert code == HANG_EXIT_CODE, out[-3000:]
+    mgr = cg.CheckpointManager(s3_url)
+    (name,) = mgr.storage.listdir(HANGS_DIR)
+    text = mgr.storage.read_bytes(f"{HANGS_DIR}/{name}").decode()
+    assert "in stuck_in_user_code" in text and "stuck after step 3" in text
+    assert mgr.restore(_script().state()) == 3
+    mgr.close()
+
+
 def test_rank_inside_a_gloo_collective_is_reported(tmp_path: Path) -> None:
     run = tmp_path / "run"
     code, out = _torchrun("collective", str(run))
@@ -86,6 +109,7 @@ def test_rank_inside_a_gloo_collective_is_reported(tmp_path: Path) -> None:
         assert entries[-1]["profiling_name"].endswith("all_reduce") and entries[-1]["state"] != "completed"
 
 
+@pytest.mark.slow  # two torchrun attempts: ~25 s
 def test_elastic_restart_after_a_hang_resumes_and_finishes(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()

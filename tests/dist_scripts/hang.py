@@ -108,12 +108,24 @@ def collective(run: str) -> None:
     mgr.close()
 
 
+def init_attempt(attempt: int) -> None:
+    """Join the group through the agent's store under a per-attempt prefix: gloo's address keys of
+    the previous attempt (dead ports) would otherwise be read by the restarted workers."""
+    timeout = datetime.timedelta(seconds=60)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"hang-attempt-{attempt}/", store), rank=rank,
+                            world_size=world, timeout=timeout)
+
+
 def elastic(run: str, out: str, total: int) -> None:
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank, world = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    init_attempt(attempt)
+    rank, world = dist.get_rank(), dist.get_world_size()
     s = state()
     mgr = cg.CheckpointManager(run, every_steps=2)
+    mgr.watchdog(30)  # restoring is watched too (more time: it reads every checkpoint byte)
     start = mgr.restore(s) or 0
     print(f"RANK {rank} ATTEMPT {attempt} FROM {start}", flush=True)
     with mgr.watchdog(3):
