@@ -9,7 +9,8 @@ Modes (argv[1]):
                       sleeps before the all_reduce that rank 0 is already inside.
   elastic RUN OUT TOTAL
                       under torchrun: a small data-parallel loop saving every 2 steps; on the
-                      first attempt (TORCHELASTIC_RESTART_COUNT=0) rank 1 hangs after step 5.
+                      first attempt (TORCHELASTIC_RESTART_COUNT=0) rank 1 hangs after step 5;
+                      each attempt joins under its own store prefix (see init_attempt).
 """
 
 from __future__ import annotations
