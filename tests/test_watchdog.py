@@ -94,6 +94,13 @@ def test_hang_report_goes_to_an_object_store(s3_url: str) -> None:
     mgr.close()
 
 
+def test_a_store_that_never_answers_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    code, out, took = _python("stuck-store", str(tmp_path / "run"))
+    assert code == HANG_EXIT_CODE, out[-3000:]
+    assert took < 30, took
+    assert "Stacks of every thread: stderr" in out and "in stuck_in_user_code" in out
+
+
 def test_rank_inside_a_gloo_collective_is_reported(tmp_path: Path) -> None:
     run = tmp_path / "run"
     code, out = _torchrun("collective", str(run))

@@ -2,6 +2,8 @@
 
 Modes (argv[1]):
   user RUN            one process; saves steps 1..3, then sleeps forever in user code.
+  stuck-store RUN     a bare Watchdog over a store whose writes never return: the report goes to
+                      stderr after dump_seconds, and the process still exits.
   slow-save RUN SAVE_SECONDS
                       one process under watchdog(1); the commit of each save sleeps 2.5 s; saves
                       steps 1..2 and exits 0 unless the save deadline (SAVE_SECONDS, 0: default) fires.
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import ckptguard as cg
+from ckptguard.run.watchdog import Watchdog, WatchdogOptions
 from ckptguard.storage.local import LocalStorage
 from ckptguard.testing import FaultyStorage
 
@@ -40,6 +43,13 @@ class SlowCommit(FaultyStorage):
     def rename_dir(self, src: str, dst: str) -> None:
         time.sleep(self.delay)
         super().rename_dir(src, dst)
+
+
+class StuckStore(FaultyStorage):
+    """A store whose small-object writes never return (a wedged mount, an unreachable bucket)."""
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        stuck_in_user_code()
 
 
 def state() -> cg.TrainState:
@@ -78,6 +88,11 @@ def user(run: str) -> None:
             if step == 3:
                 print("HANGING", flush=True)
                 stuck_in_user_code()
+
+
+def stuck_store(run: str) -> None:
+    Watchdog(StuckStore(LocalStorage(run)), WatchdogOptions(1, dump_seconds=1)).start()
+    stuck_in_user_code()
 
 
 def slow_save(run: str, save_seconds: float) -> None:
@@ -146,6 +161,8 @@ if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "user":
         user(args[0])
+    elif mode == "stuck-store":
+        stuck_store(args[0])
     elif mode == "slow-save":
         slow_save(args[0], float(args[1]))
     elif mode == "collective":

@@ -42,7 +42,7 @@ from ckptguard.run.history import record_events
 from ckptguard.run.lock import LockPolicy
 from ckptguard.run.metrics_log import MetricsLog
 from ckptguard.run.runrecord import RUN_FILE, RunRecord
-from ckptguard.run.watchdog import Watchdog, WatchdogOptions
+from ckptguard.run.watchdog import HANG_EXIT_CODE, Watchdog, WatchdogOptions
 from ckptguard.storage import Storage, open_storage
 from ckptguard.verification.behaviour import Verifier, attach_verifier
 
@@ -351,14 +351,14 @@ class CheckpointManager:
 
     def watchdog(
         self, seconds: float, *, save_seconds: float | None = None, poll_seconds: float | None = None,
-        exit_code: int | None = None,
+        exit_code: int = HANG_EXIT_CODE,
     ) -> Watchdog:
         """Start a hang watchdog: no ``save()`` call (or ``Watchdog.beat()``) for ``seconds`` writes
         every thread's stack to ``RUN/hangs/`` and exits with ``HANG_EXIT_CODE`` (see
         ckptguard.run.watchdog). A save may block for ``save_seconds`` (default 4 x seconds).
         Use it as a context manager around the loop; ``close()`` stops it."""
         self._check_open()
-        options = WatchdogOptions(seconds, save_seconds, poll_seconds, **({} if exit_code is None else {"exit_code": exit_code}))
+        options = WatchdogOptions(seconds, save_seconds, poll_seconds, exit_code=exit_code)
         if self._watchdog is not None:
             self._watchdog.stop()
         self._watchdog = Watchdog(self.storage, options, rank=self._coord.rank).start()
