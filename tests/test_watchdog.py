@@ -159,7 +159,9 @@ def test_save_over_its_deadline_says_the_save_is_slow(tmp_path: Path) -> None:
     "kwargs",
     [{"seconds": 0}, {"seconds": -1}, {"seconds": float("nan")}, {"seconds": float("inf")}, {"seconds": True},
      {"seconds": "5"}, {"seconds": 1, "save_seconds": 0}, {"seconds": 1, "poll_seconds": -2},
-     {"seconds": 1, "dump_seconds": 0}, {"seconds": 1, "exit_code": 0}, {"seconds": 1, "exit_code": 256}],
+     {"seconds": 1, "dump_seconds": 0}, {"seconds": 1, "exit_code": 0}, {"seconds": 1, "exit_code": 256},
+     {"seconds": 1, "collective_timeout": 0}, {"seconds": 60, "collective_timeout": 60},
+     {"seconds": 60, "collective_timeout": 200}],  # the default save deadline (240 s) outlasts it
 )
 def test_options_are_validated(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="WatchdogOptions"):
@@ -169,6 +171,7 @@ def test_options_are_validated(kwargs: dict[str, object]) -> None:
 def test_defaults_and_manager_lifecycle(tmp_path: Path) -> None:
     o = WatchdogOptions(8)
     assert (o.save_deadline, o.poll, o.exit_code) == (32, 1.0, HANG_EXIT_CODE)
+    assert WatchdogOptions(60, save_seconds=120, collective_timeout=600).save_deadline == 120
     with cg.CheckpointManager(tmp_path / "bad") as bad, pytest.raises(ValueError, match="seconds"):
         bad.watchdog(0)
     mgr = cg.CheckpointManager(tmp_path / "run")

@@ -110,7 +110,7 @@ def collective(run: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     mgr = cg.CheckpointManager(run)
-    wd = mgr.watchdog(2)
+    wd = mgr.watchdog(2, collective_timeout=60)  # fires long before gloo's 60 s timeout
     t = torch.ones(4)
     dist.all_reduce(t)  # both ranks reach it: a step completes
     wd.beat(1)
@@ -144,7 +144,7 @@ def elastic(run: str, out: str, total: int) -> None:
     mgr.watchdog(30)  # restoring is watched too (more time: it reads every checkpoint byte)
     start = mgr.restore(s) or 0
     print(f"RANK {rank} ATTEMPT {attempt} FROM {start}", flush=True)
-    with mgr.watchdog(3):
+    with mgr.watchdog(3, collective_timeout=60):
         for step in range(start + 1, total + 1):
             step_once(s, step, world)
             mgr.save(step, s)

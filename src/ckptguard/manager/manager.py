@@ -351,14 +351,17 @@ class CheckpointManager:
 
     def watchdog(
         self, seconds: float, *, save_seconds: float | None = None, poll_seconds: float | None = None,
-        exit_code: int = HANG_EXIT_CODE,
+        exit_code: int = HANG_EXIT_CODE, collective_timeout: float | None = None,
     ) -> Watchdog:
         """Start a hang watchdog: no ``save()`` call (or ``Watchdog.beat()``) for ``seconds`` writes
         every thread's stack to ``RUN/hangs/`` and exits with ``HANG_EXIT_CODE`` (see
-        ckptguard.run.watchdog). A save may block for ``save_seconds`` (default 4 x seconds).
+        ckptguard.run.watchdog). A save may block for ``save_seconds`` (default 4 x seconds);
+        ``collective_timeout`` (the process group's, in seconds) checks both are shorter.
         Use it as a context manager around the loop; ``close()`` stops it."""
         self._check_open()
-        options = WatchdogOptions(seconds, save_seconds, poll_seconds, exit_code=exit_code)
+        options = WatchdogOptions(
+            seconds, save_seconds, poll_seconds, exit_code=exit_code, collective_timeout=collective_timeout
+        )
         if self._watchdog is not None:
             self._watchdog.stop()
         self._watchdog = Watchdog(self.storage, options, rank=self._coord.rank).start()

@@ -56,6 +56,9 @@ class WatchdogOptions:
         poll_seconds: how often the thread looks (default ``min(1, seconds / 4)``).
         dump_seconds: the most time spent writing the report before exiting anyway.
         exit_code: the process's exit status after a hang.
+        collective_timeout: the ``init_process_group(timeout=...)`` in seconds, if known: both
+            deadlines must then be shorter, so that the watchdog fires (and leaves Python stacks)
+            before the collective's own timeout does.
     """
 
     seconds: float
@@ -63,9 +66,10 @@ class WatchdogOptions:
     poll_seconds: float | None = None
     dump_seconds: float = 20.0
     exit_code: int = HANG_EXIT_CODE
+    collective_timeout: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("seconds", "save_seconds", "poll_seconds", "dump_seconds"):
+        for name in ("seconds", "save_seconds", "poll_seconds", "dump_seconds", "collective_timeout"):
             value = getattr(self, name)
             if value is None and name != "seconds":
                 continue
@@ -73,6 +77,13 @@ class WatchdogOptions:
                 raise ValueError(f"WatchdogOptions.{name} must be a positive number of seconds, got {value!r}")
         if isinstance(self.exit_code, bool) or not isinstance(self.exit_code, int) or not 1 <= self.exit_code <= 255:
             raise ValueError(f"WatchdogOptions.exit_code must be an exit status in 1..255, got {self.exit_code!r}")
+        limit = self.collective_timeout
+        if limit is not None and max(self.seconds, self.save_deadline) >= limit:
+            raise ValueError(
+                f"WatchdogOptions: seconds={self.seconds:g} and the save deadline {self.save_deadline:g} s must be "
+                f"shorter than collective_timeout={limit:g} s, or the collective times out first and no Python "
+                "stacks are written; lower them or raise init_process_group(timeout=...)"
+            )
 
     @property
     def save_deadline(self) -> float:
