@@ -116,6 +116,16 @@ def test_rank_inside_a_gloo_collective_is_reported(tmp_path: Path) -> None:
         assert entries[-1]["profiling_name"].endswith("all_reduce") and entries[-1]["state"] != "completed"
 
 
+def test_rank_waiting_in_a_save_for_a_late_rank_blames_the_save(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, out = _torchrun("collective", str(run), "save")
+    assert code != 0 and f"exitcode: {HANG_EXIT_CODE}" in out, out[-4000:]
+    (report,) = _reports(run)
+    text = report.read_text()
+    assert "rank0" in report.name and "the save of step 2 has blocked" in text and "never reached it" in text
+    assert "in save" in text and "agree_save" in text
+
+
 @pytest.mark.slow  # two torchrun attempts: ~25 s
 def test_elastic_restart_after_a_hang_resumes_and_finishes(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "out"

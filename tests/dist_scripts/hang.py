@@ -7,8 +7,9 @@ Modes (argv[1]):
   slow-save RUN SAVE_SECONDS
                       one process under watchdog(1); the commit of each save sleeps 2.5 s; saves
                       steps 1..2 and exits 0 unless the save deadline (SAVE_SECONDS, 0: default) fires.
-  collective RUN      one of two ranks (RANK/WORLD_SIZE/MASTER_* in the environment): rank 1
-                      sleeps before the all_reduce that rank 0 is already inside.
+  collective RUN [save]
+                      under torchrun: rank 1 is late (alive, beating) for the all_reduce (or, with
+                      ``save``, the save) that rank 0 is already inside.
   elastic RUN OUT TOTAL
                       under torchrun: a small data-parallel loop saving every 2 steps; on the
                       first attempt (TORCHELASTIC_RESTART_COUNT=0) rank 1 hangs after step 5;
@@ -106,11 +107,13 @@ def slow_save(run: str, save_seconds: float) -> None:
     print("DONE", flush=True)
 
 
-def collective(run: str) -> None:
+def collective(run: str, in_save: bool) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
+    s = state()
     mgr = cg.CheckpointManager(run)
-    wd = mgr.watchdog(2, collective_timeout=60)  # fires long before gloo's 60 s timeout
+    mgr.save(1, s, force=True)  # the first save imports what a save needs, before the watch
+    wd = mgr.watchdog(2, save_seconds=3, collective_timeout=60)  # fires long before gloo's 60 s timeout
     t = torch.ones(4)
     dist.all_reduce(t)  # both ranks reach it: a step completes
     wd.beat(1)
@@ -119,7 +122,10 @@ def collective(run: str) -> None:
             time.sleep(0.5)
             wd.beat(1)
     print(f"RANK {rank} ENTERS", flush=True)
-    dist.all_reduce(t)
+    if in_save:
+        mgr.save(2, s, force=True)  # the save's agreement is a collective too
+    else:
+        dist.all_reduce(t)
     wd.beat(2)
     mgr.close()
 
@@ -166,6 +172,6 @@ if __name__ == "__main__":
     elif mode == "slow-save":
         slow_save(args[0], float(args[1]))
     elif mode == "collective":
-        collective(args[0])
+        collective(args[0], args[1:] == ["save"])
     else:
         elastic(args[0], args[1], int(args[2]))
