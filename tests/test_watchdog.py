@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -68,10 +69,12 @@ def test_hang_in_user_code_exits_with_stacks_and_keeps_checkpoints(tmp_path: Pat
     run = tmp_path / "run"
     code, out, took = _python("user", str(run))
     assert code == HANG_EXIT_CODE, out[-3000:]
-    assert took < 30, took
+    assert took < 90, took  # imports included, on a loaded machine
     (report,) = _reports(run)
     text = report.read_text()
     assert "stuck after step 3" in text and "no step completed" in text
+    waited = float(re.search(r"no step completed for ([0-9.]+) s", text).group(1))  # type: ignore[union-attr]
+    assert 2 <= waited < 10, waited  # fired soon after the 2 s deadline
     assert "in stuck_in_user_code" in text and "time.sleep(3600)" in text  # the sleeping frame
     assert "thread MainThread" in text and "thread ckptguard-watchdog" in text
     assert str(report) in out and "Hang on rank 0" in out  # the ERROR names the file
@@ -97,7 +100,7 @@ def test_hang_report_goes_to_an_object_store(s3_url: str) -> None:
 def test_a_store_that_never_answers_does_not_keep_the_process_alive(tmp_path: Path) -> None:
     code, out, took = _python("stuck-store", str(tmp_path / "run"))
     assert code == HANG_EXIT_CODE, out[-3000:]
-    assert took < 30, took
+    assert took < 90, took  # imports included; the report gave up after dump_seconds=1
     assert "Stacks of every thread: stderr" in out and "in stuck_in_user_code" in out
 
 
