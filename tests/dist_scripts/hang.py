@@ -5,7 +5,7 @@ Modes (argv[1]):
   stuck-store RUN     a bare Watchdog over a store whose writes never return: the report goes to
                       stderr after dump_seconds, and the process still exits.
   slow-save RUN SAVE_SECONDS
-                      one process under watchdog(1); the commit of each save sleeps 2.5 s; saves
+                      one process under watchdog(2); the commit of each save sleeps 2.5 s; saves
                       steps 1..2 and exits 0 unless the save deadline (SAVE_SECONDS, 0: default) fires.
   collective RUN [save]
                       under torchrun: rank 1 is late (alive, beating) for the all_reduce (or, with
@@ -82,6 +82,7 @@ def stuck_in_user_code() -> None:
 def user(run: str) -> None:
     s = state()
     mgr = cg.CheckpointManager(run)
+    step_once(s, 0)  # warm up (first autograd call) before the watch: a loaded machine is slow
     with mgr.watchdog(2):
         for step in range(1, 100):
             step_once(s, step)
@@ -99,7 +100,8 @@ def stuck_store(run: str) -> None:
 def slow_save(run: str, save_seconds: float) -> None:
     s = state()
     mgr = cg.CheckpointManager(SlowCommit(run, 2.5))
-    with mgr.watchdog(1, save_seconds=save_seconds or None):
+    step_once(s, 0)
+    with mgr.watchdog(2, save_seconds=save_seconds or None):  # the 2.5 s save outlasts the step deadline
         for step in range(1, 3):
             step_once(s, step)
             mgr.save(step, s, force=step == 1)  # one slow save, then a step that only beats
