@@ -42,6 +42,7 @@ from ckptguard.run.history import record_events
 from ckptguard.run.lock import LockPolicy
 from ckptguard.run.metrics_log import MetricsLog
 from ckptguard.run.runrecord import RUN_FILE, RunRecord
+from ckptguard.run.watchdog import HANG_EXIT_CODE, Watchdog, WatchdogOptions
 from ckptguard.storage import Storage, open_storage
 from ckptguard.verification.behaviour import Verifier, attach_verifier
 
@@ -132,6 +133,7 @@ class CheckpointManager:
             lock=lock, async_save=async_save, incremental=incremental, manifests=self._manifests,
         )
         self._preemption = Preemption()
+        self._watchdog: Watchdog | None = None
         self._closed = False
         self.last_restore_report: Any = None
         self.verifier: Verifier | None = None if probe is None else attach_verifier(
@@ -184,6 +186,12 @@ class CheckpointManager:
         """
         self._check_open()
         step = as_step(step, self.storage.url)  # before anything is written (metrics.csv included)
+        if self._watchdog is None:
+            return self._save(step, state, metrics, force)
+        with self._watchdog.saving(step):  # a heartbeat; the save deadline applies meanwhile
+            return self._save(step, state, metrics, force)
+
+    def _save(self, step: int, state: TrainState, metrics: Mapping[str, Any] | None, force: bool) -> bool:
         self._saves.background.raise_if_failed()
         if not self._coord.active:
             self._saves.acquire_lock()  # a writer from its first save() (metrics.csv included)
@@ -327,6 +335,8 @@ class CheckpointManager:
             return
         try:
             self._closed = True
+            if self._watchdog is not None:
+                self._watchdog.stop()
             self._saves.close()
         finally:
             lost = self._saves.lock is not None and self._saves.lock.lost  # the run is another writer's now
@@ -338,6 +348,24 @@ class CheckpointManager:
                 self._run_record.session["clean"] = not self._run_record.session["preempted"]
                 self._run_record.write(save_interval=self.schedule.describe())
             self._saves.release_lock()
+
+    def watchdog(
+        self, seconds: float, *, save_seconds: float | None = None, poll_seconds: float | None = None,
+        exit_code: int = HANG_EXIT_CODE, collective_timeout: float | None = None,
+    ) -> Watchdog:
+        """Start a hang watchdog: no ``save()`` call (or ``Watchdog.beat()``) for ``seconds`` writes
+        every thread's stack to ``RUN/hangs/`` and exits with ``HANG_EXIT_CODE`` (see
+        ckptguard.run.watchdog). A save may block for ``save_seconds`` (default 4 x seconds);
+        ``collective_timeout`` (the process group's, in seconds) checks both are shorter.
+        Use it as a context manager around the loop; ``close()`` stops it."""
+        self._check_open()
+        options = WatchdogOptions(
+            seconds, save_seconds, poll_seconds, exit_code=exit_code, collective_timeout=collective_timeout
+        )
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self._watchdog = Watchdog(self.storage, options, rank=self._coord.rank).start()
+        return self._watchdog
 
     def _check_open(self) -> None:
         if self._closed:
