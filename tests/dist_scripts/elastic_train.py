@@ -96,7 +96,10 @@ def main() -> None:
     step = mgr.restore(state) or 0
     with open(os.path.join(args.out, f"attempts-rank{rank}.txt"), "a") as f:
         f.write(f"{attempt} {world} {step}\n")
-    first = attempt == 0 and rank == args.kill_rank
+    # the fault fires once per run: on the first attempt, and not again on a worker of another
+    # "node" whose agent was restarted by the membership change (its restart count stays 0)
+    marker = os.path.join(args.out, "fault-fired")
+    first = attempt == 0 and rank == args.kill_rank and not os.path.exists(marker)
     with mgr.preemption_guard():
         while step < args.total:
             for xb, yb, ids in loader:
@@ -110,6 +113,8 @@ def main() -> None:
                 state.extra["seen"] += len(xb)
                 with open(os.path.join(args.out, f"samples-rank{rank}.txt"), "a") as f:
                     f.write(" ".join(str(v) for v in (step, attempt, world, *ids.tolist())) + "\n")
+                if first and step in (args.kill_step, args.kill_in_save):
+                    open(marker, "w").close()
                 if first and step == args.kill_step:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if first and step == args.kill_in_save:
