@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 
@@ -194,3 +195,45 @@ def test_world_size_2_then_1_then_2_keeps_the_global_sample_position(tmp_path: P
     assert pos == 208  # every sample of epochs 0 and 1 exactly once, then 16 of epoch 2
     for r in (0, 1):
         assert _final(out, r)["sampler"]["global_consumed"] == 208 - 192 and _final(out, r)["sampler"]["epoch"] == 2
+
+
+def _max_step(out: Path) -> int:
+    steps = [0]
+    for f in out.glob("samples-rank*.txt"):
+        steps += [int(line.split()[0]) for line in f.read_text().splitlines() if line.strip()]
+    return max(steps)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")
+def test_a_whole_node_killed_and_replaced_by_a_fresh_one(reference: Path, tmp_path: Path) -> None:
+    """SIGKILL a whole "node" (its agent and its worker) mid-run and start a fresh agent, with a
+    fresh local directory, in its place: the run completes, bit-exact per rank."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    port, rdzv_id = _free_port(), f"elastic-{uuid.uuid4().hex[:8]}"
+    launch = ["--nnodes=2", "--nproc-per-node=1", "--max-restarts=2", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}"]
+
+    def node(i: int) -> subprocess.Popen[str]:
+        local = tmp_path / f"node{i}"
+        local.mkdir()
+        return _torchrun(launch, run, out, "--step-sleep", "0.3", env=_env(TMPDIR=str(local)))
+
+    first = node(0)  # started first: it hosts the rendezvous store (the node that stays)
+    time.sleep(3)
+    doomed = node(1)
+    deadline = time.monotonic() + 180
+    while _max_step(out) < 6:
+        assert time.monotonic() < deadline and first.poll() is None and doomed.poll() is None
+        time.sleep(0.1)
+    # the agent and its worker (torchrun starts each worker in a session of its own), no goodbye
+    for proc in [psutil.Process(doomed.pid), *psutil.Process(doomed.pid).children(recursive=True)]:
+        proc.kill()
+    doomed.communicate(timeout=30)
+    killed_at = _max_step(out)
+    fresh = node(2)
+    results = [_finish(first), _finish(fresh)]
+    assert [code for code, _ in results] == [0, 0], "\n".join(text[-3000:] for _, text in results)
+    _assert_same_as_reference(out, reference)
+    restored = {_attempts(out, r)[-1][2] for r in (0, 1)}
+    assert len(restored) == 1 and 4 <= restored.pop() <= killed_at  # the newest step all ranks agreed on

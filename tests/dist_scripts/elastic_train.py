@@ -24,6 +24,7 @@ import os
 import random
 import signal
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--kill-step", type=int, default=-1)
     ap.add_argument("--kill-in-save", type=int, default=-1)
     ap.add_argument("--kill-op", type=int, default=1)
+    ap.add_argument("--step-sleep", type=float, default=0.0)
     args = ap.parse_args()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     dist.init_process_group("gloo")
@@ -113,6 +115,7 @@ def main() -> None:
                 state.extra["seen"] += len(xb)
                 with open(os.path.join(args.out, f"samples-rank{rank}.txt"), "a") as f:
                     f.write(" ".join(str(v) for v in (step, attempt, world, *ids.tolist())) + "\n")
+                time.sleep(args.step_sleep)  # lets a test kill a whole "node" mid-run
                 if first and step in (args.kill_step, args.kill_in_save):
                     open(marker, "w").close()
                 if first and step == args.kill_step:
