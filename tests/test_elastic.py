@@ -116,15 +116,25 @@ def test_rank_sigkilled_mid_training_restarts_all_and_resumes_bit_exact(referenc
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
 
 
+# where the SIGKILL lands in the save of step 12: (rank, the file it is creating); rank 0 writes the
+# replicated tensors, every rank its own rank file, rank 0 the manifest last (then the commit)
+KILLS_IN_SAVE = [(0, "model.safetensors"), (0, "optimizer.safetensors"), (0, "state.json"),
+                 (0, "rank-00000.json"), (1, "rank-00001.json"), (0, "MANIFEST.json")]
+DEFAULT_KILL = (0, "MANIFEST.json")  # everything written, nothing committed yet
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not FULL, reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")
-@pytest.mark.parametrize("rank", [0, 1], ids=["rank0-writing-weights", "rank1-writing-its-rank-file"])
+@pytest.mark.parametrize(
+    ("rank", "name"),
+    [pytest.param(*k, marks=[] if FULL or k == DEFAULT_KILL else [pytest.mark.skip(reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")])
+     for k in KILLS_IN_SAVE],
+    ids=[f"rank{r}-creating-{n}" for r, n in KILLS_IN_SAVE],
+)
 def test_rank_sigkilled_inside_a_save_resumes_from_the_previous_commit(
-    reference: Path, tmp_path: Path, rank: int
+    reference: Path, tmp_path: Path, rank: int, name: str
 ) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
-    # the first file this rank creates in the save of step 12 (rank 0: the weights; rank 1: its rank file)
-    _standalone(run, out, "--kill-rank", str(rank), "--kill-in-save", "12", "--kill-op", "1")
+    _standalone(run, out, "--kill-rank", str(rank), "--kill-in-save", "12", "--kill-file", name)
     _assert_same_as_reference(out, reference)
     for r in (0, 1):
         assert _attempts(out, r) == [(0, 2, 0), (1, 2, 8)]  # step 12 was never committed

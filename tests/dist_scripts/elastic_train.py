@@ -6,8 +6,8 @@ AdamW + LR scheduler, ``mgr.restore(state)`` at start, ``mgr.save`` every few st
 (``TORCHELASTIC_RESTART_COUNT == 0``):
 
 - ``--kill-rank R --kill-step K``: rank R SIGKILLs itself right after training step K;
-- ``--kill-in-save K``: rank R SIGKILLs itself inside the save of step K, at the ``--kill-op``-th
-  file it creates (through a :class:`ckptguard.testing.FaultyStorage` subclass).
+- ``--kill-in-save K``: rank R SIGKILLs itself inside the save of step K, when it creates the
+  file ``--kill-file`` (through a :class:`ckptguard.testing.FaultyStorage` subclass).
 
 Every rank logs the sample ids of each step (``samples-rank{R}.txt``, appended, one line per step:
 ``step attempt world id id ...``) and its restores (``attempts-rank{R}.txt``); at the end it writes
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--kill-step", type=int, default=-1)
     ap.add_argument("--kill-in-save", type=int, default=-1)
-    ap.add_argument("--kill-op", type=int, default=1)
+    ap.add_argument("--kill-file", default="*", help="the file (a glob) whose creation kills the rank")
     ap.add_argument("--step-sleep", type=float, default=0.0)
     args = ap.parse_args()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -121,7 +121,8 @@ def main() -> None:
                 if first and step == args.kill_step:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if first and step == args.kill_in_save:
-                    storage.arm(args.kill_op)
+                    storage.path = f"*/{args.kill_file}"
+                    storage.arm(1)
                 mgr.save(step, state, metrics={"loss": loss.item()})
                 if step >= args.total:
                     break
