@@ -1,0 +1,142 @@
+"""A user-shaped DDP training program for tests/test_elastic.py, run under a real ``torchrun``.
+
+What a user writes: gloo DDP, a small model with dropout, ``cg.ResumableSampler`` + DataLoader,
+AdamW + LR scheduler, ``mgr.restore(state)`` at start, ``mgr.save`` every few steps, inside
+``mgr.preemption_guard()``. The faults come from the test, on the first attempt only
+(``TORCHELASTIC_RESTART_COUNT == 0``):
+
+- ``--kill-rank R --kill-step K``: rank R SIGKILLs itself right after training step K;
+- ``--kill-in-save K``: rank R SIGKILLs itself inside the save of step K, when it creates the
+  file ``--kill-file`` (through a :class:`ckptguard.testing.FaultyStorage` subclass).
+
+Every rank logs the sample ids of each step (``samples-rank{R}.txt``, appended, one line per step:
+``step attempt world id id ...``) and its restores (``attempts-rank{R}.txt``); at the end it writes
+``final-rank{R}.json``: a digest of its final weights, a draw from each of its RNGs, the restart
+count and the world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import ckptguard as cg
+from ckptguard.storage.local import LocalStorage
+from ckptguard.testing import FaultyStorage
+from trainlib import Net, NoisyDataset
+
+
+class KillingStorage(FaultyStorage):
+    """When the armed operation comes, the process dies by SIGKILL (no cleanup, no ``finally``)."""
+
+    def tick(self, call: str, path: str) -> None:
+        if self.fail_at is not None and self.counts(call, path) and self.count + 1 == self.fail_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().tick(call, path)
+
+
+class IndexedDataset(NoisyDataset):
+    def __getitem__(self, i: int) -> Any:
+        x, y = super().__getitem__(i)
+        return x, y, i
+
+
+def digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("out")
+    ap.add_argument("--total", type=int, default=16)
+    ap.add_argument("--every", type=int, default=4)
+    ap.add_argument("--kill-rank", type=int, default=-1)
+    ap.add_argument("--kill-step", type=int, default=-1)
+    ap.add_argument("--kill-in-save", type=int, default=-1)
+    ap.add_argument("--kill-file", default="*", help="the file (a glob) whose creation kills the rank")
+    ap.add_argument("--step-sleep", type=float, default=0.0)
+    args = ap.parse_args()
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.makedirs(args.out, exist_ok=True)
+
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(Net())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
+    ds = IndexedDataset(96)
+    sampler = cg.ResumableSampler(ds, shuffle=True, seed=0, num_replicas=world, rank=rank)
+    loader = DataLoader(ds, batch_size=8, sampler=sampler)
+    torch.manual_seed(1000 + rank)  # per-rank streams: dropout differs per rank
+    random.seed(1000 + rank)
+    np.random.seed(1000 + rank)
+    state = cg.TrainState(model=model, optimizer=opt, scheduler=sched, dataloader=loader, extra={"seen": 0})
+
+    os.makedirs(args.run, exist_ok=True)
+    storage = KillingStorage(LocalStorage(args.run), ops={"create"})
+    mgr = cg.CheckpointManager(storage, every_steps=args.every)
+    step = mgr.restore(state) or 0
+    with open(os.path.join(args.out, f"attempts-rank{rank}.txt"), "a") as f:
+        f.write(f"{attempt} {world} {step}\n")
+    # the fault fires once per run: on the first attempt, and not again on a worker of another
+    # "node" whose agent was restarted by the membership change (its restart count stays 0)
+    marker = os.path.join(args.out, "fault-fired")
+    first = attempt == 0 and rank == args.kill_rank and not os.path.exists(marker)
+    with mgr.preemption_guard():
+        while step < args.total:
+            for xb, yb, ids in loader:
+                noise = 1.0 + 0.01 * random.random() + 0.01 * float(np.random.rand())
+                loss = torch.nn.functional.cross_entropy(model(xb * noise), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                state.extra["seen"] += len(xb)
+                with open(os.path.join(args.out, f"samples-rank{rank}.txt"), "a") as f:
+                    f.write(" ".join(str(v) for v in (step, attempt, world, *ids.tolist())) + "\n")
+                time.sleep(args.step_sleep)  # lets a test kill a whole "node" mid-run
+                if first and step in (args.kill_step, args.kill_in_save):
+                    open(marker, "w").close()
+                if first and step == args.kill_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if first and step == args.kill_in_save:
+                    storage.path = f"*/{args.kill_file}"
+                    storage.arm(1)
+                mgr.save(step, state, metrics={"loss": loss.item()})
+                if step >= args.total:
+                    break
+    mgr.save(step, state, force=True)  # the last step, whatever the schedule (a no-op if saved)
+    mgr.close()
+    doc = {
+        "step": step, "weights": digest(model.module), "attempt": attempt, "world": world,
+        "rng": [torch.rand(3).tolist(), random.random(), float(np.random.rand())],
+        "sampler": sampler.state_dict(), "seen": state.extra["seen"],
+    }
+    with open(os.path.join(args.out, f"final-rank{rank}.json"), "w") as f:
+        json.dump(doc, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
