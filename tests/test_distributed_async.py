@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import ckptguard as cg
 
-pytestmark = [pytest.mark.xdist_group("distributed")]
+pytestmark = [pytest.mark.xdist_group("dist")]  # every torchrun test on one worker: two at once overload 2 cores
 SCRIPT = Path(__file__).parent / "dist_scripts" / "async_train.py"
 TOTAL = 14  # async_train.TOTAL
 TRAIN_TIMEOUT, DELAY, STEPS = 2.0, 3.0, 20  # the training group's timeout; one rank's slow checkpoint part; steps trained meanwhile

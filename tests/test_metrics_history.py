@@ -182,3 +182,19 @@ def test_a_torn_or_empty_header_starts_a_clean_file(tmp_path: Path, cut_in: str)
     lines = (run / METRICS_FILE).read_text().splitlines()
     assert lines[0] == "step,wall_time,loss" and lines[1].startswith("1,") and lines[1].endswith(",0.5")
     assert len(lines) == 2
+
+
+def test_a_failing_periodic_flush_never_stops_training_and_loses_no_row(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """record() flushes every flush_seconds beside the loop; a storage error there (a full disk, a
+    run directory not made yet) is logged, the rows stay pending and the next flush writes them."""
+    (tmp_path / "run").mkdir()
+    fs = FaultyStorage(LocalStorage(tmp_path / "run"), fail_at=1, ops={"create", "append", "replace"}, path="metrics.csv*", sticky=True)
+    log_ = MetricsLog(fs, flush_seconds=0.0)
+    with caplog.at_level("WARNING", logger="ckptguard.run.metrics_log"):
+        for step in (1, 2, 3):
+            log_.record(step, {"loss": 1.0 / step})  # each one tries to flush and fails: no exception
+    assert "Could not append to" in caplog.text and "retried at the next save" in caplog.text
+    fs.arm(None)  # the disk is back
+    log_.flush()
+    _, rows = read_metrics(LocalStorage(tmp_path / "run"))
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["loss"] == pytest.approx(1 / 3)

@@ -104,6 +104,7 @@ def test_a_store_that_never_answers_does_not_keep_the_process_alive(tmp_path: Pa
     assert "Stacks of every thread: stderr" in out and "in stuck_in_user_code" in out
 
 
+@pytest.mark.xdist_group("dist")  # torchrun tests share one worker
 def test_rank_inside_a_gloo_collective_is_reported(tmp_path: Path) -> None:
     run = tmp_path / "run"
     code, out = _torchrun("collective", str(run))
@@ -119,6 +120,7 @@ def test_rank_inside_a_gloo_collective_is_reported(tmp_path: Path) -> None:
         assert entries[-1]["profiling_name"].endswith("all_reduce") and entries[-1]["state"] != "completed"
 
 
+@pytest.mark.xdist_group("dist")  # torchrun tests share one worker
 def test_rank_waiting_in_a_save_for_a_late_rank_blames_the_save(tmp_path: Path) -> None:
     run = tmp_path / "run"
     code, out = _torchrun("collective", str(run), "save")
@@ -130,6 +132,7 @@ def test_rank_waiting_in_a_save_for_a_late_rank_blames_the_save(tmp_path: Path) 
 
 
 @pytest.mark.slow  # two torchrun attempts: ~25 s
+@pytest.mark.xdist_group("dist")
 def test_elastic_restart_after_a_hang_resumes_and_finishes(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()

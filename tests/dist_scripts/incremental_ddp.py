@@ -65,6 +65,9 @@ def main() -> None:
         opt.step()
         step += 1
         mgr.save(step, state, metrics={"loss": float(loss)})
+        if step == 1 and rank == 0:  # metrics before the first checkpoint (every 3 steps) of a fresh run:
+            mgr.metrics_log.flush()  # rank 0 holds the run (its lock made the directory) from its first save()
+            assert os.path.exists(os.path.join(args.run, "metrics.csv"))
     mgr.save(step, state, force=True)
     mgr.close()
     h = hashlib.sha256()

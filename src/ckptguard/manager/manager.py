@@ -24,7 +24,7 @@ import torch
 
 from ckptguard.capture.configdrift import log_config_drift
 from ckptguard.capture.state import TrainState, capture
-from ckptguard.distributed.coordination import coordinator
+from ckptguard.distributed.coordination import coordinator, on_primary
 from ckptguard.errors import CheckpointError
 from ckptguard.format.manifest import as_step
 from ckptguard.manager.options import checked_retention, checked_run_id, initial_schedule
@@ -127,6 +127,7 @@ class CheckpointManager:
         self.last_blocked_seconds: float | None = None
         self.metrics_log = MetricsLog(self.storage)
         self._coord = coordinator()  # torch.distributed: rank 0 locks, commits, curates
+        self._lock_agreed = False  # distributed: rank 0 took the lock at the first save() call
         self._saves = SavePipeline(
             self.storage, self._coord, self.metrics_log,
             RunCallbacks(self._run_fields, self._blocked, self._saved, self._committed, self._apply_retention),
@@ -195,6 +196,9 @@ class CheckpointManager:
         self._saves.background.raise_if_failed()
         if not self._coord.active:
             self._saves.acquire_lock()  # a writer from its first save() (metrics.csv included)
+        elif not self._lock_agreed:  # every rank's first save() call: rank 0 locks, all hear how it went
+            on_primary(self._coord, self._saves.acquire_lock, f"taking the writer lock of {self.storage.url}")
+            self._lock_agreed = True
         if metrics and self._coord.is_primary:
             self.metrics_log.record(step, metrics)
         due, code = self._coord.agree_save(step, force or self.schedule.due(step), self._preemption.code())

@@ -166,7 +166,10 @@ class MetricsLog:
             row[name] = v
         self._pending.append(row)
         if time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
+            try:
+                self.flush()
+            except CheckpointError as e:  # the rows stay pending: the next flush (every save) retries
+                log.warning("Could not append to %s (%s); retried at the next save.", self.storage.describe(METRICS_FILE), e)
 
     def flush(self) -> None:
         if not self._pending:
