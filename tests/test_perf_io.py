@@ -31,9 +31,9 @@ from ckptguard.persist.parallel_io import (
     Segment,
     _pieces,
     _segments,
+    stream_tensor_file,
     write_segments,
 )
-from ckptguard.persist.writer import write_local_tensor_file
 from ckptguard.storage import open_storage
 from ckptguard.storage.base import Writer
 
@@ -64,7 +64,7 @@ def _tensors() -> dict[str, torch.Tensor]:
 def test_parallel_writer_matches_sequential_bytes(tmp_path: Path, writer: ParallelTensorWriter) -> None:
     storage = open_storage(tmp_path)
     tensors = _tensors()
-    expected = write_local_tensor_file(storage, "seq.safetensors", tensors)
+    expected = stream_tensor_file(storage, "seq.safetensors", tensors)
     entry = writer(storage, "par.safetensors", tensors)
     assert entry == expected  # same per-tensor digests, header digest and Merkle root
     assert filecmp.cmp(tmp_path / "seq.safetensors", tmp_path / "par.safetensors", shallow=False)

@@ -31,9 +31,9 @@ from ckptguard.manager.options import checked_retention, checked_run_id, initial
 from ckptguard.manager.preemption import Preemption
 from ckptguard.manager.restoring import newer_than, restore_first_valid, select_candidates, supersede
 from ckptguard.manager.saving import RunCallbacks, SavePipeline, SaveRequest
+from ckptguard.persist.parallel_io import TensorSink
 from ckptguard.persist.prune import apply_decisions
 from ckptguard.persist.reader import CheckpointReader
-from ckptguard.persist.writer import TensorFileWriter
 from ckptguard.policies.pins import check_not_foreign, new_run_id, pin, pinned_steps, plan_own_lineage, unpin
 from ckptguard.policies.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.policies.retention import Decision, Retention
@@ -311,12 +311,12 @@ class CheckpointManager:
         return self._saves.stager.buffers
 
     @property
-    def tensor_writer(self) -> TensorFileWriter:
+    def tensor_writer(self) -> TensorSink:
         """What writes each tensor file (``default_tensor_writer``); replaceable (``ParallelTensorWriter``)."""
         return self._saves.tensor_writer
 
     @tensor_writer.setter
-    def tensor_writer(self, writer: TensorFileWriter) -> None:
+    def tensor_writer(self, writer: TensorSink) -> None:
         self._saves.tensor_writer = writer
 
     @property

@@ -40,9 +40,9 @@ from ckptguard.format.manifest import checkpoint_name
 from ckptguard.persist.background import BackgroundSaves, Reaper
 from ckptguard.persist.gc import collect_garbage
 from ckptguard.persist.incremental import IncrementalRun
-from ckptguard.persist.parallel_io import default_tensor_writer
+from ckptguard.persist.parallel_io import TensorSink, default_tensor_writer
 from ckptguard.persist.staging import Stager
-from ckptguard.persist.writer import TensorFileWriter, begin_checkpoint, clean_debris, write_checkpoint
+from ckptguard.persist.writer import begin_checkpoint, clean_debris, write_checkpoint
 from ckptguard.run.catalog import ManifestCache
 from ckptguard.run.lock import LockPolicy, RunLock
 from ckptguard.run.metrics_log import MetricsLog, plain_metrics
@@ -131,7 +131,7 @@ class SavePipeline:
         self.async_save = async_save
         self.incremental = IncrementalRun(storage, manifests=manifests) if incremental else None
         self.manifests = manifests
-        self.tensor_writer: TensorFileWriter = default_tensor_writer(storage, background=async_save)
+        self.tensor_writer: TensorSink = default_tensor_writer(storage, background=async_save)
         self.stager = Stager()
         self.shard_stager = ShardStager()
         self.background = BackgroundSaves(storage.url, collective=coord.active)

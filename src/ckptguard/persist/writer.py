@@ -24,12 +24,12 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CommitUnknownError, StorageUnavailableError
 from ckptguard.format.manifest import FORMAT, FORMAT_VERSION, MANIFEST, checkpoint_name, encode_manifest, parse_step
 from ckptguard.format.tensorfile import digest_bytes
-from ckptguard.persist.parallel_io import stream_tensor_file, write_file
+from ckptguard.persist.parallel_io import TensorSink, stream_tensor_file, write_file
 from ckptguard.run.catalog import UNCOMMITTED, find_debris, find_unknown, is_empty_dir
 from ckptguard.storage.base import Storage, join
 
@@ -37,20 +37,11 @@ if TYPE_CHECKING:  # tensors arrive from callers; pruning imports no torch
     import torch
 
 __all__ = [
-    "FileWriters", "TensorFileWriter", "begin_checkpoint", "clean_debris", "commit_manifest", "delete_checkpoint", "write_checkpoint",
+    "FileWriters", "begin_checkpoint", "clean_debris", "commit_manifest", "delete_checkpoint", "write_checkpoint",
     "write_file",
 ]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-# A writer of one tensor file: (storage, relpath, tensors) -> manifest entry. Incremental saves
-# and parallel writers plug in here.
-TensorFileWriter = Callable[[Storage, str, "Mapping[str, torch.Tensor]"], dict[str, Any]]
-
-
-# The generic tensor sink (one stream through any storage's writer): the default of write_checkpoint.
-write_local_tensor_file = stream_tensor_file
 
 
 def write_blob(storage: Storage, rel: str, data: bytes) -> dict[str, Any]:
@@ -58,7 +49,7 @@ def write_blob(storage: Storage, rel: str, data: bytes) -> dict[str, Any]:
     return {"kind": "blob", "size": len(data), "xxh3_128": digest_bytes(data)}
 
 
-FileWriters = dict[str, TensorFileWriter]
+FileWriters = dict[str, TensorSink]
 
 
 def begin_checkpoint(storage: Storage, step: int) -> str:
@@ -113,7 +104,7 @@ def write_checkpoint(
     blobs: Mapping[str, bytes],
     fields: Mapping[str, Any],
     *,
-    tensor_writer: TensorFileWriter = write_local_tensor_file,
+    tensor_writer: TensorSink = stream_tensor_file,
     staging: str | None = None,
     written: Mapping[str, Mapping[str, Any]] | None = None,
     before_commit: Callable[[], None] | None = None,
