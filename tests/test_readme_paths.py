@@ -36,6 +36,7 @@ TOP_LEVEL = {
     "AsyncSaveError", "CheckpointNotFoundError", "CorruptCheckpointError", "NoValidCheckpointError",
     "DiskFullError", "StoragePermissionError", "StorageError", "FormatVersionError", "RunLockedError",
     "RunLockLostError", "StateMismatchError", "UnsupportedStateError", "UnsafeCheckpointError",
+    "StorageUnavailableError", "CommitUnknownError",
     "__version__",
 }  # fmt: skip
 

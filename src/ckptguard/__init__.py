@@ -12,7 +12,7 @@ The top level holds what DESIGN.md names (``TrainState``, ``ResumableSampler``,
 README's code uses (``LossGuard``, ``LockPolicy``) and the errors the README says a training loop
 meets. Everything else lives in its subpackage, for example:
 
-- ``ckptguard.errors``: every error class (``StorageUnavailableError``, ``InvalidStepError``,
+- ``ckptguard.errors``: every error class (``InvalidStepError``,
   ``TrainingDivergedError``...);
 - ``ckptguard.policies.retention``: ``KeepLast``, ``KeepBest``, ``KeepEvery``, ``KeepPhased``,
   ``KeepBeforeConfigChange``; ``ckptguard.policies.schedule``: the save-interval formula;
@@ -51,6 +51,8 @@ _LAZY: dict[str, str] = {
     "RunLockLostError": "ckptguard.errors",
     "StateMismatchError": "ckptguard.errors",
     "StorageError": "ckptguard.errors",
+    "StorageUnavailableError": "ckptguard.errors",
+    "CommitUnknownError": "ckptguard.errors",
     "StoragePermissionError": "ckptguard.errors",
     "UnsafeCheckpointError": "ckptguard.errors",
     "UnsupportedStateError": "ckptguard.errors",
@@ -63,6 +65,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
         AsyncSaveError,
         CheckpointError,
         CheckpointNotFoundError,
+        CommitUnknownError,
         CorruptCheckpointError,
         DiskFullError,
         FormatVersionError,
@@ -72,6 +75,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
         StateMismatchError,
         StorageError,
         StoragePermissionError,
+        StorageUnavailableError,
         UnsafeCheckpointError,
         UnsupportedStateError,
     )
@@ -112,6 +116,8 @@ __all__ = [
     "RunLockedError",
     "StateMismatchError",
     "StorageError",
+    "StorageUnavailableError",
+    "CommitUnknownError",
     "StoragePermissionError",
     "TrainState",
     "UnsafeCheckpointError",

@@ -80,9 +80,10 @@ class WatchdogOptions:
         limit = self.collective_timeout
         if limit is not None and max(self.seconds, self.save_deadline) >= limit:
             raise ValueError(
-                f"WatchdogOptions: seconds={self.seconds:g} and the save deadline {self.save_deadline:g} s must be "
-                f"shorter than collective_timeout={limit:g} s, or the collective times out first and no Python "
-                "stacks are written; lower them or raise init_process_group(timeout=...)"
+                f"WatchdogOptions: the step deadline (seconds={self.seconds:g}) and the save deadline "
+                f"(save_seconds={self.save_deadline:g}{'' if self.save_seconds is not None else ', by default 4 x seconds'}) "
+                f"must both be shorter than collective_timeout={limit:g} s, or the collective times out first and no "
+                "Python stacks are written; pass a smaller save_seconds= / seconds=, or raise init_process_group(timeout=...)"
             )
 
     @property
