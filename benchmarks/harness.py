@@ -93,6 +93,17 @@ class PeakRSS:
         return max(0, self.peak - self.base)
 
 
+def evict(path: str | os.PathLike[str]) -> None:
+    """Drop a file's or a tree's pages from the page cache (a cold read without root)."""
+    paths = [os.path.join(r, f) for r, _d, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def fsync_path(path: str) -> None:
     """fsync a file, or every file in a directory tree and the directories themselves."""
     if os.path.isdir(path):

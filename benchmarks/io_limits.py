@@ -44,22 +44,11 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "src"))
 import ckptguard as cg  # noqa: E402
-from harness import StateSpec, build_state, fsync_path, machine  # noqa: E402
+from harness import StateSpec, build_state, evict, fsync_path, machine  # noqa: E402
 
 FULL = StateSpec(layers=25, width=1372)  # 47.1M params + Adam: 0.565 GB
 QUICK = StateSpec(layers=10, width=256)
 PIECE = 64 << 20
-
-
-def evict(path: Path) -> None:
-    """Drop a file's or a tree's pages from the page cache (a cold read without root)."""
-    paths = [Path(r) / f for r, _d, fs in os.walk(path) for f in fs] if path.is_dir() else [path]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 class Bench:

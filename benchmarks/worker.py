@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import ckptguard as cg
 from ckptguard.persist.staging import Stager
-from harness import PeakRSS, StateSpec, build_state, fsync_path
+from harness import PeakRSS, StateSpec, build_state, evict, fsync_path
 
 # ---- state in the shapes each library wants ------------------------------------------------------
 
@@ -247,17 +247,6 @@ SAVE_FOR = {
     "dcp": "dcp_2threads",
     "raw_read": "raw_write",
 }
-
-
-def evict(path: str) -> None:
-    """Drop the files' pages from the page cache (a cold read without root)."""
-    paths = [os.path.join(r, f) for r, _d, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def job_restore(job: dict[str, Any]) -> dict[str, Any]:

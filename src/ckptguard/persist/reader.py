@@ -50,17 +50,7 @@ def _read_local_tensors(
     keep: bool = True,
 ) -> dict[str, torch.Tensor]:
     rel = join(ckpt, fname)
-    where = storage.describe(rel)
-    if storage.is_symlink(rel):
-        raise UnsafeCheckpointError(f"{where} is a symbolic link; refusing to follow it.", path=where)
-    size = storage.size(rel)
-    if size != entry["size"]:
-        raise CorruptCheckpointError(
-            f"{where} is {size} bytes, the manifest recorded {entry['size']}: the file was "
-            "truncated or overwritten.",
-            path=where,
-            file=fname,
-        )
+    where = _sized_blob(storage, rel, fname, entry)
     with storage.open_read(rel) as fh:
         read_ahead(fh)
         try:
@@ -94,14 +84,17 @@ def _verify_blob(storage: Storage, ckpt: str, fname: str, entry: Mapping[str, An
 
 
 def _sized_blob(storage: Storage, rel: str, fname: str, entry: Mapping[str, Any]) -> str:
-    """Where a blob is, once it is known to be no symlink and of the size the manifest recorded."""
+    """Where a file of a checkpoint is, once it is known to be no symlink and of the size the manifest recorded."""
     where = storage.describe(rel)
     if storage.is_symlink(rel):
         raise UnsafeCheckpointError(f"{where} is a symbolic link; refusing to follow it.", path=where)
     size = storage.size(rel)
     if size != entry["size"]:
         raise CorruptCheckpointError(
-            f"{where} is {size} bytes, the manifest recorded {entry['size']}.", path=where, file=fname
+            f"{where} is {size} bytes, the manifest recorded {entry['size']}: the file was truncated or "
+            "overwritten.",
+            path=where,
+            file=fname,
         )
     return where
 

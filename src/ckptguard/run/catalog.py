@@ -208,8 +208,21 @@ def clear_mark(storage: Storage, name: str) -> bool:
     The status the mark replaced comes back (or STATUS.json goes, leaving the manifest's own).
     Returns whether a mark was cleared. By hand: delete ``step-N/STATUS.json``.
     """
+    return _clear(storage, name, "corrupt", "every byte checks out")
+
+
+def clear_superseded(storage: Storage, name: str) -> bool:
+    """Remove a ``superseded`` mark: the run went on from this checkpoint (it was restored by
+    its step and a save committed after it), so it belongs to the live branch again. Returns
+    whether a mark was removed."""
+    return _clear(storage, name, SUPERSEDED, "the run went on from it")
+
+
+def _clear(storage: Storage, name: str, status: str, why: str) -> bool:
+    """Remove ``name``'s ``status`` mark, bringing back the status it replaced (``previous``) if
+    one was kept; return whether a mark was removed."""
     rec = read_status(storage, name)
-    if rec is None or rec.get("status") != "corrupt":
+    if rec is None or rec.get("status") != status:
         return False
     previous = rec.get("previous")
     try:
@@ -218,25 +231,9 @@ def clear_mark(storage: Storage, name: str) -> bool:
         else:
             storage.remove_file(join(name, STATUS))
     except CheckpointError as e:
-        log.warning("Could not clear the corrupt mark of %s: %s", storage.describe(name), e)
+        log.warning("Could not clear the %s mark of %s: %s", status, storage.describe(name), e)
         return False
-    log.info("Cleared the corrupt mark of %s: every byte checks out.", storage.describe(name))
-    return True
-
-
-def clear_superseded(storage: Storage, name: str) -> bool:
-    """Remove a ``superseded`` mark: the run went on from this checkpoint (it was restored by
-    its step and a save committed after it), so it belongs to the live branch again. Returns
-    whether a mark was removed."""
-    rec = read_status(storage, name)
-    if rec is None or rec.get("status") != SUPERSEDED:
-        return False
-    try:
-        storage.remove_file(join(name, STATUS))
-    except CheckpointError as e:
-        log.warning("Could not clear the superseded mark of %s: %s", storage.describe(name), e)
-        return False
-    log.info("Cleared the superseded mark of %s: the run went on from it.", storage.describe(name))
+    log.info("Cleared the %s mark of %s: %s.", status, storage.describe(name), why)
     return True
 
 
