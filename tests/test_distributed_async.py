@@ -119,8 +119,8 @@ def test_fsdp_async_checkpoint_resumes_like_a_sync_run(async_run: tuple[Path, Pa
     sync, asyn = run / "fsdp-sync" / "step-000000010", run / "fsdp-async" / "step-000000010"
     m = _json(asyn / "MANIFEST.json")
     assert m["distributed"]["mode"] == "dcp" and 0 <= m["blocked_seconds"] <= m["save_seconds"]
-    shards = sorted(p.name for p in (asyn / "dcp").iterdir() if p.suffix == ".distcp")
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    shards = sorted(p.name for p in (asyn / "dcp").iterdir() if p.suffix == ".safetensors")
+    assert shards == ["rank-00000.safetensors", "rank-00001.safetensors"]
     for name in shards:  # the host copy wrote the same shard bytes as the live model
         assert (sync / "dcp" / name).read_bytes() == (asyn / "dcp" / name).read_bytes(), name
     assert cg.verify(asyn).ok

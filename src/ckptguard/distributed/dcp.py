@@ -1,28 +1,20 @@
 """Sharded (FSDP2 / DTensor) model and optimizer state through torch.distributed.checkpoint.
 
-We do not write our own sharded format: DCP plans, reshards and writes the shards. This module
-puts DCP *inside* ckptguard's commit protocol and trust model:
+We do not write our own sharding planner: DCP plans, reshards and loads. Since this version, DCP
+stores through ckptguard (:mod:`ckptguard.distributed.shard_io`): each rank's items are one tensor
+file of the checkpoint (``dcp/rank-R.safetensors``, written by the run's tensor sink: checksummed,
+on any storage, chunked in an incremental run) and DCP's plan is ``dcp/metadata.json``. Rank 0
+commits MANIFEST.json last, as for any checkpoint.
 
-* Save: ``dcp.save`` writes into ``<staging>/dcp/`` (``__<rank>_0.distcp`` shard files and the
-  global metadata, renamed here ``dcp.metadata`` because manifest paths may not start with a dot).
-  Afterwards every file of that directory is hashed (xxh3-128, streamed; the files are split
-  round-robin between the ranks) and listed in our MANIFEST.json as a ``blob`` entry, which rank 0
-  writes last, as for any checkpoint. An uncommitted DCP directory is debris like any other.
-* Load: BEFORE DCP opens anything, every ``dcp/`` file is checked against the manifest (size and
-  checksum). Then we parse the metadata ourselves with a restricted unpickler that only builds
-  DCP's own metadata classes (anything else raises UnsafeCheckpointError instead of running
-  code), check that every file it points at is one the manifest vouches for, and hand the parsed
-  object to DCP through our reader: DCP never unpickles the metadata itself. Shard payloads are
-  read by DCP with ``torch.load(weights_only=True)``, and non-tensor items (optimizer
-  hyper-parameters) with our planner, which also uses ``weights_only=True`` (DCP's default
-  planner does not).
+Checkpoints written by earlier versions (``dcp/__R_0.distcp`` files and a pickled
+``dcp/dcp.metadata``, local filesystems only) still restore and export: every file is checked
+against the manifest (size and checksum) before DCP opens anything; the metadata is parsed with a
+restricted unpickler that only builds DCP's own metadata classes (anything else raises
+UnsafeCheckpointError) and must point only at files the manifest vouches for; payloads are loaded
+with ``weights_only=True``.
 
-Trust boundary, stated plainly: DCP's on-disk format is torch's (a pickle-based metadata file and
-``torch.save`` shard payloads), not safetensors. Our MANIFEST.json (JSON, validated) is the trust
-anchor: checksums detect corruption; the restricted unpickler and ``weights_only`` loads keep a
-hostile checkpoint from executing code. Resharding (2 ranks -> 1 rank, a plain module, no process
-group, and back) is DCP's planner's job; ``get_state_dict``/``set_state_dict`` map the module and
-optimizer states to and from fully-qualified names.
+Non-tensor items (optimizer hyper-parameters) are DCP's ``torch.save`` bytes in both layouts; our
+planner loads them with ``weights_only=True`` (DCP's default planner does not).
 """
 
 from __future__ import annotations
@@ -45,22 +37,24 @@ from ckptguard.errors import CheckpointError, CorruptCheckpointError, StateMisma
 from ckptguard.storage.local import open_regular
 
 __all__ = [
-    "dcp_model_tensors",
     "DCP_DIR",
     "DCP_METADATA",
-    "dcp_load",
-    "dcp_save",
+    "assemble_model",
     "dcp_state_dict",
     "hash_file",
+    "is_legacy",
     "is_sharded",
+    "legacy_storage_reader",
+    "load_into",
     "read_verified_metadata",
     "safe_load_metadata",
+    "safe_planner",
     "verify_dcp_files",
 ]
 
 log = logging.getLogger(__name__)
 DCP_DIR = "dcp"
-DCP_METADATA = "dcp.metadata"
+DCP_METADATA = "dcp.metadata"  # the pickled metadata of the earlier layout
 _CHUNK = 16 * 1024 * 1024
 
 # The only globals a DCP metadata pickle may name (torch 2.4 .. 2.13).
@@ -140,27 +134,14 @@ def _state_dicts(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], 
     return out
 
 
-def _writer_cls() -> type:
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter
-
-    class _Writer(FileSystemWriter):
-        def _get_metadata_path(self, rank: int | None = None) -> os.PathLike[str]:
-            return Path(self.path) / (DCP_METADATA if rank is None else f"__{rank}_{DCP_METADATA}")
-
-    return _Writer
-
-
 def dcp_state_dict(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, Any]:
-    """The sharded model (+ optimizer) state dict that :func:`dcp_save` writes (DTensors, no copy)."""
+    """The sharded model (+ optimizer) state dict that DCP saves (DTensors, no copy)."""
     return _state_dicts(model, optimizers)
 
 
-def dcp_save(state_dict: dict[str, Any], directory: str, process_group: Any = None) -> None:
-    """Write a :func:`dcp_state_dict` (or a host copy of it) into ``directory`` (collective on
-    all ranks of ``process_group``; None: the default group)."""
-    from torch.distributed.checkpoint.state_dict_saver import save
-
-    save(state_dict, storage_writer=_writer_cls()(directory, sync_files=True, overwrite=True), process_group=process_group)
+def is_legacy(files: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's sharded state has the earlier layout (pickled ``dcp/dcp.metadata``)."""
+    return f"{DCP_DIR}/{DCP_METADATA}" in files
 
 
 def verify_dcp_files(root: str, files: Mapping[str, Mapping[str, Any]], where: str) -> None:
@@ -221,7 +202,8 @@ def _reader_cls(metadata: Any) -> type:
     return _Reader
 
 
-def _planner(allow_partial_load: bool) -> Any:
+def safe_planner(allow_partial_load: bool) -> Any:
+    """DCP's default load planner, loading non-tensor items with ``weights_only=True``."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.planner import ReadItem
 
@@ -240,35 +222,43 @@ def _planner(allow_partial_load: bool) -> Any:
     return _SafePlanner(allow_partial_load=allow_partial_load)
 
 
-def dcp_load(
+def legacy_storage_reader(root: str, files: Mapping[str, Mapping[str, Any]], where: str) -> Any:
+    """DCP's reader of a ``dcp/`` directory of the earlier layout, with metadata we parsed ourselves.
+    Call :func:`verify_dcp_files` first."""
+    allowed = frozenset(rel[len(DCP_DIR) + 1:] for rel in files if rel.startswith(DCP_DIR + "/"))
+    directory = os.path.join(root, DCP_DIR)
+    return _reader_cls(read_verified_metadata(directory, allowed, where))(directory)
+
+
+def load_into(
     model: nn.Module,
     optimizers: Iterable[torch.optim.Optimizer],
-    root: str,
-    files: Mapping[str, Mapping[str, Any]],
+    storage_reader: Any,
     where: str,
     *,
     strict: bool = True,
+    process_group: Any = None,
 ) -> None:
-    """Load a verified ``dcp/`` directory into ``model`` (+ optimizers), resharding as needed.
-
-    Works with any world size (collective when a process group is initialized) and with a plain
-    module in a single process. Call :func:`verify_dcp_files` first. ``strict=False`` leaves
-    entries the checkpoint lacks as they are.
-    """
+    """Load sharded state through ``storage_reader`` into ``model`` (+ optimizers), resharding as
+    needed. Collective on ``process_group`` (None: the default group, when one is initialized);
+    works with a plain module in a single process too. ``strict=False`` leaves entries the
+    checkpoint lacks as they are."""
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
     from torch.distributed.checkpoint.state_dict_loader import load
 
     opt_list = list(optimizers)
-    allowed = frozenset(rel[len(DCP_DIR) + 1:] for rel in files if rel.startswith(DCP_DIR + "/"))
     sd = _state_dicts(model, opt_list)
-    directory = os.path.join(root, DCP_DIR)
-    reader = _reader_cls(read_verified_metadata(directory, allowed, where))(directory)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
-            load(sd, storage_reader=reader, planner=_planner(not strict))
+            load(sd, storage_reader=storage_reader, planner=safe_planner(not strict), process_group=process_group)
+    except CheckpointError:
+        raise
     except (Exception, CheckpointException) as e:
+        cause = _checkpoint_error(e)
+        if cause is not None:  # raised by our reader on one rank (a damaged shard), relayed by DCP
+            raise cause from e
         raise StateMismatchError(
             f"{where}: the sharded state does not fit the model/optimizer ({type(e).__name__}: "
             f"{str(e)[:500]}). Was the model or optimizer changed? Build the same model to restore."
@@ -278,20 +268,33 @@ def dcp_load(
         set_state_dict(model, opt_list, model_state_dict=sd["model"], optim_state_dict=sd.get("optim", {}))
 
 
-def dcp_model_tensors(root: str, files: Mapping[str, Mapping[str, Any]], where: str) -> dict[str, torch.Tensor]:
-    """The full (consolidated) model tensors of a verified ``dcp/`` directory, without the model's
-    code: every ``model.*`` tensor the metadata describes, assembled from all ranks' shards in one
-    process (what ``ckptguard export`` writes for a sharded checkpoint). Call
-    :func:`verify_dcp_files` first."""
+def _checkpoint_error(e: BaseException) -> CheckpointError | None:
+    """The CheckpointError our storage reader raised inside DCP, if that is what ``e`` carries
+    (DCP wraps a rank's exception in a CheckpointException holding its failures by rank)."""
+    if isinstance(e, CheckpointError):
+        return e
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        for f in failures.values():
+            if isinstance(f, CheckpointError):
+                return f
+            inner = getattr(f, "exception", None) or getattr(f, "__cause__", None)
+            if isinstance(inner, CheckpointError):
+                return inner
+    cause = e.__cause__ or e.__context__
+    return _checkpoint_error(cause) if cause is not None and cause is not e else None
+
+
+def assemble_model(metadata: Any, storage_reader: Any, where: str) -> dict[str, torch.Tensor]:
+    """The full (consolidated) model tensors of sharded state, without the model's code: every
+    ``model.*`` tensor ``metadata`` describes, assembled in one process from all ranks' shards
+    (what ``ckptguard export`` writes for a sharded checkpoint)."""
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import load
 
-    allowed = frozenset(rel[len(DCP_DIR) + 1:] for rel in files if rel.startswith(DCP_DIR + "/"))
-    directory = os.path.join(root, DCP_DIR)
-    md = read_verified_metadata(directory, allowed, where)
     model: dict[str, torch.Tensor] = {}
-    for fqn, meta in md.state_dict_metadata.items():
+    for fqn, meta in metadata.state_dict_metadata.items():
         if fqn.startswith("model.") and isinstance(meta, TensorStorageMetadata):
             model[fqn[len("model."):]] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
     if not model:
@@ -299,7 +302,12 @@ def dcp_model_tensors(root: str, files: Mapping[str, Mapping[str, Any]], where: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
-            load({"model": model}, storage_reader=_reader_cls(md)(directory), planner=_planner(True))
+            load({"model": model}, storage_reader=storage_reader, planner=safe_planner(True))
+    except CheckpointError:
+        raise
     except (Exception, CheckpointException) as e:  # DCP's own errors, on bytes the manifest vouched for
+        cause = _checkpoint_error(e)
+        if cause is not None:
+            raise cause from e
         raise CorruptCheckpointError(f"{where}: the sharded model state could not be assembled ({type(e).__name__}: {str(e)[:300]}).", path=where) from e
     return model

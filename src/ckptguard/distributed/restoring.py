@@ -14,10 +14,9 @@ from typing import Any
 
 from ckptguard.capture.state import TrainState, without_model
 from ckptguard.distributed.coordination import PER_RANK_KEYS, Coordinator, rank_file
-from ckptguard.distributed.dcp import DCP_DIR, dcp_load, is_sharded, verify_dcp_files
+from ckptguard.distributed.dcp import is_sharded
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 from ckptguard.persist.reader import CheckpointReader
-from ckptguard.storage.local import LocalStorage
 
 __all__ = ["check_layout", "is_dcp", "load_sharded", "prepare_rank", "rank_entries"]
 
@@ -31,16 +30,9 @@ def is_dcp(manifest: Mapping[str, Any]) -> bool:
 
 
 def check_layout(state: TrainState, reader: CheckpointReader) -> None:
-    """Refuse a checkpoint whose model layout (sharded or replicated) ``state`` cannot take;
-    verify the DCP shards of a sharded one (all of them: DCP reads them whole)."""
+    """Refuse a checkpoint whose model layout (sharded or replicated) ``state`` cannot take."""
     where = reader.where
-    if is_dcp(reader.manifest):
-        if not isinstance(reader.storage, LocalStorage):
-            raise UnsupportedStateError(f"{where}: sharded (DCP) checkpoints are read from local or shared filesystems only.")
-        verify_dcp_files(reader.storage.describe(reader.name), reader.manifest["files"], where)
-        # verified above, streaming: not again in verify_unread
-        reader.checked.update(f for f in reader.manifest["files"] if f.startswith(DCP_DIR + "/"))
-    elif is_sharded(state.model):
+    if not is_dcp(reader.manifest) and is_sharded(state.model):
         raise UnsupportedStateError(
             f"{where} holds replicated (full) model state, the model is sharded (FSDP2/DTensor). "
             "Restore it into the unsharded model, then shard it, or restore a checkpoint saved "
@@ -91,12 +83,14 @@ def _saved_world_size(reader: CheckpointReader) -> int:
     return size
 
 
-def load_sharded(state: TrainState, reader: CheckpointReader, *, strict: bool) -> TrainState:
-    """Load the model and optimizer state of a DCP checkpoint (resharded to today's layout);
-    return the rest of ``state`` (what ``restore_state`` loads from the shared files)."""
+def load_sharded(coord: Coordinator, state: TrainState, reader: CheckpointReader, *, strict: bool) -> TrainState:
+    """Load the model and optimizer state of a DCP checkpoint (resharded to today's layout; DCP's
+    collectives on ``coord``'s group, never the training group); return the rest of ``state``
+    (what ``restore_state`` loads from the shared files)."""
+    from ckptguard.distributed.shard_io import load_shards  # imports torch.distributed.checkpoint
+
     model = state.model
     if model is None:
         raise UnsupportedStateError(f"{reader.where} holds sharded model state; pass model= to TrainState to restore it.")
-    directory = reader.storage.describe(reader.name)
-    dcp_load(model, state.optimizers.values(), directory, reader.manifest["files"], reader.where, strict=strict)
+    load_shards(model, state.optimizers.values(), reader, strict=strict, process_group=coord.group)
     return without_model(state)

@@ -9,7 +9,6 @@ rank writes itself (its rank file, its share of the DCP files), and the manifest
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,48 +16,63 @@ import torch
 
 from ckptguard.capture.state import TrainState
 from ckptguard.distributed.coordination import PER_RANK_KEYS, Coordinator, rank_file
-from ckptguard.distributed.dcp import DCP_DIR, dcp_save, dcp_state_dict, hash_file, is_sharded
-from ckptguard.errors import UnsupportedStateError
-from ckptguard.format.manifest import safe_relpath
+from ckptguard.distributed.dcp import DCP_DIR, dcp_state_dict, is_sharded
+from ckptguard.persist.parallel_io import TensorSink
 from ckptguard.persist.writer import write_blob
 from ckptguard.storage.base import Storage, join
-from ckptguard.storage.local import LocalStorage
 
 __all__ = ["ShardStager", "distributed_fields", "shardable", "write_rank_share"]
 
 
-def shardable(storage: Storage, state: TrainState) -> bool:
-    """Whether ``state``'s model is sharded (FSDP2 / DTensor: saved through DCP by every rank).
+def shardable(state: TrainState) -> bool:
+    """Whether ``state``'s model is sharded (FSDP2 / DTensor: saved through DCP by every rank,
+    into any storage: see ckptguard.distributed.shard_io)."""
+    return is_sharded(state.model)
 
-    Raises UnsupportedStateError when it is and ``storage`` is not a filesystem DCP can write to.
-    """
-    if not is_sharded(state.model):
-        return False
-    if not isinstance(storage, LocalStorage):
-        raise UnsupportedStateError(
-            f"Sharded (FSDP2/DTensor) state is saved through torch.distributed.checkpoint, which "
-            f"ckptguard supports on local or shared filesystems only; {storage.url} is not one. "
-            "Use a mounted path for the run directory."
-        )
-    return True
+
+def _layout(sd: Any) -> Any:
+    """What must stay the same for a cached host copy of a state dict to be reused: the nested
+    keys, and every tensor's type, local shape and dtype (progressive unfreezing adds optimizer
+    state; a changed layout gets fresh buffers)."""
+    if isinstance(sd, dict):
+        return tuple((k, _layout(v)) for k, v in sd.items())
+    if isinstance(sd, (list, tuple)):
+        return tuple(_layout(v) for v in sd)
+    if isinstance(sd, torch.Tensor):
+        local = sd.to_local() if hasattr(sd, "to_local") else sd
+        return (type(sd).__name__, tuple(local.shape), local.dtype)
+    return type(sd).__name__
 
 
 class ShardStager:
     """Async saves of sharded state: copies this rank's shards (model + optimizer, as DTensors)
-    to host memory in the training thread; DCP writes the copy in the background. On CUDA the
-    host buffers are pinned and reused across saves."""
+    to host memory in the training thread; the background thread writes the copy. The host
+    buffers are allocated once and reused while the state's layout stays the same (pinned on
+    CUDA); a changed layout (new optimizer state) gets fresh ones."""
 
     def __init__(self) -> None:
-        self._stager: Any = None
+        self._cache: Any = None
+        self._layout: Any = None
 
     def stage(self, state: TrainState) -> dict[str, Any]:
-        from torch.distributed.checkpoint.staging import BlockingAsyncStager
-
         assert state.model is not None
-        if self._stager is None:
-            self._stager = BlockingAsyncStager(cache_staged_state_dict=torch.cuda.is_available())
-        staged: dict[str, Any] = self._stager.stage(dcp_state_dict(state.model, state.optimizers.values()))
-        return staged
+        sd = dcp_state_dict(state.model, state.optimizers.values())
+        try:  # torch's own helpers (2.4+): copies into preallocated, optionally pinned, buffers
+            from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+        except ImportError:  # pragma: no cover - a torch without them: a fresh copy each time
+            from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+            staged: dict[str, Any] = BlockingAsyncStager().stage(sd)
+            return staged
+        layout = _layout(sd)
+        cuda = torch.cuda.is_available()
+        if self._cache is None or layout != self._layout:
+            self._cache = _create_cpu_state_dict(sd, pin_memory=cuda)
+            self._layout = layout
+        out: dict[str, Any] = _copy_state_dict(sd, self._cache, non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()  # the copy is complete before training changes the weights
+        return out
 
 
 def distributed_fields(coord: Coordinator, sharded: bool) -> dict[str, Any]:
@@ -70,27 +84,15 @@ def distributed_fields(coord: Coordinator, sharded: bool) -> dict[str, Any]:
     }
 
 
-def _hash_share(storage: Storage, staging: str, coord: Coordinator) -> dict[str, dict[str, Any]]:
-    """Hash this rank's round-robin share of the DCP files; return their manifest entries."""
-    root = storage.describe(join(staging, DCP_DIR))
-    names = sorted(os.listdir(root))
-    out = {}
-    for name in names[coord.rank :: coord.world_size]:
-        rel = safe_relpath(f"{DCP_DIR}/{name}", root)
-        size, digest = hash_file(os.path.join(root, name))
-        out[rel] = {"kind": "blob", "size": size, "xxh3_128": digest}
-    return out
-
-
 def write_rank_share(
     storage: Storage, staging: str, coord: Coordinator, state: TrainState, snap_state: Mapping[str, Any], sharded: bool,
-    staged: dict[str, Any] | None = None,
+    staged: dict[str, Any] | None = None, sink: TensorSink | None = None,
 ) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """The share stage: write what this rank writes itself into ``staging`` (its DCP shards, its
-    rank file); return their manifest entries and this rank's error (None when it succeeded).
-    ``staged``: the host copy of the sharded state (:class:`ShardStager`; None: the live model's).
-    DCP's collectives run on ``coord``'s group. Errors are returned, not raised: rank 0 hears of
-    them and commits nothing."""
+    """The share stage: write what this rank writes itself into ``staging`` (its shard file
+    through ``sink``, the run's tensor sink; its rank file); return their manifest entries and
+    this rank's error (None when it succeeded). ``staged``: the host copy of the sharded state
+    (:class:`ShardStager`; None: the live model's). DCP's collectives run on ``coord``'s group.
+    Errors are returned, not raised: rank 0 hears of them and commits nothing."""
     written: dict[str, dict[str, Any]] = {}
     error: str | None = None
     try:
@@ -98,8 +100,10 @@ def write_rank_share(
             if staged is None:
                 assert state.model is not None
                 staged = dcp_state_dict(state.model, state.optimizers.values())
-            dcp_save(staged, storage.describe(join(staging, DCP_DIR)), coord.group)
-            written.update(_hash_share(storage, staging, coord))
+            from ckptguard.distributed.shard_io import save_shards  # imports torch.distributed.checkpoint
+
+            assert sink is not None, "a sharded save needs the run's tensor sink"
+            written.update(save_shards(staged, storage, join(staging, DCP_DIR), sink, coord.group))
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise

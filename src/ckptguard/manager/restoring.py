@@ -182,7 +182,7 @@ def load_checkpoint(coord: Coordinator, state: TrainState, reader: CheckpointRea
         agree(coord, exc, where)
         ts = state
         if is_dcp(reader.manifest):
-            rest, exc = capture_exc(lambda: load_sharded(state, reader, strict=strict))
+            rest, exc = capture_exc(lambda: load_sharded(coord, state, reader, strict=strict))
             agree(coord, exc, where)
             ts = rest if rest is not None else state
         report, exc = capture_exc(lambda: restore_state(ts, reader, strict=strict, per_rank=per_rank))

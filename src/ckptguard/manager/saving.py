@@ -203,7 +203,7 @@ class SavePipeline:
 
     def _capture(self, request: SaveRequest, t0: float) -> _Save:
         """Stages capture and describe."""
-        sharded = self.coord.active and shardable(self.storage, request.state)
+        sharded = self.coord.active and shardable(request.state)
         state = without_model(request.state) if sharded else request.state
 
         def describe() -> tuple[Snapshot, dict[str, Any]]:
@@ -262,14 +262,15 @@ class SavePipeline:
         step = save.request.step
         staging = on_primary(coord, lambda: self._prepare(step), f"preparing {self.storage.describe(checkpoint_name(step))}")
         share: tuple[dict[str, dict[str, Any]], str | None] = ({}, None)  # a single process writes no share
+        sink = self.incremental.writer() if self.incremental else self.tensor_writer
         if coord.active:
             share = write_rank_share(
-                self.storage, staging, coord, save.request.state, save.snap.state, save.sharded, save.staged_shards
+                self.storage, staging, coord, save.request.state, save.snap.state, save.sharded, save.staged_shards, sink
             )
         reports = coord.gather(share)
         manifest: dict[str, Any] = {}
         try:
-            manifest = on_primary(coord, lambda: self._commit(save, staging, reports), f"committing step {step}")
+            manifest = on_primary(coord, lambda: self._commit(save, staging, reports, sink), f"committing step {step}")
         except CheckpointError as e:
             if not coord.active:
                 raise
@@ -301,14 +302,15 @@ class SavePipeline:
             self._debris_cleaned = False
             raise
 
-    def _commit(self, save: _Save, staging: str, reports: list[tuple[dict[str, Any], str | None]] | None) -> dict[str, Any]:
+    def _commit(
+        self, save: _Save, staging: str, reports: list[tuple[dict[str, Any], str | None]] | None, sink: TensorSink
+    ) -> dict[str, Any]:
         assert reports is not None
         errors = [err for _, err in reports if err]
         entries = {name: entry for share, _ in reports for name, entry in share.items()}
         fields = dict(save.fields)
         if self.coord.active:
             fields["save_seconds"] = time.perf_counter() - save.t0
-        sink = self.incremental.writer() if self.incremental else self.tensor_writer
         try:
             if errors:
                 self.storage.remove_tree(staging)

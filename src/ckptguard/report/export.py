@@ -27,7 +27,6 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptguard.distributed.dcp import dcp_model_tensors, verify_dcp_files
 from ckptguard.distributed.restoring import is_dcp
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.format.manifest import ITEMSIZE
@@ -92,7 +91,7 @@ def export_checkpoint(
     reader = CheckpointReader(storage, name, manifest)
     where = storage.describe(name)
     if not reader.has(MODEL_FILE) and is_dcp(manifest):
-        return _export_sharded(storage, name, manifest, out, full=full)
+        return _export_sharded(reader, out, full=full)
     if not reader.has(MODEL_FILE):
         raise CheckpointError(f"{where} has no {MODEL_FILE}: there are no model weights to export.")
     check_declared_sizes(storage, name, manifest, [MODEL_FILE] if not full else list(PREFIXES))
@@ -113,22 +112,21 @@ def export_checkpoint(
     return ExportResult(where, str(out), int(manifest["step"]), len(tensors), nbytes, full)
 
 
-def _export_sharded(storage: Storage, name: str, manifest: dict[str, Any], out: Path, *, full: bool) -> ExportResult:
+def _export_sharded(reader: CheckpointReader, out: Path, *, full: bool) -> ExportResult:
     """A sharded (FSDP2 / DCP) checkpoint: its model tensors consolidated into one plain file."""
-    where = storage.describe(name)
+    from ckptguard.distributed.shard_io import model_tensors  # imports torch.distributed.checkpoint
+
+    where = reader.where
     if full:
         raise CheckpointError(
             f"{where} holds sharded (FSDP2/DCP) state: --full (optimizer and training state) is not "
             "exported from sharded checkpoints yet. Export the model weights without --full."
         )
-    if not isinstance(storage, LocalStorage):
-        raise CheckpointError(f"{where}: sharded (DCP) checkpoints are read from local or shared filesystems only.")
-    root = storage.describe(name)
-    verify_dcp_files(root, manifest["files"], where)
-    tensors = dcp_model_tensors(root, manifest["files"], where)
-    metadata = {"format": "pt", "ckptguard.source": where, "ckptguard.step": str(manifest["step"])}
+    tensors = model_tensors(reader)
+    step = int(reader.manifest["step"])
+    metadata = {"format": "pt", "ckptguard.source": where, "ckptguard.step": str(step)}
     nbytes = _write_atomically(out, tensors, metadata)
-    return ExportResult(where, str(out), int(manifest["step"]), len(tensors), nbytes, full)
+    return ExportResult(where, str(out), step, len(tensors), nbytes, full)
 
 
 def available_memory() -> int | None:
