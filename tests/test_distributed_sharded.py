@@ -238,3 +238,22 @@ def test_a_checkpoint_of_the_earlier_dcp_layout_still_restores_and_exports(tmp_p
     assert _same(load_file(dest), expected)
     assert cg.verify(run).ok
     assert LocalStorage(run).exists("step-000000002/dcp/dcp.metadata")
+
+
+def test_a_failed_incremental_save_on_one_rank_leaves_no_pack_behind_once_the_next_commits(tmp_path: Path) -> None:
+    """Several writers share the run's chunk store: when rank 1's part of a save fails, rank 0's
+    pack of that save is already durable but referenced by nothing; the garbage collection after
+    the next commits removes it and never a referenced one."""
+    out, run = tmp_path / "out", tmp_path / "run"
+    out.mkdir()
+    _torchrun(str(run), str(out), "10", "10", "--incremental", "--fail-rank1-at", "6")
+    for r in (0, 1):
+        outcomes = _result(out, "to10", r)["outcomes"]
+        assert list(outcomes) == ["6"] and "rank 1" in outcomes["6"], outcomes
+    storage = LocalStorage(run)
+    ckpts = scan(storage)
+    assert [c.step for c in ckpts] == [3, 9, 10]
+    referenced = {p for c in ckpts for e in c.manifest["files"].values() for p in e.get("packs", {})}
+    on_disk = {p for p in storage.listdir("objects") if p.endswith(".pack")}
+    assert on_disk == referenced  # the failed save's pack was collected
+    assert cg.verify(str(run)).ok

@@ -1,14 +1,15 @@
 """An FSDP2 user saving sharded state straight to a run directory or an object store (torchrun, gloo).
 
     torchrun --nproc-per-node=2 sharded_store.py RUN OUT TOTAL STOP [--resume] [--async] [--incremental]
-                                                 [--attempts N] [--expect-failure STEP]
+                                                 [--attempts N] [--expect-failure STEP] [--fail-rank1-at STEP]
 
 The model's body is frozen (fine-tuning the head: with --incremental its shards are stored once).
 Without --resume: trains to STOP saving every 3 steps, saves STOP and exits; with --resume:
 restores (from the newest checkpoint every rank agrees on), trains to TOTAL. RUN may be a path or
 an ``s3://`` URL (the S3 endpoint comes from the environment). ``--expect-failure STEP``: the save
 of STEP is expected to fail (a fault injected in front of the store): the outcome is recorded and
-training goes on. OUT/<tag>-rank<r>.json gets a digest of the full weights, the next RNG draw and
+training goes on. ``--fail-rank1-at STEP`` (a local RUN): rank 1's disk fails its first write of
+that save (an EIO when a file of it is closed), so the save must fail on every rank. OUT/<tag>-rank<r>.json gets a digest of the full weights, the next RNG draw and
 the save outcomes; rank 0 writes OUT/<tag>.safetensors (the full weights).
 """
 
@@ -30,12 +31,15 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ckptguard as cg
+from ckptguard.storage import LocalStorage
+from ckptguard.testing import FaultyStorage
 from trainlib import Net, NoisyDataset
 
 
 def storage_for(run: str, attempts: int) -> Any:
     if "://" not in run:
-        return run
+        os.makedirs(run, exist_ok=True)
+        return FaultyStorage(LocalStorage(run), ops={"close"})  # disarmed: it only forwards
     from ckptguard.storage import FsspecStorage
     from ckptguard.storage.retry import RetryPolicy
 
@@ -60,6 +64,7 @@ def main() -> None:
     ap.add_argument("--incremental", action="store_true")
     ap.add_argument("--attempts", type=int, default=5)
     ap.add_argument("--expect-failure", type=int, default=-1)
+    ap.add_argument("--fail-rank1-at", type=int, default=-1)
     args = ap.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -80,7 +85,10 @@ def main() -> None:
     random.seed(1000 + rank)
     np.random.seed(1000 + rank)
     state = cg.TrainState(model=net, optimizer=opt, dataloader=loader)
-    mgr = cg.CheckpointManager(storage_for(args.run, args.attempts), every_steps=3, async_save=args.async_save,
+    storage = storage_for(args.run, args.attempts)
+    if args.fail_rank1_at > 0:
+        args.expect_failure = args.fail_rank1_at
+    mgr = cg.CheckpointManager(storage, every_steps=3, async_save=args.async_save,
                                incremental=args.incremental)
     step = mgr.restore(state) or 0
     restored = step
@@ -98,6 +106,8 @@ def main() -> None:
         loss.backward()
         opt.step()
         step += 1
+        if step == args.fail_rank1_at and rank == 1:
+            storage.arm(1)
         try:
             mgr.save(step, state, metrics={"loss": loss.item()})
             if step == args.expect_failure:
@@ -106,6 +116,9 @@ def main() -> None:
             outcomes[str(step)] = f"{type(e).__name__}: {e}"
             if step != args.expect_failure:
                 raise
+        finally:
+            if step == args.fail_rank1_at and rank == 1:
+                storage.arm(None)
     mgr.save(step, state, force=True)
     mgr.close()
     weights = full_weights(net)
