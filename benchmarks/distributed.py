@@ -51,8 +51,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MARKERS = ("<!-- distributed:begin -->", "<!-- distributed:end -->")
 PART_MB = 8  # raw put_file part size
-FULL = {"layers": 12, "width": 1024, "batch": 128, "saves": 7, "interval": 10.0, "per_segment": 3, "cycles": 3, "s3_reps": 3}
-QUICK = {"layers": 8, "width": 768, "batch": 64, "saves": 4, "interval": 3.0, "per_segment": 4, "cycles": 1, "s3_reps": 2}
+FULL = {"layers": 12, "width": 1024, "batch": 32, "saves": 7, "interval": 10.0, "per_segment": 3, "cycles": 3, "s3_reps": 3}
+QUICK = {"layers": 8, "width": 768, "batch": 32, "saves": 4, "interval": 3.0, "per_segment": 4, "cycles": 1, "s3_reps": 2}
 
 
 def log(msg: str) -> None:
@@ -492,11 +492,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ours-url", default=None, help="ckptguard's run for the s3 part (default: s3://<bucket>/run/ours)")
     ap.add_argument("--output", default=None, help="markdown file whose distributed section is rewritten")
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--from-json", default=None, help="render a --json file of an earlier run instead of running")
     ap.add_argument("--worker", nargs=2, metavar=("OUT", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.worker[0], json.loads(Path(args.worker[1]).read_text()))
         return 0
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        return report(saved, saved.pop("config"), None, args.output)
     sys.path.insert(0, str(HERE))
     from harness import machine
 
@@ -527,13 +531,17 @@ def main(argv: list[str] | None = None) -> int:
     res["machine"], res["load"] = machine(), (load0, os.getloadavg()[0])
     res["command"] = "python benchmarks/distributed.py" + (" --quick" if args.quick else "") + (
         f" --parts {args.parts}" if args.parts != "blocked,train,s3" else "")
+    return report(res, cfg, args.json, args.output)
+
+
+def report(res: dict[str, Any], cfg: dict[str, Any], json_out: str | None, output: str | None) -> int:
     text = render(res, cfg)
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"config": cfg, **res}, indent=1))
-    if args.output:
-        replace_section(Path(args.output), text)
-        print(f"updated {args.output}")
+    if json_out:
+        Path(json_out).write_text(json.dumps({"config": cfg, **res}, indent=1))
+    if output:
+        replace_section(Path(output), text)
+        print(f"updated {output}")
     return 0
 
 
