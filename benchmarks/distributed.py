@@ -1,7 +1,7 @@
 """Distributed saves: a 2-rank FSDP2 run (gloo, CPU) under torchrun, every method in one run.
 
     python benchmarks/distributed.py            # 151 MB state (12 x Linear(1024) + AdamW), full
-    python benchmarks/distributed.py --quick    # 57 MB state, fewer saves, shorter segments (make bench)
+    python benchmarks/distributed.py --quick    # 57 MB state, fewer saves, shorter segments, 60-90 s (make bench)
     python benchmarks/distributed.py --output BENCHMARKS.md   # rewrite its section there (make bench-full)
     python benchmarks/distributed.py --parts blocked,s3 --json out.json
 
