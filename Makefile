@@ -46,12 +46,14 @@ bench: $(DEV)
 	$(BIN)/python benchmarks/run.py --quick
 	$(BIN)/python benchmarks/io_limits.py --quick
 	$(BIN)/python benchmarks/incremental.py --quick
+	$(BIN)/python benchmarks/distributed.py --quick
 
 bench-full: $(DEV)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/io_limits.py --output BENCHMARKS.md
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/checksums.py
+	$(BIN)/python benchmarks/distributed.py --output BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
