@@ -32,16 +32,16 @@ def shardable(state: TrainState) -> bool:
 
 def _layout(sd: Any) -> Any:
     """What must stay the same for a cached host copy of a state dict to be reused: the nested
-    keys, and every tensor's type, local shape and dtype (progressive unfreezing adds optimizer
-    state; a changed layout gets fresh buffers)."""
+    keys, and every tensor's type, shape and dtype (progressive unfreezing adds optimizer
+    state, a cast changes dtypes: a changed layout gets fresh buffers; the sharding itself only
+    changes with the world size, i.e. in a new process)."""
     if isinstance(sd, dict):
         return tuple((k, _layout(v)) for k, v in sd.items())
     if isinstance(sd, (list, tuple)):
         return tuple(_layout(v) for v in sd)
     if isinstance(sd, torch.Tensor):
-        local = sd.to_local() if hasattr(sd, "to_local") else sd
-        return (type(sd).__name__, tuple(local.shape), local.dtype)
-    return type(sd).__name__
+        return (type(sd), sd.shape, sd.dtype)
+    return type(sd)
 
 
 class ShardStager:

@@ -186,9 +186,6 @@ class SavePipeline:
         synchronous.
         """
         t0 = time.perf_counter()
-        if self.coord.active:
-            _, exc = capture_exc(self.wait)
-            agree(self.coord, exc, f"the previous save to {self.storage.url}", "save")
         save = self._capture(request, t0)
         if self.async_save and not request.sync:
             if self.coord.active and not self.coord.is_primary:
@@ -210,8 +207,12 @@ class SavePipeline:
             snap = capture(state, request.step)
             return snap, self._fields(request, snap) if self.coord.is_primary else {}
 
+        waited: BaseException | None = None
+        if self.coord.active:  # one agreement for both: the previous save's outcome, this capture
+            _, waited = capture_exc(self.wait)
         captured, exc = capture_exc(describe)
-        agree(self.coord, exc, self.storage.describe(checkpoint_name(request.step)), "save")
+        where = f"the previous save to {self.storage.url}" if waited else self.storage.describe(checkpoint_name(request.step))
+        agree(self.coord, waited or exc, where, "save")
         assert captured is not None  # no rank waits for a failed one
         snap, fields = captured
         files = {k: v for k, v in snap.tensor_files.items() if v} if sharded else snap.tensor_files
