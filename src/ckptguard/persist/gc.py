@@ -9,7 +9,11 @@ Rules (each one is what makes a crash at any instant harmless):
    was created before the newest commit. GC runs under the run lock on the thread that saves,
    right after a commit (and after retention deleted checkpoints), so the only save that could be
    about to reference a pack is the one that just committed; packs a concurrent writer might be
-   filling are newer than every commit and are left alone.
+   filling are newer than every commit and are left alone. In a distributed run every rank
+   writes packs (its shard file of sharded state), but only rank 0 collects, after its commit,
+   and no rank writes a pack before the next save's agreement, which rank 0 joins only once its
+   collection is over: the packs that exist while GC runs are those of committed checkpoints
+   and those of saves that failed (referenced by nothing, deleted).
 3. Checkpoints are deleted manifest first (``writer.delete_checkpoint``); packs are deleted one by
    one afterwards. A crash mid-GC leaves only unreferenced packs, which the next GC removes.
    Before the first pack is deleted, the manifests' removal is made durable: every
