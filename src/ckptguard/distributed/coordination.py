@@ -37,7 +37,11 @@ manager gets a :class:`ProcessGroupCoordinator` and:
   group (DCP's own collectives included). Async saves: ``save()`` blocks each rank for the capture
   and the copy to host memory (sharded state: its DCP state dict); the rest runs on the background
   group, one save at a time (the next save waits for the previous one on every rank, and a
-  failure on any rank raises on every rank there). Preemption saves are synchronous.
+  failure on any rank raises on every rank there). Preemption saves are synchronous. The
+  manager's ``close()`` destroys both groups (:meth:`ProcessGroupCoordinator.close`).
+* After the commit, rank 0 alone runs the post-commit hooks and retention, then broadcasts how
+  they went: a failure there raises a ``PostCommitError`` (the checkpoint is committed) on every
+  rank, after a synchronous save, or at the next save/wait/close after an async one.
 """
 
 from __future__ import annotations
@@ -114,6 +118,10 @@ class Coordinator:
         """The coordinator a background save uses (its own process group; here: itself)."""
         return self
 
+    def close(self) -> None:
+        """Release what the coordinator holds (the manager's close; here: nothing)."""
+        return None
+
     @property
     def group(self) -> Any:
         """The process group of this coordinator's collectives (None: no process group)."""
@@ -138,9 +146,11 @@ class ProcessGroupCoordinator(Coordinator):
         self.world_size = dist.get_world_size()
         self._device = torch.device("cpu")  # the checkpoint groups are gloo
         self._background: ProcessGroupCoordinator | None = None
+        self._owned: list[Any] = []  # the groups this coordinator created: destroyed by close()
         if group is None:
             group = dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT)
             self._background = ProcessGroupCoordinator(dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT))
+            self._owned = [group, self._background.group]
         self._group = group
 
     def for_background(self) -> Coordinator:
@@ -149,6 +159,19 @@ class ProcessGroupCoordinator(Coordinator):
     @property
     def group(self) -> Any:
         return self._group
+
+    def close(self) -> None:
+        """Destroy the two checkpoint groups (a local call, not a collective; once). When the
+        default group is already destroyed (``dist.destroy_process_group()`` before the
+        manager's ``close()``), they went with it: nothing is left to do."""
+        owned, self._owned = self._owned, []
+        if not owned or not (self._dist.is_available() and self._dist.is_initialized()):
+            return
+        for group in owned:
+            try:
+                self._dist.destroy_process_group(group)
+            except (ValueError, RuntimeError) as e:  # gone already (the default group was re-created)
+                log.debug("Checkpoint process group already destroyed: %s", e)
 
     def _max(self, values: list[int]) -> list[int]:
         t = torch.tensor(values, dtype=torch.int64, device=self._device)
