@@ -231,8 +231,9 @@ class CheckpointManager:
                 self._save_now(SaveRequest(step, state, metrics, "preemption", extra={"preemption": reason}, sync=True))
         code = guard.resolved_exit_code()
         self._run_record.session["preempted"] = True
-        self.close()
-        self._coord.barrier()  # every rank leaves only after the commit and rank 0's clean-up
+        with self._coord.closing_deferred():  # the barrier runs on a checkpoint group: destroyed after it
+            self.close()
+            self._coord.barrier()  # every rank leaves only after the commit and rank 0's clean-up
         sys.exit(code)
 
     def _save_now(self, request: SaveRequest) -> None:
