@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any
 
 from rich.table import Table
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     console().print(_table(storage, ckpts, sizes))
+    _print_problems(ckpts)
     if only is not None:
         console().print(f"{args.run} is one checkpoint of the run {storage.describe('')}: "
                         f"'ckptguard ls {storage.describe('')}' lists them all.", highlight=False)
@@ -95,12 +97,26 @@ def _table(storage: Storage, ckpts: list[CheckpointInfo], sizes: RunSizes) -> Ta
             c.created.strftime("%Y-%m-%d %H:%M:%S") if c.created else "?",
             human_bytes(sizes.checkpoints[c.name].logical),
             human_bytes(sizes.checkpoints[c.name].physical),
-            c.status if c.valid else f"{c.status}: {'; '.join(c.problems)[:60]}",
+            c.status if c.valid else f"{c.status} (see below)",
             c.reason,
             *vals,
             style=style,
         )
     return t
+
+
+def _problem(c: CheckpointInfo, text: str) -> str:
+    """One problem, said once: without the status it repeats ("marked corrupt: ...") and without a
+    file name that its path repeats right after ("model.safetensors: /run/step-N/model.safetensors: ...")."""
+    text = text.removeprefix(f"marked {c.status}: ")
+    return re.sub(r"^([\w.\-]+): (\S*/\1): ", r"\2: ", text)
+
+
+def _print_problems(ckpts: list[CheckpointInfo]) -> None:
+    for c in ckpts:
+        if not c.valid:
+            for text in c.problems or ("",):
+                console().print(f"[red]step {c.step} is {c.status}[/]" + (f": {_problem(c, text)}" if text else ""), highlight=False)
 
 
 def _print_run_notes(ckpts: list[CheckpointInfo], sizes: RunSizes, debris: list[str], unknown: list[str]) -> None:

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ckptguard.capture.state import TrainState
 from ckptguard.errors import CheckpointError, ManifestFieldError
 from ckptguard.format import safejson
 
-__all__ = ["MANIFEST_KEYS", "PROVIDER_SLOTS", "ManifestFieldProvider", "PostCommitHook", "callable_name", "provided_fields"]
+if TYPE_CHECKING:  # the CLI reads MANIFEST_KEYS without importing torch
+    from ckptguard.capture.state import TrainState
 
-ManifestFieldProvider = Callable[[int, TrainState], Mapping[str, Any]]
+__all__ = [
+    "MANIFEST_KEYS", "PROVIDER_SLOTS", "ManifestFieldProvider", "PostCommitHook", "callable_name", "custom_fields",
+    "provided_fields",
+]
+
+ManifestFieldProvider = Callable[[int, "TrainState"], Mapping[str, Any]]
 PostCommitHook = Callable[[dict[str, Any]], None]
 
 MANIFEST_KEYS = frozenset({
@@ -82,3 +87,13 @@ def provided_fields(provider: ManifestFieldProvider, step: int, state: TrainStat
             raise ManifestFieldError(f"{who} returned a value for {key!r} nested deeper than {safejson.MAX_DEPTH - 2} levels, "
                                      f"which no reader accepts; {nothing}.")
     return dict(out)
+
+
+def custom_fields(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a run's own code put into ``manifest``: every key that is not built in (from
+    field providers), and the entries of ``extra`` as ``extra.KEY``."""
+    out = {k: v for k, v in manifest.items() if k not in MANIFEST_KEYS}
+    extra = manifest.get("extra")
+    if isinstance(extra, Mapping):
+        out.update({f"extra.{k}": v for k, v in extra.items()})
+    return out
