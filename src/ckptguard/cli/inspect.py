@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.cli.common import add_json_flag, check_target, console, err_console, human_bytes, print_json
+from ckptguard.cli.common import add_json_flag, check_target, console, err_console, human_bytes, print_json, problem_text
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.format.manifest import MANIFEST
 from ckptguard.manager.extensions import custom_fields
@@ -114,7 +114,7 @@ def _summary(where: str, m: dict[str, Any], info: CheckpointInfo, picked: str = 
         ("step", str(m["step"])),
         ("created", f"{m.get('created')}  (save took {m.get('save_seconds', 0):.3f}s, reason: {m.get('reason', '')})"),
         ("format", f"{m.get('format')} v{m.get('format_version')}, checksum {m.get('checksum')}"),
-        ("status", info.status if info.valid else f"{info.status}: {'; '.join(info.problems)}"),
+        ("status", info.status if info.valid else f"{info.status}: {'; '.join(problem_text(info.status, p) for p in info.problems)}"),
         ("metrics", ", ".join(f"{k}={v}" for k, v in (m.get("metrics") or {}).items()) or "-"),
         ("config hash", str(m.get("config_hash"))),
         ("git", f"{git.get('commit', '?')[:12]}{' (dirty)' if git.get('dirty') else ''}" if git else "not a git work tree"),

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from typing import Any
 
 from rich.table import Table
 
-from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
+from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json, problem_text
 from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.report.sizes import RunSizes, run_sizes
 from ckptguard.run.catalog import CheckpointInfo, find_debris, find_unknown, scan
@@ -105,18 +104,11 @@ def _table(storage: Storage, ckpts: list[CheckpointInfo], sizes: RunSizes) -> Ta
     return t
 
 
-def _problem(c: CheckpointInfo, text: str) -> str:
-    """One problem, said once: without the status it repeats ("marked corrupt: ...") and without a
-    file name that its path repeats right after ("model.safetensors: /run/step-N/model.safetensors: ...")."""
-    text = text.removeprefix(f"marked {c.status}: ")
-    return re.sub(r"^([\w.\-]+): (\S*/\1): ", r"\2: ", text)
-
-
 def _print_problems(ckpts: list[CheckpointInfo]) -> None:
     for c in ckpts:
         if not c.valid:
             for text in c.problems or ("",):
-                console().print(f"[red]step {c.step} is {c.status}[/]" + (f": {_problem(c, text)}" if text else ""), highlight=False)
+                console().print(f"[red]step {c.step} is {c.status}[/]" + (f": {problem_text(c.status, text)}" if text else ""), highlight=False)
 
 
 def _print_run_notes(ckpts: list[CheckpointInfo], sizes: RunSizes, debris: list[str], unknown: list[str]) -> None:
