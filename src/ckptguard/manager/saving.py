@@ -9,7 +9,10 @@ A save is a :class:`SaveRequest` that goes through these stages, in order::
     share         every rank: what each rank writes itself (distributed only: its rank file, DCP shards)
     gather        the coordinator brings every rank's file entries (or its error) to rank 0
     commit        rank 0: tensor files through the sink, blobs, MANIFEST.json last (lock checked first)
-    after commit  rank 0: metrics, the run's bookkeeping, post-commit hooks, retention, GC
+    after commit  rank 0: metrics, the run's bookkeeping, post-commit hooks, retention, GC; each runs
+                  even if one before failed, and a failure (a PostCommitError: the checkpoint is
+                  committed) is told to every rank and raised after the save, or for an async save
+                  by the next save (once it has saved its own step), wait or close
 
 Two collaborators make the modes: the coordinator (:mod:`ckptguard.distributed.coordination`: who
 writes what and who commits; a single process's coordinator is the identity) and the tensor sink
