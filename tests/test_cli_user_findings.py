@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from ckptguard.version import __version__
 def cli(*args: str, cwd: Path | None = None, isolated_path: bool = False) -> subprocess.CompletedProcess[str]:
     flags = ["-P"] if isolated_path else []
     return subprocess.run([sys.executable, *flags, "-m", "ckptguard.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120, env={**__import__("os").environ, "COLUMNS": "200"})
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
 
 
 def _run(tmp: Path) -> Path:
