@@ -26,6 +26,8 @@ __all__ = [
     "AsyncSaveError",
     "TrainingDivergedError",
     "InvalidStepError",
+    "ManifestFieldError",
+    "PostCommitError",
 ]
 
 
@@ -128,3 +130,19 @@ class TrainingDivergedError(CheckpointError):
 
 class InvalidStepError(CheckpointError, ValueError):
     """A step number that cannot name a checkpoint (negative, fractional, not a number)."""
+
+
+class ManifestFieldError(CheckpointError, ValueError):
+    """A manifest field provider (``add_manifest_fields``) failed, returned a key the manifest
+    itself uses, or a value that is not JSON. Raised by the save; nothing was committed."""
+
+
+class PostCommitError(CheckpointError):
+    """A checkpoint was committed, then what runs after its commit failed (a post-commit hook,
+    retention). The checkpoint is intact and restorable; ``step`` names it. Raised by the save
+    that committed it, or (async saves) by the next save (after it saved its own step),
+    ``wait()`` or ``close()``; in a distributed run on every rank."""
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step

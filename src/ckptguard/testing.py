@@ -78,6 +78,10 @@ CALLS: dict[str, str] = {
 }
 
 _KINDS = ALL_OPS | {"read"}
+_DOING = {  # how an error message says what the failed operation was doing ("No space left while writing ...")
+    "create": "creating", "write": "writing", "fsync": "syncing", "mkdir": "creating the directory",
+    "rename": "renaming", "delete": "deleting", "replace": "replacing", "append": "appending to", "read": "reading",
+}
 
 
 class SimulatedCrash(BaseException):
@@ -199,7 +203,8 @@ class FaultyStorage:
             self.dead = True
             raise SimulatedCrash(f"crash at {op} #{self.count} ({call} {path})")
         err = OSError(self.error, os.strerror(self.error), self.inner.describe(path))
-        raise translate_os_error(err, self.inner.describe(path), f"{op} (injected fault #{self.count})") from err
+        where = f"{self.inner.describe(path)} (injected fault #{self.count})"
+        raise translate_os_error(err, where, _DOING[op]) from err
 
     # ---- Storage protocol ---------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from ckptguard.errors import CheckpointError
+from ckptguard.version import __version__
 
 __all__ = ["COMMANDS", "main"]
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Checkpoints that survive failure and stay trustworthy.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--version", action="version", version=f"ckptguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:

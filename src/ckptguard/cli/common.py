@@ -10,7 +10,9 @@ from typing import Any
 
 from rich.console import Console
 
-__all__ = ["add_json_flag", "check_target", "console", "err_console", "fail", "human_bytes", "path_kind", "print_json"]
+__all__ = [
+    "add_json_flag", "check_target", "console", "err_console", "fail", "human_bytes", "path_kind", "print_json", "problem_text",
+]
 
 _console: Console | None = None
 _err: Console | None = None
@@ -46,6 +48,13 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n} B"
+
+
+def problem_text(status: str, text: str) -> str:
+    """A checkpoint's problem, said once: without the status it repeats ("marked corrupt: ...") and
+    without a file name its path repeats ("model.safetensors: /run/step-N/model.safetensors: ...")."""
+    text = text.removeprefix(f"marked {status}: ")
+    return re.sub(r"^([\w.\-]+): (\S*/\1): ", r"\2: ", text)
 
 
 def fail(e: BaseException, code: int = 2) -> int:

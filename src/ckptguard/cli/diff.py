@@ -51,6 +51,9 @@ def render(d: CheckpointDiff, show_all: bool = False) -> None:
     t = _pairs("metrics", metrics, a, b)
     if t is not None:
         c.print(t)
+    t = _pairs("fields (add_manifest_fields, extra)", d.fields, a, b)
+    if t is not None:
+        c.print(t)
     if d.probe != (None, None):
         c.print(_pairs("probe output", [(k, (d.probe[0] or {}).get(k), (d.probe[1] or {}).get(k)) for k in ("hash", "mean", "std", "max_abs")], a, b))
     tt = Table(title="model tensors")

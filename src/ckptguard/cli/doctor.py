@@ -1,8 +1,9 @@
 """``ckptguard doctor CKPT [--model module:factory] [--config today.yaml] [--strict]``.
 
 Rot found before a resume, not after. Builds the current code's objects with the factory (an
-``nn.Module`` or a ``TrainState``; the module may be an importable name or a ``.py`` path, whose
-folder is put on ``sys.path`` as ``python file.py`` would) and reports what would go wrong when
+``nn.Module`` or a ``TrainState``; the module may be a name, imported from the current directory
+too as ``python -c`` would, or a ``.py`` path, whose folder is put on ``sys.path`` as ``python
+file.py`` would) and reports what would go wrong when
 they resume from CKPT: storage integrity, keys and shapes, behaviour on the probe batch,
 optimizer and scheduler drift, RNG, environment, and config drift key by key (today's config from
 ``--config FILE`` (YAML or JSON), else from the factory's ``TrainState(config=...)``).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any
 
 from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
@@ -28,10 +29,17 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ckptguard.errors import CheckpointError, CorruptCheckpointError
     from ckptguard.report.export import export_checkpoint
 
-    check_target(args.checkpoint, want="checkpoint")
-    result = export_checkpoint(args.checkpoint, args.output, full=args.full, overwrite=args.force)
+    kind = check_target(args.checkpoint, want="checkpoint")
+    out = os.path.abspath(os.path.expanduser(args.output))
+    if os.path.lexists(out) and not os.path.isdir(out) and not args.force:
+        raise CheckpointError(f"{out} already exists; pass --force to replace it, or choose another -o.")
+    try:
+        result = export_checkpoint(args.checkpoint, args.output, full=args.full, overwrite=args.force)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(_damaged(args.checkpoint, kind, e), path=e.path, file=e.file) from e
     if args.json:
         print_json(dataclasses.asdict(result))
         return 0
@@ -42,3 +50,13 @@ def run(args: argparse.Namespace) -> int:
         highlight=False,
     )
     return 0
+
+
+def _damaged(target: str, kind: str, e: BaseException) -> str:
+    """What an exporter reads when the checkpoint's bytes are damaged: the damage, then another step to export."""
+    text = str(e)
+    for tail in ("; restore falls back to an older checkpoint.", " restore falls back to an older checkpoint."):
+        text = text.replace(tail, ".")
+    run = os.path.dirname(os.path.abspath(target.rstrip("/"))) if kind == "checkpoint" else target
+    return (f"Cannot export {target}: it is damaged. {text} Nothing was written. Export another checkpoint: "
+            f"'ckptguard ls {run}' lists the run's checkpoints with their status; pass RUN/step-N of a sound one.")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from rich.table import Table
 
-from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
-from ckptguard.errors import CheckpointNotFoundError
+from ckptguard.cli.common import add_json_flag, check_target, console, err_console, human_bytes, print_json, problem_text
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.format.manifest import MANIFEST
+from ckptguard.manager.extensions import custom_fields
+from ckptguard.persist.reader import CheckpointReader
 from ckptguard.run.catalog import CheckpointInfo, info_for
 from ckptguard.storage.base import Storage, join
 from ckptguard.verification.verify import resolve_target
@@ -23,8 +26,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _newest_committed(target: str) -> tuple[Storage, str]:
-    """The storage and the newest committed checkpoint of a run (or the checkpoint itself)."""
+def _newest_committed(target: str) -> tuple[Storage, str, str]:
+    """The storage, the newest committed checkpoint of a run (or the checkpoint itself) and, for
+    a run, a note saying which one was picked ("" for a checkpoint)."""
     kind = check_target(target, want="checkpoint")
     storage, names = resolve_target(target)
     committed = sorted(n for n in names if storage.exists(join(n, MANIFEST)))
@@ -39,11 +43,16 @@ def _newest_committed(target: str) -> tuple[Storage, str]:
             + (f" ({len(names)} step directories without a manifest: debris of interrupted saves)" if names else "")
             + ". Pass a run directory or RUN/step-N; 'ckptguard ls' lists a run."
         )
-    return storage, committed[-1]
+    if kind == "checkpoint" or (kind == "url" and target.rstrip("/").rsplit("/", 1)[-1] == committed[-1]):
+        return storage, committed[-1], ""
+    run = storage.describe("")
+    note = (f"the newest of {len(committed)} committed checkpoints of {run} ('ckptguard ls {run}' lists them; "
+            "pass RUN/step-N for another)")
+    return storage, committed[-1], note
 
 
 def run(args: argparse.Namespace) -> int:
-    storage, name = _newest_committed(args.ckpt)
+    storage, name, picked = _newest_committed(args.ckpt)
     info = info_for(storage, name)  # the same status 'ckptguard ls' shows
     if info.manifest is None:  # unreadable: exit 2 like any unreadable input
         from ckptguard.errors import CorruptCheckpointError
@@ -51,11 +60,15 @@ def run(args: argparse.Namespace) -> int:
         raise CorruptCheckpointError(f"{storage.describe(name)} cannot be inspected: {'; '.join(info.problems)} "
                                      f"Run 'ckptguard verify {storage.describe(name)}'.")
     m = info.manifest
+    state_extra = _state_extra(CheckpointReader(storage, name, m))
     if args.json:
-        print_json({**m, "status": info.status, "valid": info.valid, "problems": list(info.problems)})
+        if picked:
+            err_console().print(f"inspecting {storage.describe(name)}: {picked}", highlight=False)
+        print_json({**m, "status": info.status, "valid": info.valid, "problems": list(info.problems),
+                    "state_extra": state_extra})
         return 0
     c = console()
-    c.print(_summary(storage.describe(name), m, info))
+    c.print(_summary(storage.describe(name), m, info, picked, state_extra))
     t = Table(title="files")
     for col in ("file", "kind", "size", "tensors", "xxh3-128"):
         t.add_column(col)
@@ -73,24 +86,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(where: str, m: dict[str, Any], info: CheckpointInfo) -> Table:
+def _state_extra(reader: CheckpointReader) -> Any:
+    """The TrainState's ``extra=`` as saved in state.json (checksum verified; tensors appear as
+    references), or a note why it cannot be shown."""
+    if not reader.has("state.json"):
+        return None
+    try:
+        state = reader.json("state.json")
+    except (CheckpointError, ValueError) as e:
+        return f"(state.json unreadable: {e})"
+    return state.get("extra") if isinstance(state, dict) else None
+
+
+def _compact(v: Any) -> str:
+    text = v if isinstance(v, str) else json.dumps(v, separators=(", ", ": "), default=str)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _summary(where: str, m: dict[str, Any], info: CheckpointInfo, picked: str = "", state_extra: Any = None) -> Table:
     env = m.get("environment") or {}
     git = env.get("git") or {}
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
     rows = [
-        ("checkpoint", where),
+        ("checkpoint", f"{where}\n({picked})" if picked else where),
         ("step", str(m["step"])),
         ("created", f"{m.get('created')}  (save took {m.get('save_seconds', 0):.3f}s, reason: {m.get('reason', '')})"),
         ("format", f"{m.get('format')} v{m.get('format_version')}, checksum {m.get('checksum')}"),
-        ("status", info.status if info.valid else f"{info.status}: {'; '.join(info.problems)}"),
+        ("status", info.status if info.valid else f"{info.status}: {'; '.join(problem_text(info.status, p) for p in info.problems)}"),
         ("metrics", ", ".join(f"{k}={v}" for k, v in (m.get("metrics") or {}).items()) or "-"),
         ("config hash", str(m.get("config_hash"))),
         ("git", f"{git.get('commit', '?')[:12]}{' (dirty)' if git.get('dirty') else ''}" if git else "not a git work tree"),
         ("versions", f"python {env.get('python')}, torch {env.get('torch')}, numpy {env.get('numpy')}, ckptguard {env.get('ckptguard')}"),
         ("host / device", f"{env.get('host')} / {env.get('device')}"),
     ]
+    rows += [(k, _compact(v)) for k, v in custom_fields(m).items()]  # add_manifest_fields, extra
+    if state_extra:
+        rows.append(("state extra", _compact(state_extra)))  # TrainState(extra=...), from state.json
     for k, v in rows:
         head.add_row(k, v)
     return head

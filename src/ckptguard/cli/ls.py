@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
+from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json, problem_text
 from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.report.sizes import RunSizes, run_sizes
 from ckptguard.run.catalog import CheckpointInfo, find_debris, find_unknown, scan
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     console().print(_table(storage, ckpts, sizes))
+    _print_problems(ckpts)
     if only is not None:
         console().print(f"{args.run} is one checkpoint of the run {storage.describe('')}: "
                         f"'ckptguard ls {storage.describe('')}' lists them all.", highlight=False)
@@ -95,12 +96,19 @@ def _table(storage: Storage, ckpts: list[CheckpointInfo], sizes: RunSizes) -> Ta
             c.created.strftime("%Y-%m-%d %H:%M:%S") if c.created else "?",
             human_bytes(sizes.checkpoints[c.name].logical),
             human_bytes(sizes.checkpoints[c.name].physical),
-            c.status if c.valid else f"{c.status}: {'; '.join(c.problems)[:60]}",
+            c.status if c.valid else f"{c.status} (see below)",
             c.reason,
             *vals,
             style=style,
         )
     return t
+
+
+def _print_problems(ckpts: list[CheckpointInfo]) -> None:
+    for c in ckpts:
+        if not c.valid:
+            for text in c.problems or ("",):
+                console().print(f"[red]step {c.step} is {c.status}[/]" + (f": {problem_text(c.status, text)}" if text else ""), highlight=False)
 
 
 def _print_run_notes(ckpts: list[CheckpointInfo], sizes: RunSizes, debris: list[str], unknown: list[str]) -> None:

@@ -37,15 +37,20 @@ manager gets a :class:`ProcessGroupCoordinator` and:
   group (DCP's own collectives included). Async saves: ``save()`` blocks each rank for the capture
   and the copy to host memory (sharded state: its DCP state dict); the rest runs on the background
   group, one save at a time (the next save waits for the previous one on every rank, and a
-  failure on any rank raises on every rank there). Preemption saves are synchronous.
+  failure on any rank raises on every rank there). Preemption saves are synchronous. The
+  manager's ``close()`` destroys both groups (:meth:`ProcessGroupCoordinator.close`).
+* After the commit, rank 0 alone runs the post-commit hooks and retention, then broadcasts how
+  they went: a failure there raises a ``PostCommitError`` (the checkpoint is committed) on every
+  rank, after a synchronous save, or at the next save/wait/close after an async one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -114,6 +119,15 @@ class Coordinator:
         """The coordinator a background save uses (its own process group; here: itself)."""
         return self
 
+    def close(self) -> None:
+        """Release what the coordinator holds (the manager's close; here: nothing)."""
+        return None
+
+    @contextlib.contextmanager
+    def closing_deferred(self) -> Iterator[None]:
+        """``close()`` inside the block takes effect at its end (a last barrier after the manager's close)."""
+        yield
+
     @property
     def group(self) -> Any:
         """The process group of this coordinator's collectives (None: no process group)."""
@@ -138,9 +152,13 @@ class ProcessGroupCoordinator(Coordinator):
         self.world_size = dist.get_world_size()
         self._device = torch.device("cpu")  # the checkpoint groups are gloo
         self._background: ProcessGroupCoordinator | None = None
+        self._owned: list[Any] = []  # the groups this coordinator created: destroyed by close()
+        self._closed = False
+        self._defer_close: bool | None = None  # None: not deferred; False/True: close() was (not) called meanwhile
         if group is None:
             group = dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT)
             self._background = ProcessGroupCoordinator(dist.new_group(backend="gloo", timeout=CHECKPOINT_TIMEOUT))
+            self._owned = [group, self._background.group]
         self._group = group
 
     def for_background(self) -> Coordinator:
@@ -148,11 +166,43 @@ class ProcessGroupCoordinator(Coordinator):
 
     @property
     def group(self) -> Any:
+        if self._closed:
+            raise CheckpointError("The checkpoint process groups are destroyed (the CheckpointManager is closed); create a new manager.")
         return self._group
+
+    def close(self) -> None:
+        """Destroy the two checkpoint groups (a local call, not a collective; once) and drop
+        them, so that their sockets close now. When the default group is already destroyed
+        (``dist.destroy_process_group()`` before the manager's ``close()``), they went with it."""
+        if self._defer_close is not None:
+            self._defer_close = True
+            return
+        owned, self._owned = self._owned, []
+        self._closed = True
+        self._group = None
+        if self._background is not None:
+            self._background.close()
+        if not owned or not (self._dist.is_available() and self._dist.is_initialized()):
+            return
+        for group in owned:
+            try:
+                self._dist.destroy_process_group(group)
+            except (ValueError, RuntimeError) as e:  # gone already (the default group was re-created)
+                log.debug("Checkpoint process group already destroyed: %s", e)
+
+    @contextlib.contextmanager
+    def closing_deferred(self) -> Iterator[None]:
+        self._defer_close = False
+        try:
+            yield
+        finally:
+            requested, self._defer_close = self._defer_close, None
+            if requested:
+                self.close()
 
     def _max(self, values: list[int]) -> list[int]:
         t = torch.tensor(values, dtype=torch.int64, device=self._device)
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, group=self._group)
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, group=self.group)
         return [int(v) for v in t.tolist()]
 
     def agree_save(self, step: int, due: bool, preempt: int) -> tuple[bool, int]:
@@ -178,16 +228,16 @@ class ProcessGroupCoordinator(Coordinator):
 
     def broadcast(self, obj: T) -> T:
         box: list[Any] = [obj]
-        self._dist.broadcast_object_list(box, src=0, group=self._group)
+        self._dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]  # type: ignore[no-any-return]
 
     def gather(self, obj: T) -> list[T] | None:
         out: list[Any] | None = [None] * self.world_size if self.is_primary else None
-        self._dist.gather_object(obj, out, dst=0, group=self._group)
+        self._dist.gather_object(obj, out, dst=0, group=self.group)
         return out
 
     def barrier(self) -> None:
-        self._dist.barrier(group=self._group)
+        self._dist.barrier(group=self.group)
 
 
 def coordinator() -> Coordinator:

@@ -25,7 +25,7 @@ import torch
 from ckptguard.capture.configdrift import log_config_drift
 from ckptguard.capture.state import TrainState, capture
 from ckptguard.distributed.coordination import coordinator, on_primary
-from ckptguard.errors import CheckpointError
+from ckptguard.errors import CheckpointError, PostCommitError
 from ckptguard.format.manifest import as_step
 from ckptguard.manager.options import checked_retention, checked_run_id, initial_schedule
 from ckptguard.manager.preemption import Preemption
@@ -49,6 +49,15 @@ from ckptguard.verification.behaviour import Verifier, attach_verifier
 __all__ = ["CheckpointManager", "RUN_FILE"]
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _logged(kind: type[CheckpointError]) -> Iterator[None]:
+    """Log an error of ``kind`` instead of raising it (where going on matters more)."""
+    try:
+        yield
+    except kind as e:
+        log.error("%s", e)
 
 
 def _wait_at_exit(ref: weakref.ReferenceType[CheckpointManager]) -> None:
@@ -204,6 +213,8 @@ class CheckpointManager:
         due, code = self._coord.agree_save(step, force or self.schedule.due(step), self._preemption.code())
         if not (due or code):
             self._saves.prepare_host_buffers(lambda: capture(state, step).tensor_files)  # before the first save
+            if not self._coord.active:  # distributed: only where every rank waited for the save (see below)
+                self._saves.raise_after_commit_failure()
             return False
         if code:
             self._preemption_exit(self._preemption.trigger(code), step, state, metrics)
@@ -213,13 +224,16 @@ class CheckpointManager:
     def _preemption_exit(self, guard: PreemptionGuard, step: int, state: TrainState, metrics: Mapping[str, Any] | None) -> None:
         reason = guard.reason or "preemption"
         log.warning("Preemption (%s): saving step %d synchronously, then exiting.", reason, step)
-        self.wait()
+        with _logged(PostCommitError):  # its checkpoint is committed: the preemption save goes on
+            self.wait()
         if self.last_saved_step != step:
-            self._save_now(SaveRequest(step, state, metrics, "preemption", extra={"preemption": reason}, sync=True))
+            with _logged(PostCommitError):
+                self._save_now(SaveRequest(step, state, metrics, "preemption", extra={"preemption": reason}, sync=True))
         code = guard.resolved_exit_code()
         self._run_record.session["preempted"] = True
-        self.close()
-        self._coord.barrier()  # every rank leaves only after the commit and rank 0's clean-up
+        with self._coord.closing_deferred():  # the barrier runs on a checkpoint group: destroyed after it
+            self.close()
+            self._coord.barrier()  # every rank leaves only after the commit and rank 0's clean-up
         sys.exit(code)
 
     def _save_now(self, request: SaveRequest) -> None:
@@ -229,12 +243,26 @@ class CheckpointManager:
         self._saves.save(request)
 
     def add_manifest_fields(self, provider: Callable[[int, TrainState], Mapping[str, Any]]) -> None:
-        """Merge ``provider(step, state)`` into every later manifest (training thread, rank 0;
-        after the built-in fields: a key it returns replaces the built-in one)."""
+        """Merge ``provider(step, state)`` into every later manifest (training thread, rank 0).
+
+        It returns new top-level keys with JSON values (``{"data_position": {...}}``). A key the
+        manifest itself uses (``step``, ``files``, ``metrics``... see
+        ckptguard.manager.extensions.MANIFEST_KEYS; ``probe`` is the probe verifier's), a value
+        that is not JSON, or an exception in the provider fails that save with a
+        ``ManifestFieldError`` naming the provider, the step and the key, before anything is
+        written: nothing is committed.
+        """
         self._saves.add_manifest_fields(provider)
 
     def add_post_commit_hook(self, hook: Callable[[dict[str, Any]], None]) -> None:
-        """Call ``hook(manifest)`` after every commit (in the saving thread; before retention)."""
+        """Call ``hook(manifest)`` after every commit (in the saving thread, rank 0; in
+        registration order, before retention).
+
+        An exception in a hook does not undo the commit: the later hooks and retention still
+        run, and a ``PostCommitError`` (naming the hook and the committed step; the error chained)
+        is raised by the save that committed it; for async saves by the next ``save()`` (after
+        it has saved its own step), ``wait()`` or ``close()``. In a distributed run, on every rank.
+        """
         self._saves.add_post_commit_hook(hook)
 
     def _run_fields(self, step: int, metrics: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -9,7 +9,10 @@ A save is a :class:`SaveRequest` that goes through these stages, in order::
     share         every rank: what each rank writes itself (distributed only: its rank file, DCP shards)
     gather        the coordinator brings every rank's file entries (or its error) to rank 0
     commit        rank 0: tensor files through the sink, blobs, MANIFEST.json last (lock checked first)
-    after commit  rank 0: metrics, the run's bookkeeping, post-commit hooks, retention, GC
+    after commit  rank 0: metrics, the run's bookkeeping, post-commit hooks, retention, GC; each runs
+                  even if one before failed, and a failure (a PostCommitError: the checkpoint is
+                  committed) is told to every rank and raised after the save, or for an async save
+                  by the next save (once it has saved its own step), wait or close
 
 Two collaborators make the modes: the coordinator (:mod:`ckptguard.distributed.coordination`: who
 writes what and who commits; a single process's coordinator is the identity) and the tensor sink
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,8 +39,9 @@ from ckptguard.capture.environment import collect_environment
 from ckptguard.capture.state import Snapshot, TrainState, capture, without_model
 from ckptguard.distributed.coordination import Coordinator, agree, capture_exc, on_primary
 from ckptguard.distributed.saving import ShardStager, distributed_fields, shardable, write_rank_share
-from ckptguard.errors import CheckpointError
+from ckptguard.errors import CheckpointError, PostCommitError
 from ckptguard.format.manifest import checkpoint_name
+from ckptguard.manager.extensions import ManifestFieldProvider, PostCommitHook, callable_name, provided_fields
 from ckptguard.persist.background import BackgroundSaves, Reaper
 from ckptguard.persist.gc import collect_garbage
 from ckptguard.persist.incremental import IncrementalRun
@@ -52,9 +57,8 @@ __all__ = ["ManifestFieldProvider", "PostCommitHook", "RunCallbacks", "SavePipel
 
 log = logging.getLogger(__name__)
 
-ManifestFieldProvider = Callable[[int, TrainState], Mapping[str, Any]]
-PostCommitHook = Callable[[dict[str, Any]], None]
 TensorFiles = Mapping[str, Mapping[str, torch.Tensor]]
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,14 +146,30 @@ class SavePipeline:
         self._debris_cleaned = False
         self._providers: list[ManifestFieldProvider] = []
         self._hooks: list[PostCommitHook] = []
+        self._after_commit_lock = threading.Lock()
+        self._after_commit_failure: PostCommitError | None = None  # surfaces at the next save/wait/close
 
     # ---- extension points -----------------------------------------------------------------------
 
     def add_manifest_fields(self, provider: ManifestFieldProvider) -> None:
+        """Merge ``provider(step, state)`` into every later manifest (see :func:`provided_fields`)."""
+        if not callable(provider):
+            raise TypeError(f"add_manifest_fields() takes a callable (step, state) -> dict, got {type(provider).__name__}")
         self._providers.append(provider)
 
     def add_post_commit_hook(self, hook: PostCommitHook) -> None:
+        """Call ``hook(manifest)`` after every commit; a failure is a :class:`PostCommitError`."""
+        if not callable(hook):
+            raise TypeError(f"add_post_commit_hook() takes a callable (manifest) -> None, got {type(hook).__name__}")
         self._hooks.append(hook)
+
+    def raise_after_commit_failure(self) -> None:
+        """Raise (once) the :class:`PostCommitError` of a committed save whose hooks or retention
+        failed, if any. Called after the save/wait it belongs to: the save in flight is durable."""
+        with self._after_commit_lock:
+            err, self._after_commit_failure = self._after_commit_failure, None
+        if err is not None:
+            raise err
 
     @property
     def environment(self) -> dict[str, Any]:
@@ -192,11 +212,13 @@ class SavePipeline:
                 save.tensor_files = {}  # rank 0 writes the tensor files
             if save.sharded:
                 save.staged_shards = self.shard_stager.stage(request.state)
-            self._submit(save)
+            self._submit(save)  # waited for the previous save: its after-commit failure is known
+            self.raise_after_commit_failure()
             return
         self.background.result()
         self._write_and_commit(save, self.coord)
         self.run.blocked(time.perf_counter() - t0)
+        self.raise_after_commit_failure()
 
     def _capture(self, request: SaveRequest, t0: float) -> _Save:
         """Stages capture and describe."""
@@ -209,7 +231,7 @@ class SavePipeline:
 
         waited: BaseException | None = None
         if self.coord.active:  # one agreement for both: the previous save's outcome, this capture
-            _, waited = capture_exc(self.wait)
+            _, waited = capture_exc(self._wait_durable)  # a committed save's hook failure: raised after this save
         captured, exc = capture_exc(describe)
         where = f"the previous save to {self.storage.url}" if waited else self.storage.describe(checkpoint_name(request.step))
         agree(self.coord, waited or exc, where, "save")
@@ -235,7 +257,7 @@ class SavePipeline:
             "extra": {},
         }
         for provider in self._providers:
-            fields.update(provider(request.step, request.state))
+            fields.update(provided_fields(provider, request.step, request.state))
         fields["extra"].update(request.extra or {})
         return fields
 
@@ -284,7 +306,7 @@ class SavePipeline:
         if coord.is_primary:
             ranks = f" ({coord.world_size} ranks)" if coord.active else ""
             log.info("Saved %s%s in %.3fs", self.storage.describe(checkpoint_name(step)), ranks, seconds)
-            self._after_commit(manifest)
+        self._after_commit(step, manifest, coord)
 
     def _prepare(self, step: int) -> str:
         self.acquire_lock()
@@ -330,12 +352,52 @@ class SavePipeline:
         except CheckpointError as e:  # the checkpoint does not depend on them; retried later
             log.warning("Could not append to metrics.csv: %s", e)
 
-    def _after_commit(self, manifest: dict[str, Any]) -> None:
+    def _after_commit(self, step: int, manifest: dict[str, Any], coord: Coordinator) -> None:
+        """Stage after commit: rank 0 runs it; a failure is kept as a :class:`PostCommitError`
+        (the checkpoint stays committed) and told to every rank, to be raised after this save
+        (sync) or at the next save/wait/close (async): see :meth:`raise_after_commit_failure`."""
+        error = self._run_after_commit(step, manifest) if coord.is_primary else None
+        if coord.active:  # every rank hears how rank 0's after-commit went
+            said = coord.broadcast(None if error is None else str(error))
+            if said is not None and error is None:
+                error = PostCommitError(f"Rank 0 reports: {said}", step=step)
+        if error is None:
+            return
+        with self._after_commit_lock:
+            if self._after_commit_failure is None:
+                self._after_commit_failure = error
+                return
+        log.error("%s", error)  # an earlier one is still to be raised
+
+    def _run_after_commit(self, step: int, manifest: dict[str, Any]) -> PostCommitError | None:
+        """Bookkeeping, post-commit hooks in order, retention and GC: each runs even when one
+        before it failed; the first failure is returned (the others are logged)."""
+        where = self.storage.describe(checkpoint_name(step))
+        failures: list[PostCommitError] = []
+
+        def attempt(what: str, next_step: str, fn: Callable[..., None], *args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - reported as a PostCommitError, cause chained
+                err = PostCommitError(
+                    f"Step {step} was committed to {where} (the checkpoint is intact and restorable), but {what} "
+                    f"failed after the commit: {type(e).__name__}: {e}. {next_step}", step=step,
+                )
+                err.__cause__ = e
+                failures.append(err)
+
         self._flush_metrics()
-        self.run.committed(manifest)
+        attempt("the run's bookkeeping (RUN/ckptguard.json)", "Check the run directory.", self.run.committed, manifest)
         for hook in self._hooks:
-            hook(manifest)
-        self.run.curate()
+            attempt(f"the post-commit hook {callable_name(hook)}",
+                    "Fix the hook (registered with add_post_commit_hook); later saves run it again.", hook, manifest)
+        attempt("retention", "What it meant to delete is kept; the next save retries.", self.run.curate)
+        attempt("freeing unreferenced data", "The next save retries.", self._collect_garbage)
+        for later in failures[1:]:
+            log.error("%s", later)
+        return failures[0] if failures else None
+
+    def _collect_garbage(self) -> None:
         collect_garbage(self.storage, self.manifests, reap=self.reaper)
         reaping = self.reaper.pending
         if any(n.startswith((".tmp-", ".trash-")) and n not in reaping for n in self.storage.listdir("")):
@@ -344,7 +406,12 @@ class SavePipeline:
     # ---- waiting and closing --------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until the save in flight is durable and pruned data is freed; raise its error."""
+        """Block until the save in flight is durable and pruned data is freed; raise its error
+        (an :class:`AsyncSaveError`, or a :class:`PostCommitError` when it committed and then failed)."""
+        self._wait_durable()
+        self.raise_after_commit_failure()
+
+    def _wait_durable(self) -> None:
         try:
             self.background.result()
         finally:
@@ -357,6 +424,7 @@ class SavePipeline:
         finally:
             self.background.shutdown()
             self.reaper.close()  # removals finish under the run lock; its thread ends
+            self.coord.close()  # distributed: the checkpoint process groups
 
     def release_lock(self) -> None:
         if self.lock is not None and self.locked:

@@ -1,6 +1,8 @@
 """``diff(a, b)``: what changed between two checkpoints (of one run or of two runs).
 
-Config (``config.yaml``), environment, metrics, probe output, tensor keys and shapes, and per
+Config (``config.yaml``), environment, metrics, the run's own manifest fields (from
+``add_manifest_fields``, the manifest's ``extra``, and the TrainState's ``extra=`` in state.json),
+probe output, tensor keys and shapes, and per
 tensor the largest absolute change and the relative change ``||b - a|| / ||a||``. Tensors are
 read one at a time, each verified against its manifest checksum, so memory stays at two tensors.
 
@@ -20,9 +22,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckptguard.capture.configdrift import config_diff
-from ckptguard.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptguard.format import safejson
 from ckptguard.format.manifest import MANIFEST
+from ckptguard.manager.extensions import custom_fields
 from ckptguard.persist.reader import CheckpointReader
 from ckptguard.run.catalog import read_manifest
 from ckptguard.storage.base import join
@@ -66,6 +69,9 @@ class CheckpointDiff:
     metrics: dict[str, tuple[Any, Any]]
     probe: tuple[Any, Any]
     tensors: list[TensorChange]
+    fields: list[tuple[str, Any, Any]] = dataclasses.field(default_factory=list)
+    """The run's own fields that differ: provider keys, ``extra.KEY`` (the manifest's ``extra``) and
+    ``state_extra.KEY`` (the TrainState's ``extra=``), as (dotted key, value in a, value in b)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +80,7 @@ class CheckpointDiff:
             "environment": [{"key": k, "a": x, "b": y} for k, x, y in self.environment],
             "metrics": {k: {"a": x, "b": y} for k, (x, y) in self.metrics.items()},
             "probe": {"a": self.probe[0], "b": self.probe[1]},
+            "fields": [{"key": k, "a": x, "b": y} for k, x, y in self.fields],
             "tensors": [{**dataclasses.asdict(t), "status": t.status} for t in self.tensors],
         }
 
@@ -102,6 +109,17 @@ def _config(r: CheckpointReader) -> Any:
             f"{r.where}/config.yaml cannot be compared: {e}. The checkpoint is damaged or hostile.",
             path=r.where, file="config.yaml",
         ) from e
+
+
+def _fields(r: CheckpointReader) -> dict[str, Any]:
+    out = custom_fields(r.manifest)
+    try:
+        state = r.json("state.json") if r.has("state.json") else {}
+    except CheckpointError:  # damaged: 'ckptguard verify' says so; the rest still compares
+        state = {}
+    if isinstance(state, dict) and state.get("extra"):
+        out["state_extra"] = state["extra"]
+    return out
 
 
 def _probe(m: Mapping[str, Any]) -> Any:
@@ -170,5 +188,6 @@ def diff(
         metrics={k: (metrics_a.get(k), metrics_b.get(k)) for k in sorted(set(metrics_a) | set(metrics_b))},
         probe=(_probe(ma), _probe(mb)),
         tensors=tensor_changes(ra, rb, progress, values),
+        fields=dict_diff(_fields(ra), _fields(rb)),
     )
 

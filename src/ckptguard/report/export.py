@@ -85,7 +85,7 @@ def export_checkpoint(
     if out.is_dir():
         raise CheckpointError(f"{out} is a directory; pass a file name such as {out / 'model.safetensors'}.")
     if (out.exists() or out.is_symlink()) and not overwrite:
-        raise CheckpointError(f"{out} already exists; pass --force (overwrite=True) to replace it, or choose another -o.")
+        raise CheckpointError(f"{out} already exists; pass overwrite=True to replace it, or choose another output path.")
     storage, name = _pick(path, storage_options)
     manifest = read_manifest(storage, name)
     reader = CheckpointReader(storage, name, manifest)

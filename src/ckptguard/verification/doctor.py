@@ -100,6 +100,20 @@ class DoctorReport:
 # ---- the current code's objects ------------------------------------------------------------------
 
 
+def _import_module(name: str) -> Any:
+    """Import ``name`` as ``python -c`` would: the current directory first on the path (the
+    ``ckptguard`` console script does not put it there); the path is restored afterwards."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def load_factory(spec: str) -> Callable[[], Any]:
     """``module:factory`` or ``path/to/file.py:factory`` -> the factory callable."""
     mod_name, sep, attr = spec.rpartition(":")
@@ -120,11 +134,13 @@ def load_factory(spec: str) -> Callable[[], Any]:
             sys.modules[unique] = module
             loader.loader.exec_module(module)
         else:
-            module = importlib.import_module(mod_name)
+            module = _import_module(mod_name)
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"--model {spec!r}: cannot import {mod_name!r} ({type(e).__name__}: {e}). Is it on PYTHONPATH?") from e
+        raise CheckpointError(f"--model {spec!r}: cannot import {mod_name!r} ({type(e).__name__}: {e}). "
+                              f"Looked in the current directory ({os.getcwd()}) and on sys.path; pass a file "
+                              "(path/to/train.py:factory) or set PYTHONPATH to the module's folder.") from e
     factory: object = getattr(module, attr, None)
     if not callable(factory):
         raise CheckpointError(f"--model {spec!r}: {mod_name} has no callable {attr!r}.")
@@ -276,8 +292,9 @@ def check_schedulers(ts: TrainState, state: Mapping[str, Any], extra: Mapping[st
                                f"{label}: the schedule in the current code differs; restoring silently keeps the checkpoint's schedule",
                                tuple(details)))
     extra_saved = set(saved) - set(ts.schedulers)
-    if extra_saved:
-        out.append(Finding("info", "scheduler.unused", f"scheduler state in the checkpoint not restored by the current code: {sorted(extra_saved)}"))
+    if extra_saved and ts.model is not None:  # without today's objects (no --model) nothing is compared
+        names = ", ".join("the scheduler (scheduler=)" if n == "" else repr(n) for n in sorted(extra_saved))
+        out.append(Finding("info", "scheduler.unused", f"scheduler state in the checkpoint that the current code does not restore: {names}"))
     return out
 
 
