@@ -257,3 +257,14 @@ def test_a_failed_incremental_save_on_one_rank_leaves_no_pack_behind_once_the_ne
     on_disk = {p for p in storage.listdir("objects") if p.endswith(".pack")}
     assert on_disk == referenced  # the failed save's pack was collected
     assert cg.verify(str(run)).ok
+
+
+def test_a_model_that_changed_shape_is_a_mismatch_not_damage(runs: dict[str, Any]) -> None:
+    """The user's model differs from the saved one (hidden 128, not 256): a StateMismatchError
+    that names the tensor and both shapes; no checkpoint is marked corrupt, none is skipped."""
+    net = Net(hidden=128)
+    state = cg.TrainState(model=net, optimizer=torch.optim.AdamW(net.parameters(), lr=1e-2))
+    with cg.CheckpointManager(runs["local"], lock=False) as mgr:
+        with pytest.raises(cg.StateMismatchError, match=r"model\.body\.0\.weight.*Was the model or optimizer changed"):
+            mgr.restore(state)
+        assert {c.status for c in mgr.checkpoints()} == {"unverified"}

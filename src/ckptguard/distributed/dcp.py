@@ -259,30 +259,32 @@ def load_into(
         cause = _checkpoint_error(e)
         if cause is not None:  # raised by our reader on one rank (a damaged shard), relayed by DCP
             raise cause from e
+        inner = _inner(e)
         raise StateMismatchError(
-            f"{where}: the sharded state does not fit the model/optimizer ({type(e).__name__}: "
-            f"{str(e)[:500]}). Was the model or optimizer changed? Build the same model to restore."
+            f"{where}: the sharded state does not fit the model/optimizer ({type(inner).__name__}: "
+            f"{str(inner)[:500]}). Was the model or optimizer changed? Build the same model to restore."
         ) from e
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         set_state_dict(model, opt_list, model_state_dict=sd["model"], optim_state_dict=sd.get("optim", {}))
 
 
-def _checkpoint_error(e: BaseException) -> CheckpointError | None:
-    """The CheckpointError our storage reader raised inside DCP, if that is what ``e`` carries
-    (DCP wraps a rank's exception in a CheckpointException holding its failures by rank)."""
-    if isinstance(e, CheckpointError):
-        return e
+def _inner(e: BaseException) -> BaseException:
+    """The exception a rank raised inside DCP: DCP wraps it in a CheckpointException holding
+    ``failures`` by rank, each an (exception, stack) pair; ``e`` itself otherwise."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict):
         for f in failures.values():
-            if isinstance(f, CheckpointError):
-                return f
-            inner = getattr(f, "exception", None) or getattr(f, "__cause__", None)
-            if isinstance(inner, CheckpointError):
+            inner = f[0] if isinstance(f, tuple) and f else f
+            if isinstance(inner, BaseException):
                 return inner
-    cause = e.__cause__ or e.__context__
-    return _checkpoint_error(cause) if cause is not None and cause is not e else None
+    return e
+
+
+def _checkpoint_error(e: BaseException) -> CheckpointError | None:
+    """The CheckpointError our storage reader raised inside DCP (a damaged shard), if any."""
+    inner = _inner(e)
+    return inner if isinstance(inner, CheckpointError) else None
 
 
 def assemble_model(metadata: Any, storage_reader: Any, where: str) -> dict[str, torch.Tensor]:
@@ -309,5 +311,8 @@ def assemble_model(metadata: Any, storage_reader: Any, where: str) -> dict[str, 
         cause = _checkpoint_error(e)
         if cause is not None:
             raise cause from e
-        raise CorruptCheckpointError(f"{where}: the sharded model state could not be assembled ({type(e).__name__}: {str(e)[:300]}).", path=where) from e
+        inner = _inner(e)
+        raise CorruptCheckpointError(
+            f"{where}: the sharded model state could not be assembled ({type(inner).__name__}: {str(inner)[:300]}).", path=where
+        ) from e
     return model
