@@ -167,6 +167,7 @@ def test_rank_sigkilled_inside_a_save_resumes_from_the_previous_commit(
         assert _attempts(out, r) == [(0, 2, 0), (1, 2, 8)], log[-6000:]  # step 12 was never committed
     names = sorted(p.name for p in run.iterdir() if p.name.startswith(("step-", ".tmp-")))
     assert names == [f"step-{s:09d}" for s in (4, 8, 12, 16)]  # the half-written step 12 was cleaned
+    assert "all 4 checkpoint(s) sound" in _verify(run)
 
 
 # SIGKILLs inside ASYNC saves: (model, the file of step 12's save being created when the kill
