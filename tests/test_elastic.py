@@ -1,5 +1,6 @@
 """Elastic restarts under the real ``torchrun`` (gloo, CPU): a rank SIGKILLed mid-training or inside
-a save, two agents (``--nnodes=2``) on one machine, and world size 2 -> 1 -> 2.
+a save (a synchronous one, or an async one while its background thread writes: DDP and FSDP2),
+two agents (``--nnodes=2``) on one machine, and world size 2 -> 1 -> 2.
 
 The program is tests/dist_scripts/elastic_train.py (what a user writes); the faults fire on the
 first attempt only, the agent restarts every worker, the run resumes from the newest checkpoint
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -56,6 +59,20 @@ def _finish(p: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str]:
         out, _ = p.communicate(timeout=30)
         pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-4000:]}")
     return p.returncode, out
+
+
+def _verify(run: Path) -> str:
+    """``ckptguard verify RUN``: every committed checkpoint is sound (exit 0), or the test fails."""
+    p = subprocess.run([sys.executable, "-m", "ckptguard", "verify", str(run)], env=_env(COLUMNS="200"),
+                       text=True, capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def _killed(out: Path) -> dict[str, Any]:
+    """Where the SIGKILL landed (written by the dying rank): rank, thread, path, training step."""
+    doc: dict[str, Any] = json.loads((out / "killed.json").read_text())
+    return doc
 
 
 def _standalone(run: Path, out: Path, *args: str, nproc: int = 2, restarts: int = 2) -> tuple[float, str]:
@@ -100,18 +117,26 @@ def _assert_same_as_reference(out: Path, ref: Path, ranks: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted 2-rank run."""
+    """An uninterrupted 2-rank run (DDP, synchronous saves)."""
     base = tmp_path_factory.mktemp("elastic-ref")
     _standalone(base / "run", base / "out")
     return base / "out"
 
 
+@pytest.fixture(scope="module")
+def reference_fsdp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank FSDP2 run (synchronous saves)."""
+    base = tmp_path_factory.mktemp("elastic-ref-fsdp")
+    _standalone(base / "run", base / "out", "--fsdp")
+    return base / "out"
+
+
 def test_rank_sigkilled_mid_training_restarts_all_and_resumes_bit_exact(reference: Path, tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
-    _standalone(run, out, "--kill-rank", "1", "--kill-step", "10")
+    _, log = _standalone(run, out, "--kill-rank", "1", "--kill-step", "10")
     _assert_same_as_reference(out, reference)
     for r in (0, 1):  # the agent restarted every worker once; both resumed from step 8
-        assert _attempts(out, r) == [(0, 2, 0), (1, 2, 8)]
+        assert _attempts(out, r) == [(0, 2, 0), (1, 2, 8)], log[-6000:]
         assert _final(out, r)["attempt"] == 1
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
 
@@ -134,12 +159,64 @@ def test_rank_sigkilled_inside_a_save_resumes_from_the_previous_commit(
     reference: Path, tmp_path: Path, rank: int, name: str
 ) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
-    _standalone(run, out, "--kill-rank", str(rank), "--kill-in-save", "12", "--kill-file", name)
+    _, log = _standalone(run, out, "--kill-rank", str(rank), "--kill-in-save", "12", "--kill-file", name)
+    killed = _killed(out)
+    assert (killed["rank"], killed["thread"], killed["training_step"]) == (rank, "MainThread", 12)  # save() blocks
     _assert_same_as_reference(out, reference)
     for r in (0, 1):
-        assert _attempts(out, r) == [(0, 2, 0), (1, 2, 8)]  # step 12 was never committed
+        assert _attempts(out, r) == [(0, 2, 0), (1, 2, 8)], log[-6000:]  # step 12 was never committed
     names = sorted(p.name for p in run.iterdir() if p.name.startswith(("step-", ".tmp-")))
     assert names == [f"step-{s:09d}" for s in (4, 8, 12, 16)]  # the half-written step 12 was cleaned
+    assert "all 4 checkpoint(s) sound" in _verify(run)
+
+
+# SIGKILLs inside ASYNC saves: (model, the file of step 12's save being created when the kill
+# lands, the ranks that create it). The background save thread writes them while training goes
+# on: DDP rank 0 the replicated tensors (model, then optimizer) and the manifest, every rank its
+# rank file; FSDP2 every rank its DCP shards (not through the run's storage: no seam yet), then its
+# rank file, rank 0 the manifest.
+ASYNC_KILL_POINTS = [("ddp", "model.safetensors", (0,)), ("ddp", "optimizer.safetensors", (0,)),
+                     ("ddp", "rank-0000{r}.json", (0, 1)), ("ddp", "MANIFEST.json", (0,)),
+                     ("fsdp", "rank-0000{r}.json", (0, 1)), ("fsdp", "MANIFEST.json", (0,))]
+ASYNC_KILLS = [(model, name.format(r=r), r) for model, name, ranks in ASYNC_KILL_POINTS for r in ranks]
+# The default run samples one kill point and, among the ranks that write there, one rank: a seeded
+# choice (CKPTGUARD_TEST_SEED varies it; the test id names the case). FULL runs every case.
+SEED = int(os.environ.get("CKPTGUARD_TEST_SEED", "15"))
+_rng = random.Random(SEED)
+_model, _name, _ranks = _rng.choice(ASYNC_KILL_POINTS)
+SAMPLED_ASYNC_KILL = (_model, _name.format(r=(_r := _rng.choice(_ranks))), _r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "name", "rank"),
+    [pytest.param(*k, marks=[] if FULL or k == SAMPLED_ASYNC_KILL else [
+        pytest.mark.skip(reason=f"sampled out (CKPTGUARD_TEST_SEED={SEED}): CKPTGUARD_TEST_FULL=1 runs it")])
+     for k in ASYNC_KILLS],
+    ids=[f"{m}-rank{r}-creating-{n}" for m, n, r in ASYNC_KILLS],
+)
+def test_rank_sigkilled_inside_an_async_save_resumes_bit_exact_with_no_torn_checkpoint(
+    request: pytest.FixtureRequest, tmp_path: Path, model: str, name: str, rank: int
+) -> None:
+    """The background save thread of ``rank`` dies (SIGKILL) creating ``name`` of step 12 while
+    training goes on; the agent restarts both workers, they resume from step 8 (step 12 never
+    committed) and end bit-exact per rank with an uninterrupted run that saved synchronously."""
+    reference: Path = request.getfixturevalue("reference_fsdp" if model == "fsdp" else "reference")
+    run, out = tmp_path / "run", tmp_path / "out"
+    extra = ["--fsdp"] if model == "fsdp" else []
+    _, log = _standalone(run, out, "--async", *extra, "--kill-rank", str(rank), "--kill-in-save", "12", "--kill-file", name)
+    killed = _killed(out)
+    assert killed["rank"] == rank and killed["thread"].startswith("ckptguard-save"), killed  # not the training thread
+    assert re.fullmatch(rf"\.tmp-step-000000012-[0-9a-f]+/{re.escape(name)}", killed["path"]), killed
+    assert 12 <= killed["training_step"] <= 16, killed  # save() had returned; step 16's save waits for it
+    _assert_same_as_reference(out, reference)
+    for r in (0, 1):
+        assert _attempts(out, r) == [(0, 2, 0), (1, 2, 8)], log[-6000:]  # the newest checkpoint both agreed on
+    names = sorted(p.name for p in run.iterdir() if p.name.startswith(("step-", ".tmp-")))
+    assert names == [f"step-{s:09d}" for s in (4, 8, 12, 16)]  # the torn step 12 was cleaned, saved again
+    assert "all 4 checkpoint(s) sound" in _verify(run)
+    mode = {json.loads((run / n / "MANIFEST.json").read_text())["distributed"]["mode"] for n in names}
+    assert mode == {"dcp" if model == "fsdp" else "replicated"}
 
 
 def _free_port() -> int:

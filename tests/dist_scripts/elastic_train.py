@@ -1,29 +1,33 @@
 """A user-shaped DDP training program for tests/test_elastic.py, run under a real ``torchrun``.
 
-What a user writes: gloo DDP, a small model with dropout, ``cg.ResumableSampler`` + DataLoader,
-AdamW + LR scheduler, ``mgr.restore(state)`` at start, ``mgr.save`` every few steps, inside
-``mgr.preemption_guard()``. The faults come from the test, on the first attempt only
-(``TORCHELASTIC_RESTART_COUNT == 0``):
+What a user writes: gloo DDP (``--fsdp``: FSDP2 ``fully_shard``), a small model with dropout,
+``cg.ResumableSampler`` + DataLoader, AdamW + LR scheduler, ``mgr.restore(state)`` at start,
+``mgr.save`` every few steps (``--async``: ``async_save=True``), inside ``mgr.preemption_guard()``.
+The faults come from the test, once per run (the first attempt, marked by ``OUT/fault-fired``):
 
 - ``--kill-rank R --kill-step K``: rank R SIGKILLs itself right after training step K;
-- ``--kill-in-save K``: rank R SIGKILLs itself inside the save of step K, when it creates the
-  file ``--kill-file`` (through a :class:`ckptguard.testing.FaultyStorage` subclass).
+- ``--kill-in-save K``: rank R SIGKILLs itself inside the save of step K, in whichever thread
+  creates the file ``--kill-file`` of that save (the training thread, or the background save
+  thread of an async save), through :class:`KillingDisk`; it writes ``OUT/killed.json`` (rank,
+  thread, path, the training step reached) just before.
 
 Every rank logs the sample ids of each step (``samples-rank{R}.txt``, appended, one line per step:
 ``step attempt world id id ...``) and its restores (``attempts-rank{R}.txt``); at the end it writes
-``final-rank{R}.json``: a digest of its final weights, a draw from each of its RNGs, the restart
-count and the world size.
+``final-rank{R}.json``: a digest of its final weights (FSDP2: of its own shards), a draw from each
+of its RNGs, the restart count and the world size.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
 import random
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -35,18 +39,27 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import ckptguard as cg
-from ckptguard.storage.local import LocalStorage
-from ckptguard.testing import FaultyStorage
+from ckptguard.storage.local import LocalStorage, LocalWriter
 from trainlib import Net, NoisyDataset
 
 
-class KillingStorage(FaultyStorage):
-    """When the armed operation comes, the process dies by SIGKILL (no cleanup, no ``finally``)."""
+class KillingDisk(LocalStorage):
+    """The run directory on the local disk, where creating the file ``pattern`` (a glob over
+    run-relative paths, armed by the training thread) kills the process by SIGKILL: no clean-up,
+    no ``finally``. A LocalStorage (not a wrapper), so sharded (DCP) saves accept it."""
 
-    def tick(self, call: str, path: str) -> None:
-        if self.fail_at is not None and self.counts(call, path) and self.count + 1 == self.fail_at:
+    pattern: str | None = None
+    record = ""
+    progress = 0  # the training step reached, for the record
+
+    def create(self, path: str) -> LocalWriter:
+        if self.pattern is not None and fnmatch.fnmatchcase(path, self.pattern):
+            doc = {"rank": dist.get_rank(), "thread": threading.current_thread().name, "path": path,
+                   "training_step": self.progress}
+            with open(self.record, "w") as f:
+                json.dump(doc, f)
             os.kill(os.getpid(), signal.SIGKILL)
-        super().tick(call, path)
+        return super().create(path)
 
 
 class IndexedDataset(NoisyDataset):
@@ -56,11 +69,26 @@ class IndexedDataset(NoisyDataset):
 
 
 def digest(model: torch.nn.Module) -> str:
+    """Of this rank's weights: the whole model (DDP), its own shards (FSDP2)."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
+        local = v.to_local() if hasattr(v, "to_local") else v
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(local.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def build_model(fsdp: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model: torch.nn.Module = Net()
+    if not fsdp:
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model.body[0], model.head):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
 
 
 def main() -> None:
@@ -74,14 +102,15 @@ def main() -> None:
     ap.add_argument("--kill-in-save", type=int, default=-1)
     ap.add_argument("--kill-file", default="*", help="the file (a glob) whose creation kills the rank")
     ap.add_argument("--step-sleep", type=float, default=0.0)
+    ap.add_argument("--async", dest="async_save", action="store_true", help="CheckpointManager(async_save=True)")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
     args = ap.parse_args()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     os.makedirs(args.out, exist_ok=True)
 
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(Net())
+    model = build_model(args.fsdp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
     ds = IndexedDataset(96)
@@ -93,8 +122,9 @@ def main() -> None:
     state = cg.TrainState(model=model, optimizer=opt, scheduler=sched, dataloader=loader, extra={"seen": 0})
 
     os.makedirs(args.run, exist_ok=True)
-    storage = KillingStorage(LocalStorage(args.run), ops={"create"})
-    mgr = cg.CheckpointManager(storage, every_steps=args.every)
+    storage = KillingDisk(args.run)
+    storage.record = os.path.join(args.out, "killed.json")
+    mgr = cg.CheckpointManager(storage, every_steps=args.every, async_save=args.async_save)
     step = mgr.restore(state) or 0
     with open(os.path.join(args.out, f"attempts-rank{rank}.txt"), "a") as f:
         f.write(f"{attempt} {world} {step}\n")
@@ -112,6 +142,7 @@ def main() -> None:
                 opt.step()
                 sched.step()
                 step += 1
+                storage.progress = step
                 state.extra["seen"] += len(xb)
                 with open(os.path.join(args.out, f"samples-rank{rank}.txt"), "a") as f:
                     f.write(" ".join(str(v) for v in (step, attempt, world, *ids.tolist())) + "\n")
@@ -120,16 +151,15 @@ def main() -> None:
                     open(marker, "w").close()
                 if first and step == args.kill_step:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if first and step == args.kill_in_save:
-                    storage.path = f"*/{args.kill_file}"
-                    storage.arm(1)
+                if first and step == args.kill_in_save:  # this save's staging place only
+                    storage.pattern = f"*{step:09d}*/{args.kill_file}"
                 mgr.save(step, state, metrics={"loss": loss.item()})
                 if step >= args.total:
                     break
     mgr.save(step, state, force=True)  # the last step, whatever the schedule (a no-op if saved)
     mgr.close()
     doc = {
-        "step": step, "weights": digest(model.module), "attempt": attempt, "world": world,
+        "step": step, "weights": digest(getattr(model, "module", model)), "attempt": attempt, "world": world,
         "rng": [torch.rand(3).tolist(), random.random(), float(np.random.rand())],
         "sampler": sampler.state_dict(), "seen": state.extra["seen"],
     }
@@ -138,5 +168,16 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+def exit_now() -> None:
+    """End the worker without the interpreter's finalization: with gloo, torch sometimes aborts
+    there ("terminate called without an active exception", SIGABRT) after everything is written
+    and the groups destroyed (its worker threads outliving the interpreter, pytorch/pytorch#179291),
+    and the agent would then restart a finished run. Everything this program writes is closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    exit_now()

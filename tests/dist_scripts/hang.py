@@ -10,14 +10,24 @@ Modes (argv[1]):
   collective RUN [save]
                       under torchrun: rank 1 is late (alive, beating) for the all_reduce (or, with
                       ``save``, the save) that rank 0 is already inside.
+  stuck-at-end RUN HOW
+                      one process, async saves under watchdog(2, save_seconds=3); the commit of
+                      step 3 never returns, so the end of the watch hangs waiting for it: leaving
+                      the ``with`` block (HOW=with) or ``mgr.close()`` (HOW=close).
   elastic RUN OUT TOTAL
                       under torchrun: a small data-parallel loop saving every 2 steps; on the
                       first attempt (TORCHELASTIC_RESTART_COUNT=0) rank 1 hangs after step 5;
                       each attempt joins under its own store prefix (see init_attempt).
+  elastic-nodes RUN OUT TOTAL
+                      the same loop under two torchrun agents (``--nnodes=2``, plain
+                      ``init_process_group``: run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1); once
+                      per run (OUT/hang-fired) rank 1 is late but alive (it beats) before step 6,
+                      so rank 0 sleeps inside step 6's all_reduce until its watchdog fires.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -43,6 +53,19 @@ class SlowCommit(FaultyStorage):
 
     def rename_dir(self, src: str, dst: str) -> None:
         time.sleep(self.delay)
+        super().rename_dir(src, dst)
+
+
+class StuckCommit(FaultyStorage):
+    """The commit (``rename_dir``) of checkpoint ``step`` never returns."""
+
+    def __init__(self, root: str, step: int) -> None:
+        super().__init__(LocalStorage(root))
+        self.step = step
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        if dst == f"step-{self.step:09d}":
+            stuck_in_user_code()
         super().rename_dir(src, dst)
 
 
@@ -109,6 +132,21 @@ def slow_save(run: str, save_seconds: float) -> None:
     print("DONE", flush=True)
 
 
+def stuck_at_end(run: str, how: str) -> None:
+    s = state()
+    mgr = cg.CheckpointManager(StuckCommit(run, 3), async_save=True)
+    step_once(s, 0)
+    mgr.save(0, s, force=True)  # the first save imports what a save needs, before the watch
+    wd = mgr.watchdog(2, save_seconds=3)
+    with wd if how == "with" else contextlib.nullcontext(wd):
+        for step in range(1, 4):
+            step_once(s, step)
+            mgr.save(step, s, force=True)  # returns at once; step 3's commit never ends
+        print("LOOP DONE", flush=True)
+    mgr.close()
+    print("CLOSED", flush=True)  # never: the watchdog ends the process first
+
+
 def collective(run: str, in_save: bool) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
@@ -165,6 +203,32 @@ def elastic(run: str, out: str, total: int) -> None:
     dist.destroy_process_group()
 
 
+def elastic_nodes(run: str, out: str, total: int) -> None:
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    s = state()
+    mgr = cg.CheckpointManager(run, every_steps=2)
+    mgr.watchdog(30)
+    start = mgr.restore(s) or 0
+    print(f"RANK {rank} ATTEMPT {attempt} FROM {start}", flush=True)
+    marker = Path(out, "hang-fired")  # once per run: a restarted agent's count may stay 0
+    with mgr.watchdog(3, collective_timeout=60) as wd:
+        for step in range(start + 1, total + 1):
+            if rank == 1 and step == 6 and not marker.exists():
+                marker.touch()
+                while True:  # late but alive: this rank's own watchdog stays quiet
+                    time.sleep(0.5)
+                    wd.beat(step - 1)
+            step_once(s, step, world)  # rank 0 waits inside the all_reduce
+            mgr.save(step, s)
+    mgr.close()
+    assert isinstance(s.model, torch.nn.Module)
+    weights = {k: v.tolist() for k, v in s.model.state_dict().items()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"attempt": attempt, "start": start, "weights": weights}))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "user":
@@ -173,7 +237,14 @@ if __name__ == "__main__":
         stuck_store(args[0])
     elif mode == "slow-save":
         slow_save(args[0], float(args[1]))
+    elif mode == "stuck-at-end":
+        stuck_at_end(args[0], args[1])
     elif mode == "collective":
         collective(args[0], args[1:] == ["save"])
+    elif mode == "elastic-nodes":
+        elastic_nodes(args[0], args[1], int(args[2]))
     else:
         elastic(args[0], args[1], int(args[2]))
+    if mode.startswith("elastic"):  # a finished worker: skip the interpreter's finalization, where
+        sys.stdout.flush()  # gloo sometimes aborts (see tests/dist_scripts/elastic_train.py, exit_now)
+        os._exit(0)

@@ -367,9 +367,11 @@ class CheckpointManager:
             return
         try:
             self._closed = True
-            if self._watchdog is not None:
-                self._watchdog.stop()
-            self._saves.close()
+            try:
+                if self._watchdog is not None:
+                    self._watchdog.finish()  # the pending save, under the save deadline, then stop
+            finally:
+                self._saves.close()
         finally:
             lost = self._saves.lock is not None and self._saves.lock.lost  # the run is another writer's now
             with contextlib.suppress(CheckpointError):
@@ -389,15 +391,27 @@ class CheckpointManager:
         every thread's stack to ``RUN/hangs/`` and exits with ``HANG_EXIT_CODE`` (see
         ckptguard.run.watchdog). A save may block for ``save_seconds`` (default 4 x seconds);
         ``collective_timeout`` (the process group's, in seconds) checks both are shorter.
-        Use it as a context manager around the loop; ``close()`` stops it."""
+        Use it as a context manager around the loop; leaving the block (or ``close()``) waits for
+        the pending async save under the save deadline, then stops it. A hang is recorded in
+        ``history.jsonl`` and in the session of ``ckptguard.json`` (the observed MTBF counts it)."""
         self._check_open()
         options = WatchdogOptions(
             seconds, save_seconds, poll_seconds, exit_code=exit_code, collective_timeout=collective_timeout
         )
         if self._watchdog is not None:
             self._watchdog.stop()
-        self._watchdog = Watchdog(self.storage, options, rank=self._coord.rank).start()
+        self._watchdog = Watchdog(
+            self.storage, options, rank=self._coord.rank, drain=self._saves.wait, on_hang=self._record_hang
+        ).start()
         return self._watchdog
+
+    def _record_hang(self, hang: dict[str, Any]) -> None:
+        """The watchdog fires (its report thread, before the exit): a ``hang`` event in
+        history.jsonl; the rank that writes the run also ends its session as a hang (MTBF)."""
+        where = hang["report"] or "stderr"
+        record_events(self.storage, "hang", [hang["step"] or 0], reason=f"rank {hang['rank']}: {hang['reason']}; stacks: {where}")
+        if self._saves.locked and not (self._saves.lock is not None and self._saves.lock.lost):
+            self._run_record.record_hang(hang)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -1,8 +1,10 @@
-"""RUN/history.jsonl: what happened to checkpoints after their commit (retention deletions).
+"""RUN/history.jsonl: what happened to the run after its commits (retention deletions, hangs).
 
 One JSON object per line, appended: ``{"event": "pruned", "step": 1200, "time": ..., "reason": ...}``.
-It lets ``ckptguard plot`` show where pruned checkpoints were. Best effort: a failure to record
-is logged and never fails a save; a torn last line is skipped by the reader.
+It lets ``ckptguard plot`` show where pruned checkpoints were. ``"hang"`` events (``step``: the
+last step completed, ``reason``: the rank, why, and where its stacks went) come from the watchdog
+of every rank that hung. Best effort: a failure to record is logged and never fails a save; a
+torn last line is skipped by the reader.
 """
 
 from __future__ import annotations

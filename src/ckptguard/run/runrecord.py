@@ -8,10 +8,13 @@ failures). Schema::
      "retention": {...Retention.to_json()...},
      "save_interval": {"mode": "auto", "auto_seconds": 57.0, "save_cost_seconds": 0.15, ...},
      "sessions": [{"id": "...", "run_id": "...", "start": t0, "last_seen": t1,
-                   "resumed_from": 1200 | null, "clean": false, "preempted": false}, ...]}
+                   "resumed_from": 1200 | null, "clean": false, "preempted": false,
+                   "hang": {"rank": 0, "step": 5, "reason": "...", "report": ".../hangs/...", "time": t}
+                   (only when the watchdog ended it)}, ...]}
 
 A session is one process's life with the run; one that ends without a clean ``close()`` is an
-interruption. The newest 1000 sessions are kept.
+interruption (a hang the watchdog turned into an exit included: it writes the session first, so
+that its time up to the hang counts). The newest 1000 sessions are kept.
 """
 
 from __future__ import annotations
@@ -79,3 +82,9 @@ class RunRecord:
                 self.storage.replace_file(RUN_FILE, json.dumps(record, indent=1).encode())
             except CheckpointError as e:
                 log.warning("Could not update %s: %s", self.storage.describe(RUN_FILE), e)
+
+    def record_hang(self, hang: dict[str, Any]) -> None:
+        """This session ends in a hang (the watchdog's ``hang``): an interruption, written now."""
+        self.session["hang"] = dict(hang)
+        self.session["clean"] = False
+        self.write()

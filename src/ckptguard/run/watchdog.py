@@ -10,6 +10,10 @@ the run resumes from its newest checkpoint.
 
 Saves by the manager are not steps that hang: while one runs (:meth:`Watchdog.saving`) the
 deadline is ``save_seconds`` instead, and when it is the save that overruns, the message says so.
+The end of the watch (leaving the ``with`` block, or ``CheckpointManager.close()``) first waits for
+the pending async save under that same deadline (``drain``), so a save that hangs at the very end
+is caught too. Before exiting, the watchdog hands the hang to ``on_hang`` (the manager records it
+in the run's history, where the observed MTBF counts it).
 
 >>> with mgr.watchdog(300):              # CheckpointManager.watchdog starts one
 ...     for step in range(start, total):
@@ -30,7 +34,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ckptguard.storage import Storage
 
@@ -126,17 +131,32 @@ class Watchdog:
     """A daemon thread that ends the process when no heartbeat arrives in time.
 
     Call :meth:`beat` after every step (``CheckpointManager.save`` does), wrap the manager's
-    saves in :meth:`saving`, and :meth:`stop` (or leave the ``with`` block) when training ends.
+    saves in :meth:`saving`, and :meth:`finish` (or leave the ``with`` block) when training ends.
+
+    Args:
+        storage: where the reports go (``RUN/hangs/``).
+        options: the deadlines.
+        rank: this process's rank (in the report's name and messages).
+        drain: what :meth:`finish` waits for, under the save deadline, before the thread stops
+            (the manager's pending async save); it may raise (the save's error).
+        on_hang: called with the hang (``rank``, ``step``, ``reason``, ``report``: where the stacks
+            went or None, ``time``) after the report is written, within ``dump_seconds``, just
+            before the exit: the manager records it in the run's history.
     """
 
-    def __init__(self, storage: Storage, options: WatchdogOptions, *, rank: int = 0) -> None:
+    def __init__(
+        self, storage: Storage, options: WatchdogOptions, *, rank: int = 0,
+        drain: Callable[[], None] | None = None, on_hang: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.storage = storage
         self.options = options
         self.rank = rank
+        self.drain = drain
+        self.on_hang = on_hang
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._step: int | None = None
-        self._saving: tuple[float, int] | None = None  # (since, step) while the manager saves
+        self._saving: tuple[float, str] | None = None  # (since, what) while the manager saves
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ckptguard-watchdog", daemon=True)  # not started
 
@@ -155,11 +175,26 @@ class Watchdog:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.options.poll + 1)
 
+    def finish(self) -> None:
+        """End the watch: wait for ``drain`` (the pending save) under the save deadline, then stop.
+        A stopped watchdog only stops (nothing would catch a hang). Raises what ``drain`` raises."""
+        try:
+            if self.drain is not None and self.running:
+                step = self._step
+                after = "" if step is None else f", after step {step}"
+                with self.saving(step, what=f"the pending async save (waited for at the end of the watch{after})"):
+                    self.drain()
+        finally:
+            self.stop()
+
     def __enter__(self) -> Watchdog:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.finish()  # a save that hangs after the last step is caught too
+        else:
+            self.stop()  # an error is on its way: the manager's close() waits for the save
 
     @property
     def running(self) -> bool:
@@ -173,11 +208,12 @@ class Watchdog:
                 self._step = step
 
     @contextlib.contextmanager
-    def saving(self, step: int) -> Iterator[None]:
-        """The manager saves ``step``: the save deadline applies until the block ends (a beat)."""
+    def saving(self, step: int | None, *, what: str | None = None) -> Iterator[None]:
+        """The manager saves ``step``: the save deadline applies until the block ends (a beat).
+        ``what``: the wait's name in the message (default ``"the save of step N"``)."""
         self.beat(step)
         with self._lock:
-            self._saving = (time.monotonic(), step)
+            self._saving = (time.monotonic(), what or f"the save of step {step}")
         try:
             yield
         finally:
@@ -192,10 +228,10 @@ class Watchdog:
             last, step, saving = self._last, self._step, self._saving
         after = "before the first step" if step is None else f"after step {step}"
         if saving is not None:
-            since, save_step = saving
+            since, what = saving
             if now - since > self.options.save_deadline:
                 return (
-                    f"the save of step {save_step} has blocked for {now - since:.1f} s (save deadline "
+                    f"{what} has blocked for {now - since:.1f} s (save deadline "
                     f"{self.options.save_deadline:g} s): the save itself is what is slow (storage), or another "
                     "rank never reached it"
                 )
@@ -216,7 +252,8 @@ class Watchdog:
         name = f"{HANGS_DIR}/hang-{socket.gethostname()}-rank{self.rank}-{stamp}"
         header = f"ckptguard watchdog: rank {self.rank} (pid {os.getpid()}) hangs: {reason}\n\n"
         text = header + stack_report()
-        written = self._write_bounded(name, text)
+        hang = {"rank": self.rank, "step": self._step, "reason": reason, "time": round(time.time(), 3)}
+        written = self._write_bounded(name, text, hang)
         if written is None:
             sys.stderr.write(text)
             faulthandler.dump_traceback(all_threads=True)
@@ -230,8 +267,9 @@ class Watchdog:
             sys.stdout.flush()
         os._exit(self.options.exit_code)
 
-    def _write_bounded(self, name: str, text: str) -> str | None:
-        """Write the report (and flight-recorder dump) within ``dump_seconds``; its location or None."""
+    def _write_bounded(self, name: str, text: str, hang: dict[str, Any]) -> str | None:
+        """Write the report (and flight-recorder dump), then hand ``hang`` to ``on_hang``, within
+        ``dump_seconds``; the report's location or None."""
         done: list[str] = []
 
         def write() -> None:
@@ -244,6 +282,11 @@ class Watchdog:
                     self.storage.replace_file(f"{name}.flight-recorder.pkl", fr)
             except Exception as e:  # noqa: BLE001 - the process exits either way; say why on stderr
                 log.error("Could not write the hang report %s: %s", name, e)
+            if self.on_hang is not None:
+                try:
+                    self.on_hang({**hang, "report": done[0] if done else None})
+                except Exception as e:  # noqa: BLE001 - as above: the exit comes next
+                    log.error("Could not record the hang in the run's history: %s", e)
 
         t = threading.Thread(target=write, name="ckptguard-hang-report", daemon=True)
         t.start()
