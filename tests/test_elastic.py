@@ -177,7 +177,8 @@ def test_rank_sigkilled_inside_a_save_resumes_from_the_previous_commit(
 # rank file, rank 0 the manifest.
 ASYNC_KILL_POINTS = [("ddp", "model.safetensors", (0,)), ("ddp", "optimizer.safetensors", (0,)),
                      ("ddp", "rank-0000{r}.json", (0, 1)), ("ddp", "MANIFEST.json", (0,)),
-                     ("fsdp", "rank-0000{r}.json", (0, 1)), ("fsdp", "MANIFEST.json", (0,))]
+                     ("fsdp", "rank-0000{r}.json", (0, 1)), ("fsdp", "dcp/rank-0000{r}.safetensors", (0, 1)),
+                     ("fsdp", "dcp/metadata.json", (0,)), ("fsdp", "MANIFEST.json", (0,))]
 ASYNC_KILLS = [(model, name.format(r=r), r) for model, name, ranks in ASYNC_KILL_POINTS for r in ranks]
 # The default run samples one kill point and, among the ranks that write there, one rank: a seeded
 # choice (CKPTGUARD_TEST_SEED varies it; the test id names the case). FULL runs every case.
