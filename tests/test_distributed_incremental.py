@@ -17,7 +17,7 @@ from ckptguard.persist.incremental import OBJECTS
 from ckptguard.run.catalog import scan
 from ckptguard.storage import LocalStorage
 
-pytestmark = [pytest.mark.xdist_group("dist")]
+pytestmark = [pytest.mark.xdist_group("dist-store")]
 SCRIPT = Path(__file__).parent / "dist_scripts" / "incremental_ddp.py"
 TOTAL, STOP = 15, 7
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.xdist_group("dist")]  # every torchrun test on one worker: two at once overload 2 cores
+pytestmark = [pytest.mark.xdist_group("dist-store")]  # torchrun tests that tolerate another torchrun beside them
 SCRIPT = Path(__file__).parent / "dist_scripts" / "post_commit.py"
 
 

@@ -30,7 +30,7 @@ from fault_proxy import Fault, FaultProxy
 from s3_fixture import make_bucket
 from trainlib import Net
 
-pytestmark = [pytest.mark.xdist_group("dist")]
+pytestmark = [pytest.mark.xdist_group("dist-store")]
 SCRIPT = Path(__file__).parent / "dist_scripts" / "sharded_store.py"
 FIXTURES = Path(__file__).parent / "fixtures"
 TOTAL, STOP = 12, 7
@@ -52,19 +52,34 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# Faults injected in front of the store during the reference run: rank 1's shard upload of step 3
+# is cut once (retried: the save commits); at step 6 it is cut on every attempt (nothing committed).
+FAULTS = [("step-000000003/dcp/rank-00001.safetensors", 1), ("step-000000006/dcp/rank-00001.safetensors", 100)]
+
+
 @pytest.fixture(scope="module")
 def runs(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A reference run (local directory, sync saves, uninterrupted) and the same run on S3 with
-    async incremental saves, stopped at STOP and resumed by a new pair of processes."""
+    """The reference run (uninterrupted, sync saves to S3 through the fault proxy, a save that
+    fails at step 6) and the same training on S3 with async incremental saves, stopped at STOP and
+    resumed by a new pair of processes. ``local``: the reference run downloaded to a directory."""
+    import s3fs
+
     tmp = tmp_path_factory.mktemp("sharded")
     out = tmp / "out"
     out.mkdir()
-    local = tmp / "whole"
-    _torchrun(str(local), str(out), str(TOTAL), str(TOTAL))
+    ref = f"s3://{make_bucket(s3_endpoint)}/run"
+    faults = [Fault("reset_before", "PUT", path, times=n) for path, n in FAULTS]
+    with FaultProxy(s3_endpoint, faults, max_seconds=280) as proxy:
+        _torchrun(ref, str(out), str(TOTAL), str(TOTAL), "--attempts", "3", "--expect-failure", "6",
+                  env={"AWS_ENDPOINT_URL": proxy.url})
     url = f"s3://{make_bucket(s3_endpoint)}/run"
     _torchrun(url, str(out), str(TOTAL), str(STOP), "--async", "--incremental")
     _torchrun(url, str(out), str(TOTAL), str(STOP), "--async", "--incremental", "--resume")
-    return {"local": local, "url": url, "out": out, "tmp": tmp}
+    local = tmp / "whole"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True).get(
+        ref.removeprefix("s3://"), str(local), recursive=True
+    )
+    return {"local": local, "url": url, "ref": ref, "faults": faults, "out": out, "tmp": tmp}
 
 
 def _plain() -> tuple[Net, cg.TrainState]:
@@ -200,25 +215,17 @@ def test_hostile_metadata_is_refused_and_restore_falls_back(runs: dict[str, Any]
         assert mgr.restore(state) == 9
 
 
-def test_a_fault_in_a_shard_upload_is_retried_or_commits_nothing(s3_endpoint: str, tmp_path: Path) -> None:
-    """Rank 1's shard upload: cut once (retried: the save commits), then cut on every attempt at
-    step 6 (nothing committed, a CheckpointError on both ranks; the next save commits)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    url = f"s3://{make_bucket(s3_endpoint)}/run"
-    faults = [
-        Fault("reset_before", "PUT", "step-000000003/dcp/rank-00001.safetensors", times=1),
-        Fault("reset_before", "PUT", "step-000000006/dcp/rank-00001.safetensors", times=100),
-    ]
-    with FaultProxy(s3_endpoint, faults, max_seconds=280) as proxy:
-        _torchrun(url, str(out), "8", "8", "--attempts", "3", "--expect-failure", "6", env={"AWS_ENDPOINT_URL": proxy.url})
-    assert faults[0].hits == 1 and faults[1].hits >= 3  # retried once; every attempt at step 6 cut
+def test_a_fault_in_a_shard_upload_is_retried_or_commits_nothing(runs: dict[str, Any]) -> None:
+    """Rank 1's shard upload: cut once at step 3 (retried: the save commits), cut on every attempt
+    at step 6 (nothing committed, a CheckpointError on both ranks naming rank 1's shard; the next
+    save commits)."""
+    once, always = runs["faults"]
+    assert once.hits == 1 and always.hits >= 3  # retried once; every attempt at step 6 cut
     for r in (0, 1):
-        outcomes = _result(out, "to8", r)["outcomes"]
+        outcomes = _result(runs["out"], f"to{TOTAL}", r)["outcomes"]
         assert list(outcomes) == ["6"] and "rank 1" in outcomes["6"] and "rank-00001.safetensors" in outcomes["6"]
-    ckpts = scan(FsspecStorage(url))
-    assert [c.step for c in ckpts] == [3, 8]
-    assert cg.verify(url).ok
+    assert [c.step for c in scan(FsspecStorage(runs["ref"]))] == [3, 9, 12]
+    assert cg.verify(runs["ref"]).ok
 
 
 def test_a_checkpoint_of_the_earlier_dcp_layout_still_restores_and_exports(tmp_path: Path) -> None:
