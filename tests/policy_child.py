@@ -40,10 +40,11 @@ def main() -> int:
     ap.add_argument("--inject-at", type=int, default=None)
     ap.add_argument("--loss-guard", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--workers", type=int, default=0)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCreated)d %(name)s %(message)s")
 
-    s = trainlib.make_setup()
+    s = trainlib.make_setup(workers=a.workers)
     state = s["state"]
     mgr = cg.CheckpointManager(a.run, every_steps=a.every_steps, async_save=a.async_save)
     guard_ll = cg.LossGuard(mgr, window=8, z_threshold=6.0, max_retries=2, recover_steps=4) if a.loss_guard else None

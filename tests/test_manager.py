@@ -170,13 +170,18 @@ def test_closed_manager_refuses_work(run_dir: Path) -> None:
         mgr.save(1, _state(), force=True)
 
 
-def test_resave_of_same_step_replaces_it(run_dir: Path) -> None:
+def test_a_step_is_saved_once_per_writer_and_a_new_writer_replaces_it(run_dir: Path) -> None:
     with cg.CheckpointManager(run_dir) as mgr:
-        mgr.save(4, _state(1.0), force=True)
-        mgr.save(4, _state(2.0), force=True)
+        assert mgr.save(4, _state(1.0), force=True) is True
+        assert mgr.save(4, _state(2.0), force=True) is False  # this manager saved step 4 already
         st = _state()
         mgr.restore(st)
-    assert st.extra == {"v": 2.0}
+    assert st.extra == {"v": 1.0}
+    with cg.CheckpointManager(run_dir) as mgr:  # another writer that did not restore: refused
+        with pytest.raises(cg.CheckpointError, match="belongs to another run"):
+            mgr.save(4, _state(2.0), force=True)
+        mgr.restore(st)
+    assert st.extra == {"v": 1.0}
     assert [p.name for p in run_dir.iterdir() if p.name.startswith("step-")] == ["step-000000004"]
     assert not [p for p in run_dir.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
 

@@ -76,6 +76,29 @@ def test_sigterm_saves_step_reached_exits_and_resumes_bit_identical(
     assert trainlib.same_weights(resumed, reference)
 
 
+def test_sigterm_to_the_whole_process_group_with_dataloader_workers_is_a_preemption(tmp_path: Path) -> None:
+    """torchrun's agent, Slurm or a shutdown signal the whole process group: the DataLoader's
+    workers get the SIGTERM too. They ignore it (ckptguard's worker init), so the loop is not
+    killed by a dead worker; it saves the step reached and exits as preempted."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, CHILD, str(run), "--total", "400", "--workers", "2"],  # no pause: the loop fetches on
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        wait_for(proc, "STEP 13")
+        os.killpg(proc.pid, signal.SIGTERM)  # the main process and its workers
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "is killed by signal" not in err
+    newest = max(int(p.name.split("-")[1]) for p in run.glob("step-*"))
+    m = manifest(run, newest)
+    assert newest >= 13 and m["reason"] == "preemption" and "SIGTERM" in m["extra"]["preemption"]
+
+
 def preempted_loop(run: Path, stop: int, **guard_kwargs: object) -> tuple[int, int]:
     """In-process: train, raise the flag at step ``stop`` (via a real signal or a poller)."""
     s = trainlib.make_setup()

@@ -214,3 +214,45 @@ def test_every_hook_failure_of_one_commit_is_reported(run_dir: Path, caplog: pyt
             mgr.save(1, _state(), force=True)
     # the second failure of the same commit is logged, not lost
     assert any("post-commit hook Notifier object failed" in r.getMessage() for r in caplog.records)
+
+
+# ---- the README's loop: its final forced save of a step the loop already saved -------------------
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_the_final_forced_save_of_a_step_already_saved_keeps_it_as_saved(run_dir: Path, async_save: bool) -> None:
+    """Steps 1..20 with every_steps=5, then the README's ``mgr.save(step, state, force=True)``: step
+    20 was saved by the loop (with its metrics, the best of keep_best); it is not written again."""
+    with cg.CheckpointManager(run_dir, every_steps=5, async_save=async_save,
+                              retention=cg.Retention(keep_last=1, keep_best=1, metric="val_loss")) as mgr:
+        state = _state()
+        for step in range(1, 21):
+            mgr.save(step, state, metrics={"val_loss": 1.0 / step})
+        before = (run_dir / "step-000000020" / "MANIFEST.json").read_bytes() if not async_save else None
+        assert mgr.save(20, state, force=True) is False  # already saved (committed or in flight)
+        mgr.wait()
+        if before is not None:
+            assert (run_dir / "step-000000020" / "MANIFEST.json").read_bytes() == before
+        newest = mgr.checkpoints()[-1]
+        assert (newest.step, newest.metrics) == (20, {"val_loss": 0.05})
+    assert _steps(run_dir) == ["step-000000020"]
+
+
+def test_a_forced_save_of_the_restored_step_writes_nothing_and_a_failed_save_is_retried(run_dir: Path) -> None:
+    with cg.CheckpointManager(run_dir, every_steps=5) as mgr:
+        mgr.save(5, _state(), metrics={"loss": 0.5})
+    manifest = (run_dir / "step-000000005" / "MANIFEST.json").read_bytes()
+    with cg.CheckpointManager(run_dir, every_steps=5) as mgr:
+        state = _state(1.0)
+        assert mgr.restore(state) == 5
+        assert mgr.save(5, state, force=True) is False  # a finished run restarted: nothing to add
+        assert (run_dir / "step-000000005" / "MANIFEST.json").read_bytes() == manifest
+    from ckptguard.storage import LocalStorage
+    from ckptguard.testing import FaultyStorage
+
+    fs = FaultyStorage(LocalStorage(run_dir), fail_at=1, ops={"close"})
+    with cg.CheckpointManager(fs, every_steps=5) as mgr:
+        with pytest.raises(cg.CheckpointError):
+            mgr.save(7, _state(), force=True)  # the disk fails its first write
+        assert mgr.save(7, _state(), force=True) is True  # the step that failed is saved on retry
+    assert _steps(run_dir) == ["step-000000005", "step-000000007"]

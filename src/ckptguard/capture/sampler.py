@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import signal
 from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any
 
@@ -276,8 +277,16 @@ class _CountingIterator:
         return getattr(self._inner, name)
 
 
+# Signals a worker ignores: a preemption signal sent to the whole process group (torchrun's agent,
+# Slurm, a machine shutting down) must reach the training loop as a preemption, not kill the
+# workers under it (the loop would die on "DataLoader worker ... is killed by signal" before its
+# next save()). The main process ends its workers; they also exit when it dies.
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class KeyedWorkerInit:
-    """The ``worker_init_fn`` a tracked DataLoader with workers runs: key the dataset, then the user's.
+    """The ``worker_init_fn`` a tracked DataLoader with workers runs: ignore the preemption
+    signals (:data:`WORKER_IGNORED_SIGNALS`), key the dataset, then the user's function.
 
     Picklable (for the ``spawn`` start method) whenever the user's function is.
     """
@@ -286,6 +295,8 @@ class KeyedWorkerInit:
         self.user_fn = user_fn
 
     def __call__(self, worker_id: int) -> None:
+        for sig in WORKER_IGNORED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         info = get_worker_info()
         if info is not None:
             key_dataset(info.dataset, info.seed - info.id)

@@ -132,6 +132,7 @@ class CheckpointManager:
         self.resumed_from: int | None = None
         self._abandoned: dict[str, Any] = {}  # name -> manifest digest, after a rollback (see restore)
         self.last_saved_step: int | None = None
+        self._last_requested: int | None = None  # the step of the newest save() that started a save
         self.last_save_seconds: float | None = None
         self.last_blocked_seconds: float | None = None
         self.metrics_log = MetricsLog(self.storage)
@@ -210,7 +211,14 @@ class CheckpointManager:
             self._lock_agreed = True
         if metrics and self._coord.is_primary:
             self.metrics_log.record(step, metrics)
-        due, code = self._coord.agree_save(step, force or self.schedule.due(step), self._preemption.code())
+        wanted = force or self.schedule.due(step)
+        if wanted and (step == self.last_saved_step or (step == self._last_requested and self._saves.background.busy)):
+            # Committed (or restored) already, or in flight: the loop's periodic save of its last
+            # step followed by a final save(step, force=True) does not write it twice (nor drop the
+            # first one's metrics). A save of it that failed is retried. Ranks agree below.
+            log.debug("save(step=%d): this step is already saved; not saving it again", step)
+            wanted = False
+        due, code = self._coord.agree_save(step, wanted, self._preemption.code())
         if not (due or code):
             self._saves.prepare_host_buffers(lambda: capture(state, step).tensor_files)  # before the first save
             if not self._coord.active:  # distributed: only where every rank waited for the save (see below)
@@ -237,6 +245,7 @@ class CheckpointManager:
         sys.exit(code)
 
     def _save_now(self, request: SaveRequest) -> None:
+        self._last_requested = request.step
         if not self._coord.active:
             self._saves.acquire_lock()
             check_not_foreign(self.storage, request.step, self._own_lineages, self.run_id)

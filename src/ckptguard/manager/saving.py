@@ -104,6 +104,7 @@ class _Save:
     sharded: bool
     t0: float
     staged_shards: dict[str, Any] | None = None
+    waited: float = 0.0  # seconds this save waited for the previous one (distributed: in capture)
 
 
 class SavePipeline:
@@ -230,8 +231,11 @@ class SavePipeline:
             return snap, self._fields(request, snap) if self.coord.is_primary else {}
 
         waited: BaseException | None = None
+        w0 = time.perf_counter()
+        busy = self.background.busy
         if self.coord.active:  # one agreement for both: the previous save's outcome, this capture
             _, waited = capture_exc(self._wait_durable)  # a committed save's hook failure: raised after this save
+        wait_s = time.perf_counter() - w0 if busy else 0.0
         captured, exc = capture_exc(describe)
         where = f"the previous save to {self.storage.url}" if waited else self.storage.describe(checkpoint_name(request.step))
         agree(self.coord, waited or exc, where, "save")
@@ -243,7 +247,7 @@ class SavePipeline:
             blobs["config.yaml"] = snap.config_yaml
         if self.coord.active:
             fields["distributed"] = distributed_fields(self.coord, sharded)
-        return _Save(request, snap, files, blobs, fields, sharded, t0)
+        return _Save(request, snap, files, blobs, fields, sharded, t0, waited=wait_s)
 
     def _fields(self, request: SaveRequest, snap: Snapshot) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -263,14 +267,16 @@ class SavePipeline:
 
     def _submit(self, save: _Save) -> None:
         """Stage to host memory, hand the rest to the background thread."""
-        waited = 0.0
+        waited = save.waited
         if self.background.busy:
             w0 = time.perf_counter()
             self.background.result()
-            waited = time.perf_counter() - w0
-            log.info("save(step=%d) waited %.3fs for the previous async save", save.request.step, waited)
+            waited += time.perf_counter() - w0
         else:
             self.background.result()
+        if waited:
+            log.info("save(step=%d) waited %.3fs for the previous async save (saves take longer than the "
+                     "interval between them)", save.request.step, waited)
         save.tensor_files = self.stager.stage(save.tensor_files)
         blocked = time.perf_counter() - save.t0
         save.fields["blocked_seconds"] = round(blocked, 6)

@@ -134,6 +134,8 @@ def _digest(e: Mapping[str, Any]) -> Any:
 def tensor_changes(
     ra: CheckpointReader, rb: CheckpointReader, progress: Callable[[str], None] | None = None, values: bool = True
 ) -> list[TensorChange]:
+    if _sharded(ra) or _sharded(rb):
+        return _assembled_changes(ra, rb, progress)
     ta, tb = ra.tensor_table(MODEL_FILE), rb.tensor_table(MODEL_FILE)
     out = []
     for name in sorted(set(ta) | set(tb)):
@@ -154,14 +156,47 @@ def tensor_changes(
             continue
         x = ra.tensors(MODEL_FILE, names=[name])[name]
         y = rb.tensors(MODEL_FILE, names=[name])[name]
-        if not (x.is_floating_point() or x.is_complex()):
-            x, y = x.double(), y.double()
-        d = (y - x).abs()
-        max_abs = float(d.max()) if d.numel() else 0.0
-        norm = float(x.double().norm())
-        diff_norm = float((y.double() - x.double()).norm())
-        rel = diff_norm / norm if norm > 0 else (0.0 if diff_norm == 0 else math.inf)
-        out.append(TensorChange(name, sa, sb, da, db, max_abs, rel))
+        out.append(TensorChange(name, sa, sb, da, db, *_magnitude(x, y)))
+    return out
+
+
+def _magnitude(x: Any, y: Any) -> tuple[float, float]:
+    """(max |y - x|, ||y - x|| / ||x||) of two tensors of one shape and dtype."""
+    if not (x.is_floating_point() or x.is_complex()):
+        x, y = x.double(), y.double()
+    d = (y - x).abs()
+    max_abs = float(d.max()) if d.numel() else 0.0
+    norm = float(x.double().norm())
+    diff_norm = float((y.double() - x.double()).norm())
+    return max_abs, diff_norm / norm if norm > 0 else (0.0 if diff_norm == 0 else math.inf)
+
+
+def _sharded(r: CheckpointReader) -> bool:
+    info = r.manifest.get("distributed")
+    return not r.has(MODEL_FILE) and isinstance(info, dict) and info.get("mode") == "dcp"
+
+
+def _assembled_changes(
+    ra: CheckpointReader, rb: CheckpointReader, progress: Callable[[str], None] | None
+) -> list[TensorChange]:
+    """Model tensors compared whole when a checkpoint holds sharded (FSDP2/DCP) state: each side's
+    shards are assembled (every byte checked against its checksum) and compared in memory."""
+    from ckptguard.distributed.shard_io import model_tensors  # imports torch.distributed.checkpoint
+    from ckptguard.format.tensorfile import DTYPE_TO_ST
+
+    xa = model_tensors(ra) if _sharded(ra) else ra.tensors(MODEL_FILE)
+    xb = model_tensors(rb) if _sharded(rb) else rb.tensors(MODEL_FILE)
+    out = []
+    for name in sorted(set(xa) | set(xb)):
+        x, y = xa.get(name), xb.get(name)
+        sa, sb = (None if t is None else tuple(t.shape) for t in (x, y))
+        da, db = (None if t is None else DTYPE_TO_ST.get(t.dtype, str(t.dtype)) for t in (x, y))
+        if x is None or y is None or sa != sb or da != db:
+            out.append(TensorChange(name, sa, sb, da, db))
+            continue
+        if progress is not None:
+            progress(name)
+        out.append(TensorChange(name, sa, sb, da, db, *_magnitude(x, y)))
     return out
 
 

@@ -378,7 +378,16 @@ def doctor(
     state: Mapping[str, Any] = {}
     if "state.json" not in broken:
         state = reader.json("state.json")
-    if ts.model is not None:
+    info = manifest.get("distributed")
+    sharded = not reader.has(MODEL_FILE) and isinstance(info, dict) and info.get("mode") == "dcp"
+    if sharded:
+        findings.append(Finding(
+            "warning", "sharded.unchecked",
+            "a sharded (FSDP2/DCP) checkpoint: model keys and shapes, the probe and the optimizer state are not "
+            "checked by doctor yet; export the weights ('ckptguard export CKPT -o model.safetensors') and load "
+            "them into your model (load_state_dict reports missing and unexpected keys)",
+        ))
+    elif ts.model is not None:
         key_findings = check_keys(manifest, ts.model)
         findings += key_findings
         if MODEL_FILE in broken:
@@ -388,7 +397,7 @@ def doctor(
         else:
             findings += check_behaviour(storage, reader, manifest, ts.model)
     if state:
-        if OPTIM_FILE not in broken:
+        if OPTIM_FILE not in broken and not sharded:
             findings += check_optimizer_state(ts, state)
         extra = reader.tensors(EXTRA_FILE) if reader.has(EXTRA_FILE) and EXTRA_FILE not in broken else {}
         findings += check_schedulers(ts, state, extra)
