@@ -256,3 +256,10 @@ def test_a_forced_save_of_the_restored_step_writes_nothing_and_a_failed_save_is_
             mgr.save(7, _state(), force=True)  # the disk fails its first write
         assert mgr.save(7, _state(), force=True) is True  # the step that failed is saved on retry
     assert _steps(run_dir) == ["step-000000005", "step-000000007"]
+
+
+def test_saving_into_a_bucket_that_does_not_exist_says_so(s3_endpoint: str) -> None:
+    with cg.CheckpointManager("s3://no-such-bucket-ckptguard/run") as mgr:
+        assert mgr.restore(_state()) is None  # nothing there (listing a missing bucket finds nothing)
+        with pytest.raises(cg.CheckpointNotFoundError, match=r"bucket or a parent does not exist.*Create the bucket"):
+            mgr.save(1, _state(), force=True)

@@ -281,7 +281,7 @@ def on_primary(coord: Coordinator, fn: Callable[[], T], what: str) -> T:
     if exc is not None:
         raise exc
     if error is not None:
-        raise CheckpointError(f"Rank 0 failed {what}: {error}. Nothing was committed.")
+        raise CheckpointError(f"Rank 0 failed {what}: {str(error).rstrip('.?!')}. Nothing was committed.")
     return result  # type: ignore[no-any-return]
 
 

@@ -54,8 +54,14 @@ def storage_error(err: Exception, where: str, doing: str, attempts: int = 1) -> 
     if isinstance(err, CheckpointError):
         return err
     if isinstance(err, FileNotFoundError):
+        said = f" ({err})" if str(err) else ""
+        if doing.startswith(("writ", "upload", "creat", "append", "replac")):
+            return CheckpointNotFoundError(
+                f"Cannot write {where}: its bucket or a parent does not exist{said}. Create the bucket "
+                "first, or check the URL."
+            )
         return CheckpointNotFoundError(
-            f"No such object {where} (while {doing}). Check the URL; was the checkpoint deleted?"
+            f"No such object {where} (while {doing}){said}. Check the URL; was the checkpoint deleted?"
         )
     if is_transient(err):
         tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
