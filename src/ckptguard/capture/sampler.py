@@ -277,19 +277,12 @@ class _CountingIterator:
         return getattr(self._inner, name)
 
 
-# Signals a worker ignores: a preemption signal sent to the whole process group (torchrun's agent,
-# Slurm, a machine shutting down) must reach the training loop as a preemption, not kill the
-# workers under it (the loop would die on "DataLoader worker ... is killed by signal" before its
-# next save()). The main process ends its workers; they also exit when it dies.
+# A signal to the whole process group (torchrun, Slurm) is the loop's preemption, not the workers' death.
 WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class KeyedWorkerInit:
-    """The ``worker_init_fn`` a tracked DataLoader with workers runs: ignore the preemption
-    signals (:data:`WORKER_IGNORED_SIGNALS`), key the dataset, then the user's function.
-
-    Picklable (for the ``spawn`` start method) whenever the user's function is.
-    """
+    """A tracked loader's ``worker_init_fn``: ignore the signals above, key the dataset, run yours."""
 
     def __init__(self, user_fn: Callable[[int], Any] | None) -> None:
         self.user_fn = user_fn

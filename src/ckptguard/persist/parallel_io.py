@@ -85,7 +85,13 @@ class TensorSink(Protocol):
 
 
 def write_file(storage: Storage, rel: str, body: Callable[[Writer], T]) -> T:
-    """Create ``rel``, let ``body`` write it, close (durable); on any failure abort and re-raise."""
+    """Create ``rel``, let ``body`` write it, close (durable); on any failure abort and re-raise.
+
+    A storage with ``write_streaming`` (object stores: the bytes go straight into the upload,
+    retried by running ``body`` again) is given ``body`` whole; ``body`` writes from memory."""
+    streaming: Callable[[str, Callable[[Writer], T]], T] | None = getattr(storage, "write_streaming", None)
+    if streaming is not None:
+        return streaming(rel, body)
     w = storage.create(rel)
     try:
         out = body(w)

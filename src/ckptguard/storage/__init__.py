@@ -8,6 +8,7 @@ ckptguard's own modules and may change:
 - ``local`` (local filesystems): ``LocalStorage``
 - ``fsspec_store`` (object stores and other fsspec filesystems): ``FsspecStorage``
 - ``retry`` (transient errors retried with backoff): ``RetryPolicy``
+- ``transfer`` (object stores' uploads streamed from memory, ranged reads): ``upload_streamed``, ``RangedReader``
 
 ``open_storage`` (in this package) turns a path, URL or Storage into a Storage.
 """

@@ -36,15 +36,18 @@ import posixpath
 import shutil
 import tempfile
 import threading
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
 
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, StorageError, StorageUnavailableError
-from ckptguard.storage.base import content_version, translate_os_error
+from ckptguard.storage.base import Writer, content_version, translate_os_error
 from ckptguard.storage.retry import RetryPolicy, is_transient
+from ckptguard.storage.transfer import RangedReader, upload_streamed
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "FsspecStorage", "storage_error"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_BLOCK_SIZE = 64 * 2**20  # upload part size; S3 needs >= 5 MiB and at most 10,000 parts
 
@@ -83,51 +86,6 @@ def storage_error(err: Exception, where: str, doing: str, attempts: int = 1) -> 
 
 class _ShortRead(ConnectionError):
     """A byte range came back shorter than asked within the object: a cut transfer (retried)."""
-
-
-class _RangedReader(io.RawIOBase):
-    """A seekable read-only view of one object; every ``readinto`` is one retried range request."""
-
-    def __init__(self, store: FsspecStorage, path: str, size: int) -> None:
-        super().__init__()
-        self._store = store
-        self._path = path
-        self._size = size
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
-
-    def readall(self) -> bytes:
-        parts = []
-        while self._pos < self._size:
-            end = min(self._size, self._pos + self._store.block_size)
-            parts.append(self._store.read_range(self._path, self._pos, end))
-            self._pos = end
-        return b"".join(parts)
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        n = min(len(view), self._size - self._pos, self._store.block_size)
-        if n <= 0:
-            return 0
-        data = self._store.read_range(self._path, self._pos, self._pos + n)
-        view[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
 
 
 class _FsspecWriter:
@@ -310,7 +268,7 @@ class FsspecStorage:
     def open_read(self, path: str) -> BinaryIO:
         """A buffered, seekable reader whose every fetch is a retried range request."""
         size = self.size(path)
-        return io.BufferedReader(_RangedReader(self, path, size), buffer_size=2**20)
+        return io.BufferedReader(RangedReader(self, path, size), buffer_size=2**20)
 
     def read_range(self, path: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of an object at least ``end`` bytes long (retried until whole)."""
@@ -326,6 +284,19 @@ class FsspecStorage:
 
     def create(self, path: str) -> _FsspecWriter:
         return _FsspecWriter(self, self._p(path), self.describe(path))
+
+    def write_streaming(self, path: str, body: Callable[[Writer], T]) -> T:
+        """Write ``path`` with ``body``'s bytes streamed straight into the upload (see
+        :func:`ckptguard.storage.transfer.upload_streamed`: no local spool; a failed attempt is
+        discarded and ``body`` runs again under the retry policy)."""
+        full, where = self._p(path), self.describe(path)
+        try:
+            return upload_streamed(
+                self.fs, full, where, self.block_size, self.retry, body,
+                store_error=lambda e: storage_error(e, where, "uploading", self.attempts_for(e)),
+            )
+        finally:
+            self._fresh_full(full)
 
     def makedirs(self, path: str) -> None:
         self._call("creating the directory", path, self.fs.makedirs, self._p(path), exist_ok=True)
