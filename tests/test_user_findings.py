@@ -258,8 +258,11 @@ def test_a_forced_save_of_the_restored_step_writes_nothing_and_a_failed_save_is_
     assert _steps(run_dir) == ["step-000000005", "step-000000007"]
 
 
-def test_saving_into_a_bucket_that_does_not_exist_says_so(s3_endpoint: str) -> None:
+def test_a_bucket_that_does_not_exist_is_not_taken_for_a_fresh_run(s3_endpoint: str, s3_url: str) -> None:
     with cg.CheckpointManager("s3://no-such-bucket-ckptguard/run") as mgr:
-        assert mgr.restore(_state()) is None  # nothing there (listing a missing bucket finds nothing)
+        with pytest.raises(cg.CheckpointNotFoundError, match=r"the bucket 'no-such-bucket-ckptguard' does not exist\. Create it"):
+            mgr.restore(_state())  # before any training: not a fresh start
         with pytest.raises(cg.CheckpointNotFoundError, match=r"bucket or a parent does not exist.*Create the bucket"):
-            mgr.save(1, _state(), force=True)
+            mgr.save(1, _state(), force=True)  # and a loop that skips restore hears it at its first save
+    with cg.CheckpointManager(s3_url) as mgr:  # an existing bucket, an empty prefix: a fresh run
+        assert mgr.restore(_state()) is None

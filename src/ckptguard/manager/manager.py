@@ -25,7 +25,7 @@ import torch
 from ckptguard.capture.configdrift import log_config_drift
 from ckptguard.capture.state import TrainState, capture
 from ckptguard.distributed.coordination import coordinator, on_primary
-from ckptguard.errors import CheckpointError, PostCommitError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, PostCommitError
 from ckptguard.format.manifest import as_step
 from ckptguard.manager.options import checked_retention, checked_run_id, initial_schedule
 from ckptguard.manager.preemption import Preemption
@@ -445,6 +445,13 @@ class CheckpointManager:
             strict=strict, rescan=self.checkpoints, explicit=step is not None,
         )
         if found is None:
+            missing: Callable[[], str | None] | None = getattr(self.storage, "missing_bucket", None)
+            bucket = missing() if missing is not None else None
+            if bucket is not None:  # not a fresh run: a typo, or a bucket not created yet
+                raise CheckpointNotFoundError(
+                    f"{self.storage.url}: the bucket {bucket!r} does not exist. Create it first (saves would "
+                    "fail), or fix the URL."
+                )
             self.metrics_log.restart_after(None)  # a fresh run: rows of an attempt that never committed go
             return None
         c, report = found

@@ -285,6 +285,20 @@ class FsspecStorage:
     def create(self, path: str) -> _FsspecWriter:
         return _FsspecWriter(self, self._p(path), self.describe(path))
 
+    def missing_bucket(self) -> str | None:
+        """The URL's bucket when the store has buckets (S3, GCS, Azure) and it does not exist;
+        None otherwise, and when the store cannot tell (the first write says what is wrong)."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        if protocol not in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"):
+            return None
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self._fresh_full(bucket)
+            return None if self.fs.exists(bucket) else bucket
+        except Exception as e:  # noqa: BLE001 - no answer is not an answer: restore goes on
+            log.debug("Could not check that the bucket %s exists: %s", bucket, e)
+            return None
+
     def write_streaming(self, path: str, body: Callable[[Writer], T]) -> T:
         """Write ``path`` with ``body``'s bytes streamed straight into the upload (see
         :func:`ckptguard.storage.transfer.upload_streamed`: no local spool; a failed attempt is
