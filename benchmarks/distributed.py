@@ -49,7 +49,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-MARKERS = ("<!-- distributed:begin -->", "<!-- distributed:end -->")
 PART_MB = 8  # raw put_file part size
 FULL = {"layers": 12, "width": 1024, "batch": 32, "saves": 7, "interval": 10.0, "per_segment": 3, "cycles": 3, "s3_reps": 3}
 QUICK = {"layers": 8, "width": 768, "batch": 32, "saves": 4, "interval": 3.0, "per_segment": 4, "cycles": 1, "s3_reps": 2}
@@ -476,18 +475,6 @@ def render(res: dict[str, Any], cfg: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, body: str) -> None:
-    begin, end = MARKERS
-    text = path.read_text()
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="57 MB state, fewer saves, shorter segments (CI smoke)")
@@ -544,7 +531,9 @@ def report(res: dict[str, Any], cfg: dict[str, Any], json_out: str | None, outpu
     if json_out:
         Path(json_out).write_text(json.dumps({"config": cfg, **res}, indent=1))
     if output:
-        replace_section(Path(output), text)
+        from harness import replace_section
+
+        replace_section(Path(output), text, "distributed")
         print(f"updated {output}")
     return 0
 

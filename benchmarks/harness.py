@@ -11,6 +11,7 @@ import platform
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,3 +144,17 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def replace_section(path: Path, body: str, name: str) -> None:
+    """Rewrite the part of ``path`` (BENCHMARKS.md) between ``<!-- name:begin -->`` and
+    ``<!-- name:end -->`` with ``body``; append the section when the markers are not there yet."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)

@@ -44,7 +44,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "src"))
 import ckptguard as cg  # noqa: E402
-from harness import StateSpec, build_state, evict, fsync_path, machine  # noqa: E402
+from harness import StateSpec, build_state, evict, fsync_path, machine, replace_section  # noqa: E402
 
 FULL = StateSpec(layers=25, width=1372)  # 47.1M params + Adam: 0.565 GB
 QUICK = StateSpec(layers=10, width=256)
@@ -192,18 +192,6 @@ def render(res: dict[str, Any], loadavg: tuple[float, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, body: str) -> None:
-    begin, end = "<!-- io-limits:begin -->", "<!-- io-limits:end -->"
-    text = path.read_text()
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny state, 3 rounds (CI smoke)")
@@ -228,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     if args.output:
-        replace_section(Path(args.output), text)
+        replace_section(Path(args.output), text, "io-limits")
         print(f"updated {args.output}")
     return 0
 

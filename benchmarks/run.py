@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from harness import FULL, QUICK, StateSpec, machine  # noqa: E402
+from harness import FULL, QUICK, StateSpec, machine, replace_section  # noqa: E402
 from report import render_markdown, render_tables, targets  # noqa: E402
 
 SAVE_METHODS = [
@@ -128,17 +127,6 @@ def bench_training(spec: StateSpec, seconds: float, interval: float, cycles: int
     }
 
 
-def replace_section(path: Path, body: str) -> None:
-    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny state, 1 repetition (CI smoke)")
@@ -190,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if output:
-        replace_section(Path(output), render_markdown(results))
+        replace_section(Path(output), render_markdown(results), "bench")
         print(f"updated {output}")
     return 0
 

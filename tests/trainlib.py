@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -166,3 +168,13 @@ def two_step_run(run: Any, **save_kw: Any) -> dict[str, torch.Tensor]:
                 w1 = {k: v.clone() for k, v in s["model"].state_dict().items()}
             mgr.save(step, s["state"], force=True, **save_kw)
     return w1
+
+
+def exit_worker() -> None:
+    """End a finished torchrun worker without the interpreter's finalization: with gloo, torch
+    sometimes aborts there ("terminate called without an active exception", SIGABRT) after
+    everything is written and the groups destroyed (its worker threads outliving the interpreter,
+    pytorch/pytorch#179291), and the agent would then restart a finished run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -15,7 +15,6 @@ import datetime
 import fnmatch
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ from train import build, report, train
 import ckptguard as cg
 from ckptguard.storage.local import LocalStorage, LocalWriter
 from ckptguard.testing import FaultyStorage
+from trainlib import exit_worker
 
 TOTAL = 14
 
@@ -161,8 +161,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # A finished worker skips the interpreter's finalization, where gloo's threads sometimes abort
-    # the process ("terminate called without an active exception", pytorch/pytorch#179291).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_worker()  # a finished worker skips the interpreter's finalization (see trainlib)

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import ckptguard as cg
 from ckptguard.storage.local import LocalStorage, LocalWriter
-from trainlib import Net, NoisyDataset
+from trainlib import Net, NoisyDataset, exit_worker
 
 
 class KillingDisk(LocalStorage):
@@ -168,16 +168,6 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def exit_now() -> None:
-    """End the worker without the interpreter's finalization: with gloo, torch sometimes aborts
-    there ("terminate called without an active exception", SIGABRT) after everything is written
-    and the groups destroyed (its worker threads outliving the interpreter, pytorch/pytorch#179291),
-    and the agent would then restart a finished run. Everything this program writes is closed."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
     main()
-    exit_now()
+    exit_worker()  # a finished worker skips the interpreter's finalization (see trainlib)

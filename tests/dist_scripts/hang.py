@@ -43,6 +43,9 @@ from ckptguard.run.watchdog import Watchdog, WatchdogOptions
 from ckptguard.storage.local import LocalStorage
 from ckptguard.testing import FaultyStorage
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from trainlib import exit_worker
+
 
 class SlowCommit(FaultyStorage):
     """Every commit (``rename_dir``) takes ``delay`` seconds: a slow store."""
@@ -245,6 +248,5 @@ if __name__ == "__main__":
         elastic_nodes(args[0], args[1], int(args[2]))
     else:
         elastic(args[0], args[1], int(args[2]))
-    if mode.startswith("elastic"):  # a finished worker: skip the interpreter's finalization, where
-        sys.stdout.flush()  # gloo sometimes aborts (see tests/dist_scripts/elastic_train.py, exit_now)
-        os._exit(0)
+    if mode.startswith("elastic"):
+        exit_worker()  # a finished worker skips the interpreter's finalization (see trainlib)

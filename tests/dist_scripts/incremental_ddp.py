@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ckptguard as cg
-from trainlib import Net, NoisyDataset
+from trainlib import Net, NoisyDataset, exit_worker
 
 
 def main() -> None:
@@ -82,8 +82,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # A finished worker skips the interpreter's finalization, where gloo's threads sometimes abort
-    # the process ("terminate called without an active exception", pytorch/pytorch#179291).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_worker()  # a finished worker skips the interpreter's finalization (see trainlib)

@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ckptguard as cg
 from ckptguard.errors import PostCommitError
+from trainlib import exit_worker
 
 
 def state() -> cg.TrainState:
@@ -100,8 +102,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # A finished worker skips the interpreter's finalization, where gloo's threads sometimes abort
-    # the process ("terminate called without an active exception", pytorch/pytorch#179291).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_worker()  # a finished worker skips the interpreter's finalization (see trainlib)

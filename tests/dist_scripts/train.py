@@ -28,7 +28,7 @@ import ckptguard as cg
 from ckptguard.capture.rng import rng_fingerprint
 from ckptguard.storage.local import LocalStorage
 from ckptguard.testing import FaultyStorage
-from trainlib import Net, NoisyDataset, train_step
+from trainlib import Net, NoisyDataset, exit_worker, train_step
 
 
 def build(kind: str, seed: int = 0) -> dict[str, Any]:
@@ -202,8 +202,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # A finished worker skips the interpreter's finalization, where gloo's threads sometimes abort
-    # the process ("terminate called without an active exception", pytorch/pytorch#179291).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_worker()  # a finished worker skips the interpreter's finalization (see trainlib)
