@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -253,10 +254,11 @@ def test_sigterm_on_one_rank_saves_the_same_step_on_all(tmp_path: Path) -> None:
         if not line:
             break
         lines.append(line)
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == "PID":
-            pids[int(parts[1])] = int(parts[2])
-        if not sent and 1 in pids and len(parts) == 3 and parts[0] == "STEP" and parts[1] == "1" and int(parts[2]) >= 4:
+        # The ranks' lines may interleave within one line ("STEP 0 268STEP 1 268"): match anywhere.
+        text = "".join(lines)
+        pids.update((int(r), int(pid)) for r, pid in re.findall(r"PID (\d) (\d+)", text))
+        rank1_steps = [int(n) for n in re.findall(r"STEP 1 (\d+)", text)]
+        if not sent and 1 in pids and rank1_steps and max(rank1_steps) >= 4:
             # (rank 1's PID line may come after its first STEP lines: torchrun interleaves outputs)
             os.kill(pids[1], signal.SIGTERM)  # only rank 1 gets the signal
             sent = True
