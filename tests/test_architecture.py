@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("persist",),
     ("verification",),
     ("distributed",),
+    ("tiers",),
     ("manager", "testing"),
     ("report",),
     ("integrations",),

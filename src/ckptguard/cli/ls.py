@@ -13,6 +13,7 @@ from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.report.sizes import RunSizes, run_sizes
 from ckptguard.run.catalog import CheckpointInfo, find_debris, find_unknown, scan
 from ckptguard.storage import Storage, open_storage
+from ckptguard.tiers.tiered import tier_listing
 
 
 def register(sub: Any) -> None:
@@ -20,6 +21,23 @@ def register(sub: Any) -> None:
     p.add_argument("run", help="run directory or URL")
     add_json_flag(p)
     p.set_defaults(func=run)
+
+
+def _with_tiers(storage: Storage, ckpts: list[CheckpointInfo]) -> tuple[list[CheckpointInfo], dict[int, list[str]], str | None]:
+    """A tiered run: add the checkpoints only its faster tiers on this host hold; step -> the
+    tiers holding a valid copy, fastest first (empty for a run without tiers)."""
+    tiers, note = tier_listing(storage)
+    if len(tiers) == 1 and note is None:
+        return ckpts, {}, None
+    by_step = {c.step: c for c in ckpts}
+    where: dict[int, list[str]] = {}
+    for name, tier in tiers:
+        for c in ckpts if tier is storage else scan(tier):
+            if c.valid:
+                where.setdefault(c.step, []).append(name)
+            if c.step not in by_step or (c.valid and not by_step[c.step].valid):
+                by_step[c.step] = c  # the listing shows the fastest valid copy
+    return sorted(by_step.values(), key=lambda c: c.step), where, note
 
 
 def _open_listing(target: str) -> tuple[Storage, list[CheckpointInfo], str | None]:
@@ -48,6 +66,7 @@ def _open_listing(target: str) -> tuple[Storage, list[CheckpointInfo], str | Non
 
 def run(args: argparse.Namespace) -> int:
     storage, ckpts, only = _open_listing(args.run)
+    ckpts, tiers, tier_note = _with_tiers(storage, ckpts) if only is None else (ckpts, {}, None)
     debris = find_debris(storage) if only is None else []
     unknown = find_unknown(storage) if only is None else []
     sizes = run_sizes(storage, ckpts)  # logical vs physical: see ckptguard.report.sizes
@@ -63,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
                         "metrics": c.metrics, "problems": list(c.problems),
                         "logical_bytes": sizes.checkpoints[c.name].logical,
                         "physical_bytes": sizes.checkpoints[c.name].physical,
+                        **({"tiers": tiers.get(c.step, [])} if tiers else {}),
                     }
                     for c in ckpts
                 ],
@@ -73,8 +93,10 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    console().print(_table(storage, ckpts, sizes))
+    console().print(_table(storage, ckpts, sizes, tiers))
     _print_problems(ckpts)
+    if tier_note:
+        console().print(f"a tiered run: {tier_note}", highlight=False)
     if only is not None:
         console().print(f"{args.run} is one checkpoint of the run {storage.describe('')}: "
                         f"'ckptguard ls {storage.describe('')}' lists them all.", highlight=False)
@@ -83,10 +105,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(storage: Storage, ckpts: list[CheckpointInfo], sizes: RunSizes) -> Table:
+def _table(storage: Storage, ckpts: list[CheckpointInfo], sizes: RunSizes, tiers: dict[int, list[str]]) -> Table:
     metric_names = sorted({k for c in ckpts for k in c.metrics})[:4]
     t = Table(title=f"{storage.describe('')}: {len(ckpts)} checkpoint(s)")
-    for col in ("step", "created (UTC)", "logical", "physical", "status", "reason", *metric_names):
+    for col in ("step", "created (UTC)", "logical", "physical", "status", "reason", *(["tiers"] if tiers else []), *metric_names):
         t.add_column(col, justify="right" if col in ("step", "logical", "physical") or col in metric_names else "left")
     for c in ckpts:
         style = None if c.valid else "red"
@@ -98,6 +120,7 @@ def _table(storage: Storage, ckpts: list[CheckpointInfo], sizes: RunSizes) -> Ta
             human_bytes(sizes.checkpoints[c.name].physical),
             c.status if c.valid else f"{c.status} (see below)",
             c.reason,
+            *([",".join(tiers.get(c.step, [])) or "-"] if tiers else []),
             *vals,
             style=style,
         )

@@ -25,11 +25,11 @@ import torch
 from ckptguard.capture.configdrift import log_config_drift
 from ckptguard.capture.state import TrainState, capture
 from ckptguard.distributed.coordination import coordinator, on_primary
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError, PostCommitError
+from ckptguard.errors import CheckpointError, PostCommitError
 from ckptguard.format.manifest import as_step
-from ckptguard.manager.options import checked_retention, checked_run_id, initial_schedule
-from ckptguard.manager.preemption import Preemption
-from ckptguard.manager.restoring import newer_than, restore_first_valid, select_candidates, supersede
+from ckptguard.manager.options import checked_retention, checked_run_id, checked_tiers, initial_schedule
+from ckptguard.manager.preemption import Preemption, logged
+from ckptguard.manager.restoring import newer_than, raise_if_missing_bucket, restore_first_valid, select_candidates, supersede
 from ckptguard.manager.saving import RunCallbacks, SavePipeline, SaveRequest
 from ckptguard.persist.parallel_io import TensorSink
 from ckptguard.persist.prune import apply_decisions
@@ -44,6 +44,9 @@ from ckptguard.run.metrics_log import MetricsLog
 from ckptguard.run.runrecord import RUN_FILE, RunRecord
 from ckptguard.run.watchdog import HANG_EXIT_CODE, Watchdog, WatchdogOptions
 from ckptguard.storage import Storage, open_storage
+from ckptguard.tiers.options import Tiers
+from ckptguard.tiers.restoring import restore_tiered
+from ckptguard.tiers.tiered import TierSet
 from ckptguard.verification.behaviour import Verifier, attach_verifier
 
 __all__ = ["CheckpointManager", "RUN_FILE"]
@@ -51,20 +54,11 @@ __all__ = ["CheckpointManager", "RUN_FILE"]
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _logged(kind: type[CheckpointError]) -> Iterator[None]:
-    """Log an error of ``kind`` instead of raising it (where going on matters more)."""
-    try:
-        yield
-    except kind as e:
-        log.error("%s", e)
-
-
 def _wait_at_exit(ref: weakref.ReferenceType[CheckpointManager]) -> None:
     mgr = ref()
     if mgr is not None:
         try:
-            mgr.close()
+            mgr._close(clean=False)  # a tiered run's hot memory stays for a restart (the keeper persists it)
         except CheckpointError as e:
             log.error("A pending checkpoint save failed at exit: %s", e)
 
@@ -97,6 +91,9 @@ class CheckpointManager:
         run_id: the run's lineage (recorded in every manifest). By default a new one, replaced by
             the restored checkpoint's on restore; retention only prunes this lineage's checkpoints.
             Pass an existing id to continue a run's history without restoring from it.
+        tiers: save to host memory kept by a keeper process (and/or a node-local directory) and
+            copy down to ``directory`` in the background (see ckptguard.tiers and the README's
+            "Spot instances and tiers"); ``every_*`` is then the first tier's cadence.
     """
 
     def __init__(
@@ -117,6 +114,7 @@ class CheckpointManager:
         lock: bool | LockPolicy = True,
         incremental: bool = False,
         run_id: str | None = None,
+        tiers: Tiers | None = None,
     ) -> None:
         run_id = checked_run_id(run_id)
         self.storage: Storage = open_storage(directory, storage_options)
@@ -138,10 +136,15 @@ class CheckpointManager:
         self.metrics_log = MetricsLog(self.storage)
         self._coord = coordinator()  # torch.distributed: rank 0 locks, commits, curates
         self._lock_agreed = False  # distributed: rank 0 took the lock at the first save() call
+        self._tiers = None if tiers is None else TierSet(
+            checked_tiers(tiers, incremental, self._coord.active), self.storage, storage_options=storage_options,
+            mtbf=self.schedule.mtbf_seconds, on_durable=self._on_durable,
+        )
         self._saves = SavePipeline(
             self.storage, self._coord, self.metrics_log,
             RunCallbacks(self._run_fields, self._blocked, self._saved, self._committed, self._apply_retention),
             lock=lock, async_save=async_save, incremental=incremental, manifests=self._manifests,
+            target=None if self._tiers is None else self._tiers.first.storage,
         )
         self._preemption = Preemption()
         self._watchdog: Watchdog | None = None
@@ -159,7 +162,7 @@ class CheckpointManager:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            self.close()
+            self._close(clean=exc_type is None)
         except CheckpointError as e:
             if exc_type is None:
                 raise
@@ -169,8 +172,9 @@ class CheckpointManager:
         return f"CheckpointManager({self.storage.url!r})"
 
     def checkpoints(self) -> list[CheckpointInfo]:
-        """All committed checkpoints of the run, oldest first (by step number)."""
-        return scan(self.storage, cache=self._manifests)
+        """All committed checkpoints of the run, oldest first (by step number); a tiered run's
+        from the fastest tier holding each step."""
+        return scan(self.storage, cache=self._manifests) if self._tiers is None else self._tiers.checkpoints()
 
     def latest(self) -> CheckpointInfo | None:
         """The newest valid checkpoint, or None."""
@@ -204,6 +208,8 @@ class CheckpointManager:
 
     def _save(self, step: int, state: TrainState, metrics: Mapping[str, Any] | None, force: bool) -> bool:
         self._saves.background.raise_if_failed()
+        if self._tiers is not None:
+            self._tiers.attach()  # the keeper is alive (a new one if it died)
         if not self._coord.active:
             self._saves.acquire_lock()  # a writer from its first save() (metrics.csv included)
         elif not self._lock_agreed:  # every rank's first save() call: rank 0 locks, all hear how it went
@@ -232,10 +238,10 @@ class CheckpointManager:
     def _preemption_exit(self, guard: PreemptionGuard, step: int, state: TrainState, metrics: Mapping[str, Any] | None) -> None:
         reason = guard.reason or "preemption"
         log.warning("Preemption (%s): saving step %d synchronously, then exiting.", reason, step)
-        with _logged(PostCommitError):  # its checkpoint is committed: the preemption save goes on
+        with logged(PostCommitError):  # its checkpoint is committed: the preemption save goes on
             self.wait()
         if self.last_saved_step != step:
-            with _logged(PostCommitError):
+            with logged(PostCommitError):
                 self._save_now(SaveRequest(step, state, metrics, "preemption", extra={"preemption": reason}, sync=True))
         code = guard.resolved_exit_code()
         self._run_record.session["preempted"] = True
@@ -255,23 +261,16 @@ class CheckpointManager:
         """Merge ``provider(step, state)`` into every later manifest (training thread, rank 0).
 
         It returns new top-level keys with JSON values (``{"data_position": {...}}``). A key the
-        manifest itself uses (``step``, ``files``, ``metrics``... see
-        ckptguard.manager.extensions.MANIFEST_KEYS; ``probe`` is the probe verifier's), a value
-        that is not JSON, or an exception in the provider fails that save with a
-        ``ManifestFieldError`` naming the provider, the step and the key, before anything is
-        written: nothing is committed.
+        manifest itself uses (ckptguard.manager.extensions.MANIFEST_KEYS), a value that is not
+        JSON, or an exception in the provider fails that save with a ``ManifestFieldError``
+        naming the provider, the step and the key, before anything is written.
         """
         self._saves.add_manifest_fields(provider)
 
     def add_post_commit_hook(self, hook: Callable[[dict[str, Any]], None]) -> None:
-        """Call ``hook(manifest)`` after every commit (in the saving thread, rank 0; in
-        registration order, before retention).
-
-        An exception in a hook does not undo the commit: the later hooks and retention still
-        run, and a ``PostCommitError`` (naming the hook and the committed step; the error chained)
-        is raised by the save that committed it; for async saves by the next ``save()`` (after
-        it has saved its own step), ``wait()`` or ``close()``. In a distributed run, on every rank.
-        """
+        """Call ``hook(manifest)`` after every commit (saving thread, rank 0, before retention).
+        A failing hook does not undo the commit: a ``PostCommitError`` naming it is raised by that
+        save (async: the next save/wait/close), on every rank (ckptguard.manager.saving)."""
         self._saves.add_post_commit_hook(hook)
 
     def _run_fields(self, step: int, metrics: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -292,9 +291,12 @@ class CheckpointManager:
     def _committed(self, manifest: dict[str, Any]) -> None:
         """Record the save in RUN/ckptguard.json; mark what a rollback abandoned (first commit after it)."""
         self._run_record.session["saves"] = int(self._run_record.session.get("saves", 0)) + 1
-        self._run_record.write(retention=self.retention.to_json(), save_interval=self.schedule.describe())
+        tiers = self._tiers.describe() if self._tiers is not None else None
+        self._run_record.write(retention=self.retention.to_json(), save_interval=self.schedule.describe(), tiers=tiers)
         abandoned, self._abandoned = self._abandoned, {}
         supersede(self.storage, abandoned, self.resumed_from)
+        if self._tiers is not None:
+            self._tiers.committed(manifest["name"])
 
     def protected_steps(self) -> dict[int, str]:
         out: dict[int, str] = {}
@@ -306,7 +308,7 @@ class CheckpointManager:
 
     def plan_retention(self) -> list[Decision]:
         """What retention would keep/delete now, with reasons (nothing is deleted)."""
-        ckpts = self.checkpoints()
+        ckpts = scan(self.storage, cache=self._manifests)  # the durable tier's, for a tiered run
         protected = pinned_steps(self.storage, ckpts)
         for step, why in self.protected_steps().items():
             protected[step] = f"{protected[step]}; {why}" if step in protected else why
@@ -322,8 +324,12 @@ class CheckpointManager:
         self._saves.acquire_lock()
         return unpin(self.storage, step)
 
-    def _apply_retention(self) -> None:
-        if self.retention.keeps_everything:
+    def _on_durable(self) -> None:
+        """A tiered run's checkpoint reached the durable tier (the copier's thread): its retention."""
+        self._apply_retention(durable=True)
+
+    def _apply_retention(self, durable: bool = False) -> None:
+        if self.retention.keeps_everything or (self._tiers is not None and not durable):
             return
         deleted, failed = apply_decisions(self.storage, self.plan_retention(), reap=self._saves.reaper)
         if failed:
@@ -371,7 +377,11 @@ class CheckpointManager:
         self._saves.wait()
 
     def close(self) -> None:
-        """Wait for pending saves, flush metrics, release the lock. Safe to call twice."""
+        """Wait for pending saves, flush metrics, release the lock. Safe to call twice. A tiered
+        run copies its newest checkpoint to every tier first and frees the hot memory."""
+        self._close(clean=True)
+
+    def _close(self, *, clean: bool) -> None:
         if self._closed:
             return
         try:
@@ -380,9 +390,13 @@ class CheckpointManager:
                 if self._watchdog is not None:
                     self._watchdog.finish()  # the pending save, under the save deadline, then stop
             finally:
-                self._saves.close()
+                try:
+                    self._saves.close()
+                finally:
+                    if self._tiers is not None:
+                        self._tiers.close(flush=clean)
         finally:
-            lost = self._saves.lock is not None and self._saves.lock.lost  # the run is another writer's now
+            lost = self._saves.lock_lost  # the run is another writer's now
             with contextlib.suppress(CheckpointError):
                 if not lost:
                     self.metrics_log.flush()
@@ -396,13 +410,10 @@ class CheckpointManager:
         self, seconds: float, *, save_seconds: float | None = None, poll_seconds: float | None = None,
         exit_code: int = HANG_EXIT_CODE, collective_timeout: float | None = None,
     ) -> Watchdog:
-        """Start a hang watchdog: no ``save()`` call (or ``Watchdog.beat()``) for ``seconds`` writes
-        every thread's stack to ``RUN/hangs/`` and exits with ``HANG_EXIT_CODE`` (see
-        ckptguard.run.watchdog). A save may block for ``save_seconds`` (default 4 x seconds);
-        ``collective_timeout`` (the process group's, in seconds) checks both are shorter.
-        Use it as a context manager around the loop; leaving the block (or ``close()``) waits for
-        the pending async save under the save deadline, then stops it. A hang is recorded in
-        ``history.jsonl`` and in the session of ``ckptguard.json`` (the observed MTBF counts it)."""
+        """Start a hang watchdog (a context manager around the loop; see ckptguard.run.watchdog): no
+        ``save()`` (or ``Watchdog.beat()``) for ``seconds``, or a save blocked past ``save_seconds``
+        (4 x seconds), writes every stack to ``RUN/hangs/``, records the hang and exits with
+        ``exit_code``. ``collective_timeout`` (the process group's) is checked to be longer."""
         self._check_open()
         options = WatchdogOptions(
             seconds, save_seconds, poll_seconds, exit_code=exit_code, collective_timeout=collective_timeout
@@ -415,12 +426,8 @@ class CheckpointManager:
         return self._watchdog
 
     def _record_hang(self, hang: dict[str, Any]) -> None:
-        """The watchdog fires (its report thread, before the exit): a ``hang`` event in
-        history.jsonl; the rank that writes the run also ends its session as a hang (MTBF)."""
-        where = hang["report"] or "stderr"
-        record_events(self.storage, "hang", [hang["step"] or 0], reason=f"rank {hang['rank']}: {hang['reason']}; stacks: {where}")
-        if self._saves.locked and not (self._saves.lock is not None and self._saves.lock.lost):
-            self._run_record.record_hang(hang)
+        """The watchdog fires (its report thread, before the exit): see RunRecord.record_hang."""
+        self._run_record.record_hang(hang, end_session=self._saves.locked and not self._saves.lock_lost)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -439,27 +446,25 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        candidates = select_candidates(self.checkpoints(), step, self.storage.url)
-        found = restore_first_valid(
-            self.storage, candidates, state, coord=self._coord, verify=self.verify_on_restore,
-            strict=strict, rescan=self.checkpoints, explicit=step is not None,
-        )
+        if self._tiers is not None:
+            where, found = restore_tiered(self._tiers, state, coord=self._coord, verify=self.verify_on_restore, strict=strict, step=step)
+        else:
+            where, found = self.storage, restore_first_valid(
+                self.storage, select_candidates(self.checkpoints(), step, self.storage.url), state, coord=self._coord,
+                verify=self.verify_on_restore, strict=strict, rescan=self.checkpoints, explicit=step is not None,
+            )
         if found is None:
-            missing: Callable[[], str | None] | None = getattr(self.storage, "missing_bucket", None)
-            bucket = missing() if missing is not None else None
-            if bucket is not None:  # not a fresh run: a typo, or a bucket not created yet
-                raise CheckpointNotFoundError(
-                    f"{self.storage.url}: the bucket {bucket!r} does not exist. Create it first (saves would "
-                    "fail), or fix the URL."
-                )
+            raise_if_missing_bucket(self.storage)  # not a fresh run: a typo, or a bucket not created yet
             self.metrics_log.restart_after(None)  # a fresh run: rows of an attempt that never committed go
             return None
         c, report = found
-        log_config_drift(CheckpointReader(self.storage, c.name, c.manifest or {}), state.config)  # WARNING per changed key
+        log_config_drift(CheckpointReader(where, c.name, c.manifest or {}), state.config)  # WARNING per changed key
         self.metrics_log.restart_after(c.step)  # rows past the restored step are superseded
         # A rollback: checkpoints newer than the restored one belong to a continuation the run
         # abandons at its next commit (they are marked then, not now: a restore alone changes nothing).
-        self._abandoned = newer_than(self.checkpoints(), c.step)
+        self._abandoned = newer_than(scan(self.storage, cache=self._manifests), c.step)
+        if self._tiers is not None:
+            self._tiers.restored(c, from_first=where is self._tiers.first.storage)
         self.last_restore_report = report
         self.resumed_from = c.step
         self.last_saved_step = c.step

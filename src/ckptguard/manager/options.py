@@ -6,8 +6,9 @@ from ckptguard.policies.retention import Retention
 from ckptguard.policies.schedule import SaveSchedule, observed_mtbf
 from ckptguard.run.runrecord import RunRecord, read_run_record
 from ckptguard.storage import Storage
+from ckptguard.tiers.options import Tiers
 
-__all__ = ["checked_retention", "checked_run_id", "initial_schedule"]
+__all__ = ["checked_retention", "checked_run_id", "checked_tiers", "initial_schedule"]
 
 
 def checked_run_id(run_id: str | None) -> str | None:
@@ -41,3 +42,14 @@ def initial_schedule(
         if isinstance(prev_cost, (int, float)) and not isinstance(prev_cost, bool):
             schedule.save_cost = float(prev_cost)
     return schedule
+
+
+def checked_tiers(tiers: Tiers, incremental: bool, distributed: bool) -> Tiers:
+    """``tiers`` when the run can use them; TypeError/ValueError otherwise."""
+    if not isinstance(tiers, Tiers):
+        raise TypeError(f"tiers must be a ckptguard.tiers.Tiers, got {type(tiers).__name__}")
+    if incremental:
+        raise ValueError("tiers= and incremental=True do not combine yet: tiers copy whole checkpoints")
+    if distributed:
+        raise ValueError("tiers= in a torch.distributed run is not supported yet: use it in single-process runs")
+    return tiers

@@ -9,12 +9,16 @@ same code.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 
 from ckptguard.distributed.coordination import preempt_code, signum_of
+from ckptguard.errors import CheckpointError
 from ckptguard.policies.preemption import PreemptionGuard
 
-__all__ = ["Preemption"]
+__all__ = ["Preemption", "logged"]
+
+log = logging.getLogger(__name__)
 
 
 class Preemption:
@@ -52,3 +56,12 @@ class Preemption:
     def uninstall(self) -> None:
         if self.guard is not None:
             self.guard.uninstall()
+
+
+@contextlib.contextmanager
+def logged(kind: type[CheckpointError]) -> Iterator[None]:
+    """Log an error of ``kind`` instead of raising it (where going on matters more: the exit)."""
+    try:
+        yield
+    except kind as e:
+        log.error("%s", e)

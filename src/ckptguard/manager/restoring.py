@@ -65,7 +65,10 @@ from ckptguard.run.catalog import (
 from ckptguard.run.trust import is_read_failure
 from ckptguard.storage import Storage
 
-__all__ = ["load_checkpoint", "newer_than", "raise_if_newer_format", "restore_first_valid", "select_candidates", "supersede"]
+__all__ = [
+    "load_checkpoint", "newer_than", "raise_if_missing_bucket", "raise_if_newer_format", "restore_first_valid",
+    "select_candidates", "supersede",
+]
 
 log = logging.getLogger(__name__)
 MAX_VANISHED = 100  # a writer pruning faster than a reader restores: give up after this many
@@ -200,6 +203,17 @@ def load_checkpoint(coord: Coordinator, state: TrainState, reader: CheckpointRea
         reader.verify_unread()  # files restore did not need (config.yaml...) too
     assert report is not None
     return report
+
+
+def raise_if_missing_bucket(storage: Storage) -> None:
+    """A run found empty on an object store whose bucket does not exist is not a fresh run (a typo,
+    or a bucket not created yet): :class:`CheckpointNotFoundError`."""
+    missing: Callable[[], str | None] | None = getattr(storage, "missing_bucket", None)
+    bucket = missing() if missing is not None else None
+    if bucket is not None:
+        raise CheckpointNotFoundError(
+            f"{storage.url}: the bucket {bucket!r} does not exist. Create it first (saves would fail), or fix the URL."
+        )
 
 
 def raise_if_newer_format(storage: Storage, name: str) -> None:

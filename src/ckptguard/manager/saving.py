@@ -126,8 +126,10 @@ class SavePipeline:
         async_save: bool,
         incremental: bool,
         manifests: ManifestCache,
+        target: Storage | None = None,
     ) -> None:
         self.storage = storage
+        self.target = target or storage  # where checkpoints go (a tiered run's first tier); the run's files stay in storage
         self.coord = coord
         self.metrics_log = metrics_log
         self.run = run
@@ -136,7 +138,7 @@ class SavePipeline:
         self.async_save = async_save
         self.incremental = IncrementalRun(storage, manifests=manifests) if incremental else None
         self.manifests = manifests
-        self.tensor_writer: TensorSink = default_tensor_writer(storage, background=async_save)
+        self.tensor_writer: TensorSink = default_tensor_writer(self.target, background=async_save)
         self.stager = Stager()
         self.shard_stager = ShardStager()
         self.background = BackgroundSaves(storage.url, collective=coord.active)
@@ -237,7 +239,7 @@ class SavePipeline:
             _, waited = capture_exc(self._wait_durable)  # a committed save's hook failure: raised after this save
         wait_s = time.perf_counter() - w0 if busy else 0.0
         captured, exc = capture_exc(describe)
-        where = f"the previous save to {self.storage.url}" if waited else self.storage.describe(checkpoint_name(request.step))
+        where = f"the previous save to {self.target.url}" if waited else self.target.describe(checkpoint_name(request.step))
         agree(self.coord, waited or exc, where, "save")
         assert captured is not None  # no rank waits for a failed one
         snap, fields = captured
@@ -289,12 +291,12 @@ class SavePipeline:
         """Stages prepare, share, gather, commit and after commit (an async save's ``coord`` is
         the background one: its collectives run on a group of their own)."""
         step = save.request.step
-        staging = on_primary(coord, lambda: self._prepare(step), f"preparing {self.storage.describe(checkpoint_name(step))}")
+        staging = on_primary(coord, lambda: self._prepare(step), f"preparing {self.target.describe(checkpoint_name(step))}")
         share: tuple[dict[str, dict[str, Any]], str | None] = ({}, None)  # a single process writes no share
         sink = self.incremental.writer() if self.incremental else self.tensor_writer
         if coord.active:
             share = write_rank_share(
-                self.storage, staging, coord, save.request.state, save.snap.state, save.sharded, save.staged_shards, sink
+                self.target, staging, coord, save.request.state, save.snap.state, save.sharded, save.staged_shards, sink
             )
         reports = coord.gather(share)
         manifest: dict[str, Any] = {}
@@ -304,14 +306,14 @@ class SavePipeline:
             if not coord.active:
                 raise
             raise CheckpointError(
-                f"Distributed save of step {step} to {self.storage.url} failed: {e}. The checkpoints "
+                f"Distributed save of step {step} to {self.target.url} failed: {e}. The checkpoints "
                 "already committed are intact."
             ) from e
         seconds = time.perf_counter() - save.t0
         self.run.saved(step, seconds)
         if coord.is_primary:
             ranks = f" ({coord.world_size} ranks)" if coord.active else ""
-            log.info("Saved %s%s in %.3fs", self.storage.describe(checkpoint_name(step)), ranks, seconds)
+            log.info("Saved %s%s in %.3fs", self.target.describe(checkpoint_name(step)), ranks, seconds)
         self._after_commit(step, manifest, coord)
 
     def _prepare(self, step: int) -> str:
@@ -321,12 +323,12 @@ class SavePipeline:
         if not self._debris_cleaned or self.reaper.failed:
             self.reaper.wait()  # what it is removing is not debris
             self.reaper.failed = 0
-            log.debug("Cleaning up debris in %s", self.storage.url)
-            clean_debris(self.storage)
+            log.debug("Cleaning up debris in %s", self.target.url)
+            clean_debris(self.target)
             self._debris_cleaned = True
         self._flush_metrics()  # rows up to this step reach metrics.csv before the commit: a crash loses none
         try:
-            return begin_checkpoint(self.storage, step)
+            return begin_checkpoint(self.target, step)
         except BaseException:
             self._debris_cleaned = False
             raise
@@ -342,10 +344,10 @@ class SavePipeline:
             fields["save_seconds"] = time.perf_counter() - save.t0
         try:
             if errors:
-                self.storage.remove_tree(staging)
+                self.target.remove_tree(staging)
                 raise CheckpointError("; ".join(errors))
             return write_checkpoint(
-                self.storage, save.request.step, save.tensor_files, save.blobs, fields, tensor_writer=sink,
+                self.target, save.request.step, save.tensor_files, save.blobs, fields, tensor_writer=sink,
                 staging=staging, written=entries, before_commit=self.lock.check if self.lock is not None else None,
             )
         except BaseException:
@@ -378,7 +380,7 @@ class SavePipeline:
     def _run_after_commit(self, step: int, manifest: dict[str, Any]) -> PostCommitError | None:
         """Bookkeeping, post-commit hooks in order, retention and GC: each runs even when one
         before it failed; the first failure is returned (the others are logged)."""
-        where = self.storage.describe(checkpoint_name(step))
+        where = self.target.describe(checkpoint_name(step))
         failures: list[PostCommitError] = []
 
         def attempt(what: str, next_step: str, fn: Callable[..., None], *args: Any) -> None:
@@ -431,6 +433,11 @@ class SavePipeline:
             self.background.shutdown()
             self.reaper.close()  # removals finish under the run lock; its thread ends
             self.coord.close()  # distributed: the checkpoint process groups
+
+    @property
+    def lock_lost(self) -> bool:
+        """Whether another writer took the run from this one."""
+        return self.lock is not None and self.lock.lost
 
     def release_lock(self) -> None:
         if self.lock is not None and self.locked:

@@ -37,8 +37,8 @@ if TYPE_CHECKING:  # tensors arrive from callers; pruning imports no torch
     import torch
 
 __all__ = [
-    "FileWriters", "begin_checkpoint", "clean_debris", "commit_manifest", "delete_checkpoint", "write_checkpoint",
-    "write_file",
+    "FileWriters", "begin_checkpoint", "clean_debris", "commit_manifest", "commit_staged", "delete_checkpoint",
+    "write_checkpoint", "write_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def write_checkpoint(
         manifest = _manifest(step, fields, files, time.perf_counter() - t0)
         if before_commit is not None:
             before_commit()
-        _commit(storage, name, staging, manifest)
+        commit_staged(storage, name, staging, manifest)
     except BaseException:
         if storage.atomic_rename and staging is not None:
             _remove_quietly(storage, staging)
@@ -160,8 +160,9 @@ def _manifest(step: int, fields: Mapping[str, Any], files: dict[str, Any], secon
     return manifest
 
 
-def _commit(storage: Storage, name: str, staging: str, manifest: dict[str, Any]) -> None:
-    """Write the manifest last; local: rename ``staging`` to ``name`` (an old checkpoint of the
+def commit_staged(storage: Storage, name: str, staging: str, manifest: dict[str, Any]) -> None:
+    """Commit the checkpoint whose files are in ``staging`` (from :func:`begin_checkpoint`):
+    write the manifest last; local: rename ``staging`` to ``name`` (an old checkpoint of the
     step goes to the trash first and comes back if the rename fails); object stores: the
     manifest is the commit, then the UNCOMMITTED marker goes."""
     if storage.atomic_rename:

@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-__all__ = ["describe_holder", "holder_state", "identity", "parse_record", "processes_holding"]
+__all__ = ["describe_holder", "holder_state", "identity", "parse_record", "pid_alive", "process_started", "processes_holding"]
 
 _PID_MAX = 2**22  # Linux's largest pid_max
 
@@ -35,7 +35,7 @@ def identity() -> dict[str, Any]:
     return {"host": socket.gethostname(), "boot_id": _read_small("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
 
 
-def _process_started(pid: int) -> float | None:
+def process_started(pid: int) -> float | None:
     """Wall-clock start time of ``pid`` (Linux /proc), or None when unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -48,7 +48,7 @@ def _process_started(pid: int) -> float | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,9 +66,9 @@ def holder_state(record: dict[str, Any]) -> str:
     me = identity()
     if any(record.get(k) != me[k] or me[k] is None for k in ("host", "boot_id", "pidns")):
         return "unknown"
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return "exited"
-    started, since = _process_started(pid), record.get("since")
+    started, since = process_started(pid), record.get("since")
     if started is not None and isinstance(since, (int, float)) and started > since + 5:
         return "exited"  # the pid now belongs to a younger process
     return "alive"

@@ -28,6 +28,7 @@ from typing import Any
 
 from ckptguard.errors import CheckpointError
 from ckptguard.format import safejson
+from ckptguard.run.history import record_events
 from ckptguard.storage.base import Storage, read_capped
 
 __all__ = ["RUN_FILE", "RunRecord", "read_run_record"]
@@ -83,8 +84,13 @@ class RunRecord:
             except CheckpointError as e:
                 log.warning("Could not update %s: %s", self.storage.describe(RUN_FILE), e)
 
-    def record_hang(self, hang: dict[str, Any]) -> None:
-        """This session ends in a hang (the watchdog's ``hang``): an interruption, written now."""
+    def record_hang(self, hang: dict[str, Any], *, end_session: bool = True) -> None:
+        """The watchdog's ``hang``: a ``hang`` event in history.jsonl; with ``end_session`` (the
+        rank that writes the run) this session ends in it: an interruption (MTBF), written now."""
+        where = hang["report"] or "stderr"
+        record_events(self.storage, "hang", [hang["step"] or 0], reason=f"rank {hang['rank']}: {hang['reason']}; stacks: {where}")
+        if not end_session:
+            return
         self.session["hang"] = dict(hang)
         self.session["clean"] = False
         self.write()

@@ -1,0 +1,168 @@
+"""The keeper: a small process that owns the hot tier's shared memory and outlives the trainer.
+
+The manager starts it (``python -m ckptguard.tiers.keeper HOT_DIR``, in a session of its own, so a
+signal to the trainer's process group does not reach it) the first time the run saves to or
+restores from the hot tier, and starts a new one if it dies. The hot tier is a directory on a
+tmpfs (``/dev/shm``): its checkpoints survive the trainer's death (SIGKILL, OOM kill, an exception,
+a hang the watchdog ended) and a restarted trainer restores from them in memory. The keeper's
+files are in ``HOT_DIR/.keeper/``: ``config.json`` (the lower tiers), ``trainer.json`` (the
+attached trainer: pid and start time), ``keeper.json`` (itself) and ``log``.
+
+How the keeper ends (every way):
+
+- the trainer closed the run cleanly: the manager copied the newest checkpoint down and removed
+  ``HOT_DIR``; the keeper sees it gone and exits;
+- the trainer died and no new trainer attached within ``grace_seconds``: the keeper copies the
+  newest hot checkpoint that the durable tier lacks to the local and durable tiers ("persist at
+  breakpoint", recorded as ``persisted`` in ``history.jsonl``), removes ``HOT_DIR`` and exits;
+- SIGTERM (the node is being preempted): it waits up to ``TERM_WAIT`` seconds for the trainer's own
+  preemption save to end, persists as above, removes ``HOT_DIR`` once the trainer is gone, exits;
+- another keeper took over ``keeper.json`` (a restart after this one was thought dead): it exits,
+  touching nothing.
+
+A durable copy is written under the run's writer lock: the dead trainer's lock is taken over
+(same host, its process gone); if a live writer elsewhere holds the run, nothing is persisted
+(that writer's checkpoints are the run now).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from ckptguard.errors import CheckpointError, RunLockedError
+from ckptguard.run.catalog import scan
+from ckptguard.run.history import record_events
+from ckptguard.run.lock import RunLock
+from ckptguard.run.lockholder import pid_alive, process_started
+from ckptguard.storage import open_storage
+from ckptguard.storage.local import LocalStorage
+from ckptguard.tiers.copying import copy_checkpoint, remove_root, same_checkpoint
+
+__all__ = ["KEEPER_DIR", "TERM_WAIT", "persist_newest", "process_token", "read_json", "run_keeper", "write_json"]
+
+log = logging.getLogger(__name__)
+
+KEEPER_DIR = ".keeper"
+TERM_WAIT = 30.0  # seconds the keeper waits at SIGTERM for the trainer's own preemption save
+POLL = 0.2
+
+
+def process_token(pid: int) -> dict[str, Any] | None:
+    """A process's identity (pid and start time: a reused pid is another process), or None when gone."""
+    started = process_started(pid)
+    if started is None or not pid_alive(pid):
+        return None
+    return {"pid": pid, "started": round(started, 2)}
+
+
+def is_alive(token: object) -> bool:
+    if not isinstance(token, dict) or not isinstance(token.get("pid"), int):
+        return False
+    return process_token(token["pid"]) == token
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    """Replace ``path`` atomically (rename of a temporary file beside it)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def persist_newest(hot: str, config: dict[str, Any], why: str) -> int | None:
+    """Copy the newest hot checkpoint the durable tier lacks to the local and durable tiers;
+    return its step (None when there was nothing to persist or it could not be)."""
+    hot_storage = LocalStorage(hot)
+    durable = open_storage(config["durable"], config.get("storage_options") or None)
+    lower = ([LocalStorage(config["local"])] if config.get("local") else []) + [durable]
+    durable_steps = [c.step for c in scan(durable, check_files=False) if c.valid]
+    for c in reversed([c for c in scan(hot_storage) if c.valid]):
+        if durable_steps and c.step <= max(durable_steps):
+            return None  # the durable tier is as new: nothing is lost
+        lock = RunLock(durable)
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            log.warning("Not persisting %s: another writer holds the run (%s)", c.path, e)
+            return None
+        try:
+            for tier in lower:
+                if not same_checkpoint(hot_storage, tier, c.name):
+                    copy_checkpoint(hot_storage, c.name, tier)
+            record_events(durable, "persisted", [c.step], reason=why)
+            log.info("Persisted step %d to %s: %s", c.step, durable.url, why)
+            return c.step
+        except CheckpointError as e:
+            log.error("Could not persist %s: %s", c.path, e)  # an older hot checkpoint may do
+        finally:
+            lock.release()
+    return None
+
+
+def run_keeper(hot: str) -> int:
+    """The keeper's life (see the module docstring); returns the exit code."""
+    kdir = os.path.join(hot, KEEPER_DIR)
+    config = read_json(os.path.join(kdir, "config.json"))
+    if config is None:
+        log.error("%s has no readable config.json; nothing to keep", kdir)
+        return 2
+    me = process_token(os.getpid())
+    assert me is not None
+    write_json(os.path.join(kdir, "keeper.json"), me)
+    term = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: term.set())
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    grace = float(config.get("grace_seconds", 60.0))
+    dead_since: float | None = None
+    while True:
+        if not os.path.isdir(hot):
+            return 0  # the trainer closed the run and freed the memory
+        if read_json(os.path.join(kdir, "keeper.json")) != me:
+            return 0  # another keeper keeps it now
+        trainer_alive = is_alive(read_json(os.path.join(kdir, "trainer.json")))
+        if term.is_set():
+            deadline = time.monotonic() + TERM_WAIT
+            while trainer_alive and time.monotonic() < deadline:
+                time.sleep(POLL)
+                trainer_alive = is_alive(read_json(os.path.join(kdir, "trainer.json")))
+            persist_newest(hot, config, "the node was preempted (SIGTERM to the keeper)")
+            if not trainer_alive:
+                remove_root(hot)
+            return 0
+        now = time.monotonic()
+        dead_since = None if trainer_alive else (dead_since or now)
+        if dead_since is not None and now - dead_since >= grace:
+            persist_newest(hot, config, f"the training process ended and none restored within {grace:g}s")
+            remove_root(hot)
+            return 0
+        term.wait(POLL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m ckptguard.tiers.keeper HOT_DIR\n")
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s keeper %(process)d %(levelname)s %(message)s")
+    return run_keeper(os.path.abspath(args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

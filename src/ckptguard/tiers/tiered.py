@@ -1,0 +1,338 @@
+"""The tiers of one run, fastest first, and the background copies down between them.
+
+A :class:`TierSet` is what the manager keeps for ``tiers=``: the chain of tiers (hot memory, the
+node-local directory, the run's own durable directory), the hot tier's keeper, and a
+:class:`TierCopier` thread that copies the newest committed checkpoint of the first tier down to
+each lower tier when that tier's cadence is due. Saves go to the first tier through the one save
+pipeline; lower tiers only ever receive copies of committed checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ckptguard.errors import CheckpointError
+from ckptguard.format.manifest import parse_step
+from ckptguard.persist.writer import delete_checkpoint
+from ckptguard.policies.schedule import SaveSchedule
+from ckptguard.run.catalog import CheckpointInfo, scan
+from ckptguard.run.history import record_events
+from ckptguard.run.runrecord import read_run_record
+from ckptguard.storage import Storage
+from ckptguard.storage.local import LocalStorage
+from ckptguard.tiers.copying import copy_checkpoint, remove_root, same_checkpoint
+from ckptguard.tiers.keeper import KEEPER_DIR, is_alive, process_token, read_json, write_json
+from ckptguard.tiers.options import Every, Tiers, hot_root
+
+__all__ = ["HotMemory", "Tier", "TierCopier", "TierSet", "tier_listing"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Tier:
+    """One tier: its name (``hot``, ``local``, ``durable``), its storage, how many checkpoints it
+    keeps (None: the manager's retention) and, below the first, when a copy to it is due."""
+
+    name: str
+    storage: Storage
+    keep: int | None
+    schedule: SaveSchedule | None = None
+    copied: str | None = None  # the newest checkpoint copied here
+    failure: CheckpointError | None = None  # the last copy's error, if it failed
+
+
+def _schedule(every: Every, mtbf: float | None) -> SaveSchedule:
+    if every == "auto":
+        return SaveSchedule(auto=True, mtbf_seconds=mtbf)
+    assert isinstance(every, (int, float))
+    return SaveSchedule(every_seconds=float(every))
+
+
+class HotMemory:
+    """The hot tier's directory (on a tmpfs) and the keeper process that owns it."""
+
+    def __init__(self, root: str, config: dict[str, Any]) -> None:
+        self.root = root
+        self.config = config
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, KEEPER_DIR, name)
+
+    def attach(self) -> None:
+        """Make this process the hot tier's trainer, with a live keeper (started if none)."""
+        os.makedirs(self._path(""), mode=0o700, exist_ok=True)
+        write_json(self._path("config.json"), self.config)
+        me = process_token(os.getpid())
+        assert me is not None
+        write_json(self._path("trainer.json"), me)
+        self.ensure_keeper()
+
+    @property
+    def keeper_pid(self) -> int | None:
+        token = read_json(self._path("keeper.json"))
+        return int(token["pid"]) if token is not None and is_alive(token) else None
+
+    def ensure_keeper(self) -> None:
+        """Start a keeper when none is alive (the first save, or the previous one died)."""
+        if self._proc is not None:
+            self._proc.poll()  # reap an exited child
+        if self.keeper_pid is not None:
+            return
+        with open(self._path("log"), "ab") as logf:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "ckptguard.tiers.keeper", self.root], stdin=subprocess.DEVNULL,
+                stdout=logf, stderr=logf, start_new_session=True, close_fds=True,
+            )
+        deadline = time.monotonic() + 30.0
+        while self.keeper_pid is None and time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise CheckpointError(
+                    f"The hot tier's keeper exited at start (code {self._proc.returncode}); see {self._path('log')}."
+                )
+            time.sleep(0.02)
+        log.info("Started the hot tier's keeper (pid %s) for %s", self.keeper_pid, self.root)
+
+    def release(self) -> None:
+        """Free the memory (a clean end of the run); the keeper sees it and exits."""
+        remove_root(self.root)
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                log.warning("The hot tier's keeper (pid %d) did not exit; it will once it notices", self._proc.pid)
+
+
+class TierCopier:
+    """A thread that copies the newest committed checkpoint of ``first`` to each lower tier when
+    that tier is due; ``flush()`` copies it down at once (close, preemption)."""
+
+    def __init__(self, first: Tier, lower: list[Tier], on_copied: Callable[[Tier, str, dict[str, Any]], None]) -> None:
+        self.first = first
+        self.lower = lower
+        self.on_copied = on_copied
+        self._cond = threading.Condition()
+        self._copying = threading.Lock()
+        self._newest: str | None = None
+        self.busy: str | None = None  # the checkpoint being copied (the first tier keeps it meanwhile)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="ckptguard-tiers", daemon=True)
+        self._thread.start()
+
+    def committed(self, name: str) -> None:
+        with self._cond:
+            self._newest = name
+            self._cond.notify()
+
+    def _due(self) -> list[Tier]:
+        name = self._newest
+        return [t for t in self.lower if name and t.copied != name and t.schedule is not None and t.schedule.due(0)]
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or bool(self._due()), timeout=1.0)
+                if self._closed:
+                    return
+            self.copy_down(force=False)
+
+    def copy_down(self, *, force: bool) -> list[CheckpointError]:
+        """Copy the newest checkpoint to every lower tier that is due (all of them when ``force``);
+        return the copies' errors (each is logged; a tier that failed is retried when due again)."""
+        errors = []
+        with self._copying:
+            name = self._newest
+            for tier in self.lower:
+                if name is None or tier.copied == name or not (force or (tier.schedule is not None and tier.schedule.due(0))):
+                    continue
+                err = self._copy(tier, name)
+                if err is not None:
+                    errors.append(err)
+        return errors
+
+    def _copy(self, tier: Tier, name: str) -> CheckpointError | None:
+        assert tier.schedule is not None
+        self.busy = name
+        try:
+            if same_checkpoint(self.first.storage, tier.storage, name):
+                result: dict[str, Any] = {"seconds": 0.0, "bytes": 0}
+            else:
+                result = copy_checkpoint(self.first.storage, name, tier.storage)
+        except CheckpointError as e:
+            tier.failure = e
+            tier.schedule.saved()  # retried when due again
+            log.error("Could not copy %s to the %s tier: %s", self.first.storage.describe(name), tier.name, e)
+            return e
+        finally:
+            self.busy = None
+        tier.copied, tier.failure = name, None
+        tier.schedule.saved(cost=result["seconds"])
+        self.on_copied(tier, name, result)
+        return None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+
+def keep_newest(tier: Tier, spare: str | None = None) -> list[str]:
+    """Delete all but the newest ``tier.keep`` valid checkpoints of ``tier`` (never ``spare``:
+    the one being copied); return the names deleted."""
+    if tier.keep is None:
+        return []
+    ckpts = scan(tier.storage, check_files=False)
+    keep = {c.name for c in [c for c in ckpts if c.valid][-tier.keep :]}
+    deleted = []
+    for c in ckpts:
+        if c.name not in keep and c.name != spare:
+            try:
+                delete_checkpoint(tier.storage, c.name)
+                deleted.append(c.name)
+            except CheckpointError as e:
+                log.warning("Could not remove %s from the %s tier: %s", c.path, tier.name, e)
+    return deleted
+
+
+class TierSet:
+    """The tiers of a run (see the module docstring). ``durable`` is the run's own storage."""
+
+    def __init__(
+        self, tiers: Tiers, durable: Storage, *, storage_options: dict[str, Any] | None, mtbf: float | None,
+        on_durable: Callable[[], None],
+    ) -> None:
+        self.options = tiers
+        self.on_durable = on_durable
+        self.hot: HotMemory | None = None
+        chain: list[Tier] = []
+        if tiers.hot:
+            root = hot_root(tiers.memory_dir, durable.url)
+            config = {"durable": durable.url, "storage_options": storage_options or {}, "local": tiers.local,
+                      "grace_seconds": tiers.grace_seconds}
+            self.hot = HotMemory(root, config)
+            chain.append(Tier("hot", LocalStorage(root), tiers.hot_keep))
+        if tiers.local is not None:
+            every = tiers.local_every_seconds if chain else None
+            chain.append(Tier("local", LocalStorage(tiers.local), tiers.local_keep,
+                              _schedule(every, mtbf) if every is not None else None))
+        chain.append(Tier("durable", durable, None, _schedule(tiers.durable_every_seconds, mtbf)))
+        self.chain = chain
+        self.first = chain[0]
+        self.copier = TierCopier(self.first, chain[1:], self._copied)
+        self._attached = False
+        self._rollback: int | None = None  # restored an older step than the faster tiers hold
+
+    def attach(self) -> None:
+        """Before the first restore or save: this process is the trainer, the keeper is alive."""
+        if self.hot is not None:
+            if not self._attached:
+                self.hot.attach()
+                self._attached = True
+            else:
+                self.hot.ensure_keeper()  # supervision: a keeper that died is replaced
+
+    def _copied(self, tier: Tier, name: str, result: dict[str, Any]) -> None:
+        keep_newest(tier)
+        if tier.name == "durable":
+            step = parse_step(name)
+            record_events(tier.storage, "copied", [step or 0], reason=f"durable tier ({result['seconds']:.3f}s)")
+            self.on_durable()
+
+    def restored(self, c: CheckpointInfo, *, from_first: bool) -> None:
+        """``c`` was restored: copy it down when due (if it came from the first tier); the
+        faster tiers' later steps go at the next commit (see :meth:`drop_newer`)."""
+        if from_first:
+            self.copier.committed(c.name)
+        if any(step > c.step for step in self.where()):
+            self._rollback = c.step
+
+    def committed(self, name: str) -> None:
+        """A checkpoint committed to the first tier: trim the first tier, wake the copier."""
+        if self._rollback is not None:
+            self.drop_newer(self._rollback, keep=name)
+            self._rollback = None
+        self.copier.committed(name)
+        keep_newest(self.first, spare=self.copier.busy)
+
+    def where(self) -> dict[int, list[str]]:
+        """Step -> the tiers holding a valid copy of it, fastest first."""
+        out: dict[int, list[str]] = {}
+        for tier in self.chain:
+            for c in scan(tier.storage, check_files=False):
+                if c.valid:
+                    out.setdefault(c.step, []).append(tier.name)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What the run record keeps (``ckptguard ls`` finds the faster tiers of this host by it)."""
+        tiers = []
+        for tier in self.chain:
+            entry: dict[str, Any] = {"name": tier.name, "root": tier.storage.url, "keep": tier.keep}
+            if tier.schedule is not None:
+                entry.update(tier.schedule.describe())
+            tiers.append(entry)
+        return {"host": socket.gethostname(), "tiers": tiers}
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """One entry per step, from the fastest tier holding it, oldest first."""
+        return sorted({c.step: c for _, c in reversed(self.listing())}.values(), key=lambda c: c.step)
+
+    def listing(self) -> list[tuple[Tier, CheckpointInfo]]:
+        """Every tier's checkpoints, fastest tier first, each tier oldest first."""
+        return [(tier, c) for tier in self.chain for c in scan(tier.storage)]
+
+    def drop_newer(self, step: int, keep: str) -> None:
+        """The first commit (``keep``) after a rollback to ``step``: the faster tiers' copies of
+        later steps belong to the abandoned continuation (the durable tier marks them superseded)."""
+        for tier in self.chain[:-1]:
+            for c in scan(tier.storage, check_files=False):
+                if c.step > step and c.name != keep:
+                    delete_checkpoint(tier.storage, c.name)
+
+    def flush(self) -> None:
+        """Copy the newest checkpoint to every lower tier now; raise the first copy's error."""
+        errors = self.copier.copy_down(force=True)
+        if errors:
+            raise CheckpointError(
+                f"The newest checkpoint could not be copied to every tier: {errors[0]} The hot memory is kept; "
+                f"its keeper persists it after {self.options.grace_seconds:g}s, or restore from it."
+            ) from errors[0]
+
+    def close(self, *, flush: bool) -> None:
+        """Stop the copier. ``flush`` (a clean end): copy the newest checkpoint down to every tier,
+        then free the hot memory; otherwise the memory stays for a restart (its keeper persists it)."""
+        try:
+            if flush:
+                self.flush()
+                if self.hot is not None:
+                    self.hot.release()
+        finally:
+            self.copier.close()
+
+
+def tier_listing(durable: Storage) -> tuple[list[tuple[str, Storage]], str | None]:
+    """The tiers of the run at ``durable`` that this host can see, fastest first (the durable tier
+    last), from its run record; and a note about tiers on another host (None when none)."""
+    record = read_run_record(durable).get("tiers")
+    if not isinstance(record, dict) or not isinstance(record.get("tiers"), list):
+        return [("durable", durable)], None
+    if record.get("host") != socket.gethostname():
+        return [("durable", durable)], f"its hot/local tiers are on host {record.get('host')!r}, not listed here"
+    out: list[tuple[str, Storage]] = []
+    for entry in record["tiers"]:
+        if isinstance(entry, dict) and entry.get("name") in ("hot", "local") and isinstance(entry.get("root"), str):
+            root = entry["root"].removeprefix("file://")
+            if os.path.isdir(root):
+                out.append((entry["name"], LocalStorage(root)))
+    return [*out, ("durable", durable)], None
