@@ -348,23 +348,6 @@ def worker(out: str, cfg: dict[str, Any]) -> None:
 # ---- the driver -------------------------------------------------------------------------------------
 
 
-def start_s3() -> tuple[Any, str]:
-    """moto's standalone server on a free loopback port, the AWS environment pointed at it."""
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    import s3fs  # noqa: F401 - fail here, not in the ranks, when the s3 extra is missing
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
-    return server, endpoint
-
-
 def launch(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     """torchrun --standalone --nproc-per-node=2 this file --worker; rank 0's JSON."""
     out = tmp / "result.json"
@@ -493,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.from_json).read_text())
         return report(saved, saved.pop("config"), None, args.output)
     sys.path.insert(0, str(HERE))
-    from harness import machine
+    from harness import machine, start_s3
 
     cfg: dict[str, Any] = {**(QUICK if args.quick else FULL), "parts": args.parts.split(","), "storage_options": {}}
     base = Path(args.dir) if args.dir else ROOT / ".bench-tmp"

@@ -158,3 +158,20 @@ def replace_section(path: Path, body: str, name: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def start_s3() -> tuple[Any, str]:
+    """moto's standalone server on a free loopback port, the AWS environment pointed at it."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    import s3fs  # noqa: F401 - fail here, not in the ranks, when the s3 extra is missing
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+    return server, endpoint
