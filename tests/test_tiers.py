@@ -225,7 +225,9 @@ def test_kill_inside_a_tier_copy_leaves_no_torn_checkpoint(paths: Any, reference
     assert step == 0 or tier == "hot"
     assert c.finish() == 0, c.output
     assert_same(final_state(str(tmp / "out.pt")), reference(total, hidden))
-    verify_ok(run, local)  # the debris of the cut copy was cleaned by the next copy there
+    verify_ok(run, local)
+    for d in (local, run):  # the debris of the cut copy was cleaned by the next copy there
+        assert not [n for n in os.listdir(d) if n.startswith((".tmp-", ".trash-"))], os.listdir(d)
 
 
 # ---- the keeper: persist at breakpoint, supervision, clean ends ---------------------------------
@@ -384,3 +386,20 @@ def test_every_auto_per_tier_follows_young_daly_from_the_measured_copy_cost(path
     assert cost is not None and cost > 0
     assert durable["auto_seconds"] == pytest.approx((2 * cost * mtbf) ** 0.5, rel=1e-3)  # sqrt(2 C M)
     assert [t["name"] for t in record["tiers"]["tiers"]] == ["hot", "local", "durable"]
+
+
+def test_a_second_process_on_a_live_tiered_run_reads_but_cannot_save_or_free_it(paths: Any, reference: Any) -> None:
+    run, local, tmp = paths
+    c = Client(run, local, str(tmp / "out.pt"), 48)
+    restored(c)
+    wait_until(lambda: keeper_pid(run) is not None and any(x.valid for x in scan(open_storage(hot_dir(run)))), 60, "hot saves")
+    other = cg.CheckpointManager(run, tiers=Tiers(local=local))
+    assert other.checkpoints()  # it can list (and restore) what the tiers hold
+    state = cg.TrainState(model=torch.nn.Linear(2, 2))
+    with pytest.raises(cg.RunLockedError, match=f"pid {c.proc.pid}.*One writer per run"):
+        other.save(1, state, force=True)
+    other.close()  # a reader's clean close copies nothing and frees nothing
+    assert os.path.isdir(hot_dir(run)) and keeper_pid(run) is not None
+    assert c.finish() == 0, c.output
+    assert_same(final_state(str(tmp / "out.pt")), reference(48))
+    wait_until(lambda: gone(run), 15, "no keeper and no memory after the clean end")

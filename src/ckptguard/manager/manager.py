@@ -138,7 +138,7 @@ class CheckpointManager:
         self._lock_agreed = False  # distributed: rank 0 took the lock at the first save() call
         self._tiers = None if tiers is None else TierSet(
             checked_tiers(tiers, incremental, self._coord.active), self.storage, storage_options=storage_options,
-            mtbf=self.schedule.mtbf_seconds, on_durable=self._on_durable,
+            mtbf=self.schedule.mtbf_seconds, on_durable=self._on_durable, lock_check=self._check_lock,
         )
         self._saves = SavePipeline(
             self.storage, self._coord, self.metrics_log,
@@ -209,7 +209,7 @@ class CheckpointManager:
     def _save(self, step: int, state: TrainState, metrics: Mapping[str, Any] | None, force: bool) -> bool:
         self._saves.background.raise_if_failed()
         if self._tiers is not None:
-            self._tiers.attach()  # the keeper is alive (a new one if it died)
+            self._tiers.attach(to_save=True)  # the keeper is alive (a new one if it died)
         if not self._coord.active:
             self._saves.acquire_lock()  # a writer from its first save() (metrics.csv included)
         elif not self._lock_agreed:  # every rank's first save() call: rank 0 locks, all hear how it went
@@ -323,6 +323,10 @@ class CheckpointManager:
         """Remove the pin of checkpoint ``step``; return whether it was pinned."""
         self._saves.acquire_lock()
         return unpin(self.storage, step)
+
+    def _check_lock(self) -> None:
+        if self._saves.lock is not None:
+            self._saves.lock.check()  # the lock is still ours: RunLockLostError otherwise
 
     def _on_durable(self) -> None:
         """A tiered run's checkpoint reached the durable tier (the copier's thread): its retention."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
@@ -48,8 +49,11 @@ def _pump(src: Storage, rel: str, w: Writer) -> int:
             n += len(chunk)
 
 
-def copy_checkpoint(src: Storage, name: str, dst: Storage) -> dict[str, Any]:
-    """Copy the committed checkpoint ``name`` from ``src`` to ``dst``; return (seconds, bytes).
+def copy_checkpoint(
+    src: Storage, name: str, dst: Storage, *, before_commit: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Copy the committed checkpoint ``name`` from ``src`` to ``dst``; return its seconds and bytes.
+    ``before_commit`` runs right before the manifest is written (the run lock's check).
 
     Raises :class:`CorruptCheckpointError` when ``src``'s copy fails its checksums (nothing is
     written to ``dst``), another :class:`CheckpointError` when ``dst`` fails (its debris is cleaned
@@ -77,6 +81,8 @@ def copy_checkpoint(src: Storage, name: str, dst: Storage) -> dict[str, Any]:
                 return _pump(src, rel, w)
 
             copied += write_file(dst, join(staging, fname), body)
+        if before_commit is not None:
+            before_commit()
         commit_staged(dst, name, staging, dict(manifest))
     except BaseException:
         if dst.atomic_rename:

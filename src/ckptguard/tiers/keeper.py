@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 from ckptguard.errors import CheckpointError, RunLockedError
+from ckptguard.persist.writer import clean_debris
 from ckptguard.run.catalog import scan
 from ckptguard.run.history import record_events
 from ckptguard.run.lock import RunLock
@@ -102,14 +103,20 @@ def persist_newest(hot: str, config: dict[str, Any], why: str) -> int | None:
             log.warning("Not persisting %s: another writer holds the run (%s)", c.path, e)
             return None
         try:
+            clean_debris(durable)  # a copy the trainer's death cut short (we hold the lock now)
             for tier in lower:
-                if not same_checkpoint(hot_storage, tier, c.name):
-                    copy_checkpoint(hot_storage, c.name, tier)
+                try:
+                    if not same_checkpoint(hot_storage, tier, c.name):
+                        copy_checkpoint(hot_storage, c.name, tier)
+                except CheckpointError as e:
+                    log.error("Could not persist %s to %s: %s", c.path, tier.url, e)
+                    if tier is durable:
+                        raise
             record_events(durable, "persisted", [c.step], reason=why)
             log.info("Persisted step %d to %s: %s", c.step, durable.url, why)
             return c.step
-        except CheckpointError as e:
-            log.error("Could not persist %s: %s", c.path, e)  # an older hot checkpoint may do
+        except CheckpointError:
+            continue  # a damaged hot copy: an older one may do
         finally:
             lock.release()
     return None

@@ -31,7 +31,7 @@ def restore_tiered(
     """Restore the newest usable checkpoint of any tier (or exactly ``step``); return the tier's
     storage it came from and what :func:`restore_first_valid` returns (see the module docstring).
     This process becomes the hot tier's trainer first (its keeper stops waiting for one)."""
-    tiers.attach()
+    tiers.attach(to_save=False)
     copies: dict[int, list[tuple[Tier, CheckpointInfo]]] = {}
     for tier, c in tiers.listing():
         copies.setdefault(c.step, []).append((tier, c))

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckptguard.errors import CheckpointError
+from ckptguard.errors import CheckpointError, RunLockedError
 from ckptguard.format.manifest import parse_step
-from ckptguard.persist.writer import delete_checkpoint
+from ckptguard.persist.writer import clean_debris, delete_checkpoint
 from ckptguard.policies.schedule import SaveSchedule
 from ckptguard.run.catalog import CheckpointInfo, scan
 from ckptguard.run.history import record_events
@@ -49,6 +49,7 @@ class Tier:
     schedule: SaveSchedule | None = None
     copied: str | None = None  # the newest checkpoint copied here
     failure: CheckpointError | None = None  # the last copy's error, if it failed
+    cleaned: bool = False  # debris of copies cut short (a kill) removed, once per process
 
 
 def _schedule(every: Every, mtbf: float | None) -> SaveSchedule:
@@ -69,14 +70,19 @@ class HotMemory:
     def _path(self, name: str) -> str:
         return os.path.join(self.root, KEEPER_DIR, name)
 
-    def attach(self) -> None:
-        """Make this process the hot tier's trainer, with a live keeper (started if none)."""
+    def attach(self) -> int | None:
+        """Make this process the hot tier's trainer, with a live keeper (started if none); return
+        the pid of another live trainer instead (nothing changed then)."""
         os.makedirs(self._path(""), mode=0o700, exist_ok=True)
-        write_json(self._path("config.json"), self.config)
         me = process_token(os.getpid())
         assert me is not None
+        current = read_json(self._path("trainer.json"))
+        if current is not None and current != me and is_alive(current):
+            return int(current["pid"])
+        write_json(self._path("config.json"), self.config)
         write_json(self._path("trainer.json"), me)
         self.ensure_keeper()
+        return None
 
     @property
     def keeper_pid(self) -> int | None:
@@ -117,8 +123,12 @@ class TierCopier:
     """A thread that copies the newest committed checkpoint of ``first`` to each lower tier when
     that tier is due; ``flush()`` copies it down at once (close, preemption)."""
 
-    def __init__(self, first: Tier, lower: list[Tier], on_copied: Callable[[Tier, str, dict[str, Any]], None]) -> None:
+    def __init__(
+        self, first: Tier, lower: list[Tier], on_copied: Callable[[Tier, str, dict[str, Any]], None],
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
         self.first = first
+        self.before_commit = before_commit  # the run lock's last check before a copy commits
         self.lower = lower
         self.on_copied = on_copied
         self._cond = threading.Condition()
@@ -129,10 +139,12 @@ class TierCopier:
         self._thread = threading.Thread(target=self._loop, name="ckptguard-tiers", daemon=True)
         self._thread.start()
 
-    def committed(self, name: str) -> None:
+    def committed(self, name: str) -> str | None:
+        """``name`` is the newest checkpoint; return the one being copied (it must stay)."""
         with self._cond:
             self._newest = name
             self._cond.notify()
+            return self.busy
 
     def _due(self) -> list[Tier]:
         name = self._newest
@@ -151,30 +163,35 @@ class TierCopier:
         return the copies' errors (each is logged; a tier that failed is retried when due again)."""
         errors = []
         with self._copying:
-            name = self._newest
-            for tier in self.lower:
-                if name is None or tier.copied == name or not (force or (tier.schedule is not None and tier.schedule.due(0))):
-                    continue
-                err = self._copy(tier, name)
-                if err is not None:
-                    errors.append(err)
+            with self._cond:
+                name = self.busy = self._newest  # before the first tier is trimmed again
+            try:
+                for tier in self.lower:
+                    if name is None or tier.copied == name or not (force or (tier.schedule is not None and tier.schedule.due(0))):
+                        continue
+                    err = self._copy(tier, name)
+                    if err is not None:
+                        errors.append(err)
+            finally:
+                with self._cond:
+                    self.busy = None
         return errors
 
     def _copy(self, tier: Tier, name: str) -> CheckpointError | None:
         assert tier.schedule is not None
-        self.busy = name
         try:
+            if not tier.cleaned:  # under the run's lock (the trainer's): copies a kill cut short
+                clean_debris(tier.storage)
+                tier.cleaned = True
             if same_checkpoint(self.first.storage, tier.storage, name):
                 result: dict[str, Any] = {"seconds": 0.0, "bytes": 0}
             else:
-                result = copy_checkpoint(self.first.storage, name, tier.storage)
+                result = copy_checkpoint(self.first.storage, name, tier.storage, before_commit=self.before_commit)
         except CheckpointError as e:
             tier.failure = e
             tier.schedule.saved()  # retried when due again
             log.error("Could not copy %s to the %s tier: %s", self.first.storage.describe(name), tier.name, e)
             return e
-        finally:
-            self.busy = None
         tier.copied, tier.failure = name, None
         tier.schedule.saved(cost=result["seconds"])
         self.on_copied(tier, name, result)
@@ -210,7 +227,7 @@ class TierSet:
 
     def __init__(
         self, tiers: Tiers, durable: Storage, *, storage_options: dict[str, Any] | None, mtbf: float | None,
-        on_durable: Callable[[], None],
+        on_durable: Callable[[], None], lock_check: Callable[[], None] | None = None,
     ) -> None:
         self.options = tiers
         self.on_durable = on_durable
@@ -229,18 +246,25 @@ class TierSet:
         chain.append(Tier("durable", durable, None, _schedule(tiers.durable_every_seconds, mtbf)))
         self.chain = chain
         self.first = chain[0]
-        self.copier = TierCopier(self.first, chain[1:], self._copied)
+        self.copier = TierCopier(self.first, chain[1:], self._copied, lock_check)
         self._attached = False
         self._rollback: int | None = None  # restored an older step than the faster tiers hold
 
-    def attach(self) -> None:
-        """Before the first restore or save: this process is the trainer, the keeper is alive."""
-        if self.hot is not None:
-            if not self._attached:
-                self.hot.attach()
-                self._attached = True
-            else:
-                self.hot.ensure_keeper()  # supervision: a keeper that died is replaced
+    def attach(self, *, to_save: bool) -> None:
+        """Before a restore or save: this process becomes the hot tier's trainer (its keeper alive).
+        While another live process is, a restore only reads; a save raises RunLockedError."""
+        if self.hot is None:
+            return
+        if self._attached:
+            self.hot.ensure_keeper()  # supervision: a keeper that died is replaced
+            return
+        other = self.hot.attach()
+        self._attached = other is None
+        if other is not None and to_save:
+            raise RunLockedError(
+                f"Another live process (pid {other}) is the trainer of {self.chain[-1].storage.url} on this host "
+                f"(its hot tier: {self.hot.root}). One writer per run: stop it first, or use another run directory."
+            )
 
     def _copied(self, tier: Tier, name: str, result: dict[str, Any]) -> None:
         keep_newest(tier)
@@ -262,8 +286,7 @@ class TierSet:
         if self._rollback is not None:
             self.drop_newer(self._rollback, keep=name)
             self._rollback = None
-        self.copier.committed(name)
-        keep_newest(self.first, spare=self.copier.busy)
+        keep_newest(self.first, spare=self.copier.committed(name))
 
     def where(self) -> dict[int, list[str]]:
         """Step -> the tiers holding a valid copy of it, fastest first."""
@@ -313,7 +336,7 @@ class TierSet:
         """Stop the copier. ``flush`` (a clean end): copy the newest checkpoint down to every tier,
         then free the hot memory; otherwise the memory stays for a restart (its keeper persists it)."""
         try:
-            if flush:
+            if flush and (self.hot is None or self._attached):  # a reader beside a live trainer copies nothing
                 self.flush()
                 if self.hot is not None:
                     self.hot.release()
