@@ -126,6 +126,14 @@ def _lost(s: SessionRow) -> str:
     return f"&ge; {s.lost_min}" if s.lost_min else "?"
 
 
+def _started(s: SessionRow) -> str:
+    if s.resumed_from is None:
+        return "fresh start" if not s.start_inferred else "?"
+    if s.start_inferred:
+        return f'&asymp; {s.resumed_from} <span class="muted">(the last restore was a rollback\'s)</span>'
+    return str(s.resumed_from)
+
+
 def _sessions(rep: RunReport) -> str:
     if not rep.sessions:
         return '<p class="muted">No session recorded (RUN/ckptguard.json has none).</p>'
@@ -138,7 +146,7 @@ def _sessions(rep: RunReport) -> str:
         steps = f"{s.steps[0]}&ndash;{s.steps[-1]} ({len(s.steps)})" if s.steps else "none kept"
         end = s.last_seen if s.last_seen is not None else s.start
         rows.append([str(s.index), esc(_t(s.start)), esc(_dur((end or 0) - (s.start or 0))),
-                     esc(s.resumed_from if s.resumed_from is not None else "fresh start"), steps, badges,
+                     _started(s), steps, badges,
                      f'<span class="lost">{_lost(s)}</span>', "<br>".join(notes)])
     head = ["#", "started", "alive (to last write)", "resumed from", "checkpoints", "ended", "steps lost", "what happened"]
     return f'<div class="sessions">{_table(head, rows, "sessions")}</div>'

@@ -26,7 +26,7 @@ from ckptguard.format import safejson
 from ckptguard.persist.reader import CheckpointReader
 from ckptguard.report.diffing import dict_diff
 from ckptguard.report.plotting import best_rule, categorize
-from ckptguard.report.sessions import SessionRow, session_rows
+from ckptguard.report.sessions import Commit, SessionRow, session_rows
 from ckptguard.run.catalog import CheckpointInfo, scan
 from ckptguard.run.history import HISTORY_FILE, read_history
 from ckptguard.run.runrecord import RUN_FILE, read_run_record
@@ -215,12 +215,16 @@ def collect_report(
     metric = next((c for c in columns if c not in ("step", "wall_time")), "loss")
     best = best_rule(storage, metric)
     marks = categorize(ckpts, pruned, *best)
-    table = [_row(c, marks) for c in ckpts] + [CheckpointRow(step=s, name="", category="pruned") for s in marks["pruned"]]
+    logged = {int(r["step"]): r["wall_time"] for r in rows if isinstance(r.get("wall_time"), float)}
+    table = [_row(c, marks) for c in ckpts] + [
+        CheckpointRow(step=s, name="", category="pruned", created=logged.get(s)) for s in marks["pruned"]
+    ]
     table.sort(key=lambda r: r.step)
     for c in ckpts:
         if c.status == "invalid" or c.problems:
             problems.extend(f"{c.path}: {p}" for p in c.problems[:3])
-    sessions = session_rows(record, ckpts, problems)
+    commits = [Commit(c.step, c.created.timestamp() if c.created else None, c.manifest) for c in ckpts]
+    sessions = session_rows(record, commits + [Commit(r.step, r.created) for r in table if r.category == "pruned"], problems)
     say("comparing configs and environments")
     changes = _changes(storage, ckpts, problems)
     found, doctor_error = (None, "")

@@ -22,9 +22,17 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ckptguard.run.catalog import CheckpointInfo
+__all__ = ["Commit", "Rollback", "SessionRow", "session_rows"]
 
-__all__ = ["Rollback", "SessionRow", "session_rows"]
+
+@dataclasses.dataclass(frozen=True)
+class Commit:
+    """A checkpoint the run committed: its step, when (the manifest's ``created_unix``; for a
+    pruned one, the wall time metrics.csv logged at its step) and its manifest (None: pruned)."""
+
+    step: int
+    time: float | None
+    manifest: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +58,7 @@ class SessionRow:
     id: str
     start: float | None
     last_seen: float | None
-    resumed_from: int | None
+    resumed_from: int | None  # the step it started from (see ``start_inferred``)
     saves: int
     outcome: str  # clean, preempted, hang, killed, running?
     steps: tuple[int, ...]  # the checkpoints it committed (by their creation time)
@@ -59,6 +67,7 @@ class SessionRow:
     lost_min: int = 0  # at least this many (a kill)
     lost_max: int | None = None  # at most this many (a kill: min + one save interval - 1)
     note: str = ""
+    start_inferred: bool = False  # a rollback's restore overwrote the recorded start: the previous session's last commit
 
     @property
     def last_commit(self) -> int | None:
@@ -73,7 +82,7 @@ def _int(v: Any) -> int | None:
     return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def _trips(ckpts: Sequence[CheckpointInfo]) -> tuple[Rollback, ...]:
+def _trips(ckpts: Sequence[Commit]) -> tuple[Rollback, ...]:
     seen: dict[tuple[Any, ...], Rollback] = {}
     for c in ckpts:
         guard = (c.manifest or {}).get("loss_guard")
@@ -88,7 +97,7 @@ def _trips(ckpts: Sequence[CheckpointInfo]) -> tuple[Rollback, ...]:
     return tuple(sorted(seen.values(), key=lambda r: (r.restored_step, r.step)))
 
 
-def _every_steps(ckpts: Sequence[CheckpointInfo]) -> int | None:
+def _every_steps(ckpts: Sequence[Commit]) -> int | None:
     for c in reversed(ckpts):
         interval = (c.manifest or {}).get("save_interval")
         if isinstance(interval, dict) and _int(interval.get("every_steps")):
@@ -106,8 +115,8 @@ def _outcome(s: Mapping[str, Any], newest: bool) -> str:
     return "killed or running" if newest else "killed"
 
 
-def _cost(outcome: str, s: Mapping[str, Any], mine: Sequence[CheckpointInfo], nxt: Mapping[str, Any] | None,
-          base: int | None) -> dict[str, Any]:
+def _cost(outcome: str, s: Mapping[str, Any], mine: Sequence[Commit], nxt: Mapping[str, Any] | None,
+          base: int | None, every_default: int | None) -> dict[str, Any]:
     """lost_steps / lost_min / lost_max / note for one ended session (see the module docstring)."""
     last = mine[-1].step if mine else base
     resumed = _int(nxt.get("resumed_from")) if nxt is not None else None
@@ -122,16 +131,17 @@ def _cost(outcome: str, s: Mapping[str, Any], mine: Sequence[CheckpointInfo], nx
     if outcome == "preempted":
         return {"lost_steps": redo, "note": f"saved at the signal (step {last}){redo_note}"}
     if outcome == "killed":
-        every = _every_steps(mine)
+        every = _every_steps(mine) or every_default
         bound = f"less than one save interval ({every} steps) after step {last}" if every else "the work after its last commit"
         return {"lost_min": redo, "lost_max": redo + every - 1 if every else None,
                 "note": f"no clean close; the steps it trained past its last commit are lost: {bound}{redo_note}"}
     return {"lost_steps": 0} if outcome == "clean" else {}
 
 
-def session_rows(record: Mapping[str, Any], ckpts: Sequence[CheckpointInfo], problems: list[str]) -> list[SessionRow]:
-    """The run record's sessions, oldest first, with their checkpoints (by creation time), ends
-    and costs. A malformed session entry is skipped and said in ``problems``."""
+def session_rows(record: Mapping[str, Any], commits: Sequence[Commit], problems: list[str]) -> list[SessionRow]:
+    """The run record's sessions, oldest first, with their commits (by time), ends and costs.
+    A malformed session entry is skipped and said in ``problems``. The save interval of a session
+    whose checkpoints were all pruned is the nearest one recorded (a manifest's, else the run's)."""
     raw = record.get("sessions")
     if raw is None:
         return []
@@ -145,25 +155,44 @@ def session_rows(record: Mapping[str, Any], ckpts: Sequence[CheckpointInfo], pro
             continue
         sessions.append(s)
     sessions.sort(key=lambda s: float(s["start"]))
-    dated = [c for c in ckpts if c.created is not None]
-    rows: list[SessionRow] = []
+    dated = sorted((c for c in commits if c.time is not None), key=lambda c: c.step)
+    parts = []
     for i, s in enumerate(sessions):
-        start = float(s["start"])
         end = float(sessions[i + 1]["start"]) if i + 1 < len(sessions) else float("inf")
-        mine = [c for c in dated if c.created is not None and start <= c.created.timestamp() < end]
-        nxt = sessions[i + 1] if i + 1 < len(sessions) else None
+        mine = [c for c in dated if c.time is not None and float(s["start"]) <= c.time < end]
+        parts.append((s, mine, _trips(mine)))
+    starts = _starts(parts)
+    interval = record.get("save_interval")
+    every = _every_steps(commits) or (_int(interval.get("every_steps")) if isinstance(interval, dict) else None)
+    rows: list[SessionRow] = []
+    for i, (s, mine, rollbacks) in enumerate(parts):
+        nxt = {"resumed_from": starts[i + 1][0]} if i + 1 < len(parts) else None
         outcome = _outcome(s, nxt is None)
-        rollbacks = _trips(mine)
-        cost = _cost(outcome, s, mine, nxt, _int(s.get("resumed_from")))
-        if rollbacks:
-            extra = sum(r.lost_steps for r in rollbacks)
-            cost["lost_steps"] = (cost.get("lost_steps") or 0) + extra if cost.get("lost_steps") is not None else None
+        cost = _cost(outcome, s, mine, nxt, starts[i][0], _every_steps(mine) or every)
+        extra = sum(r.lost_steps for r in rollbacks)
+        if extra:
+            for key in ("lost_steps", "lost_max"):
+                if cost.get(key) is not None:
+                    cost[key] += extra
             cost["lost_min"] = cost.get("lost_min", 0) + extra
-            if cost.get("lost_max") is not None:
-                cost["lost_max"] += extra
         rows.append(SessionRow(
-            index=len(rows) + 1, id=str(s.get("id", "?")), start=start, last_seen=_num(s.get("last_seen")),
-            resumed_from=_int(s.get("resumed_from")), saves=_int(s.get("saves")) or 0, outcome=outcome,
-            steps=tuple(c.step for c in mine), rollbacks=rollbacks, **cost,
+            index=len(rows) + 1, id=str(s.get("id", "?")), start=float(s["start"]), last_seen=_num(s.get("last_seen")),
+            resumed_from=starts[i][0], saves=_int(s.get("saves")) or 0, outcome=outcome,
+            steps=tuple(c.step for c in mine), rollbacks=rollbacks, start_inferred=starts[i][1], **cost,
         ))
     return rows
+
+
+def _starts(parts: Sequence[tuple[Mapping[str, Any], Sequence[Commit], tuple[Rollback, ...]]]) -> list[tuple[int | None, bool]]:
+    """(the step each session started from, inferred?). A rollback's restore overwrites the
+    session's recorded ``resumed_from``; the session then started from the newest commit before it
+    (the previous session's last one), or fresh."""
+    out: list[tuple[int | None, bool]] = []
+    for i, (s, _mine, rollbacks) in enumerate(parts):
+        recorded = _int(s.get("resumed_from"))
+        if rollbacks and recorded == rollbacks[-1].restored_step:
+            prev = [c.step for _s, m, _r in parts[:i] for c in m]
+            out.append((max(prev) if prev else None, True))
+        else:
+            out.append((recorded, False))
+    return out
