@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import ckptguard as cg
-from ckptguard.cli import main
+from test_cli_endings import run_cli
 from trainlib import Net, make_setup, train_step
 
 
@@ -80,17 +80,6 @@ class _Counter:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     run = tmp_path_factory.mktemp("export_object") / "run"
     return run, _train_with_emas(run)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, err
-    return code, " ".join(out.split()), " ".join(err.split())
 
 
 def test_averaged_model_ema_exports_and_loads_into_a_fresh_model(

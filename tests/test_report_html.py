@@ -28,6 +28,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from test_cli_endings import run_cli
+
 CHROMIUM = "/usr/bin/chromium"
 TOTAL = 40
 
@@ -271,17 +273,10 @@ def test_malformed_run_files_are_shown_not_fatal(damage: str, tmp_path: Path, ca
 
 
 def test_report_endings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from ckptguard.cli import main
 
     def ending(*argv: Any) -> tuple[int, str]:
-        capsys.readouterr()
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:
-            code = int(e.code or 0)
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out + err
-        return code, " ".join((out + err).split())
+        code, out, err = run_cli(capsys, *argv)
+        return code, f"{out} {err}"
 
     code, msg = ending("report", tmp_path / "nope", "-o", tmp_path / "r.html")
     assert code == 2 and "does not exist" in msg

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -255,14 +254,5 @@ def write_report(rep: RunReport, output: str | os.PathLike[str]) -> Path:
     out = Path(output).expanduser().absolute()
     folder = LocalStorage(out.parent)
     folder.makedirs("")
-    tmp = f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    w = folder.create(tmp)
-    try:
-        w.write(render_html(rep).encode("utf-8"))
-        w.close()
-        os.replace(folder.describe(tmp), out)
-    except BaseException:
-        w.abort()
-        raise
-    folder.sync_dir("")
+    folder.replace_file(out.name, render_html(rep).encode("utf-8"))
     return out
