@@ -77,6 +77,24 @@ def child(run: str, mode: str) -> None:
     mgr.close()
 
 
+def hang_child(run: str) -> None:
+    """A session that hangs after step 7 (committed: 5): the watchdog ends it."""
+    import time
+
+    import ckptguard as cg
+    from trainlib import make_setup, train_step
+
+    s = make_setup()
+    mgr = cg.CheckpointManager(run, every_steps=5)
+    step = mgr.restore(s["state"]) or 0
+    with mgr.watchdog(1.5):
+        for xb, yb in s["loader"]:
+            step += 1
+            mgr.save(step, s["state"], metrics={"loss": train_step(s, xb, yb)})
+            if step == 7:
+                time.sleep(60)  # a stuck collective, a deadlocked data loader
+
+
 def _session(run: Path, mode: str) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run([sys.executable, __file__, str(run), mode], env=env, timeout=300).returncode
@@ -216,6 +234,24 @@ def test_report_from_s3(s3_url: str, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert s3_url in text and 'class="mark mark-best"' in text
 
 
+def test_a_hang_and_a_slimmed_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptguard.format.manifest import encode_manifest
+
+    run = tmp_path / "run"
+    assert _session(run, "hang") == 75  # the watchdog's exit code
+    manifest = json.loads((run / "step-000000005" / "MANIFEST.json").read_text())
+    manifest["slimmed"] = {"dropped": ["optimizer.safetensors"]}  # what slimming leaves in a manifest
+    (run / "step-000000005" / "MANIFEST.json").write_bytes(encode_manifest(manifest))
+    out = tmp_path / "r.html"
+    code, stdout, _ = run_cli(capsys, "report", run, "-o", out, "--json", "--no-doctor")
+    assert code == 0
+    (hung,) = json.loads(stdout)["sessions"]
+    assert hung["outcome"] == "hang" and hung["lost_steps"] == 2  # hung after step 7, committed 5
+    dom = render(out, tmp_path)
+    assert 'data-slimmed="1"' in dom and "slimmed (1)" in dom and "+ slimmed" in dom
+    assert re.search(r'class="badge"[^>]*>hang<', dom) and "hung after step 7" in dom
+
+
 HOSTILE = "<script>alert(1)</script>"
 
 
@@ -295,4 +331,7 @@ def test_report_endings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 if __name__ == "__main__":
-    child(sys.argv[1], sys.argv[2])
+    if sys.argv[2] == "hang":
+        hang_child(sys.argv[1])
+    else:
+        child(sys.argv[1], sys.argv[2])

@@ -155,7 +155,8 @@ def line_chart(
                          f'<title>{esc(s.name)}</title></polyline>')
     for m in marks:
         y = py(m.y) if m.y is not None and math.isfinite(m.y) else top + ph - 8
-        parts.append(f'<g class="mark mark-{esc(m.category)}" data-category="{esc(m.category)}"><title>{esc(m.tip)}</title>'
+        slim = ' data-slimmed="1"' if m.ring else ""
+        parts.append(f'<g class="mark mark-{esc(m.category)}" data-category="{esc(m.category)}"{slim}><title>{esc(m.tip)}</title>'
                      f'{mark_symbol(m.category, px(m.x), y, ring=m.ring)}</g>')
     parts.append("</svg>")
     return "".join(parts)
