@@ -252,6 +252,16 @@ def test_a_hang_and_a_slimmed_checkpoint(tmp_path: Path, capsys: pytest.CaptureF
     assert re.search(r'class="badge"[^>]*>hang<', dom) and "hung after step 7" in dom
 
 
+def test_a_long_curve_is_thinned_keeping_its_spikes() -> None:
+    from ckptguard.report.htmlreport import MAX_POINTS, thin
+
+    pts = [(float(i), 1.0) for i in range(100_000)]
+    pts[54_321] = (54_321.0, 50.0)  # one spike
+    out = thin(pts)
+    assert len(out) <= MAX_POINTS + 2 and (54_321.0, 50.0) in out
+    assert [p[0] for p in out] == sorted(p[0] for p in out)
+
+
 HOSTILE = "<script>alert(1)</script>"
 
 
@@ -291,7 +301,9 @@ def test_malformed_run_files_are_shown_not_fatal(damage: str, tmp_path: Path, ca
     if damage == "run_record":
         (run / "ckptguard.json").write_text("{not json")
     elif damage == "sessions":
-        (run / "ckptguard.json").write_text(json.dumps({"sessions": [{"start": "yesterday"}, 7]}))
+        (run / "ckptguard.json").write_text(json.dumps({"sessions": [
+            {"start": "yesterday"}, 7, {"start": 1e300, "last_seen": -5, "resumed_from": "x", "hang": 5, "saves": None},
+        ]}))
     elif damage == "history":
         (run / "history.jsonl").write_bytes(b"\x00garbage\n{]\n")
     elif damage == "metrics":

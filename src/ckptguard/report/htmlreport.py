@@ -21,6 +21,7 @@ from ckptguard.storage import LocalStorage
 __all__ = ["render_html", "write_report"]
 
 MAX_CURVES = 6
+MAX_POINTS = 4000  # per curve drawn; longer curves are thinned (min and max per bucket)
 _OUTCOME_COLOR = {"clean": "#2ca02c", "preempted": "#1f77b4", "hang": "#ff7f0e", "killed": "#d62728",
                   "killed or running": "#9e9e9e", "NaN rollback": "#7b1fa2"}
 _CSS = """
@@ -34,6 +35,7 @@ h1{font-size:22px;margin:8px 0 2px} h2{font-size:17px;margin:28px 0 8px;border-b
 table{border-collapse:collapse;width:100%;background:#fff;font-size:13px}
 th,td{border:1px solid #e0e0e8;padding:4px 7px;text-align:left;vertical-align:top}
 th{background:#eef0f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.checkpoints td:nth-child(-n+3),table.checkpoints td:nth-child(5),table.sessions td:nth-child(-n+2){white-space:nowrap}
 .badge{display:inline-block;border-radius:10px;padding:1px 8px;color:#fff;font-size:12px;margin:1px 2px}
 .legend{display:flex;flex-wrap:wrap;gap:14px;margin:6px 0 2px;font-size:13px}
 .legend svg{vertical-align:middle}
@@ -49,7 +51,10 @@ th{background:#eef0f5} td.num{text-align:right;font-variant-numeric:tabular-nums
 def _t(ts: float | None) -> str:
     if ts is None:
         return "?"
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):  # a hostile or damaged record: 1e300, nan
+        return f"? ({ts!r})"
 
 
 def _dur(seconds: float | None) -> str:
@@ -98,6 +103,20 @@ def _resume_lines(sessions: Sequence[SessionRow]) -> list[VLine]:
     return lines
 
 
+def thin(points: list[tuple[float, float]], buckets: int = MAX_POINTS // 2) -> list[tuple[float, float]]:
+    """At most ~``MAX_POINTS`` points of a long curve: per bucket of consecutive points, its lowest
+    and highest (so spikes stay visible), in step order."""
+    if len(points) <= MAX_POINTS:
+        return points
+    size = -(-len(points) // buckets)
+    out: list[tuple[float, float]] = []
+    for i in range(0, len(points), size):
+        part = points[i:i + size]
+        lo, hi = min(part, key=lambda p: p[1]), max(part, key=lambda p: p[1])
+        out += sorted({lo, hi})
+    return out
+
+
 def _curves(rep: RunReport) -> str:
     names = rep.metric_names
     vlines = _resume_lines(rep.sessions)
@@ -111,7 +130,7 @@ def _curves(rep: RunReport) -> str:
         steps, values = [int(p[0]) for p in pts], [p[1] for p in pts]
         marks = [Mark(c.step, value_at(c.step, steps, values, c.metrics.get(name)), c.category, _tip(c), c.slimmed)
                  for c in rep.checkpoints]
-        out.append(line_chart([Series(name, pts)], marks, title=f"{name} ({len(pts)} steps)", ylabel=name, vlines=vlines))
+        out.append(line_chart([Series(name, thin(pts))], marks, title=f"{name} ({len(pts)} steps)", ylabel=name, vlines=vlines))
     if len(names) > MAX_CURVES:
         out.append(f'<p class="muted">{len(names) - MAX_CURVES} more metric(s) not drawn: {esc(", ".join(names[MAX_CURVES:]))}</p>')
     return "".join(out)
