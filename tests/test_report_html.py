@@ -206,9 +206,11 @@ def test_report_of_a_real_run_rendered_in_chromium(real_run: Path, tmp_path: Pat
     assert "0–4" in dom or "0&ndash;4" in dom
     categories = re.findall(r'class="mark mark-(\w+)"', dom)
     assert {"kept", "best", "corrupt", "pruned", "failed"} <= set(categories), categories
-    assert "lr" in dom and "config" in dom  # the config change (lr 0.01 -> 0.005)
-    assert "storage.corrupt" not in dom or "step-000000040" in dom
-    assert "Doctor: the newest checkpoint" in dom and "(step 40)" in dom
+    # the config change of session 3, between its first checkpoint and the last one before it
+    assert re.search(r"<td>22 \S+ 25</td><td>config</td><td>lr</td><td>0\.01</td><td>0\.005</td>", dom), dom[-4000:]
+    # doctor on the newest checkpoint (40): it failed its verification
+    assert "(step 40): 1 error(s)" in dom and "status.failed" in dom
+    assert "marked corrupt" in dom and "step-000000035" in dom  # the damage verify found, in the table
 
     shot = tmp_path / "report.png"
     render(out, tmp_path, screenshot=shot)

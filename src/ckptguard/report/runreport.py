@@ -212,7 +212,7 @@ def collect_report(
     if not history and storage.exists(HISTORY_FILE) and storage.size(HISTORY_FILE) > 0:
         problems.append(f"{storage.describe(HISTORY_FILE)} holds no readable event: pruned checkpoints are not shown")
     pruned = {int(e["step"]) for e in history if e["event"] == "pruned"}
-    metric = next((c for c in columns if c not in ("step", "wall_time")), "loss")
+    metric = "loss" if "loss" in columns else next((c for c in columns if c not in ("step", "wall_time")), "loss")
     best = best_rule(storage, metric)
     marks = categorize(ckpts, pruned, *best)
     logged = {int(r["step"]): r["wall_time"] for r in rows if isinstance(r.get("wall_time"), float)}
@@ -222,7 +222,7 @@ def collect_report(
     table.sort(key=lambda r: r.step)
     for c in ckpts:
         if c.status == "invalid" or c.problems:
-            problems.extend(f"{c.path}: {p}" for p in c.problems[:3])
+            problems.extend(p if c.path in p else f"{c.path}: {p}" for p in c.problems[:3])
     commits = [Commit(c.step, c.created.timestamp() if c.created else None, c.manifest) for c in ckpts]
     sessions = session_rows(record, commits + [Commit(r.step, r.created) for r in table if r.category == "pruned"], problems)
     say("comparing configs and environments")
