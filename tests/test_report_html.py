@@ -227,13 +227,14 @@ def test_report_from_s3(s3_url: str, tmp_path: Path, capsys: pytest.CaptureFixtu
     from ckptguard.cli import main
     from trainlib import run_training
 
-    run_training(s3_url, 12, every_steps=5)
+    run_training(s3_url, 12, every_steps=5, async_save=True)
     out = tmp_path / "s3.html"
     assert main(["report", s3_url, "-o", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["checkpoints"] == 2 and [s["outcome"] for s in summary["sessions"]] == ["clean"]
     text = out.read_text()
     assert s3_url in text and 'class="mark mark-best"' in text
+    assert "seconds training was blocked (async saves)" in text and "<title>blocked seconds</title>" in text
 
 
 def test_a_hang_and_a_slimmed_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -115,13 +115,14 @@ def _outcome(s: Mapping[str, Any], newest: bool) -> str:
     return "killed or running" if newest else "killed"
 
 
-def _cost(outcome: str, s: Mapping[str, Any], mine: Sequence[Commit], nxt: Mapping[str, Any] | None,
-          base: int | None, every_default: int | None) -> dict[str, Any]:
-    """lost_steps / lost_min / lost_max / note for one ended session (see the module docstring)."""
+def _cost(outcome: str, s: Mapping[str, Any], mine: Sequence[Commit], next_start: int | None,
+          base: int | None, every: int | None) -> dict[str, Any]:
+    """lost_steps / lost_min / lost_max / note for one session (see the module docstring).
+    ``next_start``: the step the next session started from; ``base``: this one's; ``every``: the
+    save interval in steps when its own manifests do not say."""
     last = mine[-1].step if mine else base
-    resumed = _int(nxt.get("resumed_from")) if nxt is not None else None
-    redo = max(0, last - resumed) if last is not None and resumed is not None else 0
-    redo_note = (f"; the next session resumed from step {resumed}, not from step {last}, and redid {redo} steps"
+    redo = max(0, last - next_start) if last is not None and next_start is not None else 0
+    redo_note = (f"; the next session resumed from step {next_start}, not from step {last}, and redid {redo} steps"
                  if redo else "")
     if outcome == "hang":
         hang = s["hang"]
@@ -131,8 +132,9 @@ def _cost(outcome: str, s: Mapping[str, Any], mine: Sequence[Commit], nxt: Mappi
     if outcome == "preempted":
         return {"lost_steps": redo, "note": f"saved at the signal (step {last}){redo_note}"}
     if outcome == "killed":
-        every = _every_steps(mine) or every_default
-        bound = f"less than one save interval ({every} steps) after step {last}" if every else "the work after its last commit"
+        every = _every_steps(mine) or every
+        since = f"after step {last}" if last is not None else "since it started"
+        bound = f"less than one save interval ({every} steps) {since}" if every else f"the work {since}"
         return {"lost_min": redo, "lost_max": redo + every - 1 if every else None,
                 "note": f"no clean close; the steps it trained past its last commit are lost: {bound}{redo_note}"}
     return {"lost_steps": 0} if outcome == "clean" else {}
@@ -166,9 +168,9 @@ def session_rows(record: Mapping[str, Any], commits: Sequence[Commit], problems:
     every = _every_steps(commits) or (_int(interval.get("every_steps")) if isinstance(interval, dict) else None)
     rows: list[SessionRow] = []
     for i, (s, mine, rollbacks) in enumerate(parts):
-        nxt = {"resumed_from": starts[i + 1][0]} if i + 1 < len(parts) else None
-        outcome = _outcome(s, nxt is None)
-        cost = _cost(outcome, s, mine, nxt, starts[i][0], _every_steps(mine) or every)
+        newest = i + 1 == len(parts)
+        outcome = _outcome(s, newest)
+        cost = _cost(outcome, s, mine, None if newest else starts[i + 1][0], starts[i][0], every)
         extra = sum(r.lost_steps for r in rollbacks)
         if extra:
             for key in ("lost_steps", "lost_max"):
