@@ -45,14 +45,14 @@ class ShadowEMA:
         self.shadow = {k: v.clone() for k, v in sd["shadow"].items()}
 
 
-def _train_with_emas(run: Any, steps: int = 12) -> dict[str, Any]:
+def _train_with_emas(run: Any, steps: int = 12, **manager_kwargs: Any) -> dict[str, Any]:
     """A real loop: train, update both EMAs, save every 4 steps with the EMAs in the TrainState."""
     s = make_setup()
     swa = AveragedModel(s["model"], multi_avg_fn=get_ema_multi_avg_fn(0.9))
     shadow = ShadowEMA(s["model"])
     state = cg.TrainState(model=s["model"], optimizer=s["opt"], scheduler=s["sched"], dataloader=s["loader"],
                           ema=swa, shadow=shadow, counter=_Counter())
-    with cg.CheckpointManager(run, every_steps=4) as mgr:
+    with cg.CheckpointManager(run, every_steps=4, **manager_kwargs) as mgr:
         step = 0
         while step < steps:
             for xb, yb in s["loader"]:
@@ -166,6 +166,17 @@ def test_a_run_without_objects_and_a_damaged_object(tmp_path: Path, capsys: pyte
     code, _, err = run_cli(capsys, "export", damaged / "step-000000001", "--object", "ema", "-o", tmp_path / "x.safetensors")
     assert code == 2 and "it is damaged" in err and "Nothing was written" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_object_export_from_an_incremental_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    live = _train_with_emas(run, steps=8, incremental=True)
+    out = tmp_path / "ema.safetensors"
+    code, _, _ = run_cli(capsys, "export", run, "--object", "ema", "-o", out)
+    assert code == 0
+    loaded = load_file(str(out))
+    assert loaded.keys() == live["swa"].state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in live["swa"].state_dict().items())
 
 
 def test_object_export_from_s3(s3_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

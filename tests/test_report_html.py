@@ -8,6 +8,8 @@ report is rendered by Chromium (``--dump-dom``, ``--screenshot``): the page show
 how it ended and the checkpoint marks, and the chart area has drawn pixels. Chromium is
 ``/usr/bin/chromium``: missing, the rendering tests fail when ``CI`` is set and skip otherwise.
 
+``CKPTGUARD_REPORT_PNG=/tmp/report.png`` keeps a copy of the screenshot to look at.
+
 Run as a script, this file is the training child: ``python test_report_html.py RUN MODE``.
 """
 
@@ -214,7 +216,8 @@ def test_report_of_a_real_run_rendered_in_chromium(real_run: Path, tmp_path: Pat
 
     shot = tmp_path / "report.png"
     render(out, tmp_path, screenshot=shot)
-    shutil.copy(shot, Path(os.environ.get("CKPTGUARD_REPORT_PNG", tmp_path / "copy.png")))
+    if os.environ.get("CKPTGUARD_REPORT_PNG"):
+        shutil.copy(shot, os.environ["CKPTGUARD_REPORT_PNG"])
     width, height, rows = png_pixels(shot)
     assert (width, height) == (1400, 3000)
     bpp = len(rows[0]) // width
