@@ -168,6 +168,14 @@ def test_a_run_without_objects_and_a_damaged_object(tmp_path: Path, capsys: pyte
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_sharded_checkpoint_is_refused_with_the_next_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = Path(__file__).parent / "fixtures" / "fsdp-legacy-run" / "step-000000002"  # a committed FSDP2/DCP checkpoint
+    code, _, err = run_cli(capsys, "export", ckpt, "--object", "ema", "-o", tmp_path / "x.safetensors")
+    assert code == 2
+    assert "holds sharded (FSDP2/DCP) state: --object is not supported for sharded checkpoints yet" in err
+    assert "mgr.restore(state, step=2)" in err and not (tmp_path / "x.safetensors").exists()
+
+
 def test_object_export_from_an_incremental_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     live = _train_with_emas(run, steps=8, incremental=True)

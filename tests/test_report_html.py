@@ -326,6 +326,16 @@ def test_malformed_run_files_are_shown_not_fatal(damage: str, tmp_path: Path, ca
     assert "Problems reading the run" in out.read_text() and expected in out.read_text()
 
 
+def test_report_of_a_sharded_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "fsdp-legacy-run", run)  # FSDP2/DCP, written by an older version
+    out = tmp_path / "r.html"
+    code, stdout, _ = run_cli(capsys, "report", run, "-o", out, "--json")
+    assert code == 0 and json.loads(stdout)["checkpoints"] == 1
+    text = out.read_text()
+    assert "(step 2)" in text and "sharded.unchecked" in text  # the doctor's finding for the newest
+
+
 def test_report_endings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     def ending(*argv: Any) -> tuple[int, str]:
