@@ -196,6 +196,10 @@ def test_report_of_a_real_run_rendered_in_chromium(real_run: Path, tmp_path: Pat
     assert (killed["lost_min"], killed["lost_max"]) == (0, 4)  # killed at 13 after committing 10; saves every 5
     assert preempted["lost_steps"] == 0
     assert finished["rollbacks"] == 1 and finished["lost_steps"] == 4  # NaN at 34, rolled back to 30
+    assert summary["marks"] == {
+        "kept": [], "best": [30], "verified": [15, 20, 22, 25], "failed": [40], "corrupt": [35], "pruned": [5, 10],
+        "slimmed": [],
+    }
     text = out.read_text()
     assert "<script" not in text and "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "https://" not in text and "<link" not in text  # self-contained: nothing to fetch

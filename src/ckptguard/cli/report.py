@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ckptguard.errors import CheckpointError
     from ckptguard.report.htmlreport import write_report
-    from ckptguard.report.runreport import collect_report
+    from ckptguard.report.runreport import CATEGORY_ORDER, collect_report
 
     require_run(args.run, "report")
     if os.path.isdir(args.output):
@@ -48,15 +48,17 @@ def run(args: argparse.Namespace) -> int:
         rep = collect_report(args.run, doctor=not args.no_doctor, current=current,
                              progress=lambda msg: status.update(msg))
         out = write_report(rep, args.output)
+    live = [c for c in rep.checkpoints if c.category != "pruned"]
+    marks = {k: [c.step for c in rep.checkpoints if c.category == k or (k == "slimmed" and c.slimmed)] for k in CATEGORY_ORDER}
     if args.json:
         print_json({
-            "output": str(out), "checkpoints": len(rep.checkpoints), "sessions": [
+            "output": str(out), "checkpoints": len(live), "pruned": len(marks["pruned"]), "marks": marks, "sessions": [
                 {"index": s.index, "outcome": s.outcome, "lost_steps": s.lost_steps, "lost_min": s.lost_min,
                  "lost_max": s.lost_max, "rollbacks": len(s.rollbacks)} for s in rep.sessions],
             "problems": rep.problems,
         })
         return 0
     ends = ", ".join(f"{s.outcome}" for s in rep.sessions) or "none recorded"
-    console().print(f"wrote {out}: {len(rep.checkpoints)} checkpoint(s), {len(rep.sessions)} session(s) ({ends}); "
+    console().print(f"wrote {out}: {len(live)} checkpoint(s), {len(marks['pruned'])} pruned, {len(rep.sessions)} session(s) ({ends}); "
                     f"{len(rep.problems)} problem(s) reading the run", highlight=False)
     return 0
