@@ -22,7 +22,7 @@ from ckptguard.version import __version__
 __all__ = ["COMMANDS", "main"]
 
 # Add a command: create ckptguard/cli/<name>.py with register(sub) and list it here.
-COMMANDS = ["ls", "inspect", "verify", "prune", "pin", "doctor", "diff", "export", "plot", "demo"]
+COMMANDS = ["ls", "inspect", "verify", "prune", "pin", "doctor", "diff", "export", "plot", "report", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""``ckptguard export CKPT -o model.safetensors [--full]``: a plain safetensors file other tools load."""
+"""``ckptguard export CKPT -o model.safetensors [--full | --object NAME]``: a plain safetensors file
+other tools load (``--object ema``: the tensors of a user object of the TrainState, e.g. an EMA)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def register(sub: Any) -> None:
         "--full", action="store_true",
         help="the whole state: model/, optimizer/, state/ tensors plus the JSON state in __metadata__",
     )
+    p.add_argument(
+        "--object", default=None, metavar="NAME", dest="object",
+        help="export the tensors of this TrainState object (TrainState(ema=...): --object ema) instead of the model",
+    )
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -37,13 +42,13 @@ def run(args: argparse.Namespace) -> int:
     if os.path.lexists(out) and not os.path.isdir(out) and not args.force:
         raise CheckpointError(f"{out} already exists; pass --force to replace it, or choose another -o.")
     try:
-        result = export_checkpoint(args.checkpoint, args.output, full=args.full, overwrite=args.force)
+        result = export_checkpoint(args.checkpoint, args.output, full=args.full, overwrite=args.force, obj=args.object)
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(_damaged(args.checkpoint, kind, e), path=e.path, file=e.file) from e
     if args.json:
         print_json(dataclasses.asdict(result))
         return 0
-    what = "full state" if result.full else "weights"
+    what = "full state" if result.full else f"object {result.object!r}" if result.object else "weights"
     console().print(
         f"[green]exported[/] {what} of step {result.step} ({result.tensors} tensors, "
         f"{human_bytes(result.bytes)}) from {result.source} to {result.output}",

@@ -8,6 +8,9 @@ file that ``safetensors.torch.load_file`` (or any other safetensors reader) load
 - ``full=True``: model, optimizer and extra tensors, prefixed ``model/``, ``optimizer/`` and
   ``state/``; the JSON state (scheduler, scaler, sampler, RNG, step, extra), ``config.yaml`` and the
   source manifest's step go into ``__metadata__`` (strings only, as safetensors requires).
+- ``obj="ema"``: the tensors of one Stateful object of the TrainState (``TrainState(ema=...)``: an
+  EMA or SWA copy), keyed as its ``state_dict()`` (nested keys joined with dots), a plain model
+  file; its non-tensor entries (a decay, a counter) go into ``__metadata__`` as JSON.
 
 The output is written to a temp file beside the target, fsync'd, renamed into place and the
 directory fsync'd: an interrupted export never leaves a half-written ``model.safetensors``.
@@ -40,7 +43,7 @@ from ckptguard.verification.verify import resolve_target
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ExportResult", "available_memory", "check_declared_sizes", "export_checkpoint"]
+__all__ = ["ExportResult", "available_memory", "check_declared_sizes", "export_checkpoint", "object_tensor_keys"]
 
 # the file names of ckptguard.capture.state (not imported: it imports torch)
 MODEL_FILE, OPTIM_FILE, EXTRA_FILE = "model.safetensors", "optimizer.safetensors", "state.safetensors"
@@ -55,6 +58,7 @@ class ExportResult:
     tensors: int
     bytes: int
     full: bool
+    object: str | None = None
 
 
 def _pick(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[Any, str]:
@@ -76,11 +80,15 @@ def export_checkpoint(
     full: bool = False,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
+    obj: str | None = None,
 ) -> ExportResult:
     """Export checkpoint ``path`` (or the newest valid one of a run) to the local file ``output``.
 
+    ``obj``: export the tensors of that user object (``TrainState(ema=...)``) instead of the model.
     Refuses (CheckpointError) an existing ``output`` unless ``overwrite=True``.
     """
+    if obj is not None and full:
+        raise CheckpointError("Pass either --object NAME or --full, not both: --object exports one object's tensors.")
     out = Path(output).expanduser().absolute()
     if out.is_dir():
         raise CheckpointError(f"{out} is a directory; pass a file name such as {out / 'model.safetensors'}.")
@@ -90,6 +98,8 @@ def export_checkpoint(
     manifest = read_manifest(storage, name)
     reader = CheckpointReader(storage, name, manifest)
     where = storage.describe(name)
+    if obj is not None:
+        return _export_object(reader, obj, out)
     if not reader.has(MODEL_FILE) and is_dcp(manifest):
         return _export_sharded(reader, out, full=full)
     if not reader.has(MODEL_FILE):
@@ -127,6 +137,79 @@ def _export_sharded(reader: CheckpointReader, out: Path, *, full: bool) -> Expor
     metadata = {"format": "pt", "ckptguard.source": where, "ckptguard.step": str(step)}
     nbytes = _write_atomically(out, tensors, metadata)
     return ExportResult(where, str(out), step, len(tensors), nbytes, full)
+
+
+def object_tensor_keys(saved: Any, prefix: str = "") -> dict[str, str]:
+    """The tensors of one object's encoded state (``state.json``'s ``objects.NAME``): its
+    ``state_dict()`` key (nested keys joined with dots) -> the stored tensor's name. Reads no
+    tensor; anything that is not a tensor reference is left out."""
+    out: dict[str, str] = {}
+    stack: list[tuple[str, Any, int]] = [(prefix, saved, 0)]
+    while stack:
+        key, node, depth = stack.pop()
+        if depth > 200:
+            continue  # the JSON parser caps depth already; never recurse unbounded on hostile data
+        if isinstance(node, dict) and len(node) == 1 and next(iter(node)) in ("__tensor__", "__ndarray__"):
+            ref = next(iter(node.values()))
+            if isinstance(ref, str):
+                out[key] = ref
+            continue
+        if isinstance(node, dict) and len(node) == 1 and next(iter(node)) == "__tuple__":
+            node = next(iter(node.values()))
+        if isinstance(node, dict) and len(node) == 1 and next(iter(node)) == "__map__":
+            pairs = next(iter(node.values()))
+            items = [(str(p[0]), p[1]) for p in pairs if isinstance(p, list) and len(p) == 2] if isinstance(pairs, list) else []
+        elif isinstance(node, dict):
+            items = [(str(k), v) for k, v in node.items()]
+        elif isinstance(node, list):
+            items = [(str(i), v) for i, v in enumerate(node)]
+        else:
+            continue
+        stack.extend((f"{key}.{k}" if key else k, v, depth + 1) for k, v in reversed(items))
+    return out
+
+
+def _export_object(reader: CheckpointReader, obj: str, out: Path) -> ExportResult:
+    """One user object's tensors as a plain model file (see the module docstring)."""
+    where, manifest = reader.where, reader.manifest
+    step = int(manifest["step"])
+    if is_dcp(manifest):
+        raise CheckpointError(
+            f"{where} holds sharded (FSDP2/DCP) state: --object is not supported for sharded checkpoints yet. "
+            f"Restore it into your TrainState (mgr.restore(state, step={step})) and save the object's "
+            "state_dict() with safetensors.torch.save_file."
+        )
+    state = reader.json("state.json") if reader.has("state.json") else {}
+    objects = state.get("objects") if isinstance(state, dict) else None
+    objects = objects if isinstance(objects, dict) else {}
+    keys = {n: object_tensor_keys(v) for n, v in objects.items()}
+    with_tensors = ", ".join(sorted(n for n, k in keys.items() if k)) or "none"
+    if obj not in objects:
+        have = ", ".join(sorted(objects)) or "none: the TrainState had no objects beyond model, optimizer, scheduler, scaler"
+        raise CheckpointError(
+            f"{where} holds no object {obj!r} (objects saved: {have}). Pass one of them to --object; "
+            "objects are the TrainState's extra keyword arguments, e.g. TrainState(model=m, ema=ema)."
+        )
+    if not keys[obj]:
+        raise CheckpointError(
+            f"{where}: the object {obj!r} holds no tensors, there are no weights to export "
+            f"(objects with tensors: {with_tensors}). Pass one of those to --object, or 'ckptguard inspect {where}'."
+        )
+    check_declared_sizes(reader.storage, reader.name, manifest, [EXTRA_FILE])
+    stored = reader.tensors(EXTRA_FILE, names=set(keys[obj].values()))
+    missing = sorted(k for k, ref in keys[obj].items() if ref not in stored)
+    if missing:
+        raise CheckpointError(
+            f"{where}: state.json references tensors of {obj!r} that {EXTRA_FILE} does not hold ({', '.join(missing[:5])}). "
+            f"The checkpoint is damaged: run 'ckptguard verify {where}'."
+        )
+    tensors = {k: stored[ref] for k, ref in keys[obj].items()}
+    metadata = {
+        "format": "pt", "ckptguard.source": where, "ckptguard.step": str(step), "ckptguard.object": obj,
+        "ckptguard.object_state_json": json.dumps(objects[obj]),
+    }
+    nbytes = _write_atomically(out, tensors, metadata)
+    return ExportResult(where, str(out), step, len(tensors), nbytes, False, obj)
 
 
 def available_memory() -> int | None:

@@ -24,7 +24,7 @@ from ckptguard.run.metrics_log import read_metrics
 from ckptguard.run.runrecord import read_run_record
 from ckptguard.storage import Storage, open_storage
 
-__all__ = ["CATEGORIES", "PlotSummary", "categorize", "plot_run"]
+__all__ = ["CATEGORIES", "PlotSummary", "best_rule", "categorize", "plot_run", "value_at"]
 
 # category -> (label, marker, face colour, edge colour, size)
 CATEGORIES: dict[str, tuple[str, str, str, str, float]] = {
@@ -46,7 +46,7 @@ class PlotSummary:
     marks: dict[str, list[int]]
 
 
-def _best_rule(storage: Storage, metric: str) -> tuple[str, str]:
+def best_rule(storage: Storage, metric: str) -> tuple[str, str]:
     """The run's retention metric and mode when recorded, else (plotted metric, "min")."""
     ret = read_run_record(storage).get("retention")  # {} when absent or unreadable
     if isinstance(ret, dict) and ret.get("metric"):
@@ -79,7 +79,9 @@ def categorize(
     return marks
 
 
-def _value_at(step: int, steps: list[int], values: list[float], fallback: Any) -> float | None:
+def value_at(step: int, steps: list[int], values: list[float], fallback: Any) -> float | None:
+    """Where a checkpoint's mark sits: its own metric (``fallback``) when numeric, else the curve
+    at the first logged step at or after ``step`` (None without a curve)."""
     if isinstance(fallback, (int, float)):
         return float(fallback)
     if not steps:
@@ -128,7 +130,7 @@ def _draw_marks(
     """One scatter per category; a mark sits at the checkpoint's own metric (``at``), else on the curve."""
     steps, values = curve
     for cat, (label, marker, face, edge, size) in CATEGORIES.items():
-        found = [(s, _value_at(s, steps, values, at.get(s))) for s in marks[cat]]
+        found = [(s, value_at(s, steps, values, at.get(s))) for s in marks[cat]]
         pts = [(s, y) for s, y in found if y is not None]
         if not pts:
             continue
@@ -157,7 +159,7 @@ def plot_run(
     steps, values = _metric_curve(storage, metric, log_scale)
     ckpts = scan(storage)
     pruned = {int(e["step"]) for e in read_history(storage) if e["event"] == "pruned"}
-    best_metric, best_mode = _best_rule(storage, metric)
+    best_metric, best_mode = best_rule(storage, metric)
     marks = categorize(ckpts, pruned, best_metric, best_mode)
     manifest_metric: dict[int, Any] = {c.step: c.metrics.get(metric) for c in ckpts}
 
