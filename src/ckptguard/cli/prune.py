@@ -4,6 +4,8 @@ The policy is the one the run recorded in ``RUN/ckptguard.json``; flags override
 Invariants always hold: the newest valid checkpoint, the best one, the one the last session resumed
 from, pinned ones, and every lineage's newest and best when a directory holds several runs.
 A real prune takes the run lock (it refuses while a live run writes) and removes debris too.
+With ``full_last`` (recorded, or ``--full-last N``) it also slims every kept checkpoint older than
+the newest N full ones to its weights; ``--dry-run`` shows ``keep, would slim`` for each.
 """
 
 from __future__ import annotations
