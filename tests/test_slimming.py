@@ -403,3 +403,33 @@ def test_a_crash_at_every_operation_of_slimming_on_an_object_store() -> None:
         assert apply_decisions(storage, plan_retention(scan(storage), Retention(full_last=1)))[1] == {}
         assert [("slimmed" in (c.manifest or {})) for c in scan(storage)] == [True, True, True, False]
         assert [storage.exists(f"step-{s:09d}/{OPT}") for s in range(1, 5)] == [False, False, False, True]
+
+
+def test_a_kill_inside_the_manifest_replace_leaves_a_temp_file_the_slimming_removes(tmp_path: Path) -> None:
+    """A kill between writing MANIFEST.json.tmp-<id> and its rename (inside the local replace)
+    leaves the full checkpoint and that file: valid as it is; the slimming that follows removes it."""
+    run = tmp_path / "run"
+    saved = train(run, range(1, 3), Retention())
+    d = run / "step-000000001"
+    (d / "MANIFEST.json.tmp-0123abcd").write_bytes((d / "MANIFEST.json").read_bytes()[:100])
+    assert cg.verify(run).ok and _snapshot_state(run) == {1: "full", 2: "full"}
+    got, m, _, _ = restored(run, 1)
+    assert got == 1 and same_weights(weights(m), saved[1])
+    assert _leftovers(run) == ["step-000000001/MANIFEST.json.tmp-0123abcd"]
+    apply_decisions(LocalStorage(run), plan_retention(scan(LocalStorage(run)), Retention(full_last=1)))
+    assert _leftovers(run) == [] and _snapshot_state(run) == {1: "slim", 2: "full"}
+
+
+def test_resuming_after_slimming_is_exact(tmp_path: Path) -> None:
+    """Slimming touches only older checkpoints: a run stopped and resumed (from its newest, full
+    checkpoint) ends with the weights and optimizer state of an uninterrupted run."""
+    whole = train(tmp_path / "whole", range(1, 9), Retention(full_last=1))
+    train(tmp_path / "cut", range(1, 6), Retention(full_last=1))
+    resumed = train(tmp_path / "cut", range(6, 9), Retention(full_last=1))
+    assert same_weights(resumed[8], whole[8])
+    a, b = make(seed=1), make(seed=2)
+    for run, (_, _, state) in ((tmp_path / "whole", a), (tmp_path / "cut", b)):
+        with cg.CheckpointManager(run, lock=False) as mgr:
+            assert mgr.restore(state) == 8
+    sa, sb = a[1].state_dict()["state"], b[1].state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
