@@ -5,8 +5,9 @@ docstrings (a few obvious lines, no code shared with ckptguard.policies.retentio
   generated sets of checkpoints, and
 - the real CheckpointManager on real (tiny) state on disk, over generated histories of saves (with
   metrics, some missing, NaN or infinite), config changes, pins and unpins, restores of an older
-  step and reopenings of the run by a new manager; the kept set is compared after EVERY save, and
-  at the end ``ckptguard prune`` must agree with the manager.
+  step and reopenings of the run by a new manager; the kept set (and, with ``full_last``, the set
+  of slimmed checkpoints) is compared after EVERY save, and at the end ``ckptguard prune`` must
+  agree with the manager.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Ck:
     size: int = 100
     run: str | None = "r1"
     every: int | None = None  # the every_steps its manifest recorded (saves by step count only)
+    train: int = 0  # bytes of its training-only state (optimizer.safetensors; 0: has none)
+    slimmed: bool = False  # slimmed before (then train is 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Pol:
     thin: int = 10
     config_changes: bool = False
     max_bytes: int | None = None
+    full_last: int | None = None
 
     def retention(self) -> cg.Retention:
         return cg.Retention(
@@ -68,7 +72,7 @@ class Pol:
             mode=self.mode, keep_every=self.keep_every, phased=self.phased,
             total_steps=self.total_steps if self.phased else None, phase_head=float(self.head),
             phase_tail=float(self.tail), phase_thin=self.thin, keep_config_changes=self.config_changes,
-            max_bytes=self.max_bytes,
+            max_bytes=self.max_bytes, full_last=self.full_last,
         )
 
 
@@ -107,9 +111,25 @@ def phased(valid: list[Ck], p: Pol) -> set[int]:
 
 
 def reference(cks: list[Ck], p: Pol, protected: set[int]) -> tuple[set[int], set[int]]:
-    """(kept steps, protected steps) by the README: a checkpoint survives if a policy keeps it or
-    an invariant protects it (newest valid, best, the caller's); then the byte budget deletes the
-    oldest ones only a policy keeps until the kept ones fit."""
+    """(kept steps, protected steps): see :func:`reference_slim`."""
+    kept, hard, _ = reference_slim(cks, p, protected)
+    return kept, hard
+
+
+def slim_steps(cks: list[Ck], kept: set[int], n: int, protected: set[int]) -> set[int]:
+    """full_last=n: of the kept valid ones, those slimmed before stay slim; the others with
+    training state are slim unless among the newest n kept valid ones not slimmed before or
+    protected by the caller (resumed from, just saved, pinned)."""
+    valid = [c for c in cks if c.step in kept and c.valid]
+    newest = {c.step for c in [c for c in valid if not c.slimmed][-n:]}
+    return {c.step for c in valid if c.slimmed or (c.train and c.step not in newest and c.step not in protected)}
+
+
+def reference_slim(cks: list[Ck], p: Pol, protected: set[int]) -> tuple[set[int], set[int], set[int]]:
+    """(kept steps, protected steps, slim steps) by the README: a checkpoint survives if a
+    policy keeps it or an invariant protects it (newest valid, best, the caller's); full_last
+    decides which kept ones are slim; then the byte budget (counting one to be slimmed without
+    its training state) deletes the oldest ones only a policy keeps until the kept ones fit."""
     cks = sorted(cks, key=lambda c: c.step)
     valid = [c for c in cks if c.valid]
     keep: set[int] = set()
@@ -131,16 +151,18 @@ def reference(cks: list[Ck], p: Pol, protected: set[int]) -> tuple[set[int], set
     if p.metric and ranked(cks, p.mode):
         hard.add(ranked(cks, p.mode)[0])
     kept = keep | hard
+    slim = slim_steps(cks, kept, p.full_last, protected) if p.full_last else set()
     if p.max_bytes is not None:
-        size = {c.step: c.size for c in cks}
+        size = {c.step: c.size - (c.train if c.step in slim else 0) for c in cks}
         total = sum(size[s] for s in kept)
         for c in cks:
             if total <= p.max_bytes:
                 break
             if c.step in kept and c.step not in hard:
                 kept.discard(c.step)
-                total -= c.size
-    return kept, hard
+                slim.discard(c.step)
+                total -= size[c.step]
+    return kept, hard, slim
 
 
 # ---- strategies ------------------------------------------------------------------------------
@@ -166,28 +188,50 @@ def policies(draw: st.DrawFn, *, max_steps: int, size: int) -> Pol:
         thin=draw(st.integers(1, 6)),
         config_changes=draw(st.booleans()),
         max_bytes=draw(st.none() | st.integers(1, 8 * size)),
+        full_last=draw(st.none() | st.integers(1, 4)),
     )
 
 
 def to_info(c: Ck) -> CheckpointInfo:
     metrics = {} if c.metric is None else {"val": c.metric}
+    files = {"model.safetensors": {"kind": "tensors", "size": c.size - c.train}}
+    if c.train:
+        files["optimizer.safetensors"] = {"kind": "tensors", "size": c.train}
+    manifest = {"config_hash": c.cfg, "run_id": c.run, "save_interval": {"every_steps": c.every, "every_seconds": None}, "files": files}
+    if c.slimmed:
+        manifest["slimmed"] = {"dropped": ["optimizer.safetensors"], "at": 0.0, "bytes_freed": 1}
     return CheckpointInfo(
         step=c.step, name=f"step-{c.step:09d}", path=f"/r/step-{c.step:09d}", valid=c.valid, metrics=metrics,
         size_bytes=c.size, created=None, status="committed" if c.valid else "invalid",
-        problems=() if c.valid else ("checksum mismatch",),
-        manifest={"config_hash": c.cfg, "run_id": c.run, "save_interval": {"every_steps": c.every, "every_seconds": None}},
+        problems=() if c.valid else ("checksum mismatch",), manifest=manifest,
     )
 
 
 @st.composite
 def checkpoint_sets(draw: st.DrawFn) -> list[Ck]:
     steps = sorted(draw(st.sets(st.integers(0, 200), max_size=24)))
-    return [
-        Ck(s, valid=draw(st.sampled_from([True] * 6 + [False])), metric=draw(st.sampled_from(METRICS + ["nan", True])),
-           cfg=draw(st.sampled_from(["a", "b", None])), size=draw(st.integers(0, 200)),
-           run=draw(st.sampled_from(["r1", "r1", "r1", "r2", None])), every=draw(st.sampled_from([None, None, 3, 10])))
-        for s in steps
-    ]
+    out = []
+    for s in steps:
+        size, slimmed = draw(st.integers(0, 200)), draw(st.sampled_from([False, False, False, True]))
+        train = 0 if slimmed or not size else draw(st.sampled_from([0, size // 3, size // 2 + 1, size]))
+        out.append(Ck(
+            s, valid=draw(st.sampled_from([True] * 6 + [False])), metric=draw(st.sampled_from(METRICS + ["nan", True])),
+            cfg=draw(st.sampled_from(["a", "b", None])), size=size,
+            run=draw(st.sampled_from(["r1", "r1", "r1", "r2", None])), every=draw(st.sampled_from([None, None, 3, 10])),
+            train=train, slimmed=slimmed,
+        ))
+    return out
+
+
+def slim_of(decisions: list[Decision], cks: list[Ck]) -> set[int]:
+    """The slim steps of a plan, after checking each slim Decision's other fields."""
+    by_step = {c.step: c for c in cks}
+    for d in decisions:
+        c = by_step[d.step]
+        assert d.slimmed == (d.slim and c.slimmed), d
+        assert d.slim_bytes == (c.train if d.slim else 0), d
+        assert not d.slim or d.keep, d
+    return {d.step for d in decisions if d.slim}
 
 
 def kept_and_protected(decisions: list[Decision]) -> tuple[set[int], set[int]]:
@@ -204,7 +248,9 @@ PURE = settings(max_examples=3000 if FULL else 200, deadline=None, suppress_heal
 def test_plan_retention_matches_the_reference(cks: list[Ck], p: Pol, protected: set[int]) -> None:
     decisions = plan_retention([to_info(c) for c in cks], p.retention(), protected={s: "pinned" for s in protected})
     assert [d.step for d in decisions] == [c.step for c in cks]  # one decision each, by step
-    assert kept_and_protected(decisions) == reference(cks, p, protected)
+    kept, hard, slim = reference_slim(cks, p, protected)
+    assert kept_and_protected(decisions) == (kept, hard)
+    assert slim_of(decisions, cks) == slim
 
 
 @PURE
@@ -212,9 +258,10 @@ def test_plan_retention_matches_the_reference(cks: list[Ck], p: Pol, protected: 
 def test_a_managers_plan_prunes_only_its_own_lineage(cks: list[Ck], p: Pol, own: set[str | None]) -> None:
     decisions = plan_own_lineage([to_info(c) for c in cks], p.retention(), own, {})
     mine = [c for c in cks if c.run in own]
-    kept, hard = reference(mine, p, set())
+    kept, hard, slim = reference_slim(mine, p, set())
     foreign = {c.step for c in cks if c.run not in own}
     assert kept_and_protected(decisions) == (kept | foreign, hard | foreign)
+    assert {d.step for d in decisions if d.slim} == slim  # another lineage's checkpoints are never slimmed
 
 
 @PURE
@@ -229,7 +276,9 @@ def test_prunes_view_keeps_every_lineages_newest_and_best(cks: list[Ck], p: Pol)
             group = [c for c in cks if c.run == run]
             valid = [c.step for c in group if c.valid]
             protected |= set(valid[-1:]) | (set(ranked(group, p.mode)[:1]) if p.metric else set())
-    assert kept_and_protected(decisions) == reference(cks, p, protected)
+    kept, hard, slim = reference_slim(cks, p, protected)
+    assert kept_and_protected(decisions) == (kept, hard)
+    assert slim_of(decisions, cks) == slim
 
 
 def test_reference_examples_pin_the_meaning() -> None:
@@ -253,6 +302,13 @@ def test_reference_examples_pin_the_meaning() -> None:
     sized = [Ck(s, size=10) for s in range(1, 6)]
     assert reference(sized, Pol(max_bytes=30), {1}) == ({1, 4, 5}, {1, 5})
     assert reference(sized, Pol(max_bytes=29), {1}) == ({1, 5}, {1, 5})
+    fat = [Ck(s, size=10, train=6) for s in range(1, 7)]  # full_last: the newest 2 keep their training state
+    assert reference_slim(fat, Pol(full_last=2), set()) == (set(range(1, 7)), {6}, {1, 2, 3, 4})
+    assert reference_slim(fat, Pol(full_last=2), {2})[2] == {1, 3, 4}  # pinned / resumed from: never slimmed
+    was = [Ck(1, size=4, slimmed=True), Ck(2, size=10, train=6), Ck(3, size=4, slimmed=True), Ck(4, size=10, train=6)]
+    assert reference_slim(was, Pol(full_last=2), set())[2] == {1, 3}  # slimmed stays slimmed; 2 and 4 are the newest full
+    assert reference_slim(fat, Pol(full_last=1, max_bytes=30), set()) == ({1, 2, 3, 4, 5, 6}, {6}, {1, 2, 3, 4, 5})
+    assert reference_slim(fat, Pol(full_last=1, max_bytes=29), set()) == ({2, 3, 4, 5, 6}, {6}, {2, 3, 4, 5})
 
 
 # ---- the real manager over generated histories -------------------------------------------------
@@ -272,6 +328,15 @@ def on_disk(run: Path) -> set[int]:
     return {int(p.name[5:]) for p in run.glob("step-*") if (p / "MANIFEST.json").exists()}
 
 
+def slimmed_on_disk(run: Path) -> set[int]:
+    return {int(p.name[5:]) for p in run.glob("step-*") if "slimmed" in json.loads((p / "MANIFEST.json").read_text())}
+
+
+def train_size(run: Path, step: int) -> int:
+    """The bytes of its training-only state (what slimming drops), measured on disk."""
+    return (run / f"step-{step:09d}" / "optimizer.safetensors").stat().st_size
+
+
 def stored_size(run: Path, step: int) -> int:
     """The bytes of a checkpoint's files (what the budget counts), measured on disk."""
     d = run / f"step-{step:09d}"
@@ -284,7 +349,9 @@ class Run:
     def __init__(self, run: Path, retention: cg.Retention, async_save: bool) -> None:
         self.run, self.retention, self.async_save = run, retention, async_save
         torch.manual_seed(0)
-        self.state = cg.TrainState(model=torch.nn.Linear(2, 2), config={"v": "a"})
+        model = torch.nn.Linear(2, 2)
+        self.opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        self.state = cg.TrainState(model=model, optimizer=self.opt, config={"v": "a"})
         self.mgr = self.open()
 
     def open(self) -> cg.CheckpointManager:
@@ -293,6 +360,9 @@ class Run:
     def save(self, step: int, metric: Any, cfg: str) -> None:
         with torch.no_grad():
             self.state.model.weight.add_(1.0)  # type: ignore[union-attr]
+        for param in self.state.model.parameters():  # type: ignore[union-attr]
+            param.grad = torch.ones_like(param)
+        self.opt.step()  # Adam's moments: the training-only state full_last slims away
         self.state.config = {"v": cfg}
         assert self.mgr.save(step, self.state, metrics={} if metric is None else {"val": metric}, force=True)
         self.mgr.wait()
@@ -331,12 +401,16 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
                     superseded = (superseded | abandoned) - {pos} - revived
                     abandoned, revived = set(), set()
                     pins.discard(pos)  # a re-save (after restoring an older step) replaces the checkpoint, pin included
-                    existing[pos] = Ck(pos, metric=metric, cfg=cfg, size=stored_size(run_dir, pos))
+                    existing[pos] = Ck(pos, metric=metric, cfg=cfg, size=stored_size(run_dir, pos), train=train_size(run_dir, pos))
                     last_saved, session_saved, saved_resumed = pos, True, resumed
                     protected = pins | {last_saved} | ({resumed} if resumed is not None else set())
-                    kept, _ = reference(list(existing.values()), p, protected)
+                    kept, _, slim = reference_slim(list(existing.values()), p, protected)
                     assert on_disk(run_dir) == kept, (op, sorted(existing))
+                    assert slimmed_on_disk(run_dir) == slim, (op, sorted(existing))
                     existing = {s: c for s, c in existing.items() if s in kept}
+                    for s in slim - {s for s, c in existing.items() if c.slimmed}:  # what slimming left of them
+                        existing[s] = dataclasses.replace(existing[s], size=stored_size(run_dir, s), train=0, slimmed=True)
+                        assert existing[s].size == stored_size(run_dir, s)
                     pins &= kept
                     superseded &= kept
                 elif op[0] in ("pin", "unpin") and steps:
@@ -359,9 +433,10 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
                     if not steps:
                         assert user.mgr.restore(user.state) is None
                         continue
-                    live = [s for s in steps if s not in superseded]
-                    if op[1] is None and not live:  # only an abandoned branch is left: never None
-                        with pytest.raises(cg.CheckpointError, match="superseded"):
+                    # a plain restore() skips what a rollback abandoned and what was slimmed
+                    live = [s for s in steps if s not in superseded and not existing[s].slimmed]
+                    if op[1] is None and not live:  # only an abandoned branch or slimmed ones left: never None
+                        with pytest.raises(cg.CheckpointError, match="superseded|slimmed"):
                             user.mgr.restore(user.state)
                         continue
                     want = live[-1] if op[1] is None else steps[op[1] % len(steps)]
@@ -373,8 +448,11 @@ def test_real_manager_keeps_what_the_reference_keeps_after_every_save(
                 assert on_disk(run_dir) == set(existing)  # nothing but a save deletes
             # what the manager would decide now (pins and restores since its last save count)
             protected = pins | {s for s in (resumed, last_saved) if s is not None}
-            manager_plan = {d.step for d in user.mgr.plan_retention() if d.keep}
-            assert manager_plan == reference(list(existing.values()), p, protected)[0]
+            decisions = user.mgr.plan_retention()
+            manager_plan = {d.step for d in decisions if d.keep}
+            kept, _, slim = reference_slim(list(existing.values()), p, protected)
+            assert manager_plan == kept
+            assert slim_of(decisions, list(existing.values())) == slim
         finally:
             user.mgr.close()
         check_prune_agrees(run_dir, p, existing, pins, saved_resumed, capsys)
@@ -402,12 +480,17 @@ def check_prune_agrees(
         return
     assert out["policy_source"] == "recorded policy"
     kept = {d["step"] for d in out["decisions"] if d["keep"]}
-    assert kept == reference(list(existing.values()), p, pins | ({resumed} if resumed is not None else set()))[0]
+    want, _, slim = reference_slim(list(existing.values()), p, pins | ({resumed} if resumed is not None else set()))
+    assert kept == want
+    assert {d["step"] for d in out["decisions"] if d["slim"]} == slim
     assert main(["prune", str(run_dir), "--json"]) == 0
     capsys.readouterr()
     assert on_disk(run_dir) == kept
+    assert slimmed_on_disk(run_dir) == slim
     assert main(["prune", str(run_dir), "--dry-run", "--json"]) == 0
-    assert all(d["keep"] for d in json.loads(capsys.readouterr().out)["decisions"])  # converged
+    again = json.loads(capsys.readouterr().out)["decisions"]
+    assert all(d["keep"] and d["slimmed"] == d["slim"] for d in again)  # converged
+    assert {d["step"] for d in again if d["slim"]} == slim
 
 
 # ---- the README, literally ---------------------------------------------------------------------

@@ -4,6 +4,8 @@ The policy is the one the run recorded in ``RUN/ckptguard.json``; flags override
 Invariants always hold: the newest valid checkpoint, the best one, the one the last session resumed
 from, pinned ones, and every lineage's newest and best when a directory holds several runs.
 A real prune takes the run lock (it refuses while a live run writes) and removes debris too.
+With ``full_last`` (recorded, or ``--full-last N``) it also slims every kept checkpoint older than
+the newest N full ones to its weights; ``--dry-run`` shows ``keep, would slim`` for each.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ _FLAGS = {
     "keep_last": "keep_last", "keep_best": "keep_best", "metric": "metric", "mode": "mode",
     "keep_every": "keep_every", "phased": "phased", "total_steps": "total_steps",
     "phase_head": "phase_head", "phase_tail": "phase_tail", "phase_thin": "phase_thin",
-    "keep_config_changes": "keep_config_changes", "max_bytes": "max_bytes",
+    "keep_config_changes": "keep_config_changes", "max_bytes": "max_bytes", "full_last": "full_last",
 }
 
 
@@ -51,6 +53,8 @@ def register(sub: Any) -> None:
     p.add_argument("--keep-config-changes", action="store_true", default=None,
                    help="keep every checkpoint that preceded a config change")
     p.add_argument("--max-bytes", type=float, default=None, help="byte budget for kept checkpoints")
+    p.add_argument("--full-last", type=int, default=None, metavar="N",
+                   help="keep optimizer state only in the newest N kept checkpoints; slim older ones to weights")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -124,8 +128,8 @@ def _report(
             "policy_source": source,
             "decisions": [
                 {"step": d.step, "name": d.name, "keep": d.keep, "protected": d.protected,
-                 "reasons": list(d.reasons), "size_bytes": d.size_bytes,
-                 "error": failed.get(d.step)}
+                 "reasons": list(d.reasons), "size_bytes": d.size_bytes, "slim": d.slim,
+                 "slimmed": d.slimmed, "slim_bytes": d.slim_bytes, "error": failed.get(d.step)}
                 for d in decisions
             ],
             "debris": debris, "unknown": find_unknown(storage), "budget_overrun_bytes": over,
@@ -137,15 +141,17 @@ def _report(
     t.add_column("size", justify="right")
     t.add_column("reasons")
     for d in decisions:
-        decision = "keep" if d.keep else (f"FAILED: {failed[d.step][:60]}" if d.step in failed else verb)
-        t.add_row(str(d.step), decision, human_bytes(d.size_bytes), "; ".join(d.reasons),
+        t.add_row(str(d.step), _decision(d, failed, args.dry_run), human_bytes(d.size_bytes), "; ".join(d.reasons),
                   style=None if d.keep else "red")
     c = console()
     c.print(t)
     kept = [d for d in decisions if d.keep]
     gone = [d for d in decisions if not d.keep]
+    slim = [d for d in kept if d.slim and not d.slimmed]
+    slimming = (f"{'would slim' if args.dry_run else 'slimmed'} {len(slim)} to their weights "
+                f"({human_bytes(sum(d.slim_bytes for d in slim))} of training state), " if slim else "")
     c.print(
-        f"keep {len(kept)} ({human_bytes(sum(d.size_bytes for d in kept))}), {verb} {len(gone)} "
+        f"keep {len(kept)} ({human_bytes(sum(d.size_bytes for d in kept))}), {slimming}{verb} {len(gone)} "
         f"({human_bytes(sum(d.size_bytes for d in gone))}); debris {'to remove' if args.dry_run else 'removed'}: "
         f"{', '.join(debris) or 'none'}"
     )
@@ -162,3 +168,14 @@ def _report(
             f"{human_bytes(over)} over, all of it protected (newest valid, best, resumed-from, pinned). "
             "Unpin checkpoints or raise --max-bytes.[/]"
         )
+
+
+def _decision(d: Decision, failed: dict[int, str], dry_run: bool) -> str:
+    """The decision column: keep, keep slimmed (to its weights), delete, or a failure."""
+    if d.step in failed:
+        return f"FAILED: {failed[d.step][:60]}"
+    if not d.keep:
+        return "would delete" if dry_run else "deleted"
+    if d.slim and not d.slimmed:
+        return f"keep, {'would slim' if dry_run else 'slimmed'} (-{human_bytes(d.slim_bytes)})"
+    return "keep (slimmed)" if d.slimmed else "keep"

@@ -52,6 +52,8 @@ from ckptguard.errors import (
 )
 from ckptguard.format.manifest import SELF_DIGEST_KEY
 from ckptguard.persist.reader import CheckpointReader
+from ckptguard.persist.slim import slim_note
+from ckptguard.policies.slimming import slimmed_record
 from ckptguard.run.catalog import (
     BAD_STATUSES,
     SUPERSEDED,
@@ -184,6 +186,9 @@ def load_checkpoint(coord: Coordinator, state: TrainState, reader: CheckpointRea
         per_rank, exc = capture_exc(lambda: prepare_rank(coord, state, reader))
         agree(coord, exc, where)
         ts = state
+        slim = slim_note(reader.manifest, where)
+        if slim is not None:  # weights only (ckptguard.persist.slim)
+            ts = TrainState(model=state.model, capture_rng=False)
         if is_dcp(reader.manifest):
             rest, exc = capture_exc(lambda: load_sharded(coord, state, reader, strict=strict))
             agree(coord, exc, where)
@@ -202,6 +207,8 @@ def load_checkpoint(coord: Coordinator, state: TrainState, reader: CheckpointRea
     if reader.verify:
         reader.verify_unread()  # files restore did not need (config.yaml...) too
     assert report is not None
+    if slim is not None:  # _restored logs it as a warning
+        report.notes.append(slim)
     return report
 
 
@@ -293,6 +300,9 @@ def _skipped(c: CheckpointInfo, tally: _Tally, *, explicit: bool) -> bool:
     if c.status in BAD_STATUSES:
         tally.failures.append((c.path, _mark_reason(c)))
         log.warning("Skipping checkpoint %s: %s", c.path, tally.failures[-1][1])
+        return True
+    if slimmed_record(c.manifest) is not None:  # weights only: never resumed from unless asked for by step
+        tally.superseded.append((c.path, f"slimmed to its weights (skipped; restore(state, step={c.step}) loads them)"))
         return True
     return False
 

@@ -9,6 +9,8 @@ ckptguard's own modules and may change:
 - ``parallel_io`` (parallel and O_DIRECT tensor writes): ``ParallelTensorWriter``
 - ``incremental`` (data stored once by content): ``IncrementalSave``, ``chunk_refs``
 - ``gc`` (crash-safe collection of unreferenced packs): ``collect``, ``GcReport``
+- ``prune`` (a retention plan carried out): ``apply_decisions``
+- ``slim`` (a kept checkpoint slimmed to its weights, crash-safe): ``slim_checkpoint``
 - ``background`` (async saves and the reaper): ``BackgroundSaves``, ``Reaper``
 - ``staging`` (reused host buffers): ``Stager``
 """

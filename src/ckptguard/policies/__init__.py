@@ -9,4 +9,6 @@ ckptguard's own modules and may change:
   ``wasted_fraction``
 - ``preemption`` (a signal sets a flag): ``PreemptionGuard``
 - ``pins`` (checkpoints no policy deletes): ``pin``, ``unpin``, ``pinned_steps``
+- ``slimming`` (which kept checkpoints keep their training state, ``Retention(full_last=N)``):
+  ``plan_slimming``, ``slimmed_record``, ``TRAINING_ONLY_FILES``
 """

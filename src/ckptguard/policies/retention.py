@@ -5,8 +5,10 @@ reason. :class:`Retention` combines them: a checkpoint survives if any policy ke
 invariant protects it (the checkpoint the run resumed from, the newest valid one, the best one,
 pinned ones). Policies: :class:`KeepLast` (ring buffer), :class:`KeepBest`, :class:`KeepEvery`,
 :class:`KeepPhased` (the Checkpoint Rot schedule), :class:`KeepBeforeConfigChange`; a byte budget
-(``max_bytes``) then deletes the oldest checkpoints that only a policy keeps. Ordering is always
-by step number, never by name or modification time.
+(``max_bytes``) then deletes the oldest checkpoints that only a policy keeps. ``full_last`` keeps
+the training-only state (the optimizer's tensors) of the newest N kept checkpoints only: older kept ones are decided "slim" (``Decision.slim``, see
+:mod:`ckptguard.policies.slimming`), and :mod:`ckptguard.persist.slim` drops those files
+(policies decide, never delete). Ordering is always by step number, never by name or time.
 
 >>> Retention(keep_last=3, keep_best=1, metric="val_loss", mode="min")
 """
@@ -20,6 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from ckptguard.policies.slimming import plan_slimming
 from ckptguard.run.catalog import CheckpointInfo
 
 __all__ = [
@@ -37,7 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
 
 @runtime_checkable
 class Policy(Protocol):
@@ -208,16 +210,22 @@ class Decision:
     protected: bool = False
     own_bytes: int | None = None  # bytes in its own files (None: size_bytes); for budgets
     packs: tuple[tuple[str, int], ...] = ()  # shared packs it references, with sizes (incremental)
+    slim: bool = False  # kept as weights only (Retention.full_last): to be slimmed, or slimmed before
+    slimmed: bool = False  # slimmed before (slim is True too)
+    slim_bytes: int = 0  # the bytes of the training-only files slimming drops (0 when slimmed before)
 
 
-def stored_fields(c: CheckpointInfo) -> dict[str, Any]:
+def stored_fields(c: CheckpointInfo, without: Sequence[str] = ()) -> dict[str, Any]:
     """``own_bytes`` and ``packs`` of a checkpoint's Decision, from its manifest: what it really
-    stores is its own files plus shared packs that other checkpoints may reference too."""
+    stores is its own files plus shared packs that other checkpoints may reference too.
+    ``without``: files not counted (those slimming drops)."""
     files = (c.manifest or {}).get("files")
     if not isinstance(files, dict):
         return {}
     own, packs = 0, dict[str, int]()
-    for entry in files.values():
+    for fname, entry in files.items():
+        if fname in without:
+            continue
         if isinstance(entry.get("packs"), dict):
             packs.update(entry["packs"])
         else:
@@ -250,8 +258,16 @@ class Retention:
     Invariants always win: the newest valid checkpoint, the best one (when ``metric`` is set), the
     one the run resumed from and pinned ones are never deleted.
 
+    ``full_last``: keep the training-only state (the optimizer's tensors, see
+    :mod:`ckptguard.policies.slimming`) of the newest N kept checkpoints only; every older kept
+    one is *slimmed* to its weights (``Decision.slim``; :mod:`ckptguard.persist.slim`). Never
+    slimmed: the one the run resumed from, the one just saved and pinned ones (the caller's
+    ``protected``); the newest N are counted among kept, valid checkpoints that still have their training state. A slimmed
+    checkpoint stays valid and restorable by its step (weights only); a plain ``restore()`` never
+    resumes from one. The byte budget counts a checkpoint to be slimmed at its slimmed size.
+
     >>> Retention(keep_last=3, keep_best=1, metric="val_loss", phased=True, total_steps=100_000,
-    ...           keep_config_changes=True, max_bytes=50e9)
+    ...           keep_config_changes=True, max_bytes=50e9, full_last=2)
     """
 
     keep_last: int | None = None
@@ -267,6 +283,7 @@ class Retention:
     keep_config_changes: bool = False
     max_bytes: int | None = None
     policies: tuple[Policy, ...] = ()
+    full_last: int | None = None
 
     def __post_init__(self) -> None:
         if self.keep_last is not None and self.keep_last < 1:
@@ -285,13 +302,18 @@ class Retention:
             KeepPhased(self.total_steps, self.phase_head, self.phase_tail, self.phase_thin)  # validates
         if self.max_bytes is not None and self.max_bytes <= 0:
             raise ValueError(f"Retention(max_bytes=...) must be > 0 or None, got {self.max_bytes}")
+        if self.full_last is not None and (isinstance(self.full_last, bool) or self.full_last < 1):
+            raise ValueError(f"Retention(full_last=...) must be >= 1 or None, got {self.full_last}")
         for p in self.policies:
             if not isinstance(p, Policy):
                 raise TypeError(f"Retention(policies=...) items need a keep() method, got {p!r}")
 
     @property
     def keeps_everything(self) -> bool:
-        return self.keep_last is None and not self.phased and not self.policies and self.max_bytes is None
+        return (
+            self.keep_last is None and not self.phased and not self.policies and self.max_bytes is None
+            and self.full_last is None
+        )
 
     def all_policies(self) -> list[Policy]:
         out: list[Policy] = []
@@ -373,8 +395,33 @@ def plan_retention(
             out.append(Decision(c.step, c.name, False, reasons, c.size_bytes, **stored_fields(c)))
         else:
             out.append(Decision(c.step, c.name, True, reasons, c.size_bytes, protected=bool(hard[c.step]), **stored_fields(c)))
+    if retention.full_last is not None:
+        out = _with_slimming(ckpts, out, retention.full_last, protected or {})
     if retention.max_bytes is not None:
         out = _apply_budget(out, int(retention.max_bytes))
+    return out
+
+
+def _with_slimming(
+    ckpts: Sequence[CheckpointInfo], decisions: list[Decision], n: int, protected: Mapping[int, str]
+) -> list[Decision]:
+    """``Retention.full_last`` (see :func:`plan_slimming`): a slim Decision's budget fields count
+    only the files it keeps."""
+    by_step = {c.step: c for c in ckpts}
+    slim = plan_slimming([by_step[d.step] for d in decisions if d.keep], n, protected)
+    out = []
+    for d in decisions:
+        drop = slim.get(d.step)
+        if drop is None:
+            out.append(d)
+        elif not drop:
+            out.append(dataclasses.replace(d, slim=True, slimmed=True, reasons=(*d.reasons, "slimmed: weights only")))
+        else:
+            c = by_step[d.step]
+            out.append(dataclasses.replace(
+                d, slim=True, reasons=(*d.reasons, f"slim: training state kept for the newest {n} only"),
+                slim_bytes=sum(int((c.manifest or {})["files"][f].get("size", 0)) for f in drop), **stored_fields(c, drop),
+            ))
     return out
 
 
@@ -397,7 +444,8 @@ def _apply_budget(decisions: list[Decision], budget: int) -> list[Decision]:
                 users[pack] -= 1
                 total -= size if users[pack] == 0 else 0
             out[i] = dataclasses.replace(
-                d, keep=False, reasons=(f"over byte budget {budget} (was: {'; '.join(d.reasons)})",)
+                d, keep=False, reasons=(f"over byte budget {budget} (was: {'; '.join(d.reasons)})",), slim=False,
+                slimmed=False, slim_bytes=0,
             )
     if total > budget:
         log.warning(

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from ckptguard.capture.sampler import ResumableSampler, track_dataloader
 from ckptguard.capture.state import TrainState
 from ckptguard.errors import TrainingDivergedError
+from ckptguard.policies.slimming import slimmed_record
 from ckptguard.run.catalog import CheckpointInfo, mark_status
 from ckptguard.storage.base import Storage
 
@@ -186,7 +187,8 @@ class LossGuard:
                 f"{trip.why}) and there is no valid checkpoint before it to roll back to. Save "
                 "more often (every_steps=...) or lower the learning rate."
             )
-        restored = self.manager.restore(state, step=good[-1].step)
+        full = [c for c in good if slimmed_record(c.manifest) is None]  # a slimmed one holds weights only
+        restored = self.manager.restore(state, step=(full or good)[-1].step)
         assert restored is not None
         skipped = self._skip(state, trip.step - restored + self.skip_extra_batches)
         self.pending = None

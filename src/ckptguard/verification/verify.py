@@ -147,6 +147,9 @@ def _verify_one(storage: Storage, name: str, cleared: list[str], marked: list[st
             size = sum(int(e.get("size", 0)) for e in manifest["files"].values())
             step = int(manifest["step"])
             damage = verify_files(storage, name, manifest)
+            if damage and read_manifest(storage, name) != manifest:  # slimmed meanwhile: check what it is now
+                manifest = read_manifest(storage, name)
+                damage = verify_files(storage, name, manifest)
             found.extend(Problem(name, fname, msg) for fname, msg in damage)
             rec = read_status(storage, name)
             evidence = [(f, m) for f, m in damage if not m.startswith(NOT_EVIDENCE)]
