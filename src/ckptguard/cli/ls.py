@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
                         "metrics": c.metrics, "problems": list(c.problems),
                         "logical_bytes": sizes.checkpoints[c.name].logical,
                         "physical_bytes": sizes.checkpoints[c.name].physical,
+                        "slimmed": _slimmed(c),
                         **({"tiers": tiers.get(c.step, [])} if tiers else {}),
                     }
                     for c in ckpts
@@ -118,13 +119,18 @@ def _table(storage: Storage, ckpts: list[CheckpointInfo], sizes: RunSizes, tiers
             c.created.strftime("%Y-%m-%d %H:%M:%S") if c.created else "?",
             human_bytes(sizes.checkpoints[c.name].logical),
             human_bytes(sizes.checkpoints[c.name].physical),
-            c.status if c.valid else f"{c.status} (see below)",
+            (f"{c.status}, slimmed" if _slimmed(c) else c.status) if c.valid else f"{c.status} (see below)",
             c.reason,
             *([",".join(tiers.get(c.step, [])) or "-"] if tiers else []),
             *vals,
             style=style,
         )
     return t
+
+
+def _slimmed(c: CheckpointInfo) -> bool:
+    """Whether retention slimmed ``c`` to its weights (Retention(full_last=N)): it cannot resume exactly."""
+    return isinstance((c.manifest or {}).get("slimmed"), dict)
 
 
 def _print_problems(ckpts: list[CheckpointInfo]) -> None:
