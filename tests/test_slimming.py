@@ -433,3 +433,13 @@ def test_resuming_after_slimming_is_exact(tmp_path: Path) -> None:
             assert mgr.restore(state) == 8
     sa, sb = a[1].state_dict()["state"], b[1].state_dict()["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+
+
+def test_ls_says_which_checkpoints_are_slimmed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    train(run, range(1, 5), Retention(full_last=2))
+    assert main(["ls", str(run), "--json"]) == 0
+    rows = {c["step"]: c["slimmed"] for c in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert rows == {1: True, 2: True, 3: False, 4: False}
+    assert main(["ls", str(run)]) == 0
+    assert capsys.readouterr().out.count("slimmed") >= 2
