@@ -24,8 +24,10 @@ $(DEMO): $(BASE) pyproject.toml
 	$(PIP) -e ".[demo]"
 	touch $(DEMO)
 
+# The test extras include the framework integrations' pinned versions (their tests run real
+# Lightning, HF Trainer and Accelerate); `make demo` installs none of them.
 $(DEV): $(BASE) pyproject.toml
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,lightning,hf]"
 	touch $(DEV)
 
 demo: $(DEMO)
