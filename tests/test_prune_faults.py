@@ -12,7 +12,6 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ import ckptguard as cg
 from ckptguard.cli import main
 from ckptguard.cli import prune as prune_cli
 from ckptguard.storage.local import LocalStorage
-from ckptguard.testing import FaultyStorage, count_ops
+from ckptguard.testing import FaultyStorage, KillAt, count_ops
 from conftest import FULL
 
 STEPS = list(range(1, 7))
@@ -54,19 +53,6 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 model.weight.fill_(float(step))
             mgr.save(step, state, metrics={"loss": 1.0 / step}, force=True)
     return run
-
-
-class KillAt(FaultyStorage):
-    """Counts like FaultyStorage; the process SIGKILLs itself just before the k-th operation."""
-
-    def __init__(self, inner: Any, k: int) -> None:
-        super().__init__(inner)
-        self.k = k
-
-    def tick(self, op: str, path: str) -> None:
-        super().tick(op, path)
-        if self.count == self.k:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prune_in_child(run: Path, k: int, args: list[str]) -> int:

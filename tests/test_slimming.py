@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from ckptguard.persist.slim import slim_checkpoint
 from ckptguard.policies.retention import Retention, plan_retention
 from ckptguard.run.catalog import scan
 from ckptguard.storage import LocalStorage, open_storage
-from ckptguard.testing import FaultyStorage, SimulatedCrash, count_ops
+from ckptguard.testing import FaultyStorage, KillAt, SimulatedCrash, count_ops
 from trainlib import same_weights
 
 OPT = "optimizer.safetensors"
@@ -229,19 +228,6 @@ def test_a_kill_at_every_operation_of_a_slimming_save(tmp_path: Path, incrementa
 def _close(mgr: cg.CheckpointManager) -> None:
     with contextlib.suppress(SimulatedCrash, cg.CheckpointError):
         mgr.close()
-
-
-class KillAt(FaultyStorage):
-    """Counts like FaultyStorage; the process SIGKILLs itself just before its k-th operation."""
-
-    def __init__(self, inner: Any, k: int) -> None:
-        super().__init__(inner)
-        self.k = k
-
-    def tick(self, op: str, path: str) -> None:
-        super().tick(op, path)
-        if self.count == self.k:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_a_real_sigkill_at_every_operation_of_slimming(tmp_path: Path) -> None:

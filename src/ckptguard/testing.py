@@ -47,12 +47,16 @@ import dataclasses
 import errno
 import fnmatch
 import os
+import signal
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, BinaryIO
 
 from ckptguard.storage.base import PositionalWriter, Storage, Writer, translate_os_error
 
-__all__ = ["ALL_OPS", "CALLS", "FaultyPositionalWriter", "FaultyStorage", "FaultyWriter", "InjectedFault", "SimulatedCrash", "count_ops", "unwrap"]
+__all__ = [
+    "ALL_OPS", "CALLS", "FaultyPositionalWriter", "FaultyStorage", "FaultyWriter", "InjectedFault", "KillAt", "SimulatedCrash",
+    "count_ops", "unwrap",
+]
 
 # The operation kinds counted by default: those that change the run. "fsync" covers a writer's
 # close() (durable on close) and sync_dir(); "delete" covers remove_file() and remove_tree().
@@ -348,3 +352,17 @@ def unwrap(storage: Storage) -> Storage:
         storage = storage.inner
         seen += 1
     return storage
+
+
+class KillAt(FaultyStorage):
+    """Counts like :class:`FaultyStorage`; the process SIGKILLs itself just before its ``k``-th
+    operation (a real kill, in a child process: nothing after it runs, no ``finally``)."""
+
+    def __init__(self, inner: Any, k: int) -> None:
+        super().__init__(inner)
+        self.k = k
+
+    def tick(self, op: str, path: str) -> None:
+        super().tick(op, path)
+        if self.count == self.k:
+            os.kill(os.getpid(), signal.SIGKILL)
