@@ -166,12 +166,12 @@ def test_strict_restore_over_a_changed_dataset_raises_and_marks_nothing(run: Pat
     assert isinstance(e.value, cg.StateMismatchError)
     assert msg.split(": ")[0].endswith("step-000000003"), msg
     assert "TrainState(dataloader=...), over Points" in msg and change in msg
-    assert "saved over 48 samples, content fingerprint b2:" in msg
+    assert "saved over 48 samples, content fingerprint xxh3:" in msg
     assert "epoch 0, sample 24" in msg and "strict=False" in msg and "dataset_version" in msg
     if make is grown:
-        assert "today 49 samples, content fingerprint b2:" in msg
+        assert "today 49 samples, content fingerprint xxh3:" in msg
     else:
-        assert "today 48 samples, content fingerprint b2:" in msg and e.value.saved.fingerprint != e.value.now.fingerprint
+        assert "today 48 samples, content fingerprint xxh3:" in msg and e.value.saved.fingerprint != e.value.now.fingerprint
     assert e.value.saved.length == N
     assert_nothing_marked(run)
     # nothing was loaded into the live objects: a restore that raises leaves them as constructed
@@ -189,7 +189,7 @@ def test_non_strict_resume_over_a_grown_dataset_warns_and_goes_on(run: Path, cap
     assert s["position"] == (0, 24)  # the saved epoch and position, in the new dataset's order
     [msg] = [m for m in ckpt_warnings(caplog) if "dataset" in m]
     assert msg.startswith("Sampler: the dataset changed since the save (48 -> 49 samples): saved over 48 samples, "
-                          "content fingerprint b2:")
+                          "content fingerprint xxh3:")
     assert "resuming at epoch 0, position 24 of the new dataset's order" in msg
     assert_nothing_marked(run)
     with cg.CheckpointManager(run, lock=False) as mgr:
@@ -276,11 +276,11 @@ def test_doctor_reports_the_changed_dataset_and_what_was_recorded(saved_run: Pat
     [f] = [f for f in report.findings if f.code.startswith("data.")]
     assert (f.severity, f.code) == ("error", "data.changed") and not report.ok
     assert f.message.startswith("the dataset changed since the save (48 -> 49 samples): the saved position (epoch 0, sample 24)")
-    assert f.details[0].startswith("saved: 48 samples, content fingerprint b2:")
-    assert f.details[1].startswith("today: 49 samples, content fingerprint b2:")
+    assert f.details[0].startswith("saved: 48 samples, content fingerprint xxh3:")
+    assert f.details[1].startswith("today: 49 samples, content fingerprint xxh3:")
     [f] = [f for f in doctor(saved_run, None).findings if f.code.startswith("data.")]
     assert (f.severity, f.code) == ("info", "data.recorded")
-    assert "counts over Points: 48 samples, content fingerprint b2:" in f.message
+    assert "counts over Points: 48 samples, content fingerprint xxh3:" in f.message
     same = doctor(saved_run, setup(base_data(), workers=0)["state"])
     assert not [f for f in same.findings if f.code.startswith("data.")]
 

@@ -7,7 +7,7 @@ on. :class:`ckptguard.ResumableSampler` records, with its position, a :class:`Da
 - ``version``: what the user declared (``ResumableSampler(ds, dataset_version="v3")``, or a
   ``dataset_version`` attribute of the dataset). When given, the content is never read;
 - ``fingerprint``: otherwise a cheap content sample: :data:`SAMPLES` items at indices drawn from
-  a fixed seed (every item when the dataset is that small), each hashed with BLAKE2b over its
+  a fixed seed (every item when the dataset is that small), each hashed (XXH3-128) over its
   bytes (tensors, arrays, bytes, str, numbers, and lists / tuples / dicts / dataclasses of
   them). Items are read in the main process with every global generator seeded per index and
   put back afterwards, so random augmentation neither changes the fingerprint nor moves the
@@ -19,14 +19,13 @@ raises :class:`DatasetChangedError` (nothing is marked: it is a mismatch, not da
 
 >>> ident = identify(dataset, len(dataset))
 >>> ident.describe()
-'96 samples, content fingerprint b2:5d41402abc4b2a76'
+'96 samples, content fingerprint xxh3:5d41402abc4b2a76'
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import random
 import struct
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from ckptguard.errors import StateMismatchError
 
@@ -75,7 +75,7 @@ class DatasetChangedError(StateMismatchError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetIdentity:
-    """What a data position counts over. ``fingerprint`` is ``"b2:<hex>"`` or None (a
+    """What a data position counts over. ``fingerprint`` is ``"xxh3:<hex>"`` or None (a
     ``version`` was given, or the items could not be fingerprinted: ``note`` says why)."""
 
     length: int
@@ -109,7 +109,7 @@ class DatasetIdentity:
         if self.version is not None:
             return f"{what}, dataset_version {self.version!r}"
         if self.fingerprint is not None:
-            return f"{what}, content fingerprint {self.fingerprint[:19]}"
+            return f"{what}, content fingerprint {self.fingerprint[:21]}"
         return f"{what}, no content fingerprint ({self.note or 'none recorded'})"
 
 
@@ -135,7 +135,7 @@ class _Feed:
     """Feeds an item's content into a hash; counts what had no content to hash (opaque)."""
 
     def __init__(self) -> None:
-        self.h = hashlib.blake2b(digest_size=16)
+        self.h = xxhash.xxh3_128()
         self.leaves = 0
         self.opaque = 0
 
@@ -236,7 +236,7 @@ def _read_all(dataset: Any, indices: list[int]) -> tuple[list[bytes], bool]:
 
 
 def fingerprint(dataset: Any, n: int, k: int = SAMPLES) -> tuple[str | None, str]:
-    """``("b2:<hex>", "")``, or ``(None, why)`` when the sampled items cannot be fingerprinted.
+    """``("xxh3:<hex>", "")``, or ``(None, why)`` when the sampled items cannot be fingerprinted.
     Never raises for what a dataset does: a failing ``__getitem__`` is a note."""
     indices = sample_indices(n, k)
     try:
@@ -249,11 +249,11 @@ def fingerprint(dataset: Any, n: int, k: int = SAMPLES) -> tuple[str | None, str
         return None, "items differ between two reads (randomness the global generators do not drive)"
     if not content and indices:
         return None, "the items hold nothing ckptguard can hash (opaque objects)"
-    h = hashlib.blake2b(digest_size=16)
+    h = xxhash.xxh3_128()
     h.update(repr((n, indices)).encode())
     for d in first:
         h.update(d)
-    return "b2:" + h.hexdigest(), ""
+    return "xxh3:" + h.hexdigest(), ""
 
 
 def identify(dataset: Any, n: int, version: str | int | None = None) -> DatasetIdentity:
