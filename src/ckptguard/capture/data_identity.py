@@ -188,7 +188,7 @@ class _Feed:
         if t.layout != torch.strided or t.is_meta or t.is_quantized or t.is_nested:
             self.tag("tensor", str(t.layout), str(t.dtype), tuple(t.shape))
             return
-        flat = t.cpu().contiguous().reshape(-1)
+        flat = t.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
         self.tag("tensor", str(t.dtype), tuple(t.shape))
         self.raw("data", flat.view(torch.uint8).numpy().data if flat.numel() else b"")
 

@@ -4,7 +4,8 @@ Two traps stand between a DataLoader and an exact resume, and this module handle
 
 1. Prefetching. With ``num_workers > 0`` the loader pulls indices from the sampler ahead of the
    training loop, so the sampler's own count is ahead of what the loop consumed. A DataLoader
-   handed to :class:`~ckptguard.TrainState` is tracked: we count the batches the loop received.
+   handed to :class:`~ckptguard.TrainState` is tracked: we count the batches the loop received
+   (:class:`~ckptguard.capture.loader_tracking.LoaderTracker`).
 2. The global RNG. Creating a DataLoader iterator draws its base seed (which also seeds its
    workers) from torch's global generator. In an uninterrupted run that draw happens at the start
    of the epoch; after a mid-epoch restore the loop re-creates the iterator mid-epoch, and the draw
@@ -23,6 +24,10 @@ Two traps stand between a DataLoader and an exact resume, and this module handle
    original. A dataset with ``__getitems__`` (batched loading) is seeded once per batch, from
    its first sample. ``persistent_workers=True`` keeps one base seed for the whole run, which
    the checkpoint records so the resumed run's workers get it again.
+
+The position is saved with what it counts over (the dataset's length and a content fingerprint,
+or a declared ``dataset_version``: :mod:`ckptguard.capture.data_identity`), so a resume over a
+changed dataset is caught instead of silently skipping or repeating samples.
 """
 
 from __future__ import annotations
