@@ -285,6 +285,19 @@ def test_doctor_reports_the_changed_dataset_and_what_was_recorded(saved_run: Pat
     assert not [f for f in same.findings if f.code.startswith("data.")]
 
 
+def test_doctor_cli_with_a_factory_of_today(saved_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptguard.cli import main
+
+    factory = tmp_path / "today.py"
+    factory.write_text("from test_data_identity import grown, setup\n\ndef make():\n    return setup(grown(), workers=0)['state']\n")
+    capsys.readouterr()
+    code = main(["doctor", str(saved_run), "--model", f"{factory}:make", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1 and out["exit_code"] == 1
+    [f] = [f for f in out["findings"] if f["code"] == "data.changed"]
+    assert f["severity"] == "error" and f["details"][1].startswith("today: 49 samples, content fingerprint xxh3:")
+
+
 def fixture_state(n: int) -> tuple[cg.TrainState, cg.ResumableSampler]:
     ds = TensorDataset(torch.arange(2.0 * n).reshape(n, 2))
     sampler = cg.ResumableSampler(ds, shuffle=True, seed=0)
