@@ -4,7 +4,8 @@ Two traps stand between a DataLoader and an exact resume, and this module handle
 
 1. Prefetching. With ``num_workers > 0`` the loader pulls indices from the sampler ahead of the
    training loop, so the sampler's own count is ahead of what the loop consumed. A DataLoader
-   handed to :class:`~ckptguard.TrainState` is tracked: we count the batches the loop received.
+   handed to :class:`~ckptguard.TrainState` is tracked: we count the batches the loop received
+   (:class:`~ckptguard.capture.loader_tracking.LoaderTracker`).
 2. The global RNG. Creating a DataLoader iterator draws its base seed (which also seeds its
    workers) from torch's global generator. In an uninterrupted run that draw happens at the start
    of the epoch; after a mid-epoch restore the loop re-creates the iterator mid-epoch, and the draw
@@ -23,6 +24,10 @@ Two traps stand between a DataLoader and an exact resume, and this module handle
    original. A dataset with ``__getitems__`` (batched loading) is seeded once per batch, from
    its first sample. ``persistent_workers=True`` keeps one base seed for the whole run, which
    the checkpoint records so the resumed run's workers get it again.
+
+The position is saved with what it counts over (the dataset's length and a content fingerprint,
+or a declared ``dataset_version``: :mod:`ckptguard.capture.data_identity`), so a resume over a
+changed dataset is caught instead of silently skipping or repeating samples.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler, get_worker_info
 
+from ckptguard.capture.data_identity import DatasetIdentity, identify, order_changes
+from ckptguard.capture.loader_tracking import CountingIterator, LoaderTracker
 from ckptguard.capture.rng import seed_sample
 
 __all__ = ["ResumableSampler", "SampleIndex", "track_dataloader", "loader_state", "load_loader_state"]
@@ -70,7 +77,9 @@ class ResumableSampler(Sampler[int]):
 
     Epoch ``e`` visits ``randperm(n, seed + e)`` (or ``range(n)``), split across ``num_replicas``
     like ``DistributedSampler``. The epoch advances by itself when an epoch is exhausted;
-    ``set_epoch`` is accepted too. Seen samples are never replayed after a resume.
+    ``set_epoch`` is accepted too. Seen samples are never replayed after a resume. The state
+    records what the position counts over (:meth:`identity`: the length and a content fingerprint
+    of ``data_source``, or ``dataset_version`` when given; see ckptguard.capture.data_identity).
 
     >>> s = ResumableSampler(range(10), shuffle=True, seed=0)
     >>> first = list(s)                      # epoch 0
@@ -87,8 +96,11 @@ class ResumableSampler(Sampler[int]):
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
+        dataset_version: str | int | None = None,
     ) -> None:
         n = data_source if isinstance(data_source, int) else len(data_source)
+        if dataset_version is not None and (not isinstance(dataset_version, (str, int)) or isinstance(dataset_version, bool)):
+            raise TypeError(f"dataset_version must be a str or an int, got {type(dataset_version).__name__}")
         if n < 0:
             raise ValueError(f"dataset length must be >= 0, got {n}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
@@ -99,6 +111,9 @@ class ResumableSampler(Sampler[int]):
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.drop_last = bool(drop_last)
+        self.dataset = None if isinstance(data_source, int) else data_source
+        self.dataset_version = dataset_version
+        self._identity: DatasetIdentity | None = None
         if drop_last:
             self.num_samples = n // num_replicas
         else:
@@ -191,6 +206,12 @@ class ResumableSampler(Sampler[int]):
         """Samples of the current epoch already handed out (this rank)."""
         return self._yielded
 
+    def identity(self) -> DatasetIdentity:
+        """What the position counts over; computed once (the first save or resume), then kept."""
+        if self._identity is None:
+            self._identity = identify(self.dataset, self.dataset_len, self.dataset_version)
+        return self._identity
+
     def state_dict(self) -> dict[str, Any]:
         epoch, pos = self.epoch, self._yielded
         if pos >= self.num_samples and self.num_samples:
@@ -208,22 +229,13 @@ class ResumableSampler(Sampler[int]):
             "dataset_len": self.dataset_len,
             "num_samples": self.num_samples,
             "global_consumed": pos * self.num_replicas,
+            "dataset": self.identity().to_json(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         epoch, start = int(state["epoch"]), int(state["start"])
-        if int(state.get("dataset_len", self.dataset_len)) != self.dataset_len:
-            log.warning(
-                "Sampler: the dataset had %s samples when saved and has %d now; the resumed "
-                "epoch order differs from the original run.",
-                state.get("dataset_len"), self.dataset_len,
-            )
-        for field in ("seed", "shuffle"):
-            if field in state and state[field] != getattr(self, field):
-                log.warning(
-                    "Sampler: %s was %r when saved and is %r now; the data order changes.",
-                    field, state[field], getattr(self, field),
-                )
+        for message in order_changes(state, {"seed": self.seed, "shuffle": self.shuffle}, self.identity()):
+            log.warning("%s", message)
         old_r = int(state.get("num_replicas", self.num_replicas))
         if old_r != self.num_replicas:
             start = int(state.get("global_consumed", start * old_r)) // self.num_replicas
@@ -237,44 +249,6 @@ class ResumableSampler(Sampler[int]):
 
 
 # ---- DataLoader tracking -------------------------------------------------------------------
-
-
-class _Tracker:
-    """Per-DataLoader record of the live iterator: where it started and what the loop consumed."""
-
-    def __init__(self, sampler: ResumableSampler, batch_size: int, loader: DataLoader[Any]) -> None:
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.num_workers = int(loader.num_workers)
-        self.persistent = bool(loader.persistent_workers and loader.num_workers > 0)
-        self.active = False
-        self.epoch = 0
-        self.start = 0
-        self.consumed = 0
-        # RNG state before the base-seed draw of the live torch iterator (for persistent workers:
-        # of the one iterator they belong to), and the one to replay after a restore.
-        self.pre_iter_rng: torch.Tensor | None = None
-        self.replay_rng: torch.Tensor | None = None
-
-
-class _CountingIterator:
-    def __init__(self, inner: Iterator[Any], tracker: _Tracker) -> None:
-        self._inner = inner
-        self._tracker = tracker
-
-    def __iter__(self) -> _CountingIterator:
-        return self
-
-    def __next__(self) -> Any:
-        item = next(self._inner)
-        self._tracker.consumed += 1
-        return item
-
-    def __len__(self) -> int:
-        return len(self._inner)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 # A signal to the whole process group (torchrun, Slurm) is the loop's preemption, not the workers' death.
@@ -354,7 +328,7 @@ def _new_torch_iterator(loader: DataLoader[Any], generator: torch.Generator | No
 
 
 def _tracked_iter(self: DataLoader[Any]) -> Iterator[Any]:
-    tracker: _Tracker = self._ckptguard_tracker  # type: ignore[attr-defined]
+    tracker: LoaderTracker[ResumableSampler] = self._ckptguard_tracker  # type: ignore[attr-defined]
     sampler = tracker.sampler
     tracker.num_workers = int(self.num_workers)
     tracker.persistent = bool(self.persistent_workers and self.num_workers > 0)
@@ -376,7 +350,7 @@ def _tracked_iter(self: DataLoader[Any]) -> Iterator[Any]:
     tracker.active = True
     tracker.epoch, tracker.start, tracker.consumed = epoch, start, 0
     tracker.pre_iter_rng = pre
-    return _CountingIterator(inner, tracker)
+    return CountingIterator(inner, tracker)
 
 
 def _find_sampler(loader: DataLoader[Any]) -> tuple[ResumableSampler | None, int]:
@@ -389,7 +363,7 @@ def _find_sampler(loader: DataLoader[Any]) -> tuple[ResumableSampler | None, int
     return None, 1
 
 
-def track_dataloader(loader: DataLoader[Any]) -> _Tracker:
+def track_dataloader(loader: DataLoader[Any]) -> LoaderTracker[ResumableSampler]:
     """Start tracking ``loader`` (idempotent). Its sampler must be a ResumableSampler."""
     existing = getattr(loader, "_ckptguard_tracker", None)
     if existing is not None:
@@ -405,7 +379,7 @@ def track_dataloader(loader: DataLoader[Any]) -> _Tracker:
         )
     cls = type(loader)
     tracked_cls = type(f"Resumable{cls.__name__}", (cls,), {"__iter__": _tracked_iter})
-    tracker = _Tracker(sampler, batch_size, loader)
+    tracker = LoaderTracker(sampler, batch_size, loader)
     loader._ckptguard_tracker = tracker
     loader.__class__ = tracked_cls
     return tracker
@@ -419,7 +393,7 @@ def _unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s, validate=True)), dtype=torch.uint8).clone()
 
 
-def loader_state(tracker: _Tracker, generator: torch.Generator | None) -> dict[str, Any]:
+def loader_state(tracker: LoaderTracker[ResumableSampler], generator: torch.Generator | None) -> dict[str, Any]:
     """The position the training loop reached (not the prefetcher), plus RNG for the replay."""
     s = tracker.sampler
     if tracker.active:
@@ -445,7 +419,7 @@ def loader_state(tracker: _Tracker, generator: torch.Generator | None) -> dict[s
     return out
 
 
-def load_loader_state(tracker: _Tracker, loader: DataLoader[Any], state: dict[str, Any], where: str = "state.json") -> None:
+def load_loader_state(tracker: LoaderTracker[ResumableSampler], loader: DataLoader[Any], state: dict[str, Any], where: str = "state.json") -> None:
     """Put a saved loader position back. Malformed fields raise CorruptCheckpointError (``where``)."""
     try:
         sampler_state = state["sampler"]

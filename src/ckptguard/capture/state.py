@@ -22,6 +22,7 @@ import yaml
 from torch import nn
 
 from ckptguard.capture.configdrift import normalize_config
+from ckptguard.capture.data_identity import dataset_check, saved_identity
 from ckptguard.capture.inplace import optimizer_targets
 from ckptguard.capture.mismatch import MismatchReport, check_optimizers, compare_model, load_optimizers, mismatch_error
 from ckptguard.capture.model_keys import canonical_key, model_state_dict, param_names, unwrap_model
@@ -204,7 +205,10 @@ def capture(ts: TrainState, step: int) -> Snapshot:
     cfg = config_to_dict(ts.config)
     cfg_yaml = yaml.safe_dump(cfg, sort_keys=True).encode() if cfg is not None else None
     files = {k: v for k, v in files.items() if v or k != EXTRA_FILE}
-    return Snapshot(files, state, cfg, cfg_yaml, hash_config(cfg))
+    data = saved_identity(state.get("sampler") or (state.get("dataloader") or {}).get("sampler"))
+    # A change of the data pipeline is a config change (retention's keep_config_changes, diff).
+    digest = hash_config(cfg) if data is None else hash_config({"config": cfg, "data": data.key()})
+    return Snapshot(files, state, cfg, cfg_yaml, digest)
 
 
 # ---- restore ---------------------------------------------------------------------------------
@@ -315,6 +319,7 @@ def restore_state(
     _check_objects(ts, state, report)
     if strict and not report.clean:
         raise mismatch_error(where, report)
+    dataset_check(ts.sampler, state, where, strict=strict)  # a changed dataset: raises when strict (else the sampler warns)
 
     if ts.model is not None and model_parts is not None:
         _load_model(ts.model, reader, state, model_parts, report, extra_tensors)

@@ -8,7 +8,8 @@ Each check is a pure function returning findings (severity ``info`` / ``warning`
 storage integrity, key/shape/dtype differences, behaviour drift on the probe batch ("loads
 cleanly, runs differently"), optimizer state missing for trainable parameters (and state for
 parameters no longer trained), optimizer and scheduler hyper-parameters the restore would
-silently override (with the LR at the saved step under both), missing RNG state, and environment
+silently override (with the LR at the saved step under both), missing RNG state, the dataset the
+data position counts over (recorded vs today's: length, content fingerprint or version), environment
 drift (git commit and changed files, library versions, format version), and config drift (today's
 config against the checkpoint's ``config.yaml``, key by key). Nothing is modified: the
 current objects are only read; the checkpoint's weights go into a CPU copy of the model.
@@ -28,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from ckptguard.capture.configdrift import config_diff
+from ckptguard.capture.data_identity import dataset_change, saved_identity
 from ckptguard.capture.environment import collect_environment, git_output
 from ckptguard.capture.mismatch import compare_model, optimizer_plan, optimizer_structure
 from ckptguard.capture.model_keys import param_names
@@ -308,6 +310,35 @@ def check_rng(ts: TrainState, state: Mapping[str, Any]) -> list[Finding]:
     return [Finding("warning", "rng.missing", "no RNG state in the checkpoint: dropout and shuffling will not continue as they would have; the resume is not bit-exact")]
 
 
+def check_data(ts: TrainState, state: Mapping[str, Any]) -> list[Finding]:
+    """The dataset the saved data position counts over, against today's (a factory returning a
+    TrainState with ``dataloader=`` or ``sampler=``); without today's, what was recorded."""
+    loader = state.get("dataloader")
+    saved_state = loader.get("sampler") if isinstance(loader, Mapping) else state.get("sampler")
+    if not isinstance(saved_state, Mapping):
+        return []
+    try:
+        saved = saved_identity(saved_state)
+    except ValueError as e:
+        return [Finding("warning", "data.unreadable", f"the recorded dataset identity cannot be read: {e}")]
+    pos = f"epoch {saved_state.get('epoch')}, sample {saved_state.get('start')}"
+    if saved is None:
+        return [Finding("info", "data.unrecorded", f"the data position ({pos}) was saved without a dataset identity "
+                        f"(an older ckptguard): only the length ({saved_state.get('dataset_len')}) is compared on resume")]
+    if ts.sampler is None:
+        return [Finding("info", "data.recorded", f"the data position ({pos}) counts over {saved.dataset or 'a dataset'}: "
+                        f"{saved.describe()}; a factory returning TrainState(dataloader=...) compares it with today's dataset")]
+    now = ts.sampler.identity()
+    change = dataset_change(saved, now)
+    if change is None:
+        return []
+    return [Finding("error", "data.changed",
+                    f"the dataset changed since the save ({change}): the saved position ({pos}) counts over the old "
+                    "data; restore(strict=True) raises DatasetChangedError, restore(strict=False) resumes at the same "
+                    "position in the new order (samples of this epoch may repeat or be skipped)",
+                    (f"saved: {saved.describe()}", f"today: {now.describe()}"))]
+
+
 def check_environment(manifest: Mapping[str, Any], now: Mapping[str, Any], cwd: str | None = None) -> list[Finding]:
     then = manifest.get("environment") or {}
     out = []
@@ -402,6 +433,7 @@ def doctor(
         extra = reader.tensors(EXTRA_FILE) if reader.has(EXTRA_FILE) and EXTRA_FILE not in broken else {}
         findings += check_schedulers(ts, state, extra)
         findings += check_rng(ts, state)
+        findings += check_data(ts, state)
     if config is None and ts.config is not None:
         config, config_source = ts.config, "the factory's TrainState(config=...)"
     if "config.yaml" not in broken:
