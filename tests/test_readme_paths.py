@@ -36,7 +36,7 @@ TOP_LEVEL = {
     "AsyncSaveError", "CheckpointNotFoundError", "CorruptCheckpointError", "NoValidCheckpointError",
     "DiskFullError", "StoragePermissionError", "StorageError", "FormatVersionError", "RunLockedError",
     "RunLockLostError", "StateMismatchError", "UnsupportedStateError", "UnsafeCheckpointError",
-    "StorageUnavailableError", "CommitUnknownError",
+    "StorageUnavailableError", "CommitUnknownError", "DatasetChangedError",
     "__version__",
 }  # fmt: skip
 

@@ -35,8 +35,6 @@ from ckptguard.tiers.options import hot_root
 from conftest import FULL
 from s3_fixture import s3_endpoint, s3_url  # noqa: F401 - fixtures
 
-pytestmark = pytest.mark.xdist_group("tiers")
-
 CLIENT = Path(__file__).parent / "clients" / "spot_tiers.py"
 
 

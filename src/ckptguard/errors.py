@@ -76,6 +76,17 @@ class StateMismatchError(CheckpointError, KeyError):
         super().__init__(message)
         self.report = report
 
+
+class DatasetChangedError(StateMismatchError):
+    """The dataset a checkpoint's data position counts over is not today's (length, content or
+    ``dataset_version`` differ; see ckptguard.capture.data_identity). A mismatch, never damage:
+    nothing is marked and restore does not fall back. ``saved`` and ``now``: the two identities."""
+
+    def __init__(self, message: str, saved: object, now: object) -> None:
+        super().__init__(message)
+        self.saved = saved
+        self.now = now
+
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""
 

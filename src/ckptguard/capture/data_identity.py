@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import xxhash
 
-from ckptguard.errors import StateMismatchError
+from ckptguard.errors import DatasetChangedError
 
 __all__ = [
     "SAMPLES",
@@ -60,17 +60,6 @@ INDEX_SEED = 0x5EED  # the indices read depend on the length only
 LEAF_BYTES = 8 << 20  # a larger array is hashed by its first and last 4 MiB (and its size)
 MAX_LEAVES = 4096  # per item: what an exotic nested item may cost
 MAX_DEPTH = 8
-
-
-class DatasetChangedError(StateMismatchError):
-    """The dataset a checkpoint's data position counts over is not today's (length, content or
-    ``dataset_version`` differ). A mismatch, never damage: nothing is marked and restore does not
-    fall back to an older checkpoint. ``saved`` and ``now`` are the two :class:`DatasetIdentity`."""
-
-    def __init__(self, message: str, saved: DatasetIdentity, now: DatasetIdentity) -> None:
-        super().__init__(message)
-        self.saved = saved
-        self.now = now
 
 
 @dataclasses.dataclass(frozen=True)
