@@ -394,7 +394,7 @@ def test_a_second_process_on_a_live_tiered_run_reads_but_cannot_save_or_free_it(
     other = cg.CheckpointManager(run, tiers=Tiers(local=local))
     assert other.checkpoints()  # it can list (and restore) what the tiers hold
     state = cg.TrainState(model=torch.nn.Linear(2, 2))
-    with pytest.raises(cg.RunLockedError, match=f"pid {c.proc.pid}.*One writer per run"):
+    with pytest.raises(cg.RunLockedError, match=f"pid {c.proc.pid}"):
         other.save(1, state, force=True)
     other.close()  # a reader's clean close copies nothing and frees nothing
     assert os.path.isdir(hot_dir(run)) and keeper_pid(run) is not None

@@ -14,9 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckptguard as cg
+from ckptguard.run.runrecord import RunRecord
+from ckptguard.storage import LocalStorage
 from ckptguard.tiers import Tiers
 
 TIERS = ("local", "durable")  # fastest first (the hot tier is the same code with a keeper: tests/test_tiers.py)
+LINEAGE = "oracle"  # every copy is of one run (copies of no lineage of the run are never restored)
 
 # per step: for each tier, None (no copy), "ok" or "damaged"
 copy = st.sampled_from([None, "ok", "damaged"])
@@ -36,7 +39,7 @@ def write_copy(root: Path, step: int, tier: str, damaged: bool) -> None:
     state = cg.TrainState(model=torch.nn.Linear(2, 2), extra={"tier": tier, "step": step})
     with torch.no_grad():
         state.model.weight.fill_(float(step))
-    with cg.CheckpointManager(root, lock=False) as mgr:
+    with cg.CheckpointManager(root, lock=False, run_id=LINEAGE) as mgr:
         mgr.save(step, state, force=True)
     if damaged:
         f = next((root / f"step-{step:09d}").glob("*.safetensors"))
@@ -50,6 +53,7 @@ def write_copy(root: Path, step: int, tier: str, damaged: bool) -> None:
 def test_tiered_restore_picks_what_the_reference_says(layout: dict[int, tuple[str | None, str | None]]) -> None:
     with tempfile.TemporaryDirectory() as d:
         roots = {"local": Path(d, "local"), "durable": Path(d, "durable")}
+        RunRecord(LocalStorage(roots["durable"]), LINEAGE).write()  # the run, as its first save records it
         for step, kinds in layout.items():
             for tier, kind in zip(TIERS, kinds):
                 if kind is not None:

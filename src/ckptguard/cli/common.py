@@ -10,6 +10,10 @@ from typing import Any
 
 from rich.console import Console
 
+from ckptguard.run.catalog import scan
+from ckptguard.storage import Storage
+from ckptguard.tiers.tiered import tier_listing
+
 __all__ = [
     "add_json_flag", "check_target", "console", "err_console", "fail", "human_bytes", "path_kind", "print_json", "problem_text",
 ]
@@ -126,3 +130,18 @@ def require_run(path: str, command: str) -> None:
             f"{path} is a checkpoint directory; '{command}' works on a whole run. Its run is {run}: "
             f"run 'ckptguard {command} {run} ...'."
         )
+
+
+def tier_note(storage: Storage) -> str | None:
+    """For a tiered run (ckptguard.tiers): which faster tiers this host holds and their newest
+    step, since the other commands read the run's own (durable) directory; None otherwise."""
+    tiers, elsewhere = tier_listing(storage)
+    held = []
+    for name, tier in tiers[:-1]:
+        steps = [c.step for c in scan(tier, check_files=False) if c.valid]
+        if steps:
+            held.append(f"{name} {tier.url} (newest step {max(steps)})")
+    if not held:
+        return f"a tiered run: {elsewhere}" if elsewhere else None
+    return ("a tiered run: this reads its durable tier; its faster tiers on this host hold " + "; ".join(held)
+            + ". 'ckptguard ls RUN' lists every tier; 'ckptguard verify DIR' checks one.")

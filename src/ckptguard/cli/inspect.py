@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.cli.common import add_json_flag, check_target, console, err_console, human_bytes, print_json, problem_text
+from ckptguard.cli.common import add_json_flag, check_target, console, err_console, human_bytes, print_json, problem_text, tier_note
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError
 from ckptguard.format.manifest import MANIFEST
 from ckptguard.manager.extensions import custom_fields
@@ -38,16 +38,19 @@ def _newest_committed(target: str) -> tuple[Storage, str, str]:
                 f"{storage.describe(names[0])} has no {MANIFEST}: it is not a committed checkpoint "
                 "(debris of an interrupted save, removed by the next save or 'ckptguard prune')."
             )
+        note = tier_note(storage)
         raise CheckpointNotFoundError(
             f"No committed checkpoint in {storage.describe('')}"
             + (f" ({len(names)} step directories without a manifest: debris of interrupted saves)" if names else "")
-            + ". Pass a run directory or RUN/step-N; 'ckptguard ls' lists a run."
+            + ". Pass a run directory or RUN/step-N; 'ckptguard ls' lists a run." + (f" ({note})" if note else "")
         )
     if kind == "checkpoint" or (kind == "url" and target.rstrip("/").rsplit("/", 1)[-1] == committed[-1]):
         return storage, committed[-1], ""
     run = storage.describe("")
     note = (f"the newest of {len(committed)} committed checkpoints of {run} ('ckptguard ls {run}' lists them; "
             "pass RUN/step-N for another)")
+    tiers = tier_note(storage)
+    note += f"; {tiers}" if tiers else ""
     return storage, committed[-1], note
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json, problem_text
+from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json, problem_text, tier_note
 from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.report.sizes import RunSizes, run_sizes
 from ckptguard.run.catalog import CheckpointInfo, find_debris, find_unknown, scan
@@ -66,7 +66,7 @@ def _open_listing(target: str) -> tuple[Storage, list[CheckpointInfo], str | Non
 
 def run(args: argparse.Namespace) -> int:
     storage, ckpts, only = _open_listing(args.run)
-    ckpts, tiers, tier_note = _with_tiers(storage, ckpts) if only is None else (ckpts, {}, None)
+    ckpts, tiers, elsewhere = _with_tiers(storage, ckpts) if only is None else (ckpts, {}, None)
     debris = find_debris(storage) if only is None else []
     unknown = find_unknown(storage) if only is None else []
     sizes = run_sizes(storage, ckpts)  # logical vs physical: see ckptguard.report.sizes
@@ -96,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     console().print(_table(storage, ckpts, sizes, tiers))
     _print_problems(ckpts)
-    if tier_note:
-        console().print(f"a tiered run: {tier_note}", highlight=False)
+    held = tier_note(storage) if tiers else None
+    if held or elsewhere:
+        console().print(held or f"a tiered run: {elsewhere}", highlight=False)
     if only is not None:
         console().print(f"{args.run} is one checkpoint of the run {storage.describe('')}: "
                         f"'ckptguard ls {storage.describe('')}' lists them all.", highlight=False)

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ckptguard.cli.common import add_json_flag, check_target, console, human_bytes, print_json
+from ckptguard.cli.common import add_json_flag, check_target, console, err_console, human_bytes, print_json, tier_note
 from ckptguard.cli.progress import delayed_progress
 from ckptguard.run.catalog import scan
 from ckptguard.verification.verify import resolve_target, verify
@@ -24,9 +24,12 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     check_target(args.target, want="checkpoint")
     storage, names = resolve_target(args.target)
+    note = tier_note(storage) if len(names) != 1 or not args.target.rstrip("/").endswith(names[0]) else None
     if args.json:
         report = verify(args.target)
         print_json(report.to_json())
+        if note:
+            err_console().print(note, highlight=False)
         return 0 if report.ok else 1
     sizes = {c.name: c.size_bytes for c in scan(storage, check_files=False)}
     done: list[str] = []
@@ -54,4 +57,6 @@ def run(args: argparse.Namespace) -> int:
         console().print(f"[red]{len(report.problems)} problem(s):[/]")
         for p in report.problems:
             console().print(f"  {p}", highlight=False)
+    if note:
+        console().print(note, highlight=False)
     return 0 if report.ok else 1

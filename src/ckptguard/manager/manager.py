@@ -45,7 +45,7 @@ from ckptguard.run.runrecord import RUN_FILE, RunRecord
 from ckptguard.run.watchdog import HANG_EXIT_CODE, Watchdog, WatchdogOptions
 from ckptguard.storage import Storage, open_storage
 from ckptguard.tiers.options import Tiers
-from ckptguard.tiers.restoring import restore_tiered
+from ckptguard.tiers.restoring import restore_tiered, warn_if_tiered
 from ckptguard.tiers.tiered import TierSet
 from ckptguard.verification.behaviour import Verifier, attach_verifier
 
@@ -138,7 +138,7 @@ class CheckpointManager:
         self._lock_agreed = False  # distributed: rank 0 took the lock at the first save() call
         self._tiers = None if tiers is None else TierSet(
             checked_tiers(tiers, incremental, self._coord.active), self.storage, storage_options=storage_options,
-            mtbf=self.schedule.mtbf_seconds, on_durable=self._on_durable, lock_check=self._check_lock,
+            mtbf=self.schedule.mtbf_seconds, on_durable=self._on_durable, lock_check=lambda: self._saves.check_lock(),
         )
         self._saves = SavePipeline(
             self.storage, self._coord, self.metrics_log,
@@ -208,13 +208,13 @@ class CheckpointManager:
 
     def _save(self, step: int, state: TrainState, metrics: Mapping[str, Any] | None, force: bool) -> bool:
         self._saves.background.raise_if_failed()
-        if self._tiers is not None:
-            self._tiers.attach(to_save=True)  # the keeper is alive (a new one if it died)
         if not self._coord.active:
             self._saves.acquire_lock()  # a writer from its first save() (metrics.csv included)
         elif not self._lock_agreed:  # every rank's first save() call: rank 0 locks, all hear how it went
             on_primary(self._coord, self._saves.acquire_lock, f"taking the writer lock of {self.storage.url}")
             self._lock_agreed = True
+        if self._tiers is not None:
+            self._tiers.attach(to_save=True)  # the keeper is alive (a new one if it died)
         if metrics and self._coord.is_primary:
             self.metrics_log.record(step, metrics)
         wanted = force or self.schedule.due(step)
@@ -254,7 +254,7 @@ class CheckpointManager:
         self._last_requested = request.step
         if not self._coord.active:
             self._saves.acquire_lock()
-            check_not_foreign(self.storage, request.step, self._own_lineages, self.run_id)
+            check_not_foreign(self._saves.target, request.step, self._own_lineages, self.run_id)
         self._saves.save(request)
 
     def add_manifest_fields(self, provider: Callable[[int, TrainState], Mapping[str, Any]]) -> None:
@@ -291,8 +291,8 @@ class CheckpointManager:
     def _committed(self, manifest: dict[str, Any]) -> None:
         """Record the save in RUN/ckptguard.json; mark what a rollback abandoned (first commit after it)."""
         self._run_record.session["saves"] = int(self._run_record.session.get("saves", 0)) + 1
-        tiers = self._tiers.describe() if self._tiers is not None else None
-        self._run_record.write(retention=self.retention.to_json(), save_interval=self.schedule.describe(), tiers=tiers)
+        if self._tiers is None:  # a tiered run's record is written with its durable copies
+            self._run_record.write(retention=self.retention.to_json(), save_interval=self.schedule.describe())
         abandoned, self._abandoned = self._abandoned, {}
         supersede(self.storage, abandoned, self.resumed_from)
         if self._tiers is not None:
@@ -324,12 +324,11 @@ class CheckpointManager:
         self._saves.acquire_lock()
         return unpin(self.storage, step)
 
-    def _check_lock(self) -> None:
-        if self._saves.lock is not None:
-            self._saves.lock.check()  # the lock is still ours: RunLockLostError otherwise
-
     def _on_durable(self) -> None:
-        """A tiered run's checkpoint reached the durable tier (the copier's thread): its retention."""
+        """A tiered run's first save, or a copy that reached the durable tier (the copier's thread):
+        metrics.csv, the run record, retention."""
+        self._saves.flush_metrics()
+        self._run_record.write(retention=self.retention.to_json(), save_interval=self.schedule.describe(), tiers=self._tiers and self._tiers.describe())
         self._apply_retention(durable=True)
 
     def _apply_retention(self, durable: bool = False) -> None:
@@ -457,6 +456,7 @@ class CheckpointManager:
                 self.storage, select_candidates(self.checkpoints(), step, self.storage.url), state, coord=self._coord,
                 verify=self.verify_on_restore, strict=strict, rescan=self.checkpoints, explicit=step is not None,
             )
+            warn_if_tiered(self.storage, found[0].step if found else None)  # newer copies only tiers= would see
         if found is None:
             raise_if_missing_bucket(self.storage)  # not a fresh run: a typo, or a bucket not created yet
             self.metrics_log.restart_after(None)  # a fresh run: rows of an attempt that never committed go

@@ -130,6 +130,9 @@ class SavePipeline:
     ) -> None:
         self.storage = storage
         self.target = target or storage  # where checkpoints go (a tiered run's first tier); the run's files stay in storage
+        # A tiered run's saves touch only the first tier: the run lock's checks, metrics.csv and
+        # the run record reach the durable tier with its copies (ckptguard.tiers), not at every save.
+        self.durable_each_save = self.target is storage
         self.coord = coord
         self.metrics_log = metrics_log
         self.run = run
@@ -318,7 +321,7 @@ class SavePipeline:
 
     def _prepare(self, step: int) -> str:
         self.acquire_lock()
-        if self.lock is not None:
+        if self.lock is not None and self.durable_each_save:
             self.lock.refresh()  # before removing debris: a writer that lost the run removes nothing
         if not self._debris_cleaned or self.reaper.failed:
             self.reaper.wait()  # what it is removing is not debris
@@ -326,7 +329,8 @@ class SavePipeline:
             log.debug("Cleaning up debris in %s", self.target.url)
             clean_debris(self.target)
             self._debris_cleaned = True
-        self._flush_metrics()  # rows up to this step reach metrics.csv before the commit: a crash loses none
+        if self.durable_each_save:
+            self.flush_metrics()  # rows up to this step reach metrics.csv before the commit: a crash loses none
         try:
             return begin_checkpoint(self.target, step)
         except BaseException:
@@ -348,13 +352,14 @@ class SavePipeline:
                 raise CheckpointError("; ".join(errors))
             return write_checkpoint(
                 self.target, save.request.step, save.tensor_files, save.blobs, fields, tensor_writer=sink,
-                staging=staging, written=entries, before_commit=self.lock.check if self.lock is not None else None,
+                staging=staging, written=entries, before_commit=self.lock.check if self.lock is not None and self.durable_each_save else None,
             )
         except BaseException:
             self._debris_cleaned = False  # the failed save may have left debris: next save cleans
             raise
 
-    def _flush_metrics(self) -> None:
+    def flush_metrics(self) -> None:
+        """Append the metrics recorded so far to metrics.csv (a failure is logged, retried later)."""
         try:
             self.metrics_log.flush()
         except CheckpointError as e:  # the checkpoint does not depend on them; retried later
@@ -394,13 +399,15 @@ class SavePipeline:
                 err.__cause__ = e
                 failures.append(err)
 
-        self._flush_metrics()
+        if self.durable_each_save:
+            self.flush_metrics()
         attempt("the run's bookkeeping (RUN/ckptguard.json)", "Check the run directory.", self.run.committed, manifest)
         for hook in self._hooks:
             attempt(f"the post-commit hook {callable_name(hook)}",
                     "Fix the hook (registered with add_post_commit_hook); later saves run it again.", hook, manifest)
         attempt("retention", "What it meant to delete is kept; the next save retries.", self.run.curate)
-        attempt("freeing unreferenced data", "The next save retries.", self._collect_garbage)
+        if self.durable_each_save:
+            attempt("freeing unreferenced data", "The next save retries.", self._collect_garbage)
         for later in failures[1:]:
             log.error("%s", later)
         return failures[0] if failures else None
@@ -433,6 +440,11 @@ class SavePipeline:
             self.background.shutdown()
             self.reaper.close()  # removals finish under the run lock; its thread ends
             self.coord.close()  # distributed: the checkpoint process groups
+
+    def check_lock(self) -> None:
+        """The run lock is still this writer's (RunLockLostError otherwise); nothing without a lock."""
+        if self.lock is not None:
+            self.lock.check()
 
     @property
     def lock_lost(self) -> bool:

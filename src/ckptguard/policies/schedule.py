@@ -77,6 +77,7 @@ class SaveSchedule:
     mtbf_seconds: float | None = None
     mtbf_source: str = "given"
     save_cost: float | None = None  # smoothed measured cost of a save (seconds training waits)
+    what: str = "saving"  # what the interval is for, in the log ("copying to the durable tier")
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and self.every_steps < 1:
@@ -120,9 +121,9 @@ class SaveSchedule:
         after = self.auto_seconds
         if after is not None and (before is None or abs(after - before) > 0.2 * before):
             log.info(
-                "every='auto': save cost %.3fs, MTBF %.0fs (%s) -> saving every %.1fs "
+                "every='auto': cost %.3fs, MTBF %.0fs (%s) -> %s every %.1fs "
                 "(expected waste %.2f%%)",
-                self.save_cost, self.mtbf_seconds, self.mtbf_source, after,
+                self.save_cost, self.mtbf_seconds, self.mtbf_source, self.what, after,
                 100 * wasted_fraction(max(after, 1e-9), self.save_cost, self.mtbf_seconds or 1.0),
             )
 

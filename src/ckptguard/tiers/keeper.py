@@ -101,6 +101,7 @@ def persist_newest(hot: str, config: dict[str, Any], why: str) -> int | None:
             lock.acquire()
         except RunLockedError as e:
             log.warning("Not persisting %s: another writer holds the run (%s)", c.path, e)
+            record_events(durable, "discarded", [c.step], reason=f"hot copy not persisted: another writer holds the run ({e})")
             return None
         try:
             clean_debris(durable)  # a copy the trainer's death cut short (we hold the lock now)

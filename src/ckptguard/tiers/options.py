@@ -76,8 +76,9 @@ class Tiers:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Tiers({name}={value!r}): give an int >= 1")
-        if isinstance(self.grace_seconds, bool) or not isinstance(self.grace_seconds, (int, float)) or self.grace_seconds < 0:
-            raise ValueError(f"Tiers(grace_seconds={self.grace_seconds!r}): give seconds >= 0")
+        grace = self.grace_seconds
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < float("inf"):
+            raise ValueError(f"Tiers(grace_seconds={grace!r}): give seconds >= 0 (finite: the keeper must persist one day)")
         if not os.path.isdir(self.memory_dir):
             raise ValueError(f"Tiers(memory_dir={self.memory_dir!r}) is not a directory (a tmpfs such as /dev/shm)")
 

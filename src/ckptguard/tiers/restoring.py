@@ -16,11 +16,11 @@ from ckptguard.capture.state import MismatchReport, TrainState
 from ckptguard.distributed.coordination import Coordinator
 from ckptguard.errors import CheckpointNotFoundError, NoValidCheckpointError
 from ckptguard.manager.restoring import restore_first_valid
-from ckptguard.run.catalog import CheckpointInfo
+from ckptguard.run.catalog import CheckpointInfo, scan
 from ckptguard.storage import Storage
-from ckptguard.tiers.tiered import Tier, TierSet
+from ckptguard.tiers.tiered import Tier, TierSet, tier_listing
 
-__all__ = ["restore_tiered"]
+__all__ = ["restore_tiered", "warn_if_tiered"]
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +68,17 @@ def restore_tiered(
             path=url, failures=tuple(failures),
         )
     return tiers.chain[-1].storage, None
+
+
+def warn_if_tiered(durable: Storage, restored: int | None) -> None:
+    """A manager without ``tiers=`` restored ``restored`` (None: nothing) from a run whose faster
+    tiers on this host hold newer checkpoints: say so (they are restored only with ``tiers=``)."""
+    tiers, _ = tier_listing(durable)
+    newer = [(name, c) for name, tier in tiers[:-1] for c in scan(tier, check_files=False) if c.valid and c.step > (restored or 0)]
+    if newer:
+        name, c = max(newer, key=lambda x: x[1].step)
+        log.warning(
+            "%s is a tiered run: its %s tier on this host holds step %d (%s), newer than what was restored (%s). "
+            "Only a manager with tiers=Tiers(...) restores it (and its keeper persists it only while no other writer holds the run).",
+            durable.url, name, c.step, c.path, restored if restored is not None else "nothing: a fresh start",
+        )

@@ -52,11 +52,12 @@ class Tier:
     cleaned: bool = False  # debris of copies cut short (a kill) removed, once per process
 
 
-def _schedule(every: Every, mtbf: float | None) -> SaveSchedule:
+def _schedule(every: Every, mtbf: float | None, tier: str) -> SaveSchedule:
+    what = f"copying to the {tier} tier"
     if every == "auto":
-        return SaveSchedule(auto=True, mtbf_seconds=mtbf)
+        return SaveSchedule(auto=True, mtbf_seconds=mtbf, what=what)
     assert isinstance(every, (int, float))
-    return SaveSchedule(every_seconds=float(every))
+    return SaveSchedule(every_seconds=float(every), what=what)
 
 
 class HotMemory:
@@ -66,6 +67,7 @@ class HotMemory:
         self.root = root
         self.config = config
         self._proc: subprocess.Popen[bytes] | None = None
+        self._checked = 0.0  # when the keeper was last seen alive (checked at most once a second)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, KEEPER_DIR, name)
@@ -91,9 +93,13 @@ class HotMemory:
 
     def ensure_keeper(self) -> None:
         """Start a keeper when none is alive (the first save, or the previous one died)."""
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
         if self._proc is not None:
             self._proc.poll()  # reap an exited child
         if self.keeper_pid is not None:
+            self._checked = now
             return
         with open(self._path("log"), "ab") as logf:
             self._proc = subprocess.Popen(
@@ -165,9 +171,12 @@ class TierCopier:
         with self._copying:
             with self._cond:
                 name = self.busy = self._newest  # before the first tier is trimmed again
+            due = [force or (t.schedule is not None and t.schedule.due(0)) for t in self.lower]
+            for i in range(len(due) - 2, -1, -1):
+                due[i] = due[i] or due[i + 1]  # a copy down to a slower tier refreshes the faster ones too
             try:
-                for tier in self.lower:
-                    if name is None or tier.copied == name or not (force or (tier.schedule is not None and tier.schedule.due(0))):
+                for tier, is_due in zip(self.lower, due):
+                    if name is None or tier.copied == name or not is_due:
                         continue
                     err = self._copy(tier, name)
                     if err is not None:
@@ -240,31 +249,47 @@ class TierSet:
             self.hot = HotMemory(root, config)
             chain.append(Tier("hot", LocalStorage(root), tiers.hot_keep))
         if tiers.local is not None:
+            claim_local(tiers.local, durable)
             every = tiers.local_every_seconds if chain else None
             chain.append(Tier("local", LocalStorage(tiers.local), tiers.local_keep,
-                              _schedule(every, mtbf) if every is not None else None))
-        chain.append(Tier("durable", durable, None, _schedule(tiers.durable_every_seconds, mtbf)))
+                              _schedule(every, mtbf, "local") if every is not None else None))
+        chain.append(Tier("durable", durable, None, _schedule(tiers.durable_every_seconds, mtbf, "durable")))
         self.chain = chain
         self.first = chain[0]
         self.copier = TierCopier(self.first, chain[1:], self._copied, lock_check)
         self._attached = False
+        self._saving = False
         self._rollback: int | None = None  # restored an older step than the faster tiers hold
 
     def attach(self, *, to_save: bool) -> None:
         """Before a restore or save: this process becomes the hot tier's trainer (its keeper alive).
         While another live process is, a restore only reads; a save raises RunLockedError."""
-        if self.hot is None:
-            return
-        if self._attached:
+        if self.hot is not None and self._attached:
             self.hot.ensure_keeper()  # supervision: a keeper that died is replaced
+        elif self.hot is not None:
+            other = self.hot.attach()
+            self._attached = other is None
+            if other is not None and to_save:
+                raise RunLockedError(
+                    f"Another live process (pid {other}) is the trainer of {self.chain[-1].storage.url} on this host "
+                    f"(its hot tier: {self.hot.root}). One writer per run: stop it first, or use another run directory."
+                )
+        if to_save:
+            self.first_save()
+
+    def first_save(self) -> None:
+        """Before this process's first save: the durable tier records the run (its lineage: what
+        makes the faster tiers' copies this run's), and copies of no lineage of the run (left by a
+        run deleted from the durable tier) are removed from the faster tiers."""
+        if self._saving:
             return
-        other = self.hot.attach()
-        self._attached = other is None
-        if other is not None and to_save:
-            raise RunLockedError(
-                f"Another live process (pid {other}) is the trainer of {self.chain[-1].storage.url} on this host "
-                f"(its hot tier: {self.hot.root}). One writer per run: stop it first, or use another run directory."
-            )
+        self._saving = True
+        self.chain[-1].storage.makedirs("")
+        self.on_durable()
+        for tier, c in self._foreign():
+            log.warning("Removing %s from the %s tier: it belongs to no lineage of %s (a run deleted there?)",
+                        c.path, tier.name, self.chain[-1].storage.url)
+            delete_checkpoint(tier.storage, c.name)
 
     def _copied(self, tier: Tier, name: str, result: dict[str, Any]) -> None:
         keep_newest(tier)
@@ -311,9 +336,37 @@ class TierSet:
         """One entry per step, from the fastest tier holding it, oldest first."""
         return sorted({c.step: c for _, c in reversed(self.listing())}.values(), key=lambda c: c.step)
 
+    def _lineages(self, durable_ckpts: list[CheckpointInfo]) -> set[object]:
+        """The run's lineages: its run record's sessions and its durable checkpoints."""
+        sessions = read_run_record(self.chain[-1].storage).get("sessions")
+        found = {s.get("run_id") for s in sessions if isinstance(s, dict)} if isinstance(sessions, list) else set()
+        return found | {(c.manifest or {}).get("run_id") for c in durable_ckpts} - {None}
+
+    def _all(self) -> tuple[list[tuple[Tier, CheckpointInfo]], list[tuple[Tier, CheckpointInfo]]]:
+        """(this run's copies, copies in the faster tiers that belong to no lineage of the run)."""
+        durable = scan(self.chain[-1].storage)
+        lineages = self._lineages(durable)
+        ours: list[tuple[Tier, CheckpointInfo]] = []
+        foreign: list[tuple[Tier, CheckpointInfo]] = []
+        for tier in self.chain[:-1]:
+            for c in scan(tier.storage):
+                (ours if c.manifest is None or c.manifest.get("run_id") in lineages else foreign).append((tier, c))
+        return ours + [(self.chain[-1], c) for c in durable], foreign
+
+    def _foreign(self) -> list[tuple[Tier, CheckpointInfo]]:
+        return self._all()[1]
+
     def listing(self) -> list[tuple[Tier, CheckpointInfo]]:
-        """Every tier's checkpoints, fastest tier first, each tier oldest first."""
-        return [(tier, c) for tier in self.chain for c in scan(tier.storage)]
+        """This run's checkpoints in every tier, fastest tier first, each tier oldest first (copies
+        in a faster tier of no lineage of the run are left out, with a warning)."""
+        ours, foreign = self._all()
+        if foreign:
+            log.warning(
+                "Not restoring %d checkpoint(s) of the faster tiers (%s): they belong to no lineage of %s (a run "
+                "deleted there, or another run's?); this run's first save removes them.",
+                len(foreign), ", ".join(c.path for _, c in foreign[:3]), self.chain[-1].storage.url,
+            )
+        return ours
 
     def drop_newer(self, step: int, keep: str) -> None:
         """The first commit (``keep``) after a rollback to ``step``: the faster tiers' copies of
@@ -325,12 +378,13 @@ class TierSet:
 
     def flush(self) -> None:
         """Copy the newest checkpoint to every lower tier now; raise the first copy's error."""
-        errors = self.copier.copy_down(force=True)
-        if errors:
+        self.copier.copy_down(force=True)
+        durable = self.chain[-1]
+        if durable.failure is not None:  # a local tier that failed is logged; the durable copy is what counts
             raise CheckpointError(
-                f"The newest checkpoint could not be copied to every tier: {errors[0]} The hot memory is kept; "
-                f"its keeper persists it after {self.options.grace_seconds:g}s, or restore from it."
-            ) from errors[0]
+                f"The newest checkpoint could not be copied to the durable tier: {durable.failure} The hot memory is "
+                f"kept; its keeper persists it after {self.options.grace_seconds:g}s, or restore from it."
+            ) from durable.failure
 
     def close(self, *, flush: bool) -> None:
         """Stop the copier. ``flush`` (a clean end): copy the newest checkpoint down to every tier,
@@ -359,3 +413,29 @@ def tier_listing(durable: Storage) -> tuple[list[tuple[str, Storage]], str | Non
             if os.path.isdir(root):
                 out.append((entry["name"], LocalStorage(root)))
     return [*out, ("durable", durable)], None
+
+
+TIER_MARK = ".ckptguard-tier.json"
+
+
+def claim_local(local: str, durable: Storage) -> None:
+    """Check that ``local`` can be this run's local tier (writable, not the durable directory,
+    nobody else's tier) and mark it as this run's; ValueError naming the problem otherwise."""
+    where = os.path.realpath(local)
+    own = durable.url.removeprefix("file://")
+    if "://" not in own:
+        own = os.path.realpath(own)
+        if where == own or where.startswith(own + os.sep) or own.startswith(where + os.sep):
+            raise ValueError(f"Tiers(local={local!r}) is (or holds, or is inside) the run directory {own}: give the local "
+                             "tier a directory of its own (its retention, local_keep, would delete the run's checkpoints)")
+    mark = os.path.join(local, TIER_MARK)
+    try:
+        os.makedirs(local, exist_ok=True)
+        claimed = read_json(mark)
+        if claimed is not None and claimed.get("durable") != durable.url:
+            raise ValueError(f"Tiers(local={local!r}) is the local tier of another run ({claimed.get('durable')}): give "
+                             "each run its own local directory")
+        if claimed is None:
+            write_json(mark, {"durable": durable.url})
+    except OSError as e:
+        raise ValueError(f"Tiers(local={local!r}) cannot be written ({e}): give a writable node-local directory") from e
