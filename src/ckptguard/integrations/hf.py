@@ -43,6 +43,7 @@ from ckptguard.capture.rng import capture_rng, restore_rng
 from ckptguard.capture.state import TrainState
 from ckptguard.errors import CheckpointError, UnsupportedStateError
 from ckptguard.format.manifest import checkpoint_name
+from ckptguard.integrations.hf_export import HF_CONFIG_KEY
 from ckptguard.manager.manager import CheckpointManager
 from ckptguard.policies.preemption import PreemptionGuard
 from ckptguard.policies.retention import Retention
@@ -95,6 +96,15 @@ def _inner_optimizer(opt: Any) -> Any:
 
 def _trainer_state_json(state: TrainerState) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(state), sort_keys=True))
+    return data
+
+
+def _model_config(model: Any) -> dict[str, Any] | None:
+    """``model.config`` as JSON (what ``ckptguard export --format hf`` writes as config.json)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return None
+    data: dict[str, Any] = json.loads(config.to_json_string(use_diff=False))
     return data
 
 
@@ -194,7 +204,7 @@ class CkptguardTrainerMixin:
             optimizer=_inner_optimizer(opt) if opt is not None else None,
             scheduler=getattr(self, "lr_scheduler", None),
             scaler=scaler,
-            extra={TRAINER_STATE_KEY: _trainer_state_json(self.state)},  # type: ignore[attr-defined]
+            extra={TRAINER_STATE_KEY: _trainer_state_json(self.state), HF_CONFIG_KEY: _model_config(self.model)},  # type: ignore[attr-defined]
         )
 
     # ---- the Trainer's checkpoint methods, replaced ---------------------------------------------
