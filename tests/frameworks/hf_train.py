@@ -33,7 +33,6 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from ckptguard.manager.manager import CheckpointManager  # noqa: E402
 from ckptguard.storage import LocalStorage  # noqa: E402
 from ckptguard.testing import FaultyStorage  # noqa: E402
 
@@ -84,19 +83,26 @@ class Chaos(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def plain_trainer_class(kill_op: int | None) -> type[Trainer]:
+def plain_trainer_class(kill_op: int | None, jit: bool) -> type[Trainer]:
     class KilledInSave(Trainer):
-        """The stock Trainer, SIGKILLed inside its own save (model + optimizer written, not the rest)."""
+        """The stock Trainer, SIGKILLed inside its own save (model + optimizer written, not the rest):
+        the ``kill_op``-th save, or (``jit``) its SIGTERM checkpoint (the one with the sentinel)."""
 
         saves = 0
 
         def _save_rng_state(self, output_dir: str) -> None:
             KilledInSave.saves += 1
-            if kill_op is not None and KilledInSave.saves >= kill_op:
+            in_jit = os.path.exists(os.path.join(output_dir, "checkpoint-is-incomplete.txt"))
+            if (jit and in_jit) or (not jit and kill_op is not None and KilledInSave.saves >= kill_op):
                 os.kill(os.getpid(), signal.SIGKILL)
             super()._save_rng_state(output_dir)
 
     return KilledInSave
+
+
+def doctor_factory() -> GPT2LMHeadModel:
+    """``ckptguard doctor CKPT --model hf_train.py:doctor_factory``: today's model."""
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=SEQ))
 
 
 def main() -> None:
@@ -121,13 +127,12 @@ def main() -> None:
     chaos = Chaos(a.kill_step, a.sigterm_step, slow_after_sigterm=a.mode == "jit")
     storage = None
     if a.mode == "cg":
-        from ckptguard.integrations.hf import CkptguardTrainer, default_retention
+        from ckptguard.integrations.hf import CkptguardTrainer
 
         storage = KillingStorage(LocalStorage(a.out), fail_at=a.kill_op, path="*step-*")
-        mgr = CheckpointManager(storage, retention=default_retention(args))
-        trainer: Trainer = CkptguardTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[chaos], checkpoint_manager=mgr)
+        trainer: Trainer = CkptguardTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[chaos], checkpoint_dir=storage)
     else:
-        trainer = plain_trainer_class(a.kill_op)(model=model, args=args, train_dataset=Tokens(), callbacks=[chaos])
+        trainer = plain_trainer_class(a.kill_op, a.mode == "jit" and not a.resume)(model=model, args=args, train_dataset=Tokens(), callbacks=[chaos])
     resumed: Any = None
     try:
         trainer.train(resume_from_checkpoint=True if a.resume else None)

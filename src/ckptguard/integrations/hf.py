@@ -39,6 +39,8 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from ckptguard.capture.rng import capture_rng, restore_rng
 from ckptguard.capture.state import TrainState
 from ckptguard.errors import CheckpointError, UnsupportedStateError
@@ -48,7 +50,7 @@ from ckptguard.manager.manager import CheckpointManager
 from ckptguard.policies.preemption import PreemptionGuard
 from ckptguard.policies.retention import Retention
 from ckptguard.run.catalog import read_manifest
-from ckptguard.storage import open_storage
+from ckptguard.storage import Storage, open_storage
 
 try:
     from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -56,7 +58,7 @@ try:
 except ImportError as e:  # pragma: no cover - the extra is not installed
     raise ImportError("ckptguard.integrations.hf needs transformers: run 'pip install ckptguard[hf]'.") from e
 
-__all__ = ["CkptguardCallback", "CkptguardTrainer", "CkptguardTrainerMixin", "TRAINER_STATE_KEY", "default_retention"]
+__all__ = ["CkptguardCallback", "CkptguardTrainer", "CkptguardTrainerMixin", "TRAINER_STATE_KEY", "default_retention", "first_batch"]
 
 log = logging.getLogger(__name__)
 TRAINER_STATE_KEY = "hf_trainer_state"  # extra[...] in state.json: the TrainerState as JSON
@@ -118,6 +120,26 @@ def _latest_metrics(state: TrainerState) -> dict[str, float]:
     return out
 
 
+def first_batch(trainer: Any) -> dict[str, Any] | None:
+    """The first ``per_device_train_batch_size`` rows of the training set, collated: the probe batch.
+
+    None (no behavioural verification, logged) when the dataset has no length or the rows do not
+    collate into tensors the model takes as keyword arguments.
+    """
+    ds = getattr(trainer, "train_dataset", None)
+    try:
+        n = min(len(ds), trainer.args.per_device_train_batch_size)  # type: ignore[arg-type]
+        with torch.random.fork_rng(devices=[]):
+            batch = trainer.data_collator([ds[i] for i in range(n)])  # type: ignore[index]
+        if isinstance(batch, Mapping) and batch and all(isinstance(v, torch.Tensor) for v in batch.values()):
+            return dict(batch)
+    except Exception as e:  # noqa: BLE001 - no probe is a lesser evil than no training
+        log.warning("No probe batch from the training set (%s: %s): checkpoints are checksummed, not verified by a forward pass.", type(e).__name__, e)
+        return None
+    log.warning("The first training rows do not collate into a dict of tensors: checkpoints are checksummed, not verified by a forward pass.")
+    return None
+
+
 def _checkpoint_step(path: str) -> int:
     """The step of the ckptguard checkpoint at ``path`` (its run is the parent folder)."""
     parent, name = os.path.split(os.path.normpath(path))
@@ -136,7 +158,10 @@ class CkptguardTrainerMixin:
     """Mix into a ``transformers.Trainer`` (subclass) before it: ``class T(CkptguardTrainerMixin, Trainer)``.
 
     Extra keyword arguments: ``checkpoint_manager`` (a CheckpointManager of your own; default one
-    on ``args.output_dir`` with :func:`default_retention`) or ``retention`` (for the default one),
+    on ``args.output_dir`` with :func:`default_retention`) or, for the default one, ``checkpoint_dir``
+    (a path, URL or Storage instead of ``args.output_dir``), ``retention``,
+    ``probe`` (``"auto"``: the first training batch, see :func:`first_batch`, so that every commit
+    is loaded back and checked by a forward pass; None: no behavioural verification) and
     ``checkpoint_options`` (more CheckpointManager keyword arguments: ``async_save``,
     ``storage_options``...). The Trainer's private checkpoint methods it replaces
     (``_save_checkpoint``, ``_load_from_checkpoint``, ``_load_optimizer_and_scheduler``,
@@ -147,17 +172,20 @@ class CkptguardTrainerMixin:
         self,
         *args: Any,
         checkpoint_manager: CheckpointManager | None = None,
+        checkpoint_dir: str | os.PathLike[str] | Storage | None = None,
         retention: Retention | None = None,
         checkpoint_options: Mapping[str, Any] | None = None,
+        probe: Any = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         targs: TrainingArguments = self.args  # type: ignore[attr-defined]
         _refuse_unsupported(self, targs)
         if checkpoint_manager is None:
-            checkpoint_manager = CheckpointManager(
-                targs.output_dir, retention=retention or default_retention(targs), **dict(checkpoint_options or {})
-            )
+            options = dict(checkpoint_options or {})
+            options.setdefault("probe", first_batch(self) if probe == "auto" else probe)
+            where = checkpoint_dir if checkpoint_dir is not None else targs.output_dir
+            checkpoint_manager = CheckpointManager(where, retention=retention or default_retention(targs), **options)
         self.checkpoint_manager = checkpoint_manager
         self.ckptguard_callback = CkptguardCallback()
         self.add_callback(self.ckptguard_callback)  # type: ignore[attr-defined]
