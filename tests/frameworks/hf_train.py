@@ -101,8 +101,10 @@ def plain_trainer_class(kill_op: int | None, jit: bool) -> type[Trainer]:
 
 
 def doctor_factory() -> GPT2LMHeadModel:
-    """``ckptguard doctor CKPT --model hf_train.py:doctor_factory``: today's model."""
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=SEQ))
+    """``ckptguard doctor CKPT --model hf_train.py:doctor_factory``: today's model, configured as the
+    Trainer configures it (``use_cache=False``: TrainingArguments.use_cache), so that its output on
+    the probe batch has the same parts as at save time."""
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=SEQ, use_cache=False))
 
 
 def main() -> None:
