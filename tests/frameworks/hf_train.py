@@ -29,12 +29,12 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from ckptguard.storage import LocalStorage  # noqa: E402
-from ckptguard.testing import FaultyStorage  # noqa: E402
+from ckptguard.storage import LocalStorage
+from ckptguard.testing import FaultyStorage
 
 N_SAMPLES, SEQ, VOCAB = 64, 8, 64
 READS = {"n": 0}

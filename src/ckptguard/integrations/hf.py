@@ -43,14 +43,14 @@ import torch
 
 from ckptguard.capture.rng import capture_rng, restore_rng
 from ckptguard.capture.state import TrainState
-from ckptguard.errors import CheckpointError, UnsupportedStateError
+from ckptguard.errors import UnsupportedStateError
 from ckptguard.format.manifest import checkpoint_name
 from ckptguard.integrations.hf_export import HF_CONFIG_KEY
+from ckptguard.integrations.paths import checkpoint_step
 from ckptguard.manager.manager import CheckpointManager
 from ckptguard.policies.preemption import PreemptionGuard
 from ckptguard.policies.retention import Retention
-from ckptguard.run.catalog import read_manifest
-from ckptguard.storage import Storage, open_storage
+from ckptguard.storage import Storage
 
 try:
     from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -74,7 +74,7 @@ def default_retention(args: TrainingArguments) -> Retention:
     return Retention(keep_last=args.save_total_limit, keep_best=1 if metric else 0, metric=metric, mode=mode)
 
 
-class CkptguardCallback(TrainerCallback):  # type: ignore[misc]
+class CkptguardCallback(TrainerCallback):
     """Turns a preemption signal into a save at the end of the current optimizer step.
 
     The mixin installs it; ``guard`` is set while ``train()`` runs. The save goes through the
@@ -140,20 +140,6 @@ def first_batch(trainer: Any) -> dict[str, Any] | None:
     return None
 
 
-def _checkpoint_step(path: str) -> int:
-    """The step of the ckptguard checkpoint at ``path`` (its run is the parent folder)."""
-    parent, name = os.path.split(os.path.normpath(path))
-    try:
-        manifest = read_manifest(open_storage(parent), name)
-    except CheckpointError as e:
-        raise CheckpointError(
-            f"{path} is not a ckptguard checkpoint (no valid MANIFEST.json): {e}. Pass "
-            "resume_from_checkpoint=True for the newest valid checkpoint of args.output_dir, or a "
-            "step-NNNNNNNNN folder that 'ckptguard ls' lists."
-        ) from e
-    return int(manifest["step"])
-
-
 class CkptguardTrainerMixin:
     """Mix into a ``transformers.Trainer`` (subclass) before it: ``class T(CkptguardTrainerMixin, Trainer)``.
 
@@ -184,7 +170,7 @@ class CkptguardTrainerMixin:
         if checkpoint_manager is None:
             options = dict(checkpoint_options or {})
             options.setdefault("probe", first_batch(self) if probe == "auto" else probe)
-            where = checkpoint_dir if checkpoint_dir is not None else targs.output_dir
+            where: Any = checkpoint_dir if checkpoint_dir is not None else targs.output_dir
             checkpoint_manager = CheckpointManager(where, retention=retention or default_retention(targs), **options)
         self.checkpoint_manager = checkpoint_manager
         self.ckptguard_callback = CkptguardCallback()
@@ -199,7 +185,8 @@ class CkptguardTrainerMixin:
         mgr = self.checkpoint_manager
         scratch = None
         if resume_from_checkpoint:
-            step = None if resume_from_checkpoint is True else _checkpoint_step(str(resume_from_checkpoint))
+            hint = "Pass resume_from_checkpoint=True for the newest valid checkpoint of args.output_dir"
+            step = None if resume_from_checkpoint is True else checkpoint_step(str(resume_from_checkpoint), hint)
             holder: dict[str, Any] = {}
             found = mgr.restore(TrainState(model=self.model, extra=holder, capture_rng=False), step=step)  # type: ignore[attr-defined]
             if found is None:
@@ -245,13 +232,14 @@ class CkptguardTrainerMixin:
             best = os.path.join(self.args.output_dir, checkpoint_name(state.best_global_step))  # type: ignore[attr-defined]
             state.best_model_checkpoint = best
         control = self.control  # type: ignore[attr-defined]
+        saved: Any = state.stateful_callbacks  # as Trainer._save_checkpoint records them
         for cb in [*self.callback_handler.callbacks, control]:  # type: ignore[attr-defined]
             if isinstance(cb, ExportableState):
                 name = cb.__class__.__name__
-                if isinstance(state.stateful_callbacks.get(name), list):
-                    state.stateful_callbacks[name].append(cb.state())
+                if isinstance(saved.get(name), list):
+                    saved[name].append(cb.state())
                 else:
-                    state.stateful_callbacks[name] = cb.state()
+                    saved[name] = cb.state()
         self.checkpoint_manager.save(state.global_step, self.ckptguard_state(), metrics=_latest_metrics(state), force=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -297,5 +285,5 @@ def _refuse_unsupported(trainer: Any, args: TrainingArguments) -> None:
         )
 
 
-class CkptguardTrainer(CkptguardTrainerMixin, Trainer):  # type: ignore[misc]
+class CkptguardTrainer(CkptguardTrainerMixin, Trainer):
     """``transformers.Trainer`` whose checkpoints are ckptguard commits (see the module docstring)."""
