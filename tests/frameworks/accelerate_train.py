@@ -132,7 +132,8 @@ def main() -> None:
                 with open(a.result + ".json", "w") as f:
                     json.dump({"failed": f"{type(e).__name__}: {e}"[:300]}, f)
                 raise SystemExit(3) from e
-            acc.project_configuration.iteration = len(os.listdir(os.path.join(a.out, "checkpoints")))
+            folders = os.listdir(os.path.join(a.out, "checkpoints"))
+            acc.project_configuration.iteration = max(int(f.split("_")[1]) for f in folders) + 1
         start = counter.step
     per_epoch, step, losses = len(loader), start, []
     guard = acc.preemption_guard() if a.mode == "cg" else None

@@ -132,6 +132,7 @@ class CkptguardAccelerator(Accelerator):  # type: ignore[misc]
             )
         self.checkpoint_manager = checkpoint_manager
         self._cg_rng: dict[str, Any] | None = None  # the restored RNG, for skip_first_batches
+        self._cg_metrics: tuple[int | None, Mapping[str, Any] | None] = (None, None)
 
     def ckptguard_state(self) -> TrainState:
         """What one checkpoint holds: models, optimizers, schedulers, scaler, registered objects, RNG."""
@@ -161,6 +162,8 @@ class CkptguardAccelerator(Accelerator):  # type: ignore[misc]
                 f"{self.checkpoint_manager.storage.url}, one step-NNNNNNNNN folder per step; call save_state(step=N)."
             )
         step = self.save_iteration + 1 if step is None else step
+        if metrics is None and self._cg_metrics[0] == step:
+            metrics = self._cg_metrics[1]  # what maybe_save_state(step, metrics) was told at this step
         mgr = self.checkpoint_manager
         mgr.save(step, self.ckptguard_state(), metrics=metrics, force=True)
         self.project_configuration.iteration = step
@@ -168,6 +171,7 @@ class CkptguardAccelerator(Accelerator):  # type: ignore[misc]
 
     def maybe_save_state(self, step: int, metrics: Mapping[str, Any] | None = None) -> bool:
         """Save when due (``every_steps``/``every_seconds``) or preempted; metrics always go to metrics.csv."""
+        self._cg_metrics = (step, metrics)
         saved = self.checkpoint_manager.save(step, self.ckptguard_state(), metrics=metrics)
         if saved:
             self.project_configuration.iteration = step
