@@ -128,7 +128,7 @@ def main() -> None:
         if os.path.isdir(os.path.join(a.out, "checkpoints")) and os.listdir(os.path.join(a.out, "checkpoints")):
             try:
                 acc.load_state()
-            except Exception as e:  # noqa: BLE001 - the stock resume on a torn folder: record how it failed
+            except Exception as e:  # the stock resume on a torn folder: record how it failed
                 with open(a.result + ".json", "w") as f:
                     json.dump({"failed": f"{type(e).__name__}: {e}"[:300]}, f)
                 raise SystemExit(3) from e

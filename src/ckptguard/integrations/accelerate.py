@@ -46,11 +46,9 @@ from ckptguard.policies.preemption import PreemptionGuard
 from ckptguard.policies.retention import Retention
 from ckptguard.storage import Storage
 
-try:
-    from accelerate import Accelerator  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    from accelerate.utils import DistributedType  # type: ignore[import-untyped,import-not-found,unused-ignore]
-except ImportError as e:  # pragma: no cover - the extra is not installed
-    raise ImportError("ckptguard.integrations.accelerate needs accelerate: run 'pip install ckptguard[hf]'.") from e
+# accelerate: the extra ``hf`` (pip install ckptguard[hf])
+from accelerate import Accelerator  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from accelerate.utils import DistributedType  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 __all__ = ["ACCELERATE_KEY", "CkptguardAccelerator", "RngAfterFirstBatch"]
 

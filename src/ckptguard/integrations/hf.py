@@ -52,11 +52,9 @@ from ckptguard.policies.preemption import PreemptionGuard
 from ckptguard.policies.retention import Retention
 from ckptguard.storage import Storage
 
-try:
-    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-    from transformers.trainer_callback import ExportableState
-except ImportError as e:  # pragma: no cover - the extra is not installed
-    raise ImportError("ckptguard.integrations.hf needs transformers: run 'pip install ckptguard[hf]'.") from e
+# transformers: the extra ``hf`` (pip install ckptguard[hf])
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 __all__ = ["CkptguardCallback", "CkptguardTrainer", "CkptguardTrainerMixin", "TRAINER_STATE_KEY", "default_retention", "first_batch"]
 
