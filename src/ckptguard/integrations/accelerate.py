@@ -37,6 +37,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
+# accelerate: the extra ``hf`` (pip install ckptguard[hf])
+from accelerate import Accelerator  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from accelerate.utils import DistributedType  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
 from ckptguard.capture.rng import capture_rng, restore_rng
 from ckptguard.capture.state import TrainState
 from ckptguard.errors import CheckpointError, UnsupportedStateError
@@ -45,10 +49,6 @@ from ckptguard.manager.manager import CheckpointManager
 from ckptguard.policies.preemption import PreemptionGuard
 from ckptguard.policies.retention import Retention
 from ckptguard.storage import Storage
-
-# accelerate: the extra ``hf`` (pip install ckptguard[hf])
-from accelerate import Accelerator  # type: ignore[import-untyped,import-not-found,unused-ignore]
-from accelerate.utils import DistributedType  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 __all__ = ["ACCELERATE_KEY", "CkptguardAccelerator", "RngAfterFirstBatch"]
 

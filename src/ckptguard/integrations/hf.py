@@ -41,6 +41,10 @@ from typing import Any
 
 import torch
 
+# transformers: the extra ``hf`` (pip install ckptguard[hf])
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
 from ckptguard.capture.rng import capture_rng, restore_rng
 from ckptguard.capture.state import TrainState
 from ckptguard.errors import UnsupportedStateError
@@ -51,10 +55,6 @@ from ckptguard.manager.manager import CheckpointManager
 from ckptguard.policies.preemption import PreemptionGuard
 from ckptguard.policies.retention import Retention
 from ckptguard.storage import Storage
-
-# transformers: the extra ``hf`` (pip install ckptguard[hf])
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
 
 __all__ = ["CkptguardCallback", "CkptguardTrainer", "CkptguardTrainerMixin", "TRAINER_STATE_KEY", "default_retention", "first_batch"]
 
