@@ -238,3 +238,17 @@ def test_stock_trainer_side_by_side(tmp_path: Path, reference: Any) -> None:
         seen["jit.final_max_abs_diff"] = max_diff(tmp_path / "p3.safetensors", reference[1])
     assert seen["jit.sentinel_present"]
     print("\nSTOCK-TRAINER " + json.dumps(seen, indent=1))
+
+
+def test_save_total_limit_and_best_metric_become_a_retention(tmp_path: Path) -> None:
+    from transformers import TrainingArguments
+
+    from ckptguard.integrations.hf import default_retention
+
+    plain = default_retention(TrainingArguments(output_dir=str(tmp_path), save_total_limit=3, report_to=[]))
+    assert (plain.keep_last, plain.keep_best, plain.metric) == (3, 0, None)
+    best = default_retention(TrainingArguments(output_dir=str(tmp_path), save_total_limit=2, metric_for_best_model="accuracy",
+                                               greater_is_better=True, report_to=[]))
+    assert (best.keep_last, best.keep_best, best.metric, best.mode) == (2, 1, "eval_accuracy", "max")
+    every = default_retention(TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    assert every.keep_last is None and every.keep_best == 0  # no limit: keep everything, as the Trainer does
