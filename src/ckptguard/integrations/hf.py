@@ -109,11 +109,14 @@ def _model_config(model: Any) -> dict[str, Any] | None:
 
 
 def _latest_metrics(state: TrainerState) -> dict[str, float]:
-    """The newest value of each number the Trainer logged (``loss``, ``eval_loss``...)."""
+    """The newest value of each number the Trainer logged (``loss``, ``learning_rate``...); an
+    evaluation's (``eval_*``) only when it ran at this step, so that retention never ranks a
+    checkpoint by an older checkpoint's evaluation."""
     out: dict[str, float] = {}
     for entry in state.log_history:
         for k, v in entry.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+            fresh = not k.startswith("eval_") or entry.get("step") == state.global_step
+            if fresh and isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
                 out[k] = float(v)
     return out
 
