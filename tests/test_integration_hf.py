@@ -252,3 +252,26 @@ def test_save_total_limit_and_best_metric_become_a_retention(tmp_path: Path) -> 
     assert (best.keep_last, best.keep_best, best.metric, best.mode) == (2, 1, "eval_accuracy", "max")
     every = default_retention(TrainingArguments(output_dir=str(tmp_path), report_to=[]))
     assert every.keep_last is None and every.keep_best == 0  # no limit: keep everything, as the Trainer does
+
+
+def test_best_checkpoint_by_eval_metric_is_kept(tmp_path: Path) -> None:
+    """save_total_limit=1 with metric_for_best_model: the newest and the best evaluated checkpoint stay."""
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from ckptguard.integrations.hf import CkptguardTrainer
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=8))
+    rows = [{"input_ids": r, "labels": r} for r in torch.randint(0, 64, (16, 8), generator=torch.Generator().manual_seed(1))]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=12, save_steps=3,
+                             eval_strategy="steps", eval_steps=3, save_total_limit=1, metric_for_best_model="loss",
+                             learning_rate=0.5, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = CkptguardTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4])
+    trainer.train()
+    trainer.checkpoint_manager.close()
+    evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    best = min(evals, key=lambda s: evals[s])
+    kept = [c.step for c in trainer.checkpoint_manager.checkpoints()]
+    assert kept == sorted({best, 12}), (evals, kept)
+    metrics = {c.step: c.metrics for c in trainer.checkpoint_manager.checkpoints()}
+    assert metrics[best]["eval_loss"] == pytest.approx(evals[best])
