@@ -114,6 +114,17 @@ def test_sigkill_inside_a_save_then_mid_epoch_resumes_bit_identical(tmp_path: Pa
     assert cli("verify", str(run)).returncode == 0
 
 
+@pytest.mark.skipif(not FULL, reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")
+def test_async_saves_killed_mid_epoch_resume_bit_identical(tmp_path: Path, reference: Any) -> None:
+    """checkpoint_options={"async_save": True}: a save still in flight at the kill is lost, nothing else."""
+    run = tmp_path / "run"
+    train(run, tmp_path / "x", "--async-save", "--kill-step", str(KILL_STEPS[1]), expect=-9)
+    last = steps(run)[-1] if steps(run) else None
+    info = train(run, tmp_path / "final.safetensors", "--async-save", "--resume")
+    assert info["resumed_from"] == last
+    assert_identical(tmp_path / "final.safetensors", reference[1])
+
+
 class _Boom:
     """Unpickling this creates the file ``path``: proof that a pickle was loaded."""
 

@@ -117,6 +117,7 @@ def main() -> None:
     p.add_argument("--kill-op", type=int)
     p.add_argument("--sigterm-step", type=int)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--async-save", action="store_true", help="cg: CheckpointManager(async_save=True)")
     a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -132,7 +133,8 @@ def main() -> None:
         from ckptguard.integrations.hf import CkptguardTrainer
 
         storage = KillingStorage(LocalStorage(a.out), fail_at=a.kill_op, path="*step-*")
-        trainer: Trainer = CkptguardTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[chaos], checkpoint_dir=storage)
+        trainer: Trainer = CkptguardTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[chaos], checkpoint_dir=storage,
+                                            checkpoint_options={"async_save": a.async_save})
     else:
         trainer = plain_trainer_class(a.kill_op, a.mode == "jit" and not a.resume)(model=model, args=args, train_dataset=Tokens(), callbacks=[chaos])
     resumed: Any = None
