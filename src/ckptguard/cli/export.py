@@ -29,6 +29,8 @@ def register(sub: Any) -> None:
         help="export the tensors of this TrainState object (TrainState(ema=...): --object ema) instead of the model",
     )
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    p.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                   help="hf: a folder (config.json + model.safetensors) that transformers' from_pretrained loads")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -38,6 +40,15 @@ def run(args: argparse.Namespace) -> int:
     from ckptguard.report.export import export_checkpoint
 
     kind = check_target(args.checkpoint, want="checkpoint")
+    if args.format == "hf":  # a Hugging Face folder (ckptguard.integrations.hf_export)
+        from ckptguard.integrations.hf_export import export_hf_folder
+
+        hf = export_hf_folder(args.checkpoint, args.output, overwrite=args.force)
+        if args.json:
+            print_json(dataclasses.asdict(hf))
+        else:
+            console().print(f"[green]exported[/] step {hf.step} ({hf.tensors} tensors) from {hf.source} to {hf.output}/ (from_pretrained)", highlight=False)
+        return 0
     out = os.path.abspath(os.path.expanduser(args.output))
     if os.path.lexists(out) and not os.path.isdir(out) and not args.force:
         raise CheckpointError(f"{out} already exists; pass --force to replace it, or choose another -o.")
