@@ -53,6 +53,7 @@ def write_copy(root: Path, step: int, tier: str, damaged: bool) -> None:
 def test_tiered_restore_picks_what_the_reference_says(layout: dict[int, tuple[str | None, str | None]]) -> None:
     with tempfile.TemporaryDirectory() as d:
         roots = {"local": Path(d, "local"), "durable": Path(d, "durable")}
+        roots["durable"].mkdir()
         RunRecord(LocalStorage(roots["durable"]), LINEAGE).write()  # the run, as its first save records it
         for step, kinds in layout.items():
             for tier, kind in zip(TIERS, kinds):
