@@ -67,6 +67,7 @@ class Regressor(L.LightningModule):
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1))
         self.batches = 0
+        self.printed = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -80,9 +81,13 @@ class Regressor(L.LightningModule):
         self.log("train_loss", loss)
         return loss
 
+    def on_train_start(self) -> None:
+        self.printed = self.trainer.global_step
+
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
-        if not self.trainer.fit_loop._should_accumulate():  # noqa: SLF001 - test output only
-            print(f"step {self.trainer.global_step}", flush=True)
+        if self.trainer.global_step != self.printed:  # an optimizer step happened
+            self.printed = self.trainer.global_step
+            print(f"step {self.printed}", flush=True)
 
     def configure_optimizers(self) -> dict[str, object]:
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, betas=self.hparams.betas)
@@ -159,6 +164,13 @@ def main(run_dir: str, out_file: str) -> None:
         "global_step": trainer.global_step,
     }, out_file)
     print(f"done {trainer.global_step}", flush=True)
+
+
+
+
+def make_model() -> Regressor:
+    """The factory ``ckptguard doctor CKPT --model lightning_train.py:make_model`` builds."""
+    return Regressor()
 
 
 if __name__ == "__main__":

@@ -133,6 +133,12 @@ def step_metrics(outputs: Any, logged: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not math.isnan(v) or k == "loss"}
 
 
+def hparams_config(module: pl.LightningModule) -> dict[str, Any] | None:
+    """The module's ``save_hyperparameters()`` as the run's config (``config.yaml``, hashed, diffed by doctor)."""
+    hparams = dict(module.hparams)
+    return hparams or None
+
+
 class CkptguardCallback(OnExceptionCheckpoint):
     """Checkpoints of a Lightning run through a :class:`~ckptguard.CheckpointManager`.
 
@@ -158,6 +164,7 @@ class CkptguardCallback(OnExceptionCheckpoint):
         self.io = CkptguardCheckpointIO(self.manager)
         self._state: TrainState | None = None
         self._last_step: int | None = None
+        self._metrics: dict[str, float] = {}
         self._guard = contextlib.ExitStack()
         self._open = True
 
@@ -187,7 +194,7 @@ class CkptguardCallback(OnExceptionCheckpoint):
         if self.preemption:
             self._guard.enter_context(self.manager.preemption_guard())
         holder = LightningState(produce=lambda: self._dump(trainer))
-        self._state = self.io.state(holder)
+        self._state = self.io.state(holder, config=hparams_config(pl_module))
         self._last_step = trainer.global_step
 
     def _dump(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -207,12 +214,14 @@ class CkptguardCallback(OnExceptionCheckpoint):
         if step == self._last_step or self._state is None:
             return  # inside a gradient-accumulation window: no optimizer step yet
         self._last_step = step
-        self.manager.save(step, self._state, metrics=step_metrics(outputs, trainer.callback_metrics))
+        self._metrics = step_metrics(outputs, trainer.callback_metrics)
+        self.manager.save(step, self._state, metrics=self._metrics)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         try:
             if self.final_save and self._state is not None and trainer.global_step > 0:
-                self.manager.save(trainer.global_step, self._state, force=True)
+                metrics = self._metrics if self._last_step == trainer.global_step else None
+                self.manager.save(trainer.global_step, self._state, metrics=metrics, force=True)
             self.manager.wait()
         finally:
             self._guard.close()

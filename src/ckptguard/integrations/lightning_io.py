@@ -114,10 +114,10 @@ class CkptguardCheckpointIO(CheckpointIO):
         self.module: torch.nn.Module | None = None
         self._capture: LightningState | None = None
 
-    def state(self, holder: LightningState) -> TrainState:
-        """The TrainState a save or restore of ``holder`` goes through."""
+    def state(self, holder: LightningState, config: Any = None) -> TrainState:
+        """The TrainState a save or restore of ``holder`` goes through (``config``: the run's hparams)."""
         holder.without_model = self.module is not None
-        return TrainState(model=self.module, lightning=holder)
+        return TrainState(model=self.module, config=config, lightning=holder)
 
     @contextlib.contextmanager
     def capturing(self, holder: LightningState) -> Iterator[None]:
