@@ -248,26 +248,36 @@ def test_loading_never_unpickles_and_lightning_state_round_trips(reference: tupl
     io.manager.close()
 
 
-def test_cli_ls_verify_doctor_plot_read_the_run(reference: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cli_ls_verify_doctor_plot_read_the_run(
+    reference: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ckptguard.cli import main
+
     run = reference[0]
+    monkeypatch.chdir(SCRIPT.parent)  # doctor's --model lightning_train.py:make_model
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ckptguard.cli", *args], capture_output=True, text=True,
-                              env=_env(), timeout=180, cwd=SCRIPT.parent)
+    def cli(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        return code, capsys.readouterr().out
 
-    ls = cli("ls", str(run), "--json")
-    assert ls.returncode == 0, ls.stderr
-    listed = json.loads(ls.stdout)["checkpoints"]
+    code, out = cli("ls", str(run), "--json")
+    assert code == 0, out
+    listed = json.loads(out)["checkpoints"]
     assert [c["step"] for c in listed] == [18, 20] and all(c["valid"] for c in listed)
+    assert [c["status"] for c in listed] == ["verified", "verified"]  # read back, probe re-run: same output
     assert "loss" in listed[0]["metrics"] and "train_loss" in listed[0]["metrics"]
-    verify = cli("verify", str(run))
-    assert verify.returncode == 0 and "sound" in verify.stdout, verify.stdout + verify.stderr
-    doctor = cli("doctor", str(run / "step-000000020"), "--model", "lightning_train.py:make_model", "--json")
-    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-    codes = {f["code"] for f in json.loads(doctor.stdout)["findings"]}
-    assert not any(c.startswith(("keys.", "corrupt")) for c in codes), codes
-    plot = cli("plot", str(run), "-o", str(tmp_path / "loss.png"))
-    assert plot.returncode == 0, plot.stderr
+    code, out = cli("verify", str(run))
+    assert code == 0 and "sound" in out, out
+    code, out = cli("doctor", str(run / "step-000000020"), "--model", "lightning_train.py:make_model", "--json")
+    assert code == 0, out
+    codes = {f["code"] for f in json.loads(out)["findings"]}
+    assert not any(c.startswith(("keys.", "corrupt", "model.")) for c in codes), codes
+    (tmp_path / "wider.py").write_text("from lightning_train import Regressor\n\ndef make():\n    return Regressor(hidden=48)\n")
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    code, out = cli("doctor", str(run / "step-000000020"), "--model", f"{tmp_path / 'wider.py'}:make")
+    assert code == 1 and "net.0.weight" in out, out  # today's model no longer fits: said before any resume
+    code, out = cli("plot", str(run), "-o", str(tmp_path / "loss.png"))
+    assert code == 0, out
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 

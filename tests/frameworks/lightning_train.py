@@ -2,7 +2,7 @@
 
     python lightning_train.py RUN_DIR OUT_FILE
 
-Quirks on purpose: random augmentation in two DataLoader workers (python ``random``, numpy and
+ckptguard: every 3 optimizer steps, async saves, keep the last 2, probe verification. Quirks on purpose: random augmentation in two DataLoader workers (python ``random``, numpy and
 torch), dropout, gradient accumulation (2 batches per optimizer step), AdamW with a per-step LR
 scheduler, ``save_hyperparameters``. Resumes through Lightning's own path:
 ``trainer.fit(model, ckpt_path="last")``. Prints ``step N`` after each optimizer step; at the end
@@ -145,7 +145,8 @@ def main(run_dir: str, out_file: str) -> None:
     if MODE == "plain":
         callbacks, plugins = plain_callbacks(run_dir)
     else:
-        cb = CkptguardCallback(KillingStorage(run_dir), every_steps=3, async_save=True,
+        probe = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))  # behavioural verification
+        cb = CkptguardCallback(KillingStorage(run_dir), every_steps=3, async_save=True, probe=probe,
                                retention=cg.Retention(keep_last=2))
         callbacks, plugins = [cb], []
     trainer = L.Trainer(

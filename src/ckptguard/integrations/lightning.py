@@ -119,6 +119,17 @@ def resumable_loader(loader: DataLoader[Any]) -> DataLoader[Any]:
     return loader
 
 
+def resumable_loaders(loaders: Any) -> list[ResumableLoader]:
+    """The :class:`ResumableLoader` objects in ``trainer.train_dataloader`` (one, or a list/tuple/dict)."""
+    if isinstance(loaders, ResumableLoader):
+        return [loaders]
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return [d for item in loaders for d in resumable_loaders(item)]
+    return []
+
+
 def step_metrics(outputs: Any, logged: Mapping[str, Any]) -> dict[str, float]:
     """The step's loss (``outputs``) and every scalar Lightning logged, as floats."""
     metrics: dict[str, float] = {}
@@ -207,8 +218,7 @@ class CkptguardCallback(OnExceptionCheckpoint):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loader = trainer.train_dataloader
-        if isinstance(loader, ResumableLoader):
+        for loader in resumable_loaders(trainer.train_dataloader):
             loader.batch_trained()
         step = trainer.global_step
         if step == self._last_step or self._state is None:
