@@ -214,7 +214,7 @@ class Payload:
 
 
 def test_loading_never_unpickles_and_lightning_state_round_trips(reference: tuple[Path, Path], tmp_path: Path) -> None:
-    from ckptguard.errors import CheckpointError
+    from ckptguard.errors import UnsafeCheckpointError
     from ckptguard.integrations.lightning_io import CkptguardCheckpointIO
     from ckptguard.manager.manager import CheckpointManager
 
@@ -239,7 +239,7 @@ def test_loading_never_unpickles_and_lightning_state_round_trips(reference: tupl
     assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in saved.items())
 
     for bad in (run / "last.ckpt", run / "epoch=0-step=20.ckpt"):  # Lightning's pickled files: refused
-        with pytest.raises(CheckpointError):
+        with pytest.raises(UnsafeCheckpointError, match="never loads"):
             io.load_checkpoint(str(bad))
     # a state.json replaced by a pickle: its checksum fails; the older checkpoint is used
     (run / "step-000000020" / "state.json").write_bytes(evil)
@@ -284,28 +284,47 @@ def test_cli_ls_verify_doctor_plot_read_the_run(
 # ---- side by side: Lightning's own ModelCheckpoint in the same scenarios (FULL) ---------------
 
 
+def _newest_ckpt_step(run: Path) -> int:
+    steps = [int(p.stem.split("step=")[1]) for p in run.glob("epoch=*-step=*.ckpt")]
+    return max(steps) if steps else 0
+
+
 @pytest.mark.skipif(not FULL, reason="side by side with Lightning's own checkpointing: CKPTGUARD_TEST_FULL=1")
 def test_side_by_side_lightning_modelcheckpoint(tmp_path: Path) -> None:
+    """The same scenarios with Lightning alone (ModelCheckpoint every 3 steps, save_last=True)."""
     plain = {"LT_MODE": "plain"}
     ref_out = tmp_path / "ref.pt"
     code, log = train(tmp_path / "ref", ref_out, **plain)
     assert code == 0, log[-3000:]
+    seen: dict[str, Any] = {}
 
-    # SIGKILL mid-epoch: the .ckpt files survive, resume replays the epoch from its start (warning)
-    # and RNG is not restored: not bit-exact.
+    # SIGKILL mid-epoch: the .ckpt files survive; resume restarts the epoch's data (Lightning warns)
+    # and restores no RNG: not bit-exact.
     run = tmp_path / "killed"
     code, _ = train(run, tmp_path / "k.pt", kill_after=(10, 0.0), **plain)
+    seen["mid-epoch kill: newest .ckpt step"] = _newest_ckpt_step(run)
     code, log = train(run, tmp_path / "k.pt", **plain)
     assert code == 0, log[-3000:]
+    seen["mid-epoch kill: 'not resumable' warning"] = "not resumable" in log
     with pytest.raises(AssertionError):
         _assert_identical(ref_out, tmp_path / "k.pt")
 
-    # SIGKILL inside a save: fsspec's transaction writes a temp file and moves it, so no torn .ckpt.
+    # SIGKILL inside a save: fsspec's transaction writes a temp file and moves it: no torn .ckpt.
     run = tmp_path / "in-save"
     code, _ = train(run, tmp_path / "s.pt", LT_KILL_IN_SAVE="3", **plain)
     assert code == -signal.SIGKILL
+    seen["kill in save: files"] = sorted(p.name for p in run.iterdir())
     code, log = train(run, tmp_path / "s.pt", **plain)
     assert code == 0 and "Restored all states" in log, log[-3000:]
+    with pytest.raises(AssertionError):
+        _assert_identical(ref_out, tmp_path / "s.pt")
+
+    # SIGTERM inside an accumulation window: Lightning stops after the batch and saves nothing.
+    run = tmp_path / "sigterm"
+    code, log = train(run, tmp_path / "t.pt", LT_SIGTERM_AT="15", **plain)
+    seen["sigterm: exit code"] = code
+    seen["sigterm: newest .ckpt step"] = _newest_ckpt_step(run)
+    seen["sigterm: last optimizer step run"] = _last_step_of(log)
 
     # corrupt newest: a flipped byte in last.ckpt's tensor data is loaded silently.
     run = tmp_path / "corrupt"
@@ -316,4 +335,8 @@ def test_side_by_side_lightning_modelcheckpoint(tmp_path: Path) -> None:
     offset = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra) + 8
     _flip(ckpt, offset)
     code, log = train(run, tmp_path / "c.pt", **plain)
-    assert code == 0 and "Restored all states from the checkpoint at" in log and "last.ckpt" in log
+    seen["corrupt last.ckpt: exit code"] = code
+    seen["corrupt last.ckpt: resumed from it"] = "Restored all states from the checkpoint at" in log and "last.ckpt" in log
+    print("side by side, Lightning alone:", json.dumps(seen, indent=1))
+    assert seen["sigterm: newest .ckpt step"] < 8  # no checkpoint at the step SIGTERM interrupted
+    assert seen["corrupt last.ckpt: exit code"] == 0 and seen["corrupt last.ckpt: resumed from it"]

@@ -2,7 +2,8 @@
 
     python lightning_train.py RUN_DIR OUT_FILE
 
-ckptguard: every 3 optimizer steps, async saves, keep the last 2, probe verification. Quirks on purpose: random augmentation in two DataLoader workers (python ``random``, numpy and
+ckptguard: every 3 optimizer steps, async saves, keep the last 2, probe verification.
+Quirks on purpose: random augmentation in two DataLoader workers (python ``random``, numpy and
 torch), dropout, gradient accumulation (2 batches per optimizer step), AdamW with a per-step LR
 scheduler, ``save_hyperparameters``. Resumes through Lightning's own path:
 ``trainer.fit(model, ckpt_path="last")``. Prints ``step N`` after each optimizer step; at the end

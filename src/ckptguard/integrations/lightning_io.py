@@ -32,7 +32,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 
 from ckptguard.capture.state import TrainState
-from ckptguard.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from ckptguard.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
 from ckptguard.format.manifest import parse_step
 from ckptguard.manager.manager import CheckpointManager
 from ckptguard.storage import open_storage
@@ -137,19 +137,31 @@ class CkptguardCheckpointIO(CheckpointIO):
         self.manager.save(step, self.state(LightningState(checkpoint)), force=True)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """The Lightning dict of the newest valid checkpoint of the run ``path`` (or of ``RUN/step-N``).
+
+        The weights are restored into :attr:`module` in place (on its device: ``map_location`` is
+        not needed), the RNG is restored, and the manager adopts the run's lineage.
+        """
         run, step = split_checkpoint_path(path)
+        if "://" not in run and os.path.isfile(run):
+            raise UnsafeCheckpointError(
+                f"{run} is a file, not a ckptguard run: a Lightning .ckpt is a pickle, which ckptguard "
+                "never loads (it can run code). Pass the run directory CkptguardCallback writes."
+            )
         own = open_storage(run).url == self.manager.storage.url
         manager = self.manager if own else CheckpointManager(run)
         holder = LightningState()
-        restored = manager.restore(self.state(holder), step=step)
+        try:
+            restored = manager.restore(self.state(holder), step=step)
+        finally:
+            if not own:
+                manager.close()
         if restored is None or holder.checkpoint is None:
             raise CheckpointNotFoundError(
                 f"{run}: no committed ckptguard checkpoint to resume from. Start without ckpt_path "
                 "(ckpt_path=callback.last is None on a fresh run), or give a run directory that "
                 "CkptguardCallback wrote."
             )
-        if not own:
-            manager.close()
         ckpt = dict(holder.checkpoint)
         if self.module is not None:
             ckpt[MODEL_KEY] = self.module.state_dict()  # restored in place above; Lightning loads it again
@@ -158,7 +170,7 @@ class CkptguardCheckpointIO(CheckpointIO):
                 f"{run}: the weights are in model.safetensors and no LightningModule is attached to "
                 "load them into. Add CkptguardCallback to the Trainer's callbacks."
             )
-        log.info("Lightning resumes from %s/step-%09d (step %d).", manager.storage.url, restored, restored)
+        log.info("Lightning resumes from %s/step-%09d.", manager.storage.url, restored)
         return ckpt
 
     def remove_checkpoint(self, path: Any) -> None:
