@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -340,3 +341,46 @@ def test_side_by_side_lightning_modelcheckpoint(tmp_path: Path) -> None:
     print("side by side, Lightning alone:", json.dumps(seen, indent=1))
     assert seen["sigterm: newest .ckpt step"] < 8  # no checkpoint at the step SIGTERM interrupted
     assert seen["corrupt last.ckpt: exit code"] == 0 and seen["corrupt last.ckpt: resumed from it"]
+
+
+def test_fsspec_url_run_resumes_through_ckpt_path(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An object-store run (memory://): fit, then a new Trainer resumes with ckpt_path=cb.last."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import ckptguard as cg
+    from ckptguard.integrations.lightning import CkptguardCallback, resumable_loader
+
+    url = f"memory://lightning-{tmp_path.name}"
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.net(batch).pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self) -> DataLoader[torch.Tensor]:
+            data = torch.arange(40.0).reshape(10, 4) / 40
+            return resumable_loader(DataLoader(data, batch_size=2, sampler=cg.ResumableSampler(data, seed=1)))
+
+    def fit(max_steps: int, resume: bool) -> tuple[CkptguardCallback, L.Trainer]:
+        cb = CkptguardCallback(url, every_steps=2)
+        trainer = L.Trainer(max_steps=max_steps, callbacks=[cb], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+        assert (cb.last is not None) == resume
+        trainer.fit(Tiny(), ckpt_path=cb.last)
+        return cb, trainer
+
+    fit(3, resume=False)  # 5 batches an epoch: stops mid-epoch 0
+    with caplog.at_level("INFO"), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        cb, trainer = fit(7, resume=True)
+    assert "Lightning resumes from memory://" in caplog.text and "step-000000003" in caplog.text
+    assert not [w for w in warned if "not resumable" in str(w.message)]  # Lightning's mid-epoch warning
+    assert trainer.global_step == 7
+    assert [c.step for c in cb.manager.checkpoints()] == [2, 3, 4, 6, 7]
