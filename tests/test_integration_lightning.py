@@ -384,3 +384,49 @@ def test_fsspec_url_run_resumes_through_ckpt_path(tmp_path: Path, caplog: pytest
     assert not [w for w in warned if "not resumable" in str(w.message)]  # Lightning's mid-epoch warning
     assert trainer.global_step == 7
     assert [c.step for c in cb.manager.checkpoints()] == [2, 3, 4, 6, 7]
+
+
+def test_loss_guard_rolls_back_a_nan_step_and_training_goes_on(tmp_path: Path) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import ckptguard as cg
+    from ckptguard.integrations.lightning import CkptguardCallback, resumable_loader
+
+    class Poisoned(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+            self.poisoned = False
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            loss = self.net(batch).pow(2).mean()
+            if self.trainer.global_step == 4 and not self.poisoned:  # the batch of optimizer step 5
+                self.poisoned = True
+                loss = loss * float("nan")
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        def train_dataloader(self) -> DataLoader[torch.Tensor]:
+            data = torch.arange(80.0).reshape(20, 4) / 80
+            return resumable_loader(DataLoader(data, batch_size=2, sampler=cg.ResumableSampler(data, seed=1)))
+
+    cb = CkptguardCallback(tmp_path / "run", every_steps=2, loss_guard={"window": 5})
+    model = Poisoned()
+    trainer = L.Trainer(max_steps=8, callbacks=[cb], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(model, ckpt_path=cb.last)
+    assert cb.loss_guard is not None and [(t.step, t.restored_step) for t in cb.loss_guard.trips] == [(5, 4)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert trainer.global_step == 8
+    # the LR schedule went back with the weights: one step behind a run without the bad step (8)
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 7
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** (4 + 3))
+    steps = [c.step for c in cg.CheckpointManager(tmp_path / "run").checkpoints()]
+    assert 5 not in steps and steps[-1] == 8
+    manifest = json.loads((tmp_path / "run" / "step-000000008" / "MANIFEST.json").read_text())
+    assert manifest["loss_guard"]["trips"][0]["restored_step"] == 4

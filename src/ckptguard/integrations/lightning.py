@@ -23,6 +23,9 @@ What the callback does (a :class:`~ckptguard.CheckpointManager` underneath):
 - SIGTERM/SIGUSR1/SIGINT (from the start of training) only raise a flag; the next step boundary
   saves synchronously and the process exits (``128 + signal``). Lightning's own SIGTERM handler
   is replaced for that time (it would stop at the end of the batch, accumulation window or not).
+- ``loss_guard={...}``: a :class:`~ckptguard.LossGuard` checks each optimizer step's loss before it
+  is saved; a trip rolls weights, optimizers, LR schedulers and RNG back to the newest good
+  checkpoint, and the data goes on (the batches since then are skipped).
 - ``ckpt_path="last"`` works: the callback is an ``OnExceptionCheckpoint`` whose ``ckpt_path`` is
   the run (nothing when the run has no checkpoint yet). It saves nothing on an exception (the
   state mid-step is not a resumable one); it waits for a pending async save.
@@ -49,12 +52,13 @@ import torch
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from torch.utils.data import DataLoader
 
-from ckptguard.capture.sampler import load_loader_state, loader_state, track_dataloader
+from ckptguard.capture.sampler import ResumableSampler, load_loader_state, loader_state, track_dataloader
 from ckptguard.capture.state import TrainState
 from ckptguard.errors import CheckpointError
 from ckptguard.integrations.lightning_io import CkptguardCheckpointIO, LightningState
 from ckptguard.manager.manager import CheckpointManager
 from ckptguard.storage import Storage
+from ckptguard.verification.health import LossGuard
 
 __all__ = ["CkptguardCallback", "ResumableLoader", "resumable_loader"]
 
@@ -157,6 +161,10 @@ class CkptguardCallback(OnExceptionCheckpoint):
         directory: the run (local path or fsspec URL); ``ckptguard ls/verify/plot/doctor`` read it.
         preemption: catch SIGTERM/SIGUSR1/SIGINT during training (save at the next step boundary, exit).
         final_save: save the last step when training ends (when not saved already).
+        loss_guard: options of a :class:`~ckptguard.LossGuard` (``{"window": 50, "z_threshold": 6}``):
+            a non-finite or spiking loss at an optimizer step rolls the model, optimizers, LR
+            schedulers and RNG back to the newest good checkpoint (``self.loss_guard`` holds it);
+            the data goes on, skipping the batches since then.
         **manager_options: passed to ``CheckpointManager`` (``every_steps``, ``every_seconds``,
             ``every="auto"``, ``mtbf_seconds``, ``retention``, ``async_save``, ``probe``,
             ``storage_options``, ``incremental``...).
@@ -164,7 +172,7 @@ class CkptguardCallback(OnExceptionCheckpoint):
 
     def __init__(
         self, directory: str | os.PathLike[str] | Storage, *, preemption: bool = True, final_save: bool = True,
-        **manager_options: Any,
+        loss_guard: Mapping[str, Any] | None = None, **manager_options: Any,
     ) -> None:
         self.manager = CheckpointManager(directory, **manager_options)
         super().__init__(dirpath=self.manager.storage.url, filename="ckptguard")
@@ -172,7 +180,9 @@ class CkptguardCallback(OnExceptionCheckpoint):
         self.preemption = preemption
         self.final_save = final_save
         self._options = manager_options
+        self._guard_options = loss_guard
         self.io = CkptguardCheckpointIO(self.manager)
+        self.loss_guard = LossGuard(self.manager, **loss_guard) if loss_guard is not None else None
         self._state: TrainState | None = None
         self._last_step: int | None = None
         self._metrics: dict[str, float] = {}
@@ -196,6 +206,8 @@ class CkptguardCallback(OnExceptionCheckpoint):
         if not self._open:  # a second fit() with the same callback
             self.manager = CheckpointManager(self.directory, **self._options)
             self.io = CkptguardCheckpointIO(self.manager)
+            if self._guard_options is not None:
+                self.loss_guard = LossGuard(self.manager, **self._guard_options)
             self._open = True
         if trainer.strategy.checkpoint_io is not self.io:
             trainer.strategy.checkpoint_io = self.io
@@ -225,7 +237,30 @@ class CkptguardCallback(OnExceptionCheckpoint):
             return  # inside a gradient-accumulation window: no optimizer step yet
         self._last_step = step
         self._metrics = step_metrics(outputs, trainer.callback_metrics)
+        if self.loss_guard is not None and self.loss_guard.check(step, self._metrics.get("loss")):
+            self._roll_back(trainer)  # before any save: a poisoned step is never checkpointed
+            return
         self.manager.save(step, self._state, metrics=self._metrics)
+
+    def _roll_back(self, trainer: pl.Trainer) -> None:
+        """LossGuard tripped: weights, optimizers, LR schedulers and RNG go back to the newest good
+        checkpoint; the data and Lightning's step counter go on (its loops cannot be rewound
+        inside ``fit()``), so the batches since that checkpoint are skipped."""
+        assert self.loss_guard is not None
+        holder = LightningState(without_model=self.io.module is not None)
+        # A sampler of no samples: LossGuard's skip has nothing to move; the live loader goes on by itself.
+        state = TrainState(model=self.io.module, sampler=ResumableSampler(0), lightning=holder)
+        restored = self.loss_guard.rollback(state)
+        ckpt = holder.checkpoint or {}
+        for opt, saved in zip(trainer.optimizers, ckpt.get("optimizer_states", [])):
+            opt.load_state_dict(saved)
+        for config, saved in zip(trainer.lr_scheduler_configs, ckpt.get("lr_schedulers", [])):
+            config.scheduler.load_state_dict(saved)
+        log.warning(
+            "LossGuard: the model, optimizer and LR schedule are back at step %d; training goes on "
+            "from the next batch (global_step %d: the batches since step %d are skipped).",
+            restored, trainer.global_step, restored,
+        )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         try:
