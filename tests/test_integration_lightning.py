@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -47,8 +48,15 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+STEP = re.compile(r"^step (\d+)", re.M)  # a line may run on: the saving thread prints too
+
+
+def _steps(log: str) -> list[int]:
+    return [int(m) for m in STEP.findall(log)]
+
+
 def _last_step(log: Path) -> int:
-    steps = [int(line.split()[1]) for line in log.read_text().splitlines() if line.startswith("step ")]
+    steps = _steps(log.read_text())
     return steps[-1] if steps else 0
 
 
@@ -143,7 +151,7 @@ def test_sigkill_mid_epoch_and_inside_a_save_resumes_bit_for_bit(reference: tupl
 
 
 def _last_step_of(log: str) -> int:
-    steps = [int(line.split()[1]) for line in log.splitlines() if line.startswith("step ")]
+    steps = _steps(log)
     return steps[-1] if steps else 0
 
 
@@ -166,7 +174,7 @@ def test_sigterm_inside_an_accumulation_window_saves_at_the_step_boundary_and_ex
 
 
 def _first_step_of(log: str) -> int:
-    return next(int(line.split()[1]) for line in log.splitlines() if line.startswith("step "))
+    return _steps(log)[0]
 
 
 def _flip(path: Path, offset: int = -40) -> None:
