@@ -108,8 +108,9 @@ def resumable_loader(loader: DataLoader[Any]) -> DataLoader[Any]:
     """Make ``loader`` resume mid-epoch exactly under Lightning; return it (same object).
 
     Its sampler must be :class:`ckptguard.ResumableSampler` (``UnsupportedStateError``
-    otherwise). Call it on a DataLoader no TrainState tracks yet. With DDP, give the sampler ``num_replicas``/``rank`` and set
-    ``Trainer(use_distributed_sampler=False)``: Lightning would otherwise replace it.
+    otherwise); call it on a DataLoader no TrainState tracks yet. With DDP, give the sampler
+    ``num_replicas``/``rank`` and set ``Trainer(use_distributed_sampler=False)``: Lightning would
+    otherwise replace it.
     """
     if isinstance(loader, ResumableLoader):
         return loader
