@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,64 +21,17 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FULL
+from framework_runs import assert_identical, cli, flip_last_byte, hostile_pickle, max_diff, run_script, sampled, steps
 
 pytest.importorskip("accelerate")
 pytestmark = [pytest.mark.xdist_group("accelerate")]
 
 SCRIPT = Path(__file__).parent / "frameworks" / "accelerate_train.py"
-SRC = Path(__file__).parents[1] / "src"
 TOTAL, BATCH, EVERY = 32, 4, 3
 SEED = int(os.environ.get("CKPTGUARD_TEST_SEED", "17"))
 _rng = random.Random(SEED + 1)
 KILL_OPS = [_rng.randint(1, 200) for _ in range(4)]  # SIGKILL at this storage operation of a save (~214 in a run)
 KILL_STEPS = [_rng.randint(4, TOTAL) for _ in range(4)]  # then at the start of this step
-
-
-def _sampled(values: list[Any]) -> list[Any]:
-    return [pytest.param(v, marks=[] if FULL or i == 0 else [pytest.mark.skip(reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")])
-            for i, v in enumerate(values)]
-
-
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def train(out: Path, result: Path, *args: str, expect: int | None = 0) -> dict[str, Any]:
-    p = subprocess.run([sys.executable, str(SCRIPT), str(out), str(result), *args], env=_env(), capture_output=True,
-                       text=True, timeout=240)
-    assert expect is None or p.returncode == expect, f"exit {p.returncode}, expected {expect}:\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}"
-    info = Path(f"{result}.json")
-    return json.loads(info.read_text()) if info.exists() else {}
-
-
-def cli(*args: str, expect: int | None = 0) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([sys.executable, "-m", "ckptguard", *args], env=_env(), capture_output=True, text=True, timeout=120)
-    if expect is not None:
-        assert p.returncode == expect, f"ckptguard {' '.join(args)}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p
-
-
-def assert_identical(a: Path, b: Path) -> None:
-    x, y = load_file(str(a)), load_file(str(b))
-    assert x.keys() == y.keys()
-    diff = {k: (x[k] - y[k]).abs().max().item() for k in x if not torch.equal(x[k], y[k])}
-    assert not diff, f"not bit-identical to the uninterrupted run: {diff}"
-
-
-def max_diff(a: Path, b: Path) -> float:
-    x, y = load_file(str(a)), load_file(str(b))
-    return max((x[k] - y[k]).abs().max().item() for k in x)
-
-
-def steps(run: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in run.iterdir() if p.name.startswith("step-") and (p / "MANIFEST.json").exists())
-
-
-def flip_last_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +42,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     return d / "run", d / "final.safetensors", info
 
 
-@pytest.mark.parametrize("case", _sampled(list(zip(KILL_OPS, KILL_STEPS))))
+@pytest.mark.parametrize("case", sampled(list(zip(KILL_OPS, KILL_STEPS))))
 def test_sigkill_inside_a_save_then_mid_epoch_resumes_bit_identical(tmp_path: Path, reference: Any, case: tuple[int, int]) -> None:
     kill_op, kill_step = case
     run = tmp_path / "run"
@@ -110,17 +60,9 @@ def test_sigkill_inside_a_save_then_mid_epoch_resumes_bit_identical(tmp_path: Pa
     assert cli("verify", str(run)).returncode == 0
 
 
-class _Boom:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (self.path, "w"))
-
-
 def plant_hostile(run: Path, marker: Path) -> None:
     """Accelerate-layout and stray pickles where a careless resume would load them."""
-    payload = pickle.dumps(_Boom(str(marker)))
+    payload = hostile_pickle(marker)
     acc = run / "checkpoints" / "checkpoint_99"  # what Accelerate's load_state() would pick
     acc.mkdir(parents=True)
     for name in ("random_states_0.pkl", "custom_checkpoint_0.pkl", "optimizer.bin", "scheduler.bin", "pytorch_model.bin"):
@@ -212,3 +154,7 @@ def test_stock_accelerator_side_by_side(tmp_path: Path, reference: Any) -> None:
         train(run, tmp_path / "p3.safetensors", "--mode", "plain")
         seen["mid_epoch_resume.final_max_abs_diff"] = max_diff(tmp_path / "p3.safetensors", tmp_path / "r3.safetensors")
     print("\nSTOCK-ACCELERATE " + json.dumps(seen, indent=1))
+
+
+def train(out: Path, result: Path, *args: str, expect: int | None = 0) -> dict[str, Any]:
+    return run_script(SCRIPT, out, result, *args, expect=expect)

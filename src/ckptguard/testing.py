@@ -356,10 +356,11 @@ def unwrap(storage: Storage) -> Storage:
 
 class KillAt(FaultyStorage):
     """Counts like :class:`FaultyStorage`; the process SIGKILLs itself just before its ``k``-th
-    operation (a real kill, in a child process: nothing after it runs, no ``finally``)."""
+    counted operation (a real kill, in a child process: nothing after it runs, no ``finally``);
+    ``k=None`` never."""
 
-    def __init__(self, inner: Any, k: int) -> None:
-        super().__init__(inner)
+    def __init__(self, inner: Any, k: int | None, **counting: Any) -> None:
+        super().__init__(inner, **counting)  # e.g. path="*step-*": count only those operations
         self.k = k
 
     def tick(self, op: str, path: str) -> None:

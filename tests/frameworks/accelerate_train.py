@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ckptguard.storage import LocalStorage
-from ckptguard.testing import FaultyStorage
+from ckptguard.testing import KillAt
 
 N, BATCH, EPOCHS, EVERY = 64, 4, 2, 3
 TOTAL = N // BATCH * EPOCHS
@@ -49,17 +49,6 @@ class Points(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         READS["n"] += 1
         return self.x[i], self.y[i]
-
-
-class KillingStorage(FaultyStorage):
-    """SIGKILLs the process at the ``fail_at``-th counted operation (a real kill, no clean-up)."""
-
-    def tick(self, call: str, path: str) -> None:
-        if not self.counts(call, path):
-            return
-        self.count += 1
-        if self.fail_at is not None and self.count == self.fail_at:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Counter:
@@ -86,7 +75,7 @@ def build(a: argparse.Namespace) -> tuple[Any, Any]:
         from ckptguard.integrations.accelerate import CkptguardAccelerator
         from ckptguard.policies.retention import Retention
 
-        storage = KillingStorage(LocalStorage(a.out), fail_at=a.kill_op, path="*step-*")
+        storage = KillAt(LocalStorage(a.out), a.kill_op, path="*step-*")
         acc = CkptguardAccelerator(cpu=True, dataloader_config=config, checkpoint_dir=storage,
                                    retention=Retention(keep_last=2), every_steps=EVERY)
         return acc, storage

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from ckptguard.storage import LocalStorage
-from ckptguard.testing import FaultyStorage
+from ckptguard.testing import KillAt
 
 N_SAMPLES, SEQ, VOCAB = 64, 8, 64
 READS = {"n": 0}
@@ -53,17 +53,6 @@ class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         READS["n"] += 1
         return {"input_ids": self.rows[i], "labels": self.rows[i]}
-
-
-class KillingStorage(FaultyStorage):
-    """SIGKILLs the process at the ``fail_at``-th counted operation (a real kill, no clean-up)."""
-
-    def tick(self, call: str, path: str) -> None:
-        if not self.counts(call, path):
-            return
-        self.count += 1
-        if self.fail_at is not None and self.count == self.fail_at:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Chaos(TrainerCallback):
@@ -132,7 +121,7 @@ def main() -> None:
     if a.mode == "cg":
         from ckptguard.integrations.hf import CkptguardTrainer
 
-        storage = KillingStorage(LocalStorage(a.out), fail_at=a.kill_op, path="*step-*")
+        storage = KillAt(LocalStorage(a.out), a.kill_op, path="*step-*")
         trainer: Trainer = CkptguardTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[chaos], checkpoint_dir=storage,
                                             checkpoint_options={"async_save": a.async_save})
     else:

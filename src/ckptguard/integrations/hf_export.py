@@ -21,11 +21,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError
+from ckptguard.errors import CheckpointError
 from ckptguard.persist.reader import CheckpointReader
-from ckptguard.report.export import export_checkpoint
-from ckptguard.run.catalog import read_manifest, scan
-from ckptguard.verification.verify import resolve_target
+from ckptguard.report.export import export_checkpoint, pick_checkpoint
+from ckptguard.run.catalog import read_manifest
 
 __all__ = ["HF_CONFIG_KEY", "HFExportResult", "export_hf_folder"]
 
@@ -39,17 +38,6 @@ class HFExportResult:
     step: int
     tensors: int
     bytes: int
-
-
-def _choose(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[Any, str]:
-    """(run storage, checkpoint name): the checkpoint itself, or a run's newest valid one."""
-    storage, names = resolve_target(path, storage_options)
-    if len(names) == 1 and storage.exists(f"{names[0]}/MANIFEST.json"):
-        return storage, names[0]
-    valid = [c for c in scan(storage) if c.valid]
-    if not valid:
-        raise CheckpointNotFoundError(f"{storage.describe('')} holds no valid checkpoint to export. Run 'ckptguard ls' on it.")
-    return storage, valid[-1].name
 
 
 def _model_config(reader: CheckpointReader, where: str) -> dict[str, Any]:
@@ -75,7 +63,7 @@ def export_hf_folder(
         raise CheckpointError(f"{out} is a file; --format hf writes a folder: choose a folder name for -o.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out} is not empty; pass --force to replace it, or choose another -o.")
-    storage, name = _choose(path, storage_options)
+    storage, name = pick_checkpoint(path, storage_options)
     where = storage.describe(name)
     config = _model_config(CheckpointReader(storage, name, read_manifest(storage, name)), where)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"

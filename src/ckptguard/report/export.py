@@ -43,7 +43,7 @@ from ckptguard.verification.verify import resolve_target
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ExportResult", "available_memory", "check_declared_sizes", "export_checkpoint", "object_tensor_keys"]
+__all__ = ["ExportResult", "available_memory", "check_declared_sizes", "export_checkpoint", "object_tensor_keys", "pick_checkpoint"]
 
 # the file names of ckptguard.capture.state (not imported: it imports torch)
 MODEL_FILE, OPTIM_FILE, EXTRA_FILE = "model.safetensors", "optimizer.safetensors", "state.safetensors"
@@ -61,7 +61,8 @@ class ExportResult:
     object: str | None = None
 
 
-def _pick(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+def pick_checkpoint(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """(run storage, checkpoint name) to export: the checkpoint itself, or a run's newest valid one."""
     storage, names = resolve_target(path, storage_options)
     if len(names) == 1 and storage.exists(f"{names[0]}/MANIFEST.json"):
         return storage, names[0]
@@ -94,7 +95,7 @@ def export_checkpoint(
         raise CheckpointError(f"{out} is a directory; pass a file name such as {out / 'model.safetensors'}.")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise CheckpointError(f"{out} already exists; pass overwrite=True to replace it, or choose another output path.")
-    storage, name = _pick(path, storage_options)
+    storage, name = pick_checkpoint(path, storage_options)
     manifest = read_manifest(storage, name)
     reader = CheckpointReader(storage, name, manifest)
     where = storage.describe(name)
