@@ -76,6 +76,9 @@ class StateMismatchError(CheckpointError, KeyError):
         super().__init__(message)
         self.report = report
 
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
 
 class DatasetChangedError(StateMismatchError):
     """The dataset a checkpoint's data position counts over is not today's (length, content or
@@ -86,9 +89,6 @@ class DatasetChangedError(StateMismatchError):
         super().__init__(message)
         self.saved = saved
         self.now = now
-
-    def __str__(self) -> str:  # KeyError would otherwise repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 class UnsupportedStateError(CheckpointError, TypeError):
