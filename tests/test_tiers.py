@@ -283,6 +283,7 @@ def test_sigterm_to_the_node_persists_the_newest_before_exit(paths: Any) -> None
     verify_ok(run, local)
 
 
+@pytest.mark.skipif(not FULL, reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")
 def test_a_killed_keeper_is_replaced_and_the_run_ends_clean(paths: Any, reference: Any) -> None:
     run, local, tmp = paths
     c = Client(run, local, str(tmp / "out.pt"), 160)
@@ -297,6 +298,7 @@ def test_a_killed_keeper_is_replaced_and_the_run_ends_clean(paths: Any, referenc
     wait_until(lambda: gone(run), 15, "no keeper and no memory after the clean end")
 
 
+@pytest.mark.skipif(not FULL, reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")
 def test_keeper_and_trainer_both_killed_the_next_trainer_restores_from_memory(paths: Any, reference: Any) -> None:
     run, local, tmp = paths
     c = Client(run, local, str(tmp / "out.pt"), 160)
@@ -336,6 +338,7 @@ def test_a_damaged_hot_copy_falls_back_to_the_next_tier(paths: Any) -> None:
 # ---- listing, options, endings in one process ----------------------------------------------------
 
 
+@pytest.mark.skipif(not FULL, reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")
 def test_ls_shows_the_tiers_of_each_checkpoint(paths: Any) -> None:
     run, local, tmp = paths
     c = Client(run, local, str(tmp / "out.pt"), 40, "--kill-at", "25", "--durable-every", "1000")
@@ -391,6 +394,7 @@ def test_durable_tier_on_an_object_store_and_the_keeper_persists_there(paths: An
         shutil.rmtree(hot_dir(run), ignore_errors=True)
 
 
+@pytest.mark.skipif(not FULL, reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")
 def test_every_auto_per_tier_follows_young_daly_from_the_measured_copy_cost(paths: Any) -> None:
     run, local, tmp = paths
     c = Client(run, local, str(tmp / "out.pt"), 40, "--durable-every", "auto")
@@ -404,6 +408,7 @@ def test_every_auto_per_tier_follows_young_daly_from_the_measured_copy_cost(path
     assert [t["name"] for t in record["tiers"]["tiers"]] == ["hot", "local", "durable"]
 
 
+@pytest.mark.skipif(not FULL, reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")
 def test_a_second_process_on_a_live_tiered_run_reads_but_cannot_save_or_free_it(paths: Any, reference: Any) -> None:
     run, local, tmp = paths
     c = Client(run, local, str(tmp / "out.pt"), 160)
