@@ -203,7 +203,7 @@ def test_killed_at_random_moments_resumes_bit_exact_from_memory(paths: Any, refe
         if kills == 3:
             assert c.finish() == 0, c.output
             break
-        wait_until(lambda: c.proc.poll() is not None or newest_hot(run) > step, 120, "a hot save of this session")
+        wait_until(lambda c=c, step=step: c.proc.poll() is not None or newest_hot(run) > step, 120, "a hot save of this session")
         time.sleep(rng.uniform(0.0, 1.5))  # anywhere: mid-step, inside a hot save, inside a copy
         c.kill()
         if any(line.startswith("DONE") for line in c.lines):
