@@ -4,7 +4,7 @@ After every kill the parent (the run lock is free again: flock dies with its hol
 the step must be the last acknowledged one or the one in flight, with exactly the weights that
 step saved; then the parent saves the next step, which cleans any debris, and ``verify`` of the
 run is ok. The child then resumes from there, and is killed again. Sync and async saves
-alternate. 6 kills by default, 40 with CKPTGUARD_TEST_FULL=1.
+alternate. 4 kills by default, 40 with CKPTGUARD_TEST_FULL=1.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ckptguard.storage import LocalStorage
 from conftest import FULL
 from crash_child import Big, base, child, expected, set_step
 
-KILLS = 40 if FULL else 6
+KILLS = 40 if FULL else 4
 
 
 def _acknowledged(side: Path) -> list[int]:

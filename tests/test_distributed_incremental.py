@@ -36,9 +36,8 @@ def _result(out: Path, tag: str, rank: int) -> dict[str, object]:
 def test_ddp_incremental_run_stores_the_frozen_body_once_and_resumes_bit_exact(tmp_path: Path) -> None:
     whole, out = tmp_path / "whole", tmp_path / "out"
     out.mkdir()
-    _torchrun(str(whole), str(out), str(TOTAL), str(TOTAL))  # uninterrupted reference
     stopped = tmp_path / "stopped"
-    _torchrun(str(stopped), str(out), str(TOTAL), str(STOP))
+    _torchrun(str(stopped), str(out), str(TOTAL), str(STOP), "--reference", str(whole))  # the uninterrupted reference first
     _torchrun(str(stopped), str(out), str(TOTAL), str(STOP), "--resume")
     for r in (0, 1):
         assert _result(out, "resumed", r) == _result(out, f"to{TOTAL}", r), f"rank {r} differs after the resume"

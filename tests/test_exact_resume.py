@@ -82,9 +82,10 @@ def aug_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
     return run_training(tmp_path_factory.mktemp("aug") / "run", TOTAL, setup_kwargs=AUG)
 
 
+# The epoch boundary with augmenting workers runs by default in the persistent-workers test below.
 @pytest.mark.parametrize(
     "stop_at",
-    [7, 12, pytest.param(19, marks=pytest.mark.skipif(not FULL, reason="CKPTGUARD_TEST_FULL=1"))],
+    [7, *(pytest.param(k, marks=pytest.mark.skipif(not FULL, reason="CKPTGUARD_TEST_FULL=1")) for k in (12, 19))],
     ids=["mid-epoch", "epoch-boundary", "mid-epoch-2"],
 )
 def test_resume_with_random_augmentation_in_two_workers(run_dir: Path, aug_reference: dict[str, torch.Tensor], stop_at: int) -> None:

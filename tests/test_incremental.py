@@ -24,10 +24,10 @@ BODY_LAYERS = 8  # 8 x (1024*1024 + 1024) float32 = 33.6 MB: the "frozen 34 MB b
 
 
 class FineTuneNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int = WIDTH) -> None:
         super().__init__()
-        self.body = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(BODY_LAYERS)])
-        self.head = nn.Linear(WIDTH, 4)
+        self.body = nn.Sequential(*[nn.Linear(width, width) for _ in range(BODY_LAYERS)])
+        self.head = nn.Linear(width, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.body(x)))
@@ -37,22 +37,22 @@ def body_bytes(model: FineTuneNet) -> int:
     return sum(p.numel() * p.element_size() for p in model.body.parameters())
 
 
-def make_finetune(seed: int = 0) -> tuple[FineTuneNet, torch.optim.Optimizer, cg.TrainState]:
+def make_finetune(seed: int = 0, width: int = WIDTH) -> tuple[FineTuneNet, torch.optim.Optimizer, cg.TrainState]:
     torch.manual_seed(seed)
-    model = FineTuneNet()
+    model = FineTuneNet(width)
     model.body.requires_grad_(False)
     opt = torch.optim.AdamW(model.head.parameters(), lr=1e-2)
     return model, opt, cg.TrainState(model=model, optimizer=opt, extra={"phase": "finetune"})
 
 
-def finetune(run: Any, saves: int, *, async_save: bool, **mgr_kw: Any) -> dict[int, dict[str, torch.Tensor]]:
+def finetune(run: Any, saves: int, *, async_save: bool, width: int = WIDTH, **mgr_kw: Any) -> dict[int, dict[str, torch.Tensor]]:
     """Train the head for ``saves`` checkpoints; return the model weights saved at each step."""
-    model, opt, state = make_finetune()
+    model, opt, state = make_finetune(width=width)
     g = torch.Generator().manual_seed(1)
     saved = {}
     with cg.CheckpointManager(run, every_steps=1, async_save=async_save, incremental=True, **mgr_kw) as mgr:
         for step in range(1, saves + 1):
-            x = torch.randn(16, WIDTH, generator=g)
+            x = torch.randn(16, width, generator=g)
             loss = nn.functional.cross_entropy(model(x), torch.arange(16) % 4)
             opt.zero_grad()
             loss.backward()
@@ -62,8 +62,8 @@ def finetune(run: Any, saves: int, *, async_save: bool, **mgr_kw: Any) -> dict[i
     return saved
 
 
-def restore_into_fresh(run: Any, step: int, **mgr_kw: Any) -> dict[str, torch.Tensor]:
-    model, _, state = make_finetune(seed=99)  # different init: the restore must overwrite all
+def restore_into_fresh(run: Any, step: int, width: int = WIDTH, **mgr_kw: Any) -> dict[str, torch.Tensor]:
+    model, _, state = make_finetune(seed=99, width=width)  # different init: the restore must overwrite all
     with cg.CheckpointManager(run, incremental=True, lock=False, **mgr_kw) as mgr:
         assert mgr.restore(state, step=step) == step
     return model.state_dict()
@@ -143,23 +143,27 @@ def test_corrupt_chunk_is_never_reused_by_later_saves(run_dir: Path) -> None:
     assert same_weights(fresh_model.state_dict(), model.state_dict())
 
 
+OBJECT_STORE_WIDTH = 256  # a 2 MB body: the checks below are relative to it, and less goes through the server
+
+
 @pytest.mark.parametrize("store", ["memory", "s3"])
 def test_object_store(store: str, async_save: bool, request: pytest.FixtureRequest) -> None:
     """Deduplication, GC of unreferenced packs and bit-exact restores on fsspec storage: an
     in-memory store and a real S3-protocol server (moto on 127.0.0.1)."""
+    width = OBJECT_STORE_WIDTH
     if store == "s3":
         url = request.getfixturevalue("s3_url")
     else:
         url = f"memory://ckptguard-incr-{uuid.uuid4().hex[:8]}/run"
-    saved = finetune(url, 4, async_save=async_save, retention=cg.Retention(keep_last=2))
+    saved = finetune(url, 4, async_save=async_save, width=width, retention=cg.Retention(keep_last=2))
     storage = open_storage(url)
     kept = [c.step for c in scan(storage)]
     assert kept == [3, 4]
     referenced = {p for c in scan(storage) for _, _, p, _ in chunk_refs(c.manifest)}
     assert set(storage.listdir(OBJECTS)) == referenced
-    assert run_sizes(storage, scan(storage)).physical < 1.3 * body_bytes(FineTuneNet())
+    assert run_sizes(storage, scan(storage)).physical < 1.3 * body_bytes(FineTuneNet(width))
     for step in kept:
-        assert same_weights(restore_into_fresh(url, step), saved[step])
+        assert same_weights(restore_into_fresh(url, step, width), saved[step])
     assert cg.verify(url).ok
 
 

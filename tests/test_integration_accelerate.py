@@ -115,15 +115,24 @@ def test_load_state_by_path_and_refusals(tmp_path: Path, reference: Any) -> None
     acc.end_training()
 
 
-def test_cli_on_an_integration_run(tmp_path: Path, reference: Any) -> None:
+def test_cli_on_an_integration_run(tmp_path: Path, reference: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptguard.cli import main
+
+    def in_process(*args: str) -> tuple[int, str]:
+        """The commands that import torch run here, where it is loaded already."""
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
     run = reference[0]
     listed = json.loads(cli("ls", str(run), "--json").stdout)["checkpoints"]
     assert [r["step"] for r in listed] == [30, 32] and all(r["valid"] for r in listed)
     assert listed[-1]["metrics"]["loss"] == pytest.approx(reference[2]["losses"][-1])
     assert cli("verify", str(run)).returncode == 0
-    cli("plot", str(run), "-o", str(tmp_path / "loss.png"))
+    assert in_process("plot", str(run), "-o", str(tmp_path / "loss.png"))[0] == 0
     assert (tmp_path / "loss.png").stat().st_size > 0
-    cli("doctor", str(run / "step-000000032"), "--model", f"{SCRIPT}:doctor_factory")
+    code, text = in_process("doctor", str(run / "step-000000032"), "--model", f"{SCRIPT}:doctor_factory")
+    assert code == 0, text
 
 
 def test_stock_accelerator_side_by_side(tmp_path: Path, reference: Any) -> None:

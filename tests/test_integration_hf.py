@@ -130,17 +130,27 @@ def test_explicit_path_resumes_that_step_and_refuses_a_foreign_folder(tmp_path: 
     assert not marker.exists()
 
 
-def test_cli_and_hf_export_on_an_integration_run(tmp_path: Path, reference: Any) -> None:
+def test_cli_and_hf_export_on_an_integration_run(tmp_path: Path, reference: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptguard.cli import main
+
+    def in_process(*args: str) -> tuple[int, str]:
+        """The commands that import torch and transformers run here, where both are loaded already."""
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
     run = reference[0]
     rows = json.loads(cli("ls", str(run), "--json").stdout)
     listed = rows["checkpoints"] if isinstance(rows, dict) else rows
     assert [r["step"] for r in listed] == [30, 32]  # save_total_limit=2; step 32: the end of training
     assert cli("verify", str(run)).returncode == 0
-    cli("plot", str(run), "-o", str(tmp_path / "loss.png"))
+    assert in_process("plot", str(run), "-o", str(tmp_path / "loss.png"))[0] == 0
     assert (tmp_path / "loss.png").stat().st_size > 0
-    cli("doctor", str(run / "step-000000032"), "--model", f"{SCRIPT}:doctor_factory")
+    code, text = in_process("doctor", str(run / "step-000000032"), "--model", f"{SCRIPT}:doctor_factory")
+    assert code == 0, text
     out = tmp_path / "hf"
-    cli("export", str(run), "--format", "hf", "-o", str(out))
+    code, text = in_process("export", str(run), "--format", "hf", "-o", str(out))
+    assert code == 0, text
     from transformers import AutoModel, AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(str(out))
@@ -148,8 +158,8 @@ def test_cli_and_hf_export_on_an_integration_run(tmp_path: Path, reference: Any)
     assert all(torch.equal(v, final[k]) for k, v in lm.state_dict().items())
     base = AutoModel.from_pretrained(str(out))
     assert torch.equal(base.wte.weight, final["transformer.wte.weight"])
-    again = cli("export", str(run), "--format", "hf", "-o", str(out), expect=None)
-    assert again.returncode != 0 and "not empty" in again.stdout + again.stderr
+    code, text = in_process("export", str(run), "--format", "hf", "-o", str(out))
+    assert code != 0 and "not empty" in text
 
 
 @pytest.mark.skipif(not FULL, reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")
