@@ -1,0 +1,166 @@
+"""Tiers in a torch.distributed run: every node keeps the whole checkpoint in its own memory.
+
+Two "nodes" on one machine (two ``torchrun`` agents, ``--nnodes=2``, c10d rendezvous on
+127.0.0.1, two workers each), each with its own ``memory_dir`` (a directory of /dev/shm) and
+local directory, as two machines would have; the durable tier is the run directory and gets no
+copy during the run (``durable_every_seconds=3600``). The program is the user-shaped
+tests/dist_scripts/elastic_train.py with ``--tiers``. A node is lost as a preempted machine is:
+its agent, workers and keeper SIGKILLed, its memory and local directory gone; a fresh node takes
+its place. The run must resume from the newest checkpoint every rank can obtain (here: only the
+surviving node's memory holds it: the fresh node receives it from there) and end bit-exact per
+rank with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import FULL
+from test_elastic import EVERY, _assert_same_as_reference, _attempts, _env, _finish, _free_port, _max_step, _torchrun
+
+pytestmark = [pytest.mark.xdist_group("dist")]
+RANKS = 4
+
+
+def _two_nodes(run: Path, out: Path, *args: str, env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
+    port, rdzv = _free_port(), f"tiers-{uuid.uuid4().hex[:8]}"
+    launch = ["--nnodes=2", "--nproc-per-node=2", "--max-restarts=2", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv}"]
+    return [_torchrun(launch, run, out, *args, env=env) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def reference4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run on the same two "nodes" of two ranks (DDP, synchronous saves), without
+    tiers (a 4-rank run on one agent reduces gradients in another order: not comparable bit for bit)."""
+    base = tmp_path_factory.mktemp("tiers-dist-ref")
+    results = [_finish(a) for a in _two_nodes(base / "run", base / "out")]
+    assert [code for code, _ in results] == [0, 0], "\n".join(text[-3000:] for _, text in results)
+    return base / "out"
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """The "nodes'" memory: a directory of /dev/shm, removed (with any keeper left) afterwards."""
+    root = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="cg-dist-tiers-"))
+    yield root
+    for p in psutil.process_iter(["cmdline"]):
+        if any(str(root) in arg for arg in p.info["cmdline"] or []):
+            p.kill()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _keepers(root: Path) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "ckptguard.tiers.keeper" in cmd and any(str(root) in arg for arg in cmd):
+            out.append(p)
+    return out
+
+
+class Nodes:
+    """Two-node launches of the training program, each "node" with its own memory and disk."""
+
+    def __init__(self, tmp: Path, shm: Path, *args: str) -> None:
+        self.tmp, self.shm, self.args = tmp, shm, args
+        self.run, self.out = tmp / "run", tmp / "out"
+        port, rdzv = _free_port(), f"tiers-{uuid.uuid4().hex[:8]}"
+        self.launch = ["--nnodes=2", "--nproc-per-node=2", "--max-restarts=2", "--rdzv-backend=c10d",
+                       f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv}"]
+
+    def start(self, i: int, *, local: bool = True) -> subprocess.Popen[str]:
+        memory = self.shm / f"node{i}"
+        memory.mkdir(exist_ok=True)
+        env = _env(NODE_SHM=str(memory), NODE_LOCAL=str(self.tmp / f"local{i}") if local else "", DURABLE_EVERY="3600",
+                   TMPDIR=str(self.tmp))
+        return _torchrun(self.launch, self.run, self.out, "--tiers", *self.args, env=env)
+
+    def lose(self, i: int, agent: subprocess.Popen[str]) -> None:
+        """Node ``i`` is gone: its agent, workers and keeper SIGKILLed, its memory and disk wiped."""
+        procs = [psutil.Process(agent.pid), *psutil.Process(agent.pid).children(recursive=True)]
+        procs += _keepers(self.shm / f"node{i}")
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        agent.communicate(timeout=30)
+        shutil.rmtree(self.shm / f"node{i}")
+        shutil.rmtree(self.tmp / f"local{i}", ignore_errors=True)
+
+
+def _restored(out: Path) -> set[int]:
+    return {_attempts(out, r)[-1][2] for r in range(RANKS)}
+
+
+def test_a_lost_node_resumes_from_the_peer_replica_bit_exact(reference4: Path, tmp_path: Path, shm: Path) -> None:
+    nodes = Nodes(tmp_path, shm, "--step-sleep", "0.3")
+    first = nodes.start(0)  # started first: it hosts the rendezvous store (the node that stays)
+    time.sleep(3)
+    doomed = nodes.start(1)
+    deadline = time.monotonic() + 180
+    while _max_step(nodes.out) < 10:
+        assert time.monotonic() < deadline and first.poll() is None and doomed.poll() is None
+        time.sleep(0.1)
+    nodes.lose(1, doomed)
+    killed_at = _max_step(nodes.out)
+    durable_then = sorted(p.name for p in nodes.run.glob("step-*"))
+    fresh = nodes.start(2)
+    results = [_finish(first), _finish(fresh)]
+    assert [code for code, _ in results] == [0, 0], "\n".join(text[-3000:] for _, text in results)
+    assert durable_then == []  # the durable tier had nothing: the resume came from memory
+    # every rank, the fresh node's too (no memory, no disk of its own, nothing durable), resumed the
+    # newest step committed before the loss: the surviving node sent it
+    (restored,) = _restored(nodes.out)
+    assert killed_at - EVERY <= restored <= killed_at and restored >= 8
+    _assert_same_as_reference(nodes.out, reference4, ranks=RANKS)
+    # a clean end: the newest checkpoint reached the durable tier, no keeper and no memory left
+    assert sorted(p.name for p in nodes.run.glob("step-*")) == ["step-000000016"]
+    assert _keepers(shm) == [] and not any(shm.rglob("MANIFEST.json"))
+    p = subprocess.run([sys.executable, "-m", "ckptguard", "verify", str(nodes.run)], env=_env(), text=True,
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_a_damaged_copy_in_one_nodes_memory_is_replaced_by_the_other_nodes(
+    reference4: Path, tmp_path: Path, shm: Path
+) -> None:
+    """The whole job dies (rank 0 SIGKILLed after step 10, no restarts); both keepers keep their
+    node's memory. Before the job is started again, a byte of one node's hot copy is flipped: the
+    restore finds it damaged (checksums), marks it, and the ranks agree again: the other node sends
+    its sound copy of the same step, and every rank resumes from it, bit-exact."""
+    nodes = Nodes(tmp_path, shm, "--kill-rank", "0", "--kill-step", "10")  # synchronous: step 8 is committed
+    nodes.launch = [a.replace("--max-restarts=2", "--max-restarts=0") for a in nodes.launch]
+    agents = [nodes.start(0, local=False), nodes.start(1, local=False)]
+    for agent in agents:
+        code, _ = _finish(agent)
+        assert code != 0  # rank 0 died; no restart
+    copies = sorted(shm.glob("node*/ckptguard-*/*/step-*"))
+    assert [(c.parent.parent.parent.name, c.name) for c in copies] == [("node0", "step-000000008"), ("node1", "step-000000008")]
+    blob = copies[0] / "model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    port = _free_port()
+    nodes.launch = [f"--rdzv-endpoint=127.0.0.1:{port}" if a.startswith("--rdzv-endpoint") else a for a in nodes.launch]
+    nodes.args = ("--async",)  # the resumed job saves in the background (the exchanges on their own group)
+    results = [_finish(a) for a in [nodes.start(0, local=False), nodes.start(1, local=False)]]
+    assert [code for code, _ in results] == [0, 0], "\n".join(text[-3000:] for _, text in results)
+    assert "fails its checksums" in results[0][1] or "is corrupt" in results[0][1], results[0][1][-3000:]
+    assert _restored(nodes.out) == {8}
+    _assert_same_as_reference(nodes.out, reference4, ranks=RANKS)
+    assert _keepers(shm) == []
