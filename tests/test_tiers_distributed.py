@@ -1,22 +1,24 @@
 """Tiers in a torch.distributed run: every node keeps the whole checkpoint in its own memory.
 
 Two "nodes" on one machine (two ``torchrun`` agents, ``--nnodes=2``, c10d rendezvous on
-127.0.0.1, two workers each), each with its own ``memory_dir`` (a directory of /dev/shm) and
-local directory, as two machines would have; the durable tier is the run directory and gets no
-copy during the run (``durable_every_seconds=3600``). The program is the user-shaped
-tests/dist_scripts/elastic_train.py with ``--tiers``. A node is lost as a preempted machine is:
-its agent, workers and keeper SIGKILLed, its memory and local directory gone; a fresh node takes
-its place. The run must resume from the newest checkpoint every rank can obtain (here: only the
-surviving node's memory holds it: the fresh node receives it from there) and end bit-exact per
-rank with an uninterrupted run.
-"""
+127.0.0.1), each with its own ``memory_dir`` (a directory of /dev/shm) and local directory, as two
+machines would have; the durable tier is the run directory and gets no copy during the run
+(``durable_every_seconds=3600``). The program is the user-shaped tests/dist_scripts/elastic_train.py
+with ``--tiers``.
+
+- A node is lost as a preempted machine is (one rank per node): its agent, worker and keeper
+  SIGKILLed, its memory and local directory gone, a fresh node in its place. Only the surviving
+  node's memory holds the newest checkpoint; the fresh node receives it, and the run ends bit-exact
+  with an uninterrupted one.
+- Two ranks per node (a node's leader and a member sharing its memory): the whole job dies, one
+  node's hot copy is damaged before the restart; the ranks fall back together to the other node's
+  copy of the same step (sent over), and the run ends bit-exact with the same run resumed from the
+  durable directory without tiers.
+
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,27 +30,37 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import FULL
 from test_elastic import EVERY, _assert_same_as_reference, _attempts, _env, _finish, _free_port, _max_step, _torchrun
 
 pytestmark = [pytest.mark.xdist_group("dist")]
-RANKS = 4
 
 
-def _two_nodes(run: Path, out: Path, *args: str, env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
+def _two_nodes(nproc: int, restarts: int = 2) -> list[str]:
     port, rdzv = _free_port(), f"tiers-{uuid.uuid4().hex[:8]}"
-    launch = ["--nnodes=2", "--nproc-per-node=2", "--max-restarts=2", "--rdzv-backend=c10d",
-              f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv}"]
-    return [_torchrun(launch, run, out, *args, env=env) for _ in range(2)]
+    return ["--nnodes=2", f"--nproc-per-node={nproc}", f"--max-restarts={restarts}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv}"]
 
 
 @pytest.fixture(scope="module")
-def reference4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted run on the same two "nodes" of two ranks (DDP, synchronous saves), without
-    tiers (a 4-rank run on one agent reduces gradients in another order: not comparable bit for bit)."""
-    base = tmp_path_factory.mktemp("tiers-dist-ref")
-    results = [_finish(a) for a in _two_nodes(base / "run", base / "out")]
+def reference2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank run (DDP, synchronous saves, no tiers)."""
+    base = tmp_path_factory.mktemp("tiers-dist-ref2")
+    code, text = _finish(_torchrun(["--standalone", "--nproc-per-node=2"], base / "run", base / "out"))
+    assert code == 0, text[-4000:]
+    return base / "out"
+
+
+@pytest.fixture(scope="module")
+def resumed4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two "nodes" of two ranks without tiers, rank 0 SIGKILLed after step 10, every worker restarted,
+    resumed from step 8 of the run directory. The tiered runs must end exactly like it (with four
+    ranks a resumed DDP run is compared with a resumed one: see the README's distributed section)."""
+    base = tmp_path_factory.mktemp("tiers-dist-ref4")
+    launch = _two_nodes(2)
+    agents = [_torchrun(launch, base / "run", base / "out", "--kill-rank", "0", "--kill-step", "10") for _ in range(2)]
+    results = [_finish(a) for a in agents]
     assert [code for code, _ in results] == [0, 0], "\n".join(text[-3000:] for _, text in results)
+    assert {_attempts(base / "out", r)[-1][2] for r in range(4)} == {8}
     return base / "out"
 
 
@@ -75,12 +87,10 @@ def _keepers(root: Path) -> list[psutil.Process]:
 class Nodes:
     """Two-node launches of the training program, each "node" with its own memory and disk."""
 
-    def __init__(self, tmp: Path, shm: Path, *args: str) -> None:
-        self.tmp, self.shm, self.args = tmp, shm, args
+    def __init__(self, tmp: Path, shm: Path, *args: str, nproc: int, restarts: int = 2) -> None:
+        self.tmp, self.shm, self.args, self.nproc = tmp, shm, args, nproc
         self.run, self.out = tmp / "run", tmp / "out"
-        port, rdzv = _free_port(), f"tiers-{uuid.uuid4().hex[:8]}"
-        self.launch = ["--nnodes=2", "--nproc-per-node=2", "--max-restarts=2", "--rdzv-backend=c10d",
-                       f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv}"]
+        self.launch = _two_nodes(nproc, restarts)
 
     def start(self, i: int, *, local: bool = True) -> subprocess.Popen[str]:
         memory = self.shm / f"node{i}"
@@ -103,12 +113,12 @@ class Nodes:
         shutil.rmtree(self.tmp / f"local{i}", ignore_errors=True)
 
 
-def _restored(out: Path) -> set[int]:
-    return {_attempts(out, r)[-1][2] for r in range(RANKS)}
+def _restored(out: Path, ranks: int) -> set[int]:
+    return {_attempts(out, r)[-1][2] for r in range(ranks)}
 
 
-def test_a_lost_node_resumes_from_the_peer_replica_bit_exact(reference4: Path, tmp_path: Path, shm: Path) -> None:
-    nodes = Nodes(tmp_path, shm, "--step-sleep", "0.3")
+def test_a_lost_node_resumes_from_the_peer_replica_bit_exact(reference2: Path, tmp_path: Path, shm: Path) -> None:
+    nodes = Nodes(tmp_path, shm, "--step-sleep", "0.3", nproc=1)
     first = nodes.start(0)  # started first: it hosts the rendezvous store (the node that stays)
     time.sleep(3)
     doomed = nodes.start(1)
@@ -125,9 +135,9 @@ def test_a_lost_node_resumes_from_the_peer_replica_bit_exact(reference4: Path, t
     assert durable_then == []  # the durable tier had nothing: the resume came from memory
     # every rank, the fresh node's too (no memory, no disk of its own, nothing durable), resumed the
     # newest step committed before the loss: the surviving node sent it
-    (restored,) = _restored(nodes.out)
+    (restored,) = _restored(nodes.out, 2)
     assert killed_at - EVERY <= restored <= killed_at and restored >= 8
-    _assert_same_as_reference(nodes.out, reference4, ranks=RANKS)
+    _assert_same_as_reference(nodes.out, reference2)
     # a clean end: the newest checkpoint reached the durable tier, no keeper and no memory left
     assert sorted(p.name for p in nodes.run.glob("step-*")) == ["step-000000016"]
     assert _keepers(shm) == [] and not any(shm.rglob("MANIFEST.json"))
@@ -137,14 +147,13 @@ def test_a_lost_node_resumes_from_the_peer_replica_bit_exact(reference4: Path, t
 
 
 def test_a_damaged_copy_in_one_nodes_memory_is_replaced_by_the_other_nodes(
-    reference4: Path, tmp_path: Path, shm: Path
+    resumed4: Path, tmp_path: Path, shm: Path
 ) -> None:
     """The whole job dies (rank 0 SIGKILLed after step 10, no restarts); both keepers keep their
     node's memory. Before the job is started again, a byte of one node's hot copy is flipped: the
     restore finds it damaged (checksums), marks it, and the ranks agree again: the other node sends
     its sound copy of the same step, and every rank resumes from it, bit-exact."""
-    nodes = Nodes(tmp_path, shm, "--kill-rank", "0", "--kill-step", "10")  # synchronous: step 8 is committed
-    nodes.launch = [a.replace("--max-restarts=2", "--max-restarts=0") for a in nodes.launch]
+    nodes = Nodes(tmp_path, shm, "--kill-rank", "0", "--kill-step", "10", nproc=2, restarts=0)  # synchronous: step 8 committed
     agents = [nodes.start(0, local=False), nodes.start(1, local=False)]
     for agent in agents:
         code, _ = _finish(agent)
@@ -155,12 +164,11 @@ def test_a_damaged_copy_in_one_nodes_memory_is_replaced_by_the_other_nodes(
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF
     blob.write_bytes(bytes(data))
-    port = _free_port()
-    nodes.launch = [f"--rdzv-endpoint=127.0.0.1:{port}" if a.startswith("--rdzv-endpoint") else a for a in nodes.launch]
+    nodes.launch = _two_nodes(2)
     nodes.args = ("--async",)  # the resumed job saves in the background (the exchanges on their own group)
     results = [_finish(a) for a in [nodes.start(0, local=False), nodes.start(1, local=False)]]
     assert [code for code, _ in results] == [0, 0], "\n".join(text[-3000:] for _, text in results)
     assert "fails its checksums" in results[0][1] or "is corrupt" in results[0][1], results[0][1][-3000:]
-    assert _restored(nodes.out) == {8}
-    _assert_same_as_reference(nodes.out, reference4, ranks=RANKS)
+    assert _restored(nodes.out, 4) == {8}
+    _assert_same_as_reference(nodes.out, resumed4, ranks=4)
     assert _keepers(shm) == []
