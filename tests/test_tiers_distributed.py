@@ -14,7 +14,7 @@ with ``--tiers``.
   node's hot copy is damaged before the restart; the ranks fall back together to the other node's
   copy of the same step (sent over), and the run ends bit-exact with the same run resumed from the
   durable directory without tiers.
-
+"""
 
 from __future__ import annotations
 
