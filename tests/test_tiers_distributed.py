@@ -18,6 +18,7 @@ with ``--tiers``.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -172,3 +173,31 @@ def test_a_damaged_copy_in_one_nodes_memory_is_replaced_by_the_other_nodes(
     assert _restored(nodes.out, 4) == {8}
     _assert_same_as_reference(nodes.out, resumed4, ranks=4)
     assert _keepers(shm) == []
+
+
+ENDINGS = Path(__file__).parent / "dist_scripts" / "tiers_endings.py"
+
+
+def test_every_ending_of_a_distributed_tiered_restore(tmp_path: Path, shm: Path) -> None:
+    """Two ranks, each its own node (tests/dist_scripts/tiers_endings.py): every rank ends the same
+    way, with the same step or the same error, whatever its node holds."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ENDINGS),
+           str(tmp_path / "run"), str(out)]
+    p = subprocess.run(cmd, env=_env(NODE_SHM=str(shm)), text=True, capture_output=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    ranks = [json.loads((out / f"endings-rank{r}.json").read_text()) for r in (0, 1)]
+    for got in ranks:
+        assert got["fresh"] == {"step": None, "weight": got["fresh"]["weight"]}  # nothing anywhere: a fresh run
+        assert got["saved"]["node_has"] == ["step-000000002", "step-000000003"]  # each node: the whole checkpoint
+        assert got["from_memory"] == {"step": 3, "weight": 3.0 * 32}
+        assert got["step_not_held"]["error"] == "CheckpointNotFoundError"
+        assert "No checkpoint for step 1 in any tier of any node" in got["step_not_held"]["message"]
+        assert "steps available: 2, 3" in got["step_not_held"]["message"]
+        assert got["only_on_the_other_node"] == {"step": 3, "weight": 3.0 * 32}  # node 1 sent it to node 0
+        assert got["newest_damaged_everywhere"] == {"step": 2, "weight": 2.0 * 32}
+        assert got["all_damaged"]["error"] == "NoValidCheckpointError"
+        assert "No usable checkpoint in any tier of any node" in got["all_damaged"]["message"]
+        assert "ckptguard verify" in got["all_damaged"]["message"]
+    assert ranks[0]["all_damaged"]["message"].count("step-000000002") >= 1
