@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import FULL
 from test_elastic import EVERY, _assert_same_as_reference, _attempts, _env, _finish, _free_port, _max_step, _torchrun
 
 pytestmark = [pytest.mark.xdist_group("dist")]
@@ -201,3 +203,27 @@ def test_every_ending_of_a_distributed_tiered_restore(tmp_path: Path, shm: Path)
         assert "No usable checkpoint in any tier of any node" in got["all_damaged"]["message"]
         assert "ckptguard verify" in got["all_damaged"]["message"]
     assert ranks[0]["all_damaged"]["message"].count("step-000000002") >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="sampled out: CKPTGUARD_TEST_FULL=1 runs it")
+def test_sigterm_on_one_node_reaches_the_durable_tier_before_every_rank_exits(tmp_path: Path, shm: Path) -> None:
+    """A preemption notice (SIGTERM) to one node's worker: every rank saves the same step (into
+    every node's memory), rank 0 copies it to the durable tier, the memory is freed, all exit."""
+    nodes = Nodes(tmp_path, shm, "--step-sleep", "0.3", "--total", "400", nproc=1, restarts=0)
+    agents = [nodes.start(0), nodes.start(1)]
+    deadline = time.monotonic() + 180
+    while _max_step(nodes.out) < 6:
+        assert time.monotonic() < deadline and all(a.poll() is None for a in agents)
+        time.sleep(0.1)
+    worker = next(p for p in psutil.Process(agents[1].pid).children(recursive=True)
+                  if any("elastic_train.py" in arg for arg in p.cmdline()))
+    worker.send_signal(signal.SIGTERM)
+    results = [_finish(a) for a in agents]
+    assert all(code != 0 for code, _ in results)  # preempted: the agents report the workers' exit
+    ckpts = sorted(nodes.run.glob("step-*"))
+    assert ckpts, "\n".join(text[-3000:] for _, text in results)
+    manifest = json.loads((ckpts[-1] / "MANIFEST.json").read_text())
+    assert manifest["reason"] == "preemption" and manifest["step"] >= 6
+    assert manifest["step"] == _max_step(nodes.out)  # the step every rank had reached: nothing lost
+    assert _keepers(shm) == [] and not any(shm.rglob("MANIFEST.json"))  # the memory went with the clean end
