@@ -1,7 +1,8 @@
 """How a distributed tiered restore ends, one ending per phase, for tests/test_tiers_distributed.py.
 
-Two ranks under ``torchrun --standalone``, each its own "node" (its own memory directory:
-``$NODE_SHM/node{rank}``); a small model, no DDP (the tiers do not need it). Each phase builds a new
+Four ranks under ``torchrun --standalone``, two "nodes" of two ranks (each node its own memory
+directory: ``$NODE_SHM/node{rank // 2}``; its lowest rank keeps it, the other reads it); a small
+model, no DDP (the tiers do not need it). Each phase builds a new
 CheckpointManager (what a restarted process does) and writes what its restore did to
 ``OUT/endings-rank{R}.json``: the step, or the error's class and message.
 """
@@ -30,7 +31,8 @@ def main() -> None:
     run, out = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    memory = Path(os.environ["NODE_SHM"]) / f"node{rank}"
+    node = rank // 2
+    memory = Path(os.environ["NODE_SHM"]) / f"node{node}"
     memory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
@@ -62,6 +64,10 @@ def main() -> None:
         model.weight.zero_()
     restore("from_memory")
     restore("step_not_held", step=1)
+    if rank == 0:  # node 0's copy of step 3 damaged: marked there, node 1 sends its sound copy
+        flip(copies(3)[0] / "model.safetensors")
+    dist.barrier()
+    restore("damaged_on_one_node")
     if rank == 0:  # node 0 lost its copy of step 3: node 1 sends it
         for p in copies(3):
             for f in sorted(p.iterdir()):
@@ -69,12 +75,14 @@ def main() -> None:
             p.rmdir()
     dist.barrier()
     restore("only_on_the_other_node")
-    for p in copies(3):  # every node's copy of step 3 damaged: both fall back to step 2
-        flip(p / "model.safetensors")
+    if rank % 2 == 0:  # every node's copy of step 3 damaged: all fall back to step 2
+        for p in copies(3):
+            flip(p / "model.safetensors")
     dist.barrier()
     restore("newest_damaged_everywhere")
-    for p in copies(2):
-        flip(p / "model.safetensors")
+    if rank % 2 == 0:
+        for p in copies(2):
+            flip(p / "model.safetensors")
     dist.barrier()
     restore("all_damaged")
     (out / f"endings-rank{rank}.json").write_text(json.dumps(results))
