@@ -200,7 +200,7 @@ def test_killed_at_random_moments_resumes_bit_exact_from_memory(paths: Any, refe
             # the hot tier holds the newest committed checkpoint: a restart restores from memory
             assert tier == "hot", c.output
             from_hot += 1
-        if kills == 3:
+        if kills == (3 if FULL else 2):  # each kill a restart of Python + torch: 2 by default
             assert c.finish() == 0, c.output
             break
         wait_until(lambda c=c, step=step: c.proc.poll() is not None or newest_hot(run) > step, 120, "a hot save of this session")
