@@ -49,6 +49,8 @@ bench: $(DEV)
 	$(BIN)/python benchmarks/io_limits.py --quick
 	$(BIN)/python benchmarks/incremental.py --quick
 	$(BIN)/python benchmarks/distributed.py --quick
+	$(BIN)/python benchmarks/tiers.py --quick --no-s3
+	$(BIN)/python benchmarks/tiers_nodes.py --quick
 
 bench-full: $(DEV)
 	$(BIN)/python benchmarks/run.py
@@ -56,6 +58,8 @@ bench-full: $(DEV)
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/checksums.py
 	$(BIN)/python benchmarks/distributed.py --output BENCHMARKS.md
+	$(BIN)/python benchmarks/tiers.py --output BENCHMARKS.md
+	$(BIN)/python benchmarks/tiers_nodes.py --output BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -200,7 +200,7 @@ def test_killed_at_random_moments_resumes_bit_exact_from_memory(paths: Any, refe
             # the hot tier holds the newest committed checkpoint: a restart restores from memory
             assert tier == "hot", c.output
             from_hot += 1
-        if kills == 3:
+        if kills == (3 if FULL else 2):  # each kill a restart of Python + torch: 2 by default
             assert c.finish() == 0, c.output
             break
         wait_until(lambda c=c, step=step: c.proc.poll() is not None or newest_hot(run) > step, 120, "a hot save of this session")
@@ -327,11 +327,14 @@ def test_a_damaged_hot_copy_falls_back_to_the_next_tier(paths: Any) -> None:
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte in the weights
     path.write_bytes(bytes(data))
-    lower = {x.step for d in (local, run) for x in scan(open_storage(d)) if x.valid}
+    # the other sound copies, fastest tier first (a kill between a commit and the hot tier's trim
+    # leaves an older hot copy too: a sound, older step from memory is a right answer)
+    sound = [(x.step, "hot") for x in scan(hot) if x.valid and x.step != newest.step]
+    sound += [(x.step, name) for name, d in (("local", local), ("durable", run)) for x in scan(open_storage(d)) if x.valid]
+    want_step = newest.step if any(s == newest.step for s, _ in sound) else max(s for s, _ in sound)
+    want_tier = next(name for s, name in sound if s == want_step)
     c = Client(run, local, str(tmp / "out.pt"), 24)
-    step, tier = restored(c)
-    assert tier in ("local", "durable")
-    assert step == (newest.step if newest.step in lower else max(s for s in lower if s < newest.step))
+    assert restored(c) == (want_step, want_tier)  # never the damaged copy
     assert c.finish() == 0, c.output
 
 

@@ -9,7 +9,7 @@ Public API (see README.md)::
 
 The top level holds what DESIGN.md names (``TrainState``, ``ResumableSampler``,
 ``CheckpointManager``, ``Retention``, ``verify``, ``CheckpointError``), the two other classes the
-README's code uses (``LossGuard``, ``LockPolicy``) and the errors the README says a training loop
+README's code uses (``LossGuard``, ``LockPolicy``, ``Tiers``) and the errors the README says a training loop
 meets. Everything else lives in its subpackage, for example:
 
 - ``ckptguard.errors``: every error class (``InvalidStepError``,
@@ -38,6 +38,7 @@ _LAZY: dict[str, str] = {
     "ResumableSampler": "ckptguard.capture.sampler",
     "Retention": "ckptguard.policies.retention",
     "TrainState": "ckptguard.capture.state",
+    "Tiers": "ckptguard.tiers.options",
     "verify": "ckptguard.verification.verify",
     # errors (all of them: ckptguard.errors)
     "AsyncSaveError": "ckptguard.errors",
@@ -84,6 +85,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
     from ckptguard.manager.manager import CheckpointManager
     from ckptguard.policies.retention import Retention
     from ckptguard.run.lock import LockPolicy
+    from ckptguard.tiers.options import Tiers
     from ckptguard.verification.health import LossGuard
     from ckptguard.verification.verify import verify
 
@@ -122,6 +124,7 @@ __all__ = [
     "StorageUnavailableError",
     "CommitUnknownError",
     "StoragePermissionError",
+    "Tiers",
     "TrainState",
     "UnsafeCheckpointError",
     "UnsupportedStateError",

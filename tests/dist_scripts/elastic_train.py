@@ -5,6 +5,8 @@ What a user writes: gloo DDP (``--fsdp``: FSDP2 ``fully_shard``), a small model 
 ``mgr.save`` every few steps (``--async``: ``async_save=True``), inside ``mgr.preemption_guard()``.
 The faults come from the test, once per run (the first attempt, marked by ``OUT/fault-fired``):
 
+- ``--tiers``: ``tiers=Tiers(...)`` with the node's own memory (``$NODE_SHM``) and local directory
+  (``$NODE_LOCAL``); the durable tier is the run directory.
 - ``--kill-rank R --kill-step K``: rank R SIGKILLs itself right after training step K;
 - ``--kill-in-save K``: rank R SIGKILLs itself inside the save of step K, in whichever thread
   creates the file ``--kill-file`` of that save (the training thread, or the background save
@@ -104,6 +106,8 @@ def main() -> None:
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--async", dest="async_save", action="store_true", help="CheckpointManager(async_save=True)")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
+    ap.add_argument("--tiers", action="store_true",
+                    help="tiers=Tiers(memory_dir=$NODE_SHM, local=$NODE_LOCAL): each node's own memory and disk")
     args = ap.parse_args()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     dist.init_process_group("gloo")
@@ -124,7 +128,12 @@ def main() -> None:
     os.makedirs(args.run, exist_ok=True)
     storage = KillingDisk(args.run)
     storage.record = os.path.join(args.out, "killed.json")
-    mgr = cg.CheckpointManager(storage, every_steps=args.every, async_save=args.async_save)
+    tiers = None
+    if args.tiers:  # several "nodes" on one machine: each its own memory_dir and local directory
+        tiers = cg.Tiers(memory_dir=os.environ["NODE_SHM"], local=os.environ.get("NODE_LOCAL") or None,
+                         local_every_seconds=5.0, durable_every_seconds=float(os.environ.get("DURABLE_EVERY", "3600")),
+                         grace_seconds=float(os.environ.get("GRACE", "60")))
+    mgr = cg.CheckpointManager(storage, every_steps=args.every, async_save=args.async_save, tiers=tiers)
     step = mgr.restore(state) or 0
     with open(os.path.join(args.out, f"attempts-rank{rank}.txt"), "a") as f:
         f.write(f"{attempt} {world} {step}\n")

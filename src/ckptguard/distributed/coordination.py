@@ -50,7 +50,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -61,6 +61,7 @@ __all__ = [
     "CHECKPOINT_TIMEOUT",
     "PER_RANK_KEYS",
     "Coordinator",
+    "DamagedElsewhere",
     "ProcessGroupCoordinator",
     "agree",
     "capture_exc",
@@ -114,6 +115,17 @@ class Coordinator:
 
     def barrier(self) -> None:
         return None
+
+    def all_gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        return [obj]
+
+    def exchange(self, outgoing: Mapping[int, bytes], incoming: Mapping[int, int]) -> dict[int, bytes]:
+        """Point to point: send ``outgoing[rank]`` to each rank, receive ``incoming[rank]`` bytes
+        from each; every pair must match (the sizes agreed beforehand). Returns what arrived."""
+        if outgoing or incoming:
+            raise CheckpointError("A single process has no other rank to exchange checkpoint files with.")
+        return {}
 
     def for_background(self) -> Coordinator:
         """The coordinator a background save uses (its own process group; here: itself)."""
@@ -239,6 +251,27 @@ class ProcessGroupCoordinator(Coordinator):
     def barrier(self) -> None:
         self._dist.barrier(group=self.group)
 
+    def all_gather(self, obj: T) -> list[T]:
+        out: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def exchange(self, outgoing: Mapping[int, bytes], incoming: Mapping[int, int]) -> dict[int, bytes]:
+        group = self.group
+        works: list[Any] = []
+        received: dict[int, torch.Tensor] = {}
+        for src, size in sorted(incoming.items()):
+            received[src] = torch.empty(size, dtype=torch.uint8)
+            if size:
+                works.append(self._dist.irecv(received[src], src=src, group=group))
+        for dst, data in sorted(outgoing.items()):
+            if data:
+                works.append(self._dist.isend(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=dst, group=group))
+        for work in works:
+            if work is not None:
+                work.wait()
+        return {src: t.numpy().tobytes() for src, t in received.items()}
+
 
 def coordinator() -> Coordinator:
     """The coordinator for this process: distributed when torch.distributed is initialized."""
@@ -285,6 +318,11 @@ def on_primary(coord: Coordinator, fn: Callable[[], T], what: str) -> T:
     return result  # type: ignore[no-any-return]
 
 
+class DamagedElsewhere(CorruptCheckpointError):
+    """Another rank found the checkpoint damaged: this rank falls back with it, and marks nothing
+    (its own copy, in a tiered run a copy of its own node, may be sound)."""
+
+
 def agree(coord: Coordinator, exc: BaseException | None, where: str, doing: str = "restore") -> None:
     """Raise on every rank when any rank failed; damage makes every rank fall back together."""
     code = _OK if exc is None else _CORRUPT if isinstance(exc, CorruptCheckpointError) else _FATAL
@@ -292,7 +330,7 @@ def agree(coord: Coordinator, exc: BaseException | None, where: str, doing: str 
     if exc is not None:
         raise exc
     if worst == _CORRUPT:
-        raise CorruptCheckpointError(
+        raise DamagedElsewhere(
             f"{where}: another rank found this checkpoint damaged (see its log); every rank "
             "falls back to an older checkpoint.",
             path=where,

@@ -137,14 +137,14 @@ class CheckpointManager:
         self._coord = coordinator()  # torch.distributed: rank 0 locks, commits, curates
         self._lock_agreed = False  # distributed: rank 0 took the lock at the first save() call
         self._tiers = None if tiers is None else TierSet(
-            checked_tiers(tiers, incremental, self._coord.active), self.storage, storage_options=storage_options,
-            mtbf=self.schedule.mtbf_seconds, on_durable=self._on_durable, lock_check=lambda: self._saves.check_lock(),
+            checked_tiers(tiers, incremental), self.storage, storage_options=storage_options, mtbf=self.schedule.mtbf_seconds,
+            on_durable=self._on_durable, lock_check=lambda: self._saves.check_lock(), coord=self._coord,
         )
         self._saves = SavePipeline(
             self.storage, self._coord, self.metrics_log,
             RunCallbacks(self._run_fields, self._blocked, self._saved, self._committed, self._apply_retention),
             lock=lock, async_save=async_save, incremental=incremental, manifests=self._manifests,
-            target=None if self._tiers is None else self._tiers.first.storage,
+            target=self._tiers.first.storage if self._tiers else None, replicator=self._tiers.replicator if self._tiers else None,
         )
         self._preemption = Preemption()
         self._watchdog: Watchdog | None = None

@@ -44,12 +44,10 @@ def initial_schedule(
     return schedule
 
 
-def checked_tiers(tiers: Tiers, incremental: bool, distributed: bool) -> Tiers:
+def checked_tiers(tiers: Tiers, incremental: bool) -> Tiers:
     """``tiers`` when the run can use them; TypeError/ValueError otherwise."""
     if not isinstance(tiers, Tiers):
         raise TypeError(f"tiers must be a ckptguard.tiers.Tiers, got {type(tiers).__name__}")
     if incremental:
         raise ValueError("tiers= and incremental=True do not combine yet: tiers copy whole checkpoints")
-    if distributed:
-        raise ValueError("tiers= in a torch.distributed run is not supported yet: use it in single-process runs")
     return tiers

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ckptguard.capture.state import MismatchReport, TrainState, restore_state
-from ckptguard.distributed.coordination import Coordinator, agree, capture_exc
+from ckptguard.distributed.coordination import Coordinator, DamagedElsewhere, agree, capture_exc
 from ckptguard.distributed.restoring import is_dcp, load_sharded, prepare_rank
 from ckptguard.errors import (
     CheckpointError,
@@ -393,7 +393,7 @@ def _record_failure(
     storage: Storage, c: CheckpointInfo, e: CheckpointError, failures: list[tuple[str, str]], *, explicit: bool = False
 ) -> None:
     """Byte-level evidence marks ``c`` corrupt; a read error (perhaps transient) only skips it."""
-    byte_level = isinstance(e, (CorruptCheckpointError, CheckpointNotFoundError))
+    byte_level = isinstance(e, (CorruptCheckpointError, CheckpointNotFoundError)) and not isinstance(e, DamagedElsewhere)
     failures.append((c.path, str(e)))
     what = getattr(e, "file", None) or ("its manifest" if c.manifest is None else "a file")
     then = "not restoring it (you asked for this step)" if explicit else "falling back to the previous one"

@@ -52,6 +52,7 @@ from ckptguard.run.catalog import ManifestCache
 from ckptguard.run.lock import LockPolicy, RunLock
 from ckptguard.run.metrics_log import MetricsLog, plain_metrics
 from ckptguard.storage.base import Storage
+from ckptguard.tiers.replica import Replicator
 
 __all__ = ["ManifestFieldProvider", "PostCommitHook", "RunCallbacks", "SavePipeline", "SaveRequest"]
 
@@ -127,12 +128,14 @@ class SavePipeline:
         incremental: bool,
         manifests: ManifestCache,
         target: Storage | None = None,
+        replicator: Replicator | None = None,
     ) -> None:
         self.storage = storage
         self.target = target or storage  # where checkpoints go (a tiered run's first tier); the run's files stay in storage
         # A tiered run's saves touch only the first tier: the run lock's checks, metrics.csv and
         # the run record reach the durable tier with its copies (ckptguard.tiers), not at every save.
         self.durable_each_save = self.target is storage
+        self.replicator = replicator  # distributed tiers: each node's first tier gets the whole checkpoint
         self.coord = coord
         self.metrics_log = metrics_log
         self.run = run
@@ -297,15 +300,22 @@ class SavePipeline:
         staging = on_primary(coord, lambda: self._prepare(step), f"preparing {self.target.describe(checkpoint_name(step))}")
         share: tuple[dict[str, dict[str, Any]], str | None] = ({}, None)  # a single process writes no share
         sink = self.incremental.writer() if self.incremental else self.tensor_writer
-        if coord.active:
-            share = write_rank_share(
-                self.target, staging, coord, save.request.state, save.snap.state, save.sharded, save.staged_shards, sink
-            )
-        reports = coord.gather(share)
         manifest: dict[str, Any] = {}
         try:
+            if self.replicator is not None:
+                self.replicator.prepare(coord, staging)
+            if coord.active:
+                share = write_rank_share(
+                    self.target, staging, coord, save.request.state, save.snap.state, save.sharded, save.staged_shards, sink
+                )
+            if self.replicator is not None:  # a failed share is reported to rank 0 by the gather below
+                self.replicator.send_shares(coord, staging, share[0] if share[1] is None else {})
+            reports = coord.gather(share)
             manifest = on_primary(coord, lambda: self._commit(save, staging, reports, sink), f"committing step {step}")
+            if self.replicator is not None:
+                self.replicator.send_commit(coord, staging, manifest, {n for r in reports or [] for n in r[0]})
         except CheckpointError as e:
+            self._debris_cleaned = False  # the staging directory of a save that failed is debris
             if not coord.active:
                 raise
             raise CheckpointError(

@@ -76,6 +76,8 @@ def copy_checkpoint(
     try:
         for fname in manifest["files"]:
             rel = join(name, fname)
+            if "/" in fname:  # a sharded checkpoint's dcp/ files
+                dst.makedirs(join(staging, fname.rsplit("/", 1)[0]))
 
             def body(w: Writer, rel: str = rel) -> int:
                 return _pump(src, rel, w)

@@ -14,15 +14,20 @@ import logging
 
 from ckptguard.capture.state import MismatchReport, TrainState
 from ckptguard.distributed.coordination import Coordinator
-from ckptguard.errors import CheckpointNotFoundError, NoValidCheckpointError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, NoValidCheckpointError
+from ckptguard.format.manifest import checkpoint_name
 from ckptguard.manager.restoring import restore_first_valid
-from ckptguard.run.catalog import CheckpointInfo, scan
+from ckptguard.policies.slimming import slimmed_record
+from ckptguard.run.catalog import BAD_STATUSES, SUPERSEDED, CheckpointInfo, scan
 from ckptguard.storage import Storage
+from ckptguard.tiers.replica import send_checkpoint
 from ckptguard.tiers.tiered import Tier, TierSet, tier_listing
 
 __all__ = ["restore_tiered", "warn_if_tiered"]
 
 log = logging.getLogger(__name__)
+MAX_ROUNDS = 50  # agreements of a distributed restore (each marks a damaged copy or tries an older step)
+ATTEMPTS = 3  # of one step, before an older one is tried
 
 
 def restore_tiered(
@@ -32,6 +37,8 @@ def restore_tiered(
     storage it came from and what :func:`restore_first_valid` returns (see the module docstring).
     This process becomes the hot tier's trainer first (its keeper stops waiting for one)."""
     tiers.attach(to_save=False)
+    if tiers.nodes is not None:
+        return _restore_nodes(tiers, state, coord=coord, verify=verify, strict=strict, step=step)
     copies: dict[int, list[tuple[Tier, CheckpointInfo]]] = {}
     for tier, c in tiers.listing():
         copies.setdefault(c.step, []).append((tier, c))
@@ -66,6 +73,81 @@ def restore_tiered(
             f"No usable checkpoint in any tier of {url}: {len(failures)} cop{'y' if len(failures) == 1 else 'ies'} "
             f"tried, none restorable:\n  {lines}\nRun 'ckptguard verify {url}' for details.",
             path=url, failures=tuple(failures),
+        )
+    return tiers.chain[-1].storage, None
+
+
+def _usable(c: CheckpointInfo, explicit: bool) -> bool:
+    """A copy every rank would try (a marked, superseded or slimmed one is skipped by the restore
+    pipeline on one rank only: not offered, so the ranks stay in step), or any copy of the step asked for."""
+    return c.valid and (explicit or (c.status not in BAD_STATUSES and c.status != SUPERSEDED and slimmed_record(c.manifest) is None))
+
+
+def _node_copies(tiers: TierSet, explicit: bool) -> tuple[dict[int, tuple[Tier, CheckpointInfo]], dict[int, CheckpointInfo]]:
+    """(step -> the fastest copy in this node's faster tiers, step -> the durable tier's copy)."""
+    faster: dict[int, tuple[Tier, CheckpointInfo]] = {}
+    for tier in tiers.chain[:-1]:
+        for c in scan(tier.storage):
+            if _usable(c, explicit):
+                faster.setdefault(c.step, (tier, c))
+    durable = {c.step: c for c in scan(tiers.chain[-1].storage) if _usable(c, explicit)}
+    return faster, durable
+
+
+def _restore_nodes(
+    tiers: TierSet, state: TrainState, *, coord: Coordinator, verify: bool, strict: bool, step: int | None
+) -> tuple[Storage, tuple[CheckpointInfo, MismatchReport] | None]:
+    """A distributed tiered restore: the ranks agree on the newest step that every rank can obtain
+    (from its node's tiers, the durable tier, or another node, which sends it to the nodes
+    without it: :func:`ckptguard.tiers.replica.send_checkpoint`), then each restores it from the
+    fastest copy its node holds. A copy that turns out damaged is marked and the ranks agree again."""
+    assert tiers.nodes is not None
+    nodes = tiers.nodes
+    failures: list[tuple[str, str]] = []
+    attempts: dict[int, int] = {}
+    url = tiers.chain[-1].storage.url
+    for _ in range(MAX_ROUNDS):
+        faster, durable = _node_copies(tiers, step is not None)
+        views = coord.all_gather((sorted(faster), sorted(durable)))
+        held = [set(views[leader][0]) for leader in nodes.leaders]
+        on_durable = set(views[0][1])
+        every = set().union(*held) | on_durable
+        if step is not None and step not in every and not failures:
+            have = ", ".join(str(s) for s in sorted(every)[-10:]) or "none"
+            raise CheckpointNotFoundError(
+                f"No checkpoint for step {step} in any tier of any node of {url} (steps available: {have}). "
+                "Run 'ckptguard ls' to list them."
+            )
+        left = sorted((s for s in every if attempts.get(s, 0) < ATTEMPTS and (step is None or s == step)), reverse=True)
+        if not left:
+            break
+        s = left[0]
+        attempts[s] = attempts.get(s, 0) + 1
+        lacking = [nodes.leaders[n] for n in range(nodes.count) if s not in held[n]]
+        if lacking and s not in on_durable:
+            sender = nodes.leaders[next(n for n in range(nodes.count) if s in held[n])]
+            try:
+                send_checkpoint(coord, checkpoint_name(s), sender, lacking, faster[s][0].storage if s in faster else None,
+                                tiers.first.storage)
+            except CheckpointError as e:
+                failures.append((f"{checkpoint_name(s)} (sent by rank {sender})", str(e)))
+                continue
+            faster, durable = _node_copies(tiers, step is not None)
+        tier, c = faster[s] if s in faster else (tiers.chain[-1], durable[s])
+        try:
+            found = restore_first_valid(tier.storage, [c], state, coord=coord, verify=verify, strict=strict,
+                                        explicit=step is not None)
+        except NoValidCheckpointError as e:
+            failures.extend(e.failures)
+            continue
+        if found is not None:
+            log.info("Restored step %d from the %s tier of node %d (rank %d)", s, tier.name, nodes.index, coord.rank)
+            return tier.storage, found
+    if failures:
+        lines = "\n  ".join(f"{path}: {why}" for path, why in failures[:20])
+        raise NoValidCheckpointError(
+            f"No usable checkpoint in any tier of any node of {url}: {len(failures)} attempt(s) failed:\n  {lines}\n"
+            f"Run 'ckptguard verify {url}' for details.", path=url, failures=tuple(failures),
         )
     return tiers.chain[-1].storage, None
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ckptguard.distributed.coordination import Coordinator
 from ckptguard.errors import CheckpointError, RunLockedError
 from ckptguard.format.manifest import parse_step
 from ckptguard.persist.writer import clean_debris, delete_checkpoint
@@ -32,6 +33,7 @@ from ckptguard.storage.local import LocalStorage
 from ckptguard.tiers.copying import copy_checkpoint, remove_root, same_checkpoint
 from ckptguard.tiers.keeper import KEEPER_DIR, is_alive, process_token, read_json, write_json
 from ckptguard.tiers.options import Every, Tiers, hot_root
+from ckptguard.tiers.replica import Replicator, nodes_of
 
 __all__ = ["HotMemory", "Tier", "TierCopier", "TierSet", "tier_listing"]
 
@@ -236,7 +238,7 @@ class TierSet:
 
     def __init__(
         self, tiers: Tiers, durable: Storage, *, storage_options: dict[str, Any] | None, mtbf: float | None,
-        on_durable: Callable[[], None], lock_check: Callable[[], None] | None = None,
+        on_durable: Callable[[], None], lock_check: Callable[[], None] | None = None, coord: Coordinator | None = None,
     ) -> None:
         self.options = tiers
         self.on_durable = on_durable
@@ -256,7 +258,17 @@ class TierSet:
         chain.append(Tier("durable", durable, None, _schedule(tiers.durable_every_seconds, mtbf, "durable")))
         self.chain = chain
         self.first = chain[0]
-        self.copier = TierCopier(self.first, chain[1:], self._copied, lock_check)
+        # torch.distributed: each node's tiers are its own; its leader (lowest rank) keeps them (the
+        # keeper, copies down, retention), rank 0 alone copies to the durable tier (ckptguard.tiers.replica).
+        active = coord is not None and coord.active
+        self.nodes = nodes_of(coord, self.first.storage.url) if coord is not None and active else None
+        self.primary = not active or (coord is not None and coord.rank == 0)
+        self.leader = self.nodes is None or self.nodes.is_leader
+        if not self.leader:
+            self.hot = None  # the node's leader is the hot tier's trainer
+        self.replicator = Replicator(self.first.storage, self.nodes, self.committed) if self.nodes and self.nodes.count > 1 else None
+        lower = chain[1:] if self.primary else chain[1:-1] if self.leader else []
+        self.copier = TierCopier(self.first, lower, self._copied, lock_check)
         self._attached = False
         self._saving = False
         self._rollback: int | None = None  # restored an older step than the faster tiers hold
@@ -281,11 +293,12 @@ class TierSet:
         """Before this process's first save: the durable tier records the run (its lineage: what
         makes the faster tiers' copies this run's), and copies of no lineage of the run (left by a
         run deleted from the durable tier) are removed from the faster tiers."""
-        if self._saving:
+        if self._saving or not self.leader:
             return
         self._saving = True
-        self.chain[-1].storage.makedirs("")
-        self.on_durable()
+        if self.primary:
+            self.chain[-1].storage.makedirs("")
+            self.on_durable()
         for tier, c in self._foreign():
             log.warning("Removing %s from the %s tier: it belongs to no lineage of %s (a run deleted there?)",
                         c.path, tier.name, self.chain[-1].storage.url)
@@ -301,6 +314,8 @@ class TierSet:
     def restored(self, c: CheckpointInfo, *, from_first: bool) -> None:
         """``c`` was restored: copy it down when due (if it came from the first tier); the
         faster tiers' later steps go at the next commit (see :meth:`drop_newer`)."""
+        if not self.leader:
+            return
         if from_first:
             self.copier.committed(c.name)
         if any(step > c.step for step in self.where()):
@@ -390,7 +405,7 @@ class TierSet:
         """Stop the copier. ``flush`` (a clean end): copy the newest checkpoint down to every tier,
         then free the hot memory; otherwise the memory stays for a restart (its keeper persists it)."""
         try:
-            if flush and (self.hot is None or self._attached):  # a reader beside a live trainer copies nothing
+            if flush and self.leader and (self.hot is None or self._attached):  # a reader beside a live trainer copies nothing
                 self.flush()
                 if self.hot is not None:
                     self.hot.release()
