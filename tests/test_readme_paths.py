@@ -31,7 +31,7 @@ TOP_LEVEL = {
     # DESIGN.md
     "TrainState", "ResumableSampler", "CheckpointManager", "Retention", "verify", "CheckpointError",
     # the README's code
-    "LossGuard", "LockPolicy",
+    "LossGuard", "LockPolicy", "Tiers",
     # errors the README says save/restore/close raise
     "AsyncSaveError", "CheckpointNotFoundError", "CorruptCheckpointError", "NoValidCheckpointError",
     "DiskFullError", "StoragePermissionError", "StorageError", "FormatVersionError", "RunLockedError",
