@@ -1,6 +1,6 @@
 """DDP resume at world size 4 (gloo, CPU): bit-exact with ``find_unused_parameters=True``; with
 torch's defaults the first step after a restore differs in the last bits (torch's DDP, not the
-restore), which the README documents.
+restore), which the README documents and ``restore`` warns about (rank 0, once per restore).
 
 The program is tests/dist_scripts/ddp_world4.py (its docstring has the mechanism). Every rank runs
 an uninterrupted run and a run stopped after step 6 and resumed (new model, DDP, optimizer,
