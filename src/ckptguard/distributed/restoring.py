@@ -12,13 +12,15 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from torch.nn.parallel import DistributedDataParallel
+
 from ckptguard.capture.state import TrainState, without_model
 from ckptguard.distributed.coordination import PER_RANK_KEYS, Coordinator, rank_file
 from ckptguard.distributed.dcp import is_sharded
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError
 from ckptguard.persist.reader import CheckpointReader
 
-__all__ = ["check_layout", "is_dcp", "load_sharded", "prepare_rank", "rank_entries"]
+__all__ = ["check_layout", "is_dcp", "load_sharded", "prepare_rank", "rank_entries", "warn_ddp_bucket_rebuild"]
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,37 @@ def rank_entries(coord: Coordinator, reader: CheckpointReader) -> dict[str, Any]
 
 
 def prepare_rank(coord: Coordinator, state: TrainState, reader: CheckpointReader) -> dict[str, Any] | None:
-    """:func:`check_layout`, then :func:`rank_entries`: the first stage of a restore on each rank."""
+    """:func:`check_layout`, then :func:`rank_entries`: the first stage of a restore on each rank
+    (rank 0 also logs :func:`warn_ddp_bucket_rebuild`'s warning)."""
     check_layout(state, reader)
+    if coord.rank == 0:
+        warn_ddp_bucket_rebuild(state.model, coord.world_size, reader.where)
     return rank_entries(coord, reader)
+
+
+def warn_ddp_bucket_rebuild(model: object, world_size: int, where: str) -> bool:
+    """Log (and return True) when resuming ``model`` cannot be bit-exact because of torch's DDP:
+    a DDP that will rebuild its gradient buckets after its first iteration, on 3 or more ranks.
+
+    A new DDP reduces its first backward with its initial bucket layout and then rebuilds the
+    buckets in the order the gradients became ready (once, unless ``find_unused_parameters=True``
+    without ``static_graph``). After a restore that first iteration is the first resumed step,
+    where the uninterrupted run already used the rebuilt layout; a ring allreduce adds an element's
+    values in an order that depends on its offset in the bucket, which changes the float sum with
+    3 or more ranks (with 2, a + b == b + a). The restored state itself is exact.
+    """
+    if not isinstance(model, DistributedDataParallel) or world_size < 3:
+        return False
+    if model.find_unused_parameters and not model.static_graph:
+        return False
+    log.warning(
+        "%s is restored into a DDP model on %d ranks: the resumed run may differ from an uninterrupted "
+        "one in the last bits from its first step on (DDP reduces its first iteration with its initial "
+        "gradient bucket layout, later ones with the rebuilt layout). For a bit-exact resume, construct "
+        "DDP with find_unused_parameters=True (and static_graph=False): the buckets are then never rebuilt.",
+        where, world_size,
+    )
+    return True
 
 
 def _saved_world_size(reader: CheckpointReader) -> int:
