@@ -80,11 +80,11 @@ def digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def build_model(fsdp: bool) -> torch.nn.Module:
+def build_model(fsdp: bool, find_unused: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model: torch.nn.Module = Net()
-    if not fsdp:
-        return torch.nn.parallel.DistributedDataParallel(model)
+    if not fsdp:  # find_unused: the bucket layout a bit-exact resume on 3+ ranks needs (README)
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
     from torch.distributed.fsdp import fully_shard
 
     for layer in (model.body[0], model.head):
@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--async", dest="async_save", action="store_true", help="CheckpointManager(async_save=True)")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
+    ap.add_argument("--find-unused", action="store_true", help="DDP(find_unused_parameters=True): 3+ ranks resume bit-exact")
     ap.add_argument("--tiers", action="store_true",
                     help="tiers=Tiers(memory_dir=$NODE_SHM, local=$NODE_LOCAL): each node's own memory and disk")
     args = ap.parse_args()
@@ -114,7 +115,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     os.makedirs(args.out, exist_ok=True)
 
-    model = build_model(args.fsdp)
+    model = build_model(args.fsdp, args.find_unused)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
     ds = IndexedDataset(96)
