@@ -37,6 +37,7 @@ import pytest
 import torch
 
 import ckptguard as cg
+from ckptguard.cli import main
 from ckptguard.run.catalog import find_debris, scan
 from ckptguard.run.lockholder import pid_alive
 from ckptguard.storage import LocalStorage, Storage, open_storage
@@ -112,11 +113,17 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, tick: Callab
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
-def cli(*args: str) -> tuple[int, str]:
-    """A ckptguard command against the bucket (the environment points it at the server itself)."""
-    r = subprocess.run([sys.executable, "-m", "ckptguard", *args], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
-    return r.returncode, r.stdout + r.stderr
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """A ckptguard command against the bucket, in this process (the environment points it at the
+    server itself, around the proxy): (exit code, its output)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
 
 
 class Trainer:
@@ -142,6 +149,14 @@ class Trainer:
             t0 = time.perf_counter()
             assert self.mgr.save(self.step, self.state)  # never raises: a copy's failure is not the loop's
             self.blocked.append(time.perf_counter() - t0)
+
+
+def assert_only_debris(report: Any, steps: list[int], debris: list[str]) -> None:
+    """``report`` (cg.verify of the bucket): every committed checkpoint in ``steps`` is sound and
+    the only problems are ``debris`` (named as leftovers of an interrupted save)."""
+    assert [c.step for c in report.checkpoints if c.ok] == steps, report
+    assert sorted(p.checkpoint for p in report.problems) == sorted(debris), report.problems
+    assert all("debris of an interrupted save" in p.message for p in report.problems), report.problems
 
 
 def close_bounded(mgr: cg.CheckpointManager, limit: float) -> tuple[BaseException | None, float]:
@@ -195,7 +210,7 @@ def run(s3_url: str) -> Iterator[str]:  # noqa: F811
 
 
 def test_a_cut_during_a_background_copy_leaves_training_running_and_nothing_torn(
-    run: str, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+    run: str, proxy: FaultProxy, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bucket = open_storage(run)  # around the proxy
     t = Trainer(run, proxy, durable_every=0.3)
@@ -221,16 +236,19 @@ def test_a_cut_during_a_background_copy_leaves_training_running_and_nothing_torn
         t.mgr.wait()
         assert hot_steps(run)[-1] == t.step  # training went on: the hot tier has the newest step
         # Nothing torn: the bucket's committed checkpoints are the complete ones from before the cut;
-        # the cut copy is debris (its data file landed, its manifest never did).
+        # the cut copy is debris (its data file landed, its manifest never did), which verify and ls
+        # name as such, never as a checkpoint.
         assert committed(bucket) == before
         assert cut_name in find_debris(bucket), (cut_name, bucket.listdir(""))
-        code, out = cli("verify", run)
-        assert code == 0, out
-        code, out = cli("ls", run, "--json")
+        assert_only_debris(cg.verify(run), before, [cut_name])
+        code, out = cli(capsys, "verify", run)
+        assert code == 1 and "debris of an interrupted save" in out, out  # exit 0 only if all is sound
+        code, out = cli(capsys, "ls", run, "--json")
         assert code == 0, out
         listing = json.loads(out[out.index("{"):])
-        durable_rows = [r["step"] for r in listing["checkpoints"] if "durable" in r["tiers"]]
-        assert durable_rows == before, listing
+        assert [r["step"] for r in listing["checkpoints"] if "durable" in r["tiers"]] == before, listing
+        assert t.step in [r["step"] for r in listing["checkpoints"] if "hot" in r["tiers"]], listing
+        assert cut_name in listing["debris"], listing
         # The network comes back: the next due copy lands the newest checkpoint.
         proxy.clear()
         proxy.up()
@@ -241,8 +259,7 @@ def test_a_cut_during_a_background_copy_leaves_training_running_and_nothing_torn
         proxy.up()
         t.mgr.close()  # safe to call twice
     assert committed(bucket)[-1] == t.step  # close() copied the newest down
-    code, out = cli("verify", run)
-    assert code == 0, out
+    assert_only_debris(cg.verify(run), committed(bucket), [cut_name])
     assert not os.path.exists(hot_dir(run))  # a clean end frees the memory
 
 
@@ -334,9 +351,8 @@ class Child:
     """The trainer in a process of its own (SIGKILLed by the test), its SAVED lines collected."""
 
     def __init__(self, url: str, proxy: FaultProxy, grace: float) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD, url, json.dumps(via(proxy)), str(grace)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
         self.lines: list[str] = []
         self.saved = 0
         self._reader = threading.Thread(target=self._read, daemon=True)
