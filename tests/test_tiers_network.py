@@ -232,7 +232,7 @@ def test_a_cut_during_a_background_copy_leaves_training_running_and_nothing_torn
         t.train(5)
         during = t.blocked[cut_at:]
         assert len(during) >= 5
-        assert max(during) < 1.0, f"hot saves blocked by the network: {[round(x, 3) for x in during]}"
+        assert max(during) < 1.5, f"hot saves blocked by the network: {[round(x, 3) for x in during]}"
         t.mgr.wait()
         assert hot_steps(run)[-1] == t.step  # training went on: the hot tier has the newest step
         # Nothing torn: the bucket's committed checkpoints are the complete ones from before the cut;
@@ -270,23 +270,85 @@ HEARTBEAT_HOLDS_THE_MUTEX = (
 )
 
 
+@full_only
 @pytest.mark.xfail(strict=True, reason=HEARTBEAT_HOLDS_THE_MUTEX)
 def test_hot_saves_are_not_blocked_by_the_run_lock_heartbeat_while_the_network_is_cut(run: str, proxy: FaultProxy) -> None:
     t = Trainer(run, proxy, durable_every=NEVER, lock=cg.LockPolicy(stale_after=60.0, heartbeat_seconds=0.5))
     try:
         t.train(2)
         t.mgr.wait()
-        proxy.down(NEVER)
+        # A cut that drops packets: every request for the run lock hangs (until the client's timeout).
+        proxy.add(Fault("delay", None, ".ckptguard.run.lock", seconds=4.0, times=10**6))
         cut_at = len(t.blocked)
-        deadline = time.monotonic() + 8.0  # several heartbeats, each failing after its retries
+        deadline = time.monotonic() + 6.0  # a heartbeat or two
         while time.monotonic() < deadline:
             t.train()
             time.sleep(0.05)
         during = t.blocked[cut_at:]
-        assert max(during) < 1.0, f"hot saves blocked by the network: max {max(during):.2f}s of {len(during)} saves"
+        assert max(during) < 1.5, f"hot saves blocked by the network: max {max(during):.2f}s of {len(during)} saves"
     finally:
-        proxy.up()
+        proxy.clear()
         t.mgr.close()
+
+
+DEBRIS_STAYS = (
+    "TierCopier._copy (src/ckptguard/tiers/tiered.py) cleans a tier's debris once per process (Tier.cleaned) and "
+    "never again after a failed copy: the cut copy's step directory stays in the bucket after a clean close()"
+)
+
+
+@full_only
+@pytest.mark.xfail(strict=True, reason=DEBRIS_STAYS)
+def test_the_debris_of_a_cut_copy_goes_with_the_next_copy_there(
+    run: str, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = open_storage(run)
+    t = Trainer(run, proxy, durable_every=0.3)
+    try:
+        t.train(2)
+        wait_until(lambda: bool(committed(bucket)), 30, "a first copy to the durable tier", tick=lambda: time.sleep(0.1))
+        cut = Fault("reset_before", "PUT", "model.safetensors", times=10**6)  # every upload of the weights cut
+        proxy.add(cut)
+        wait_until(lambda: "Could not copy" in caplog.text and bool(find_debris(bucket)), 60, "a cut copy",
+                   tick=lambda: t.train())
+        t.train(3)  # the newest moves on: the next copy is another step
+        proxy.clear()
+        back = t.step
+        wait_until(lambda: max(committed(bucket)) >= back, 60, "a copy after the network came back",
+                   tick=lambda: time.sleep(0.1))
+    finally:
+        proxy.clear()
+        t.mgr.close()
+    assert committed(bucket)[-1] == t.step
+    assert find_debris(bucket) == []  # the next copy there cleaned what the cut one left
+    assert cg.verify(run).ok
+
+
+UNCOMMITS_A_DURABLE_COPY = (
+    "same_checkpoint (src/ckptguard/tiers/copying.py) takes a failed manifest read for 'not the same checkpoint'; "
+    "copy_checkpoint then begins the step again in the bucket, which (object stores) deletes its committed "
+    "MANIFEST.json first: a copy cut after that leaves the durable tier without a checkpoint it had"
+)
+
+
+@full_only
+@pytest.mark.xfail(strict=True, reason=UNCOMMITS_A_DURABLE_COPY)
+def test_a_flaky_network_never_uncommits_a_checkpoint_the_durable_tier_holds(run: str, proxy: FaultProxy) -> None:
+    bucket = open_storage(run)
+    t = Trainer(run, proxy, durable_every=0.3)
+    t.train(3)
+    t.mgr.wait()
+    wait_until(lambda: 3 in committed(bucket), 30, "step 3 in the durable tier", tick=lambda: time.sleep(0.1))
+    with pytest.raises(RuntimeError), t.mgr:  # the user's code fails; the memory stays for a restart
+        raise RuntimeError("the user's code fails")
+    t2 = Trainer(run, proxy, durable_every=NEVER)
+    assert t2.mgr.restore(t2.state) == 3  # from memory; the durable tier has the same checkpoint
+    # The network turns flaky: reads of that manifest fail, and so does every upload of the weights.
+    proxy.add(Fault("reset_before", "GET", "step-000000003/MANIFEST.json", times=10**6),
+              Fault("reset_before", "PUT", "model.safetensors", times=10**6))
+    err, _ = close_bounded(t2.mgr, CLOSE_LIMIT)  # the copy down at close() fails...
+    proxy.clear()
+    assert 3 in committed(bucket), f"the durable tier lost step 3 (close() raised {err!r})"  # ...and uncommits nothing
 
 
 # ---- 2. close() while the network is cut ----------------------------------------------------------
@@ -406,6 +468,7 @@ KEEPER_RETRIES = (
 )
 
 
+@full_only
 @pytest.mark.xfail(strict=True, reason=KEEPER_RETRIES)
 def test_the_keeper_keeps_the_memory_while_the_network_is_down_and_persists_when_it_is_back(
     run: str, proxy: FaultProxy
@@ -415,6 +478,7 @@ def test_the_keeper_keeps_the_memory_while_the_network_is_down_and_persists_when
     # Past the grace the keeper tries the durable tier (retries: seconds) and cannot reach it.
     wait_until(lambda: keeper_pid(run) is None or "persist" in keeper_log(run).lower(), 40,
                "the keeper's try at the breakpoint")
+    time.sleep(1.0)  # a keeper that failed has exited by now
     log = keeper_log(run)
     assert newest in hot_steps(run), log  # the hot copy is not lost...
     assert newest not in committed(bucket)
@@ -457,6 +521,7 @@ RESTORE_NEEDS_THE_DURABLE_TIER = (
 )
 
 
+@full_only
 @pytest.mark.xfail(strict=True, reason=RESTORE_NEEDS_THE_DURABLE_TIER)
 def test_a_restart_while_the_network_is_still_cut_restores_from_memory(run: str, proxy: FaultProxy) -> None:
     t = Trainer(run, proxy, durable_every=NEVER)
