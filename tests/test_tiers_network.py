@@ -12,7 +12,14 @@ keeper process; the trainer that gets SIGKILLed is a real child process.
    what happens next (the hot memory is kept), never a botocore error, never a hang; a restarted
    trainer restores the newest step from the hot tier.
 3. The keeper's "persist at breakpoint" while the network is cut (trainer SIGKILLed, short
-   grace): the hot copy must not be lost.
+   grace): the hot copy must not be lost; the keeper keeps it and persists it once it can.
+
+What is wrong today is pinned as ``xfail(strict=True)`` with the fault named in its reason (a
+fix turns the test into an XPASS, which fails until the mark goes): the keeper frees the memory
+after a cut copy (the newest step is lost) or dies when the store is unreachable; a heartbeat of
+the run lock blocks hot saves; a restart cannot restore from memory while the store is
+unreachable; a flaky read makes a copy uncommit a checkpoint the bucket had; a cut copy's debris
+outlives a clean close().
 
 The S3 client's own retries are set to one try (``total_max_attempts``) so that the library's
 ``RetryPolicy`` is the layer under test and a cut costs seconds, not minutes.
@@ -113,6 +120,14 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, tick: Callab
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
+def settle(cond: Callable[[], bool], timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``cond``; whether it came (no error either way)."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cond()
+
+
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     """A ckptguard command against the bucket, in this process (the environment points it at the
     server itself, around the proxy): (exit code, its output)."""
@@ -152,10 +167,10 @@ class Trainer:
 
 
 def assert_only_debris(report: Any, steps: list[int], debris: list[str]) -> None:
-    """``report`` (cg.verify of the bucket): every committed checkpoint in ``steps`` is sound and
-    the only problems are ``debris`` (named as leftovers of an interrupted save)."""
+    """``report`` (cg.verify of the bucket): the sound checkpoints are exactly ``steps``, and the
+    only problems (if any) are the leftovers ``debris``, named as such."""
     assert [c.step for c in report.checkpoints if c.ok] == steps, report
-    assert sorted(p.checkpoint for p in report.problems) == sorted(debris), report.problems
+    assert {p.checkpoint for p in report.problems} <= set(debris), report.problems
     assert all("debris of an interrupted save" in p.message for p in report.problems), report.problems
 
 
@@ -216,7 +231,7 @@ def test_a_cut_during_a_background_copy_leaves_training_running_and_nothing_torn
     t = Trainer(run, proxy, durable_every=0.3)
     try:
         t.train(2)
-        wait_until(lambda: bool(committed(bucket)), 30, "a first copy to the durable tier", tick=lambda: time.sleep(0.1))
+        wait_until(lambda: t.step in committed(bucket), 30, "the newest step copied down", tick=lambda: time.sleep(0.1))
         before = committed(bucket)
         # The next copy's model upload reaches the server, then hangs (the response is held back)...
         proxy.add(Fault("delay", "PUT", "model.safetensors", seconds=30))
@@ -306,7 +321,7 @@ def test_the_debris_of_a_cut_copy_goes_with_the_next_copy_there(
     t = Trainer(run, proxy, durable_every=0.3)
     try:
         t.train(2)
-        wait_until(lambda: bool(committed(bucket)), 30, "a first copy to the durable tier", tick=lambda: time.sleep(0.1))
+        wait_until(lambda: t.step in committed(bucket), 30, "the newest step copied down", tick=lambda: time.sleep(0.1))
         cut = Fault("reset_before", "PUT", "model.safetensors", times=10**6)  # every upload of the weights cut
         proxy.add(cut)
         wait_until(lambda: "Could not copy" in caplog.text and bool(find_debris(bucket)), 60, "a cut copy",
@@ -478,7 +493,7 @@ def test_the_keeper_keeps_the_memory_while_the_network_is_down_and_persists_when
     # Past the grace the keeper tries the durable tier (retries: seconds) and cannot reach it.
     wait_until(lambda: keeper_pid(run) is None or "persist" in keeper_log(run).lower(), 40,
                "the keeper's try at the breakpoint")
-    time.sleep(1.0)  # a keeper that failed has exited by now
+    settle(lambda: keeper_pid(run) is None, 3.0)  # a keeper that failed exits
     log = keeper_log(run)
     assert newest in hot_steps(run), log  # the hot copy is not lost...
     assert newest not in committed(bucket)
@@ -508,7 +523,7 @@ def test_a_copy_cut_at_the_breakpoint_never_frees_the_memory(run: str, proxy: Fa
     newest = killed_while_cut(run, proxy, lambda: proxy.add(Fault("reset_before", "PUT", "model.safetensors", times=10**6)))
     wait_until(lambda: keeper_pid(run) is None or "could not persist" in keeper_log(run).lower(), 60,
                "the keeper's try at the breakpoint")
-    time.sleep(0.5)
+    settle(lambda: keeper_pid(run) is None or not os.path.exists(hot_dir(run)), 5.0)  # what it does next
     assert newest in hot_steps(run) or newest in committed(bucket), (
         f"step {newest} is lost: not in memory ({hot_steps(run)}), not in the bucket ({committed(bucket)})"
     )
