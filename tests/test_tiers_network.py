@@ -366,6 +366,34 @@ def test_a_flaky_network_never_uncommits_a_checkpoint_the_durable_tier_holds(run
     assert 3 in committed(bucket), f"the durable tier lost step 3 (close() raised {err!r})"  # ...and uncommits nothing
 
 
+RECORD_ERASED = (
+    "RunRecord.write (src/ckptguard/run/runrecord.py) merges into what read_run_record returns, and read_run_record "
+    "takes a read the network failed for an absent record ({}): the next write replaces ckptguard.json with this "
+    "session alone, erasing the run's earlier sessions"
+)
+
+
+@full_only
+@pytest.mark.xfail(strict=True, reason=RECORD_ERASED)
+def test_a_failed_read_of_the_run_record_never_erases_its_sessions(run: str, proxy: FaultProxy) -> None:
+    bucket = open_storage(run)
+
+    def sessions() -> int:
+        return len(json.loads(bucket.read_bytes("ckptguard.json"))["sessions"])
+
+    t = Trainer(run, proxy, durable_every=NEVER)
+    t.train(2)
+    t.mgr.close()
+    assert sessions() == 1
+    t2 = Trainer(run, proxy, durable_every=NEVER)
+    assert t2.mgr.restore(t2.state) == 2
+    proxy.add(Fault("reset_before", "HEAD", "ckptguard.json", times=10**6))  # reads of the record fail, writes pass
+    t2.train(1)  # its first save records this session in the durable tier
+    proxy.clear()
+    t2.mgr.close()
+    assert sessions() == 2
+
+
 # ---- 2. close() while the network is cut ----------------------------------------------------------
 
 
