@@ -193,15 +193,6 @@ def close_bounded(mgr: cg.CheckpointManager, limit: float) -> tuple[BaseExceptio
     return out[0], seconds
 
 
-def chain(e: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    cur: BaseException | None = e
-    while cur is not None and cur not in out:
-        out.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return out
-
-
 # ---- fixtures -------------------------------------------------------------------------------------
 
 
@@ -407,8 +398,8 @@ def test_close_while_cut_raises_a_clear_error_keeps_the_memory_and_a_restart_res
     weights = t.model.weight.detach().clone()
     proxy.down(NEVER)
     err, seconds = close_bounded(t.mgr, CLOSE_LIMIT)
-    assert isinstance(err, cg.CheckpointError), f"close() raised {err!r}, not a CheckpointError"
-    assert not any(type(x).__module__.startswith(("botocore", "aiobotocore", "aiohttp")) for x in [err]), repr(err)
+    assert isinstance(err, cg.CheckpointError), f"close() raised {err!r} after {seconds:.1f}s, not a CheckpointError"
+    assert type(err).__module__.startswith("ckptguard."), repr(err)  # never botocore's own
     message = str(err)
     assert bucket.url in message, message  # the durable tier's URL
     assert "durable tier" in message and "hot memory is kept" in message, message  # and what happens next
