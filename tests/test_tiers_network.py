@@ -14,12 +14,12 @@ keeper process; the trainer that gets SIGKILLed is a real child process.
 3. The keeper's "persist at breakpoint" while the network is cut (trainer SIGKILLed, short
    grace): the hot copy must not be lost; the keeper keeps it and persists it once it can.
 
-What is wrong today is pinned as ``xfail(strict=True)`` with the fault named in its reason (a
-fix turns the test into an XPASS, which fails until the mark goes): the keeper frees the memory
-after a cut copy (the newest step is lost) or dies when the store is unreachable; a heartbeat of
-the run lock blocks hot saves; a restart cannot restore from memory while the store is
-unreachable; a flaky read makes a copy uncommit a checkpoint the bucket had; a cut copy's debris
-outlives a clean close().
+Each of these was once broken and is pinned here: the keeper freed the memory after a cut copy
+(the newest step lost) or died when the store was unreachable; a heartbeat of the run lock
+blocked hot saves; a restart could not restore from memory while the store was unreachable; a
+flaky read made a copy uncommit a checkpoint the bucket had; a cut copy's debris outlived a clean
+close(); a failed read of the run record erased its sessions; close() waited out every request's
+retries (minutes with the client's default retries).
 
 The S3 client's own retries are set to one try (``total_max_attempts``) so that the library's
 ``RetryPolicy`` is the layer under test and a cut costs seconds, not minutes.
@@ -269,16 +269,12 @@ def test_a_cut_during_a_background_copy_leaves_training_running_and_nothing_torn
     assert not os.path.exists(hot_dir(run))  # a clean end frees the memory
 
 
-HEARTBEAT_HOLDS_THE_MUTEX = (
-    "RunLock.acquire() (src/ckptguard/run/lock.py), called by every save(), waits on the lock's mutex, which "
-    "refresh()/check() hold across their network round trips (retries included): a heartbeat during an outage "
-    "blocks hot saves for as long as the store takes to fail"
-)
 
 
 @full_only
-@pytest.mark.xfail(strict=True, reason=HEARTBEAT_HOLDS_THE_MUTEX)
 def test_hot_saves_are_not_blocked_by_the_run_lock_heartbeat_while_the_network_is_cut(run: str, proxy: FaultProxy) -> None:
+    """Every save() calls RunLock.acquire(), which returns at once while the lock is held: it never waits
+    on a heartbeat that is waiting on the store (those round trips run outside the lock's mutex)."""
     t = Trainer(run, proxy, durable_every=NEVER, lock=cg.LockPolicy(stale_after=60.0, heartbeat_seconds=0.5))
     try:
         t.train(2)
@@ -297,17 +293,14 @@ def test_hot_saves_are_not_blocked_by_the_run_lock_heartbeat_while_the_network_i
         t.mgr.close()
 
 
-DEBRIS_STAYS = (
-    "TierCopier._copy (src/ckptguard/tiers/tiered.py) cleans a tier's debris once per process (Tier.cleaned) and "
-    "never again after a failed copy: the cut copy's step directory stays in the bucket after a clean close()"
-)
 
 
 @full_only
-@pytest.mark.xfail(strict=True, reason=DEBRIS_STAYS)
 def test_the_debris_of_a_cut_copy_goes_with_the_next_copy_there(
     run: str, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A failed copy leaves its tier to be cleaned again (Tier.cleaned): the next copy there removes the
+    cut copy's leftovers, not only the first copy of the process."""
     bucket = open_storage(run)
     t = Trainer(run, proxy, durable_every=0.3)
     try:
@@ -330,16 +323,13 @@ def test_the_debris_of_a_cut_copy_goes_with_the_next_copy_there(
     assert cg.verify(run).ok
 
 
-UNCOMMITS_A_DURABLE_COPY = (
-    "same_checkpoint (src/ckptguard/tiers/copying.py) takes a failed manifest read for 'not the same checkpoint'; "
-    "copy_checkpoint then begins the step again in the bucket, which (object stores) deletes its committed "
-    "MANIFEST.json first: a copy cut after that leaves the durable tier without a checkpoint it had"
-)
 
 
 @full_only
-@pytest.mark.xfail(strict=True, reason=UNCOMMITS_A_DURABLE_COPY)
 def test_a_flaky_network_never_uncommits_a_checkpoint_the_durable_tier_holds(run: str, proxy: FaultProxy) -> None:
+    """A manifest read that fails is no answer to "the same checkpoint?" (same_checkpoint raises), and a
+    copy never begins a step again (which deletes its committed MANIFEST.json first on an object
+    store) over a manifest it could not read."""
     bucket = open_storage(run)
     t = Trainer(run, proxy, durable_every=0.3)
     t.train(3)
@@ -357,16 +347,12 @@ def test_a_flaky_network_never_uncommits_a_checkpoint_the_durable_tier_holds(run
     assert 3 in committed(bucket), f"the durable tier lost step 3 (close() raised {err!r})"  # ...and uncommits nothing
 
 
-RECORD_ERASED = (
-    "RunRecord.write (src/ckptguard/run/runrecord.py) merges into what read_run_record returns, and read_run_record "
-    "takes a read the network failed for an absent record ({}): the next write replaces ckptguard.json with this "
-    "session alone, erasing the run's earlier sessions"
-)
 
 
 @full_only
-@pytest.mark.xfail(strict=True, reason=RECORD_ERASED)
 def test_a_failed_read_of_the_run_record_never_erases_its_sessions(run: str, proxy: FaultProxy) -> None:
+    """A run record the store failed to read is not an absent one: RunRecord.write skips that write
+    (and merges its fields into the next) instead of replacing ckptguard.json with this session alone."""
     bucket = open_storage(run)
 
     def sessions() -> int:
@@ -415,6 +401,34 @@ def test_close_while_cut_raises_a_clear_error_keeps_the_memory_and_a_restart_res
     assert torch.equal(t2.model.weight, weights)
     t2.mgr.close()
     assert committed(bucket)[-1] == 5
+
+
+def test_close_while_cut_tries_the_durable_tier_once_and_skips_its_bookkeeping(
+    run: str, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the S3 client's default retries one unreachable request costs ~30 s: close() tries the
+    durable tier once (the copy down), then skips metrics.csv, the run record and the lock's
+    removal, saying so, instead of waiting out four requests (175 s before the fix)."""
+    bucket = open_storage(run)
+    t = Trainer(run, proxy, durable_every=NEVER)
+    t.train(3)
+    t.mgr.wait()
+    proxy.add(Fault("reset_before", None, "", times=10**6))  # every request to the store is cut
+    caplog.set_level(logging.INFO, logger="ckptguard")
+    err, _ = close_bounded(t.mgr, CLOSE_LIMIT)
+    tried = proxy.actions("reset_before")
+    proxy.clear()
+    assert isinstance(err, cg.CheckpointError) and "hot memory is kept" in str(err), repr(err)
+    assert len(set(tried)) == 1, f"close() tried {len(set(tried))} requests with the store unreachable: {sorted(set(tried))}"
+    assert "close() skipped metrics.csv, the run record and the run lock's removal" in caplog.text
+    assert hot_steps(run) == [3]
+    # The lock left in the bucket does not stand in the way of the next writer (here: this process).
+    t2 = Trainer(run, proxy, durable_every=NEVER)
+    assert t2.mgr.restore(t2.state) == 3
+    t2.step = 3
+    t2.train(1)
+    t2.mgr.close()
+    assert committed(bucket)[-1] == 4
 
 
 # ---- 3. the keeper's "persist at breakpoint" while the network is cut ----------------------------
@@ -496,17 +510,14 @@ def killed_while_cut(run: str, proxy: FaultProxy, cut: Callable[[], None]) -> in
     return newest
 
 
-KEEPER_RETRIES = (
-    "persist_newest (src/ckptguard/tiers/keeper.py) lets the durable tier's StorageUnavailableError (scan, run lock) "
-    "escape: the keeper dies with a traceback and nobody persists the hot copy when the network is back"
-)
 
 
 @full_only
-@pytest.mark.xfail(strict=True, reason=KEEPER_RETRIES)
 def test_the_keeper_keeps_the_memory_while_the_network_is_down_and_persists_when_it_is_back(
     run: str, proxy: FaultProxy
 ) -> None:
+    """The store unreachable at the breakpoint (scan, run lock): the keeper says so in a sentence, keeps
+    the memory, tries again with a growing pause (no spinning) and persists once it can."""
     bucket = open_storage(run)
     newest = killed_while_cut(run, proxy, lambda: proxy.down(NEVER))
     # Past the grace the keeper tries the durable tier (retries: seconds) and cannot reach it.
@@ -529,14 +540,11 @@ def test_the_keeper_keeps_the_memory_while_the_network_is_down_and_persists_when
     assert {"event": "persisted", "step": newest} in [{k: e.get(k) for k in ("event", "step")} for e in history(bucket)]
 
 
-KEEPER_FREES_UNPERSISTED = (
-    "persist_newest (src/ckptguard/tiers/keeper.py) takes a failed copy to the durable tier for a damaged hot copy "
-    "(`except CheckpointError: continue`), returns None, and run_keeper then frees the memory: the newest step is lost"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=KEEPER_FREES_UNPERSISTED)
 def test_a_copy_cut_at_the_breakpoint_never_frees_the_memory(run: str, proxy: FaultProxy) -> None:
+    """Only a hot copy that fails its own checksums gives way to an older one: a durable copy that failed
+    means "not persisted now", and the keeper keeps the memory."""
     bucket = open_storage(run)
     # Listings and the run lock still get through; every upload of the weights is cut.
     newest = killed_while_cut(run, proxy, lambda: proxy.add(Fault("reset_before", "PUT", "model.safetensors", times=10**6)))
@@ -548,16 +556,12 @@ def test_a_copy_cut_at_the_breakpoint_never_frees_the_memory(run: str, proxy: Fa
     )
 
 
-RESTORE_NEEDS_THE_DURABLE_TIER = (
-    "restore_tiered (src/ckptguard/tiers/restoring.py) lists every tier through TierSet.listing(), which scans the "
-    "durable tier (for the run's lineages) and lets StorageUnavailableError escape: no restore from memory while "
-    "the object store is unreachable"
-)
 
 
 @full_only
-@pytest.mark.xfail(strict=True, reason=RESTORE_NEEDS_THE_DURABLE_TIER)
 def test_a_restart_while_the_network_is_still_cut_restores_from_memory(run: str, proxy: FaultProxy) -> None:
+    """TierSet.listing() lists the faster tiers when the durable tier cannot be read (none of their
+    copies taken for another run's on that evidence), so a restart during an outage restores from memory."""
     t = Trainer(run, proxy, durable_every=NEVER)
     t.train(5)
     t.mgr.wait()

@@ -20,13 +20,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckptguard.errors import CheckpointError, RunLockedError
+from ckptguard.errors import CheckpointError, RunLockedError, StorageError
 from ckptguard.format.manifest import parse_step
 from ckptguard.persist.writer import clean_debris, delete_checkpoint
 from ckptguard.policies.schedule import SaveSchedule
 from ckptguard.run.catalog import CheckpointInfo, scan
 from ckptguard.run.history import record_events
-from ckptguard.run.runrecord import read_run_record
+from ckptguard.run.runrecord import load_run_record, read_run_record
 from ckptguard.storage import Storage
 from ckptguard.storage.local import LocalStorage
 from ckptguard.tiers.copying import copy_checkpoint, remove_root, same_checkpoint
@@ -198,6 +198,7 @@ class TierCopier:
                 result = copy_checkpoint(self.first.storage, name, tier.storage, before_commit=self.before_commit)
         except CheckpointError as e:
             tier.failure = e
+            tier.cleaned = False  # the failed copy may have left debris: the next copy there cleans it
             tier.schedule.saved()  # retried when due again
             log.error("Could not copy %s to the %s tier: %s", self.first.storage.describe(name), tier.name, e)
             return e
@@ -303,7 +304,7 @@ class TierSet:
         faster tiers' later steps go at the next commit (see :meth:`drop_newer`)."""
         if from_first:
             self.copier.committed(c.name)
-        if any(step > c.step for step in self.where()):
+        if any(x.step > c.step for tier in self.chain[:-1] for x in scan(tier.storage, check_files=False) if x.valid):  # never the durable tier's: unreachable maybe
             self._rollback = c.step
 
     def committed(self, name: str) -> None:
@@ -343,15 +344,27 @@ class TierSet:
         return found | {(c.manifest or {}).get("run_id") for c in durable_ckpts} - {None}
 
     def _all(self) -> tuple[list[tuple[Tier, CheckpointInfo]], list[tuple[Tier, CheckpointInfo]]]:
-        """(this run's copies, copies in the faster tiers that belong to no lineage of the run)."""
-        durable = scan(self.chain[-1].storage)
-        lineages = self._lineages(durable)
+        """(this run's copies, copies in the faster tiers that belong to no lineage of the run).
+        When the durable tier cannot be read (a network cut), its copies are left out and no copy
+        is judged foreign (a failed read is no evidence): a restart restores from the faster tiers."""
+        store = self.chain[-1].storage
+        durable: list[CheckpointInfo] | None = None
+        lineages: set[object] | None = None  # None: unknown, every copy counts as this run's
+        try:
+            durable = scan(store)
+            sessions = load_run_record(store).get("sessions")  # raises when unreadable (never {} then)
+            found = {s.get("run_id") for s in sessions if isinstance(s, dict)} if isinstance(sessions, list) else set()
+            lineages = found | {(c.manifest or {}).get("run_id") for c in durable} - {None}
+        except StorageError as e:
+            log.warning("Could not read the durable tier %s (%s): listing %s; no copy in a faster tier is taken for "
+                        "another run's.", store.url, e, "the faster tiers only" if durable is None else "every tier")
         ours: list[tuple[Tier, CheckpointInfo]] = []
         foreign: list[tuple[Tier, CheckpointInfo]] = []
         for tier in self.chain[:-1]:
             for c in scan(tier.storage):
-                (ours if c.manifest is None or c.manifest.get("run_id") in lineages else foreign).append((tier, c))
-        return ours + [(self.chain[-1], c) for c in durable], foreign
+                mine = lineages is None or c.manifest is None or c.manifest.get("run_id") in lineages
+                (ours if mine else foreign).append((tier, c))
+        return ours + [(self.chain[-1], c) for c in durable or []], foreign
 
     def _foreign(self) -> list[tuple[Tier, CheckpointInfo]]:
         return self._all()[1]
