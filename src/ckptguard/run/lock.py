@@ -464,7 +464,7 @@ class RunLock:
             self._thread = None
             _ABANDONED.add(self.session)
         log.info("Left the run lock of %s in place (the store is unreachable); it goes stale by itself "
-                    "(after %.0fs for writers on other hosts).", self.storage.url, self.stale_after)
+                 "(after %.0fs for writers on other hosts).", self.storage.url, self.stale_after)
 
     def __enter__(self) -> RunLock:
         self.acquire()
