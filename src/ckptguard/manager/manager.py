@@ -25,7 +25,7 @@ import torch
 from ckptguard.capture.configdrift import log_config_drift
 from ckptguard.capture.state import TrainState, capture
 from ckptguard.distributed.coordination import coordinator, on_primary
-from ckptguard.errors import CheckpointError, PostCommitError
+from ckptguard.errors import CheckpointError, PostCommitError, StorageError, StorageUnavailableError
 from ckptguard.format.manifest import as_step
 from ckptguard.manager.options import checked_retention, checked_run_id, checked_tiers, initial_schedule
 from ckptguard.manager.preemption import Preemption, logged
@@ -39,7 +39,7 @@ from ckptguard.policies.preemption import DEFAULT_SIGNALS, PreemptionGuard
 from ckptguard.policies.retention import Decision, Retention
 from ckptguard.run.catalog import CheckpointInfo, ManifestCache, scan
 from ckptguard.run.history import record_events
-from ckptguard.run.lock import LockPolicy
+from ckptguard.run.lock import LockPolicy, abandon
 from ckptguard.run.metrics_log import MetricsLog
 from ckptguard.run.runrecord import RUN_FILE, RunRecord
 from ckptguard.run.watchdog import HANG_EXIT_CODE, Watchdog, WatchdogOptions
@@ -399,7 +399,10 @@ class CheckpointManager:
                     if self._tiers is not None:
                         self._tiers.close(flush=clean)
         finally:
-            lost = self._saves.lock_lost  # the run is another writer's now
+            gone = self._tiers is not None and isinstance(self._tiers.chain[-1].failure, StorageUnavailableError)
+            lost = self._saves.lock_lost or gone  # another writer's run now, or a store where each try waits out its retries
+            if gone:
+                abandon(self._saves.lock, f"{self.storage.url} is unreachable: close() skipped metrics.csv, the run record and the run lock's removal")
             with contextlib.suppress(CheckpointError):
                 if not lost:
                     self.metrics_log.flush()
@@ -464,9 +467,10 @@ class CheckpointManager:
         c, report = found
         log_config_drift(CheckpointReader(where, c.name, c.manifest or {}), state.config)  # WARNING per changed key
         self.metrics_log.restart_after(c.step)  # rows past the restored step are superseded
-        # A rollback: checkpoints newer than the restored one belong to a continuation the run
-        # abandons at its next commit (they are marked then, not now: a restore alone changes nothing).
-        self._abandoned = newer_than(scan(self.storage, cache=self._manifests), c.step)
+        # A rollback: checkpoints newer than the restored one belong to a continuation abandoned at the next commit (marked then, not now).
+        self._abandoned = {}  # none known when a faster tier's copy was restored while the durable tier is unreachable
+        with contextlib.suppress(StorageError) if where is not self.storage else contextlib.nullcontext():
+            self._abandoned = newer_than(scan(self.storage, cache=self._manifests), c.step)
         if self._tiers is not None:
             self._tiers.restored(c, from_first=where is self._tiers.first.storage)
         self.last_restore_report = report

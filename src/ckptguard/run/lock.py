@@ -4,7 +4,7 @@ again before every commit.
 **Local runs** lock ``RUN/.ckptguard.run.lock`` with ``flock``. The kernel drops the lock when the last
 descriptor of its open file closes, so a killed writer never leaves it stale. A forked child
 would share it (DataLoader workers outlive a SIGKILLed trainer by seconds), so the descriptor is
-close-on-exec and is closed in every child forked from Python (``os.register_at_fork``). Should
+close-on-exec and is closed in every child forked from Python (``ckptguard.run.lockfile``). Should
 the recorded holder have exited while the file is still locked (a process it started kept the
 descriptor some other way), acquisition waits up to ``LockPolicy.orphan_wait`` seconds, then
 names the exited holder and the processes still holding the file. The file records the holder's
@@ -35,29 +35,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
 import os
-import stat
 import threading
 import time
 import uuid
 import weakref
 from typing import Any
 
-from ckptguard.errors import RunLockedError, RunLockLostError, StorageError
+from ckptguard.errors import RunLockedError, RunLockLostError
+from ckptguard.run.lockfile import RECORD_MAX, close_quietly, forget_in_children, keep_from_children, open_lock_file, read_fd_record
 from ckptguard.run.lockholder import describe_holder, holder_state, identity, parse_record, processes_holding
-from ckptguard.storage.base import ConditionalWrites, EmulatedConditionalWrites, Storage, translate_os_error
+from ckptguard.storage.base import ConditionalWrites, EmulatedConditionalWrites, Storage
 from ckptguard.storage.local import LocalStorage
 
-__all__ = ["LOCK_NAME", "LockPolicy", "RunLock"]
+__all__ = ["LOCK_NAME", "LockPolicy", "RunLock", "abandon"]
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".ckptguard.run.lock"
-_RECORD_MAX = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,55 +96,7 @@ class LockPolicy:
         return float(self.heartbeat_seconds) if self.heartbeat_seconds is not None else self.stale_after / 6
 
 
-# ---- local runs: flock, never inherited by children ---------------------------------------------
-
-_FORK_GUARD = threading.Lock()
-_CLOSE_IN_CHILD: set[int] = set()
-_HOOKED = False
-
-
-def _close_lock_fds_in_child() -> None:
-    for fd in list(_CLOSE_IN_CHILD):
-        with contextlib.suppress(OSError):
-            os.close(fd)  # the parent's descriptor stays open: the parent keeps its lock
-    _CLOSE_IN_CHILD.clear()
-
-
-def _keep_from_children(fd: int) -> None:
-    global _HOOKED
-    with _FORK_GUARD:
-        if not _HOOKED:
-            os.register_at_fork(after_in_child=_close_lock_fds_in_child)
-            _HOOKED = True
-        _CLOSE_IN_CHILD.add(fd)
-
-
-def _open_lock_file(path: str) -> int:
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # a symlink, a directory, a socket
-            raise StorageError(
-                f"{path} is not a regular file ({e.strerror}); ckptguard keeps its run lock there. "
-                "Remove it (no ckptguard process needs it) and retry."
-            ) from e
-        raise translate_os_error(e, path, "creating the run lock") from e
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise StorageError(
-            f"{path} is not a regular file (mode {stat.filemode(mode)}); ckptguard keeps its run lock "
-            "there. Remove it (no ckptguard process needs it) and retry."
-        )
-    return fd
-
-
-def _read_fd_record(fd: int) -> dict[str, Any] | None:
-    try:
-        return parse_record(os.pread(fd, _RECORD_MAX, 0))
-    except OSError:
-        return None
+_ABANDONED: set[object] = set()  # sessions of object-store locks this process gave up unreachable (abandon())
 
 
 # ---- object stores: a compare-and-swap record -----------------------------------------------------
@@ -237,7 +187,12 @@ class RunLock:
     # ---- acquire ------------------------------------------------------------------------------
 
     def acquire(self) -> None:
-        """Take the lock (a no-op while held); RunLockedError names the holder when another has it."""
+        """Take the lock (a no-op while held); RunLockedError names the holder when another has it.
+
+        While held (every save calls this), it returns at once: it never waits on the mutex that a
+        heartbeat or a check takes, so a store that hangs never blocks a save that does not reach it."""
+        if self._held and self._lost is None and os.getpid() == self._owner_pid:
+            return
         with self._mutex:
             if self._lost is not None:
                 raise self._lost_again()
@@ -258,7 +213,7 @@ class RunLock:
         path = storage.describe(LOCK_NAME)
         waited_since: float | None = None
         for _ in range(100):  # retried only when the file is replaced under us
-            fd = _open_lock_file(path)
+            fd = open_lock_file(path)
             try:
                 while True:
                     try:
@@ -266,7 +221,7 @@ class RunLock:
                         break
                     except BlockingIOError:
                         pass
-                    holder = _read_fd_record(fd)
+                    holder = read_fd_record(fd)
                     state = holder_state(holder) if holder else "unknown"
                     if holder is None or state == "exited":  # being written, or left to orphans
                         waited_since = waited_since if waited_since is not None else time.monotonic()
@@ -300,8 +255,8 @@ class RunLock:
             if waited_since is not None:
                 log.info("Took the run lock of %s after %.1fs (its previous holder had exited).", storage.url, time.monotonic() - waited_since)
             self._fd, self._inode = fd, (now.st_dev, now.st_ino)
-            _keep_from_children(fd)
-            self._finalizer = weakref.finalize(self, _close_quietly, fd, os.getpid())
+            keep_from_children(fd)
+            self._finalizer = weakref.finalize(self, close_quietly, fd, os.getpid())
             return
         raise RunLockedError(f"{path} keeps being replaced while locking it; is another tool removing it?")
 
@@ -314,6 +269,8 @@ class RunLock:
     def _is_stale(self, holder: dict[str, Any] | None, state: str) -> bool:
         if holder is None:
             return True  # unreadable: no live holder writes that
+        if holder.get("session") in _ABANDONED:
+            return True  # this process gave it up while the store was unreachable
         if state == "exited":
             return True
         stale_after = self.stale_after
@@ -368,7 +325,17 @@ class RunLock:
 
     def _lose(self, holder: dict[str, Any] | None, why: str) -> RunLockLostError:
         state = holder_state(holder) if holder else "unknown"
-        self._lost = RunLockLostError(
+        with self._mutex:
+            if self._lost is not None:
+                return self._lost_again()  # a concurrent check saw it first
+            if not self._held:
+                return self._lost_error(holder, state, why)  # released meanwhile: nothing to mark
+            self._lost = self._lost_error(holder, state, why)
+            self._stop.set()
+            return self._lost
+
+    def _lost_error(self, holder: dict[str, Any] | None, state: str, why: str) -> RunLockLostError:
+        return RunLockLostError(
             f"{self.storage.describe('')}: this writer (session {self.session[:12]}, pid {os.getpid()}) "
             f"lost the run to "
             + (f"session {str(holder.get('session', '?'))[:12]} ({describe_holder(holder, state)})" if holder else "nobody known")
@@ -376,8 +343,6 @@ class RunLock:
             "this writer commits from now on. Stop this process: the other writer owns the run (if "
             "that was a mistake, stop that one and resume from the newest checkpoint)."
         )
-        self._stop.set()
-        return self._lost
 
     def _lost_again(self) -> RunLockLostError:
         assert self._lost is not None
@@ -388,7 +353,8 @@ class RunLock:
         self._verify(renew=False)
 
     def _verify(self, *, renew: bool) -> None:
-        """Check the holder; with ``renew``, also rewrite an object-store record (refresh)."""
+        """Check the holder; with ``renew``, also rewrite an object-store record (refresh). The
+        store's round trips run outside the mutex (a save's acquire() never waits on them)."""
         if os.getpid() != self._owner_pid:
             return  # a forked child: its parent's lock is none of its business
         with self._mutex:
@@ -400,13 +366,20 @@ class RunLock:
                 self._check_local(self._local)
                 return
             cas = self._conditional()
-            current = self._still_ours(cas.read_versioned(LOCK_NAME))
-            if not renew:
-                return
-            version = cas.write_if(LOCK_NAME, json.dumps(self._record()).encode(), expect=current[1])
-            if version is None:  # changed since the read: ours only if a retried write landed
-                version = self._still_ours(cas.read_versioned(LOCK_NAME))[1]
+        current = self._still_ours(cas.read_versioned(LOCK_NAME))
+        if not renew:
+            return
+        with self._mutex:
+            record = json.dumps(self._record()).encode()
+        version = cas.write_if(LOCK_NAME, record, expect=current[1])
+        if version is None:  # changed since the read: ours only if a retried write landed
+            version = self._still_ours(cas.read_versioned(LOCK_NAME))[1]
+        with self._mutex:
             self._version = version
+            released = not self._held
+        if released:  # release() ran while this refresh was on the network: take the record back
+            with contextlib.suppress(Exception):
+                cas.remove_if(LOCK_NAME, expect=version)
 
     def _still_ours(self, current: tuple[bytes, str] | None) -> tuple[bytes, str]:
         """``current`` (a record and its version) when it is this session's; else the run is lost."""
@@ -432,7 +405,7 @@ class RunLock:
         if (st.st_dev, st.st_ino) != self._inode:
             try:
                 with open(path, "rb") as f:
-                    holder = parse_record(f.read(_RECORD_MAX))
+                    holder = parse_record(f.read(RECORD_MAX))
             except OSError:
                 holder = None
             raise self._lose(holder, f"{path} was replaced while this writer held it (removed by hand or by a tool, then created again)")
@@ -461,7 +434,7 @@ class RunLock:
             if self._fd is not None:
                 if self._finalizer is not None:
                     self._finalizer.detach()
-                _CLOSE_IN_CHILD.discard(self._fd)
+                forget_in_children(self._fd)
                 os.close(self._fd)  # releases the flock
                 self._fd = None
                 return
@@ -475,6 +448,24 @@ class RunLock:
             except Exception as e:  # noqa: BLE001 - an unreleased lock goes stale by itself
                 log.warning("Could not remove the run lock of %s (%s); it goes stale after %.0fs.", self.storage.url, e, self.stale_after)
 
+    def abandon(self) -> None:
+        """Stop holding the lock without a word to the store, which is known unreachable (a
+        release would only wait out its retries). The heartbeat stops; the record left in the
+        store is stale at once for a later writer in this process, and (as for any holder that
+        exited) for one on this host once this process is gone; elsewhere after ``stale_after``."""
+        if self._local is not None or not self._held or os.getpid() != self._owner_pid:
+            self.release()  # a local lock: closing the descriptor needs no network
+            return
+        self._stop.set()  # the heartbeat ends at its next beat (it may be waiting on the store now)
+        with self._mutex:
+            if not self._held:
+                return
+            self._held = False
+            self._thread = None
+            _ABANDONED.add(self.session)
+        log.info("Left the run lock of %s in place (the store is unreachable); it goes stale by itself "
+                 "(after %.0fs for writers on other hosts).", self.storage.url, self.stale_after)
+
     def __enter__(self) -> RunLock:
         self.acquire()
         return self
@@ -483,9 +474,9 @@ class RunLock:
         self.release()
 
 
-def _close_quietly(fd: int, owner: int) -> None:
-    """Finalizer of a RunLock dropped without release(): close its descriptor (in its owner)."""
-    if os.getpid() == owner and fd in _CLOSE_IN_CHILD:
-        _CLOSE_IN_CHILD.discard(fd)
-        with contextlib.suppress(OSError):
-            os.close(fd)
+def abandon(lock: RunLock | None, why: str) -> None:
+    """The run's store is unreachable (``why``, logged as a warning, names what is skipped): stop
+    holding ``lock`` without a word to it (:meth:`RunLock.abandon`; None: there is no lock)."""
+    log.warning("%s.", why)
+    if lock is not None:
+        lock.abandon()

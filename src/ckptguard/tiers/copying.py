@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckptguard.errors import CheckpointError, CorruptCheckpointError
+from ckptguard.errors import CheckpointError, CorruptCheckpointError, StorageError, StorageUnavailableError
 from ckptguard.format.manifest import MANIFEST, parse_step
 from ckptguard.persist.parallel_io import write_file
 from ckptguard.persist.reader import verify_files
@@ -31,11 +31,31 @@ CHUNK = 8 * 1024 * 1024
 
 
 def same_checkpoint(a: Storage, b: Storage, name: str) -> bool:
-    """Whether ``b`` holds the committed checkpoint ``name`` with the same manifest as ``a``."""
+    """Whether ``b`` holds the committed checkpoint ``name`` with the same manifest as ``a``.
+    A manifest that is absent or damaged is not the same; a read the store failed (a network cut)
+    is no answer: its :class:`StorageError` propagates."""
     try:
-        return read_manifest(a, name) == read_manifest(b, name)
+        return read_manifest(b, name) == read_manifest(a, name)
+    except StorageError:
+        raise
     except CheckpointError:
         return False
+
+
+def _check_replaceable(dst: Storage, name: str) -> None:
+    """Raise when ``dst`` may hold ``name`` committed but its manifest cannot be read: beginning
+    the step again would uncommit it (object stores delete the manifest first), and a copy cut
+    after that would leave ``dst`` without a checkpoint it had."""
+    try:
+        read_manifest(dst, name)
+    except StorageError as e:
+        why = (f"{dst.describe(name)} may hold a committed checkpoint whose manifest could not be read ({e}); it is "
+               "not overwritten: the copy is tried again later.")
+        if isinstance(e, StorageUnavailableError):
+            raise StorageUnavailableError(why, url=e.url, attempts=e.attempts) from e
+        raise StorageError(why) from e
+    except CheckpointError:
+        return  # absent or damaged: nothing a copy could lose
 
 
 def _pump(src: Storage, rel: str, w: Writer) -> int:
@@ -57,7 +77,8 @@ def copy_checkpoint(
 
     Raises :class:`CorruptCheckpointError` when ``src``'s copy fails its checksums (nothing is
     written to ``dst``), another :class:`CheckpointError` when ``dst`` fails (its debris is cleaned
-    by the next save there).
+    by the next save there), a :class:`StorageError` before anything is written when ``dst``'s
+    manifest of ``name`` cannot be read (a committed checkpoint there is never uncommitted blindly).
     """
     t0 = time.perf_counter()
     manifest = read_manifest(src, name)
@@ -71,6 +92,7 @@ def copy_checkpoint(
         )
     step = parse_step(name)
     assert step is not None
+    _check_replaceable(dst, name)
     staging = begin_checkpoint(dst, step)
     copied = 0
     try:

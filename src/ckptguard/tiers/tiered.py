@@ -21,13 +21,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptguard.distributed.coordination import Coordinator
-from ckptguard.errors import CheckpointError, RunLockedError
+from ckptguard.errors import CheckpointError, RunLockedError, StorageError
 from ckptguard.format.manifest import parse_step
 from ckptguard.persist.writer import clean_debris, delete_checkpoint
 from ckptguard.policies.schedule import SaveSchedule
 from ckptguard.run.catalog import CheckpointInfo, scan
 from ckptguard.run.history import record_events
-from ckptguard.run.runrecord import read_run_record
+from ckptguard.run.runrecord import load_run_record, read_run_record
 from ckptguard.storage import Storage
 from ckptguard.storage.local import LocalStorage
 from ckptguard.tiers.copying import copy_checkpoint, remove_root, same_checkpoint
@@ -200,6 +200,7 @@ class TierCopier:
                 result = copy_checkpoint(self.first.storage, name, tier.storage, before_commit=self.before_commit)
         except CheckpointError as e:
             tier.failure = e
+            tier.cleaned = False  # the failed copy may have left debris: the next copy there cleans it
             tier.schedule.saved()  # retried when due again
             log.error("Could not copy %s to the %s tier: %s", self.first.storage.describe(name), tier.name, e)
             return e
@@ -318,7 +319,8 @@ class TierSet:
             return
         if from_first:
             self.copier.committed(c.name)
-        if any(step > c.step for step in self.where()):
+        faster = [x for tier in self.chain[:-1] for x in scan(tier.storage, check_files=False) if x.valid]
+        if any(x.step > c.step for x in faster):  # the faster tiers only (the durable tier may be unreachable)
             self._rollback = c.step
 
     def committed(self, name: str) -> None:
@@ -327,15 +329,6 @@ class TierSet:
             self.drop_newer(self._rollback, keep=name)
             self._rollback = None
         keep_newest(self.first, spare=self.copier.committed(name))
-
-    def where(self) -> dict[int, list[str]]:
-        """Step -> the tiers holding a valid copy of it, fastest first."""
-        out: dict[int, list[str]] = {}
-        for tier in self.chain:
-            for c in scan(tier.storage, check_files=False):
-                if c.valid:
-                    out.setdefault(c.step, []).append(tier.name)
-        return out
 
     def describe(self) -> dict[str, Any]:
         """What the run record keeps (``ckptguard ls`` finds the faster tiers of this host by it)."""
@@ -351,22 +344,28 @@ class TierSet:
         """One entry per step, from the fastest tier holding it, oldest first."""
         return sorted({c.step: c for _, c in reversed(self.listing())}.values(), key=lambda c: c.step)
 
-    def _lineages(self, durable_ckpts: list[CheckpointInfo]) -> set[object]:
-        """The run's lineages: its run record's sessions and its durable checkpoints."""
-        sessions = read_run_record(self.chain[-1].storage).get("sessions")
-        found = {s.get("run_id") for s in sessions if isinstance(s, dict)} if isinstance(sessions, list) else set()
-        return found | {(c.manifest or {}).get("run_id") for c in durable_ckpts} - {None}
-
     def _all(self) -> tuple[list[tuple[Tier, CheckpointInfo]], list[tuple[Tier, CheckpointInfo]]]:
-        """(this run's copies, copies in the faster tiers that belong to no lineage of the run)."""
-        durable = scan(self.chain[-1].storage)
-        lineages = self._lineages(durable)
+        """(this run's copies, copies in the faster tiers that belong to no lineage of the run).
+        When the durable tier cannot be read (a network cut), its copies are left out and no copy
+        is judged foreign (a failed read is no evidence): a restart restores from the faster tiers."""
+        store = self.chain[-1].storage
+        durable: list[CheckpointInfo] | None = None
+        lineages: set[object] | None = None  # None: unknown, every copy counts as this run's
+        try:
+            durable = scan(store)
+            sessions = load_run_record(store).get("sessions")  # raises when unreadable (never {} then)
+            found = {s.get("run_id") for s in sessions if isinstance(s, dict)} if isinstance(sessions, list) else set()
+            lineages = found | {(c.manifest or {}).get("run_id") for c in durable} - {None}
+        except StorageError as e:
+            log.warning("Could not read the durable tier %s (%s): listing %s; no copy in a faster tier is taken for "
+                        "another run's.", store.url, e, "the faster tiers only" if durable is None else "every tier")
         ours: list[tuple[Tier, CheckpointInfo]] = []
         foreign: list[tuple[Tier, CheckpointInfo]] = []
         for tier in self.chain[:-1]:
             for c in scan(tier.storage):
-                (ours if c.manifest is None or c.manifest.get("run_id") in lineages else foreign).append((tier, c))
-        return ours + [(self.chain[-1], c) for c in durable], foreign
+                mine = lineages is None or c.manifest is None or c.manifest.get("run_id") in lineages
+                (ours if mine else foreign).append((tier, c))
+        return ours + [(self.chain[-1], c) for c in durable or []], foreign
 
     def _foreign(self) -> list[tuple[Tier, CheckpointInfo]]:
         return self._all()[1]
