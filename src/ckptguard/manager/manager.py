@@ -25,11 +25,11 @@ import torch
 from ckptguard.capture.configdrift import log_config_drift
 from ckptguard.capture.state import TrainState, capture
 from ckptguard.distributed.coordination import coordinator, on_primary
-from ckptguard.errors import CheckpointError, PostCommitError, StorageError, StorageUnavailableError
+from ckptguard.errors import CheckpointError, PostCommitError, StorageError
 from ckptguard.format.manifest import as_step
 from ckptguard.manager.options import checked_retention, checked_run_id, checked_tiers, initial_schedule
 from ckptguard.manager.preemption import Preemption, logged
-from ckptguard.manager.restoring import newer_than, raise_if_missing_bucket, restore_first_valid, select_candidates, supersede
+from ckptguard.manager.restoring import newer_than, raise_if_missing_bucket, supersede
 from ckptguard.manager.saving import RunCallbacks, SavePipeline, SaveRequest
 from ckptguard.persist.parallel_io import TensorSink
 from ckptguard.persist.prune import apply_decisions
@@ -45,7 +45,7 @@ from ckptguard.run.runrecord import RUN_FILE, RunRecord
 from ckptguard.run.watchdog import HANG_EXIT_CODE, Watchdog, WatchdogOptions
 from ckptguard.storage import Storage, open_storage
 from ckptguard.tiers.options import Tiers
-from ckptguard.tiers.restoring import restore_tiered, warn_if_tiered
+from ckptguard.tiers.restoring import restore_run
 from ckptguard.tiers.tiered import TierSet
 from ckptguard.verification.behaviour import Verifier, attach_verifier
 
@@ -399,7 +399,7 @@ class CheckpointManager:
                     if self._tiers is not None:
                         self._tiers.close(flush=clean)
         finally:
-            gone = self._tiers is not None and isinstance(self._tiers.chain[-1].failure, StorageUnavailableError)
+            gone = self._tiers is not None and self._tiers.durable_unreachable
             lost = self._saves.lock_lost or gone  # another writer's run now, or a store where each try waits out its retries
             if gone:
                 abandon(self._saves.lock, f"{self.storage.url} is unreachable: close() skipped metrics.csv, the run record and the run lock's removal")
@@ -452,14 +452,8 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        if self._tiers is not None:
-            where, found = restore_tiered(self._tiers, state, coord=self._coord, verify=self.verify_on_restore, strict=strict, step=step)
-        else:
-            where, found = self.storage, restore_first_valid(
-                self.storage, select_candidates(self.checkpoints(), step, self.storage.url), state, coord=self._coord,
-                verify=self.verify_on_restore, strict=strict, rescan=self.checkpoints, explicit=step is not None,
-            )
-            warn_if_tiered(self.storage, found[0].step if found else None)  # newer copies only tiers= would see
+        where, found = restore_run(self.storage, self._tiers, state, coord=self._coord, verify=self.verify_on_restore,
+                                   strict=strict, step=step, listing=self.checkpoints)
         if found is None:
             raise_if_missing_bucket(self.storage)  # not a fresh run: a typo, or a bucket not created yet
             self.metrics_log.restart_after(None)  # a fresh run: rows of an attempt that never committed go

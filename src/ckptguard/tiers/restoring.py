@@ -11,19 +11,20 @@ checkpoint: a fresh run), or :class:`NoValidCheckpointError` listing every copy 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from ckptguard.capture.state import MismatchReport, TrainState
 from ckptguard.distributed.coordination import Coordinator
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, NoValidCheckpointError
 from ckptguard.format.manifest import checkpoint_name
-from ckptguard.manager.restoring import restore_first_valid
+from ckptguard.manager.restoring import restore_first_valid, select_candidates
 from ckptguard.policies.slimming import slimmed_record
 from ckptguard.run.catalog import BAD_STATUSES, SUPERSEDED, CheckpointInfo, scan
 from ckptguard.storage import Storage
 from ckptguard.tiers.replica import send_checkpoint
 from ckptguard.tiers.tiered import Tier, TierSet, tier_listing
 
-__all__ = ["restore_tiered", "warn_if_tiered"]
+__all__ = ["restore_run", "restore_tiered", "warn_if_tiered"]
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 50  # agreements of a distributed restore (each marks a damaged copy or tries an older step)
@@ -150,6 +151,21 @@ def _restore_nodes(
             f"Run 'ckptguard verify {url}' for details.", path=url, failures=tuple(failures),
         )
     return tiers.chain[-1].storage, None
+
+
+def restore_run(
+    storage: Storage, tiers: TierSet | None, state: TrainState, *, coord: Coordinator, verify: bool, strict: bool,
+    step: int | None, listing: Callable[[], list[CheckpointInfo]],
+) -> tuple[Storage, tuple[CheckpointInfo, MismatchReport] | None]:
+    """The manager's restore: of the run at ``storage`` (``listing``: its checkpoints, listed again
+    after one vanished), or of its ``tiers``; the storage the checkpoint came from and what
+    :func:`restore_first_valid` returns. A plain restore warns when faster tiers hold newer copies."""
+    if tiers is not None:
+        return restore_tiered(tiers, state, coord=coord, verify=verify, strict=strict, step=step)
+    found = restore_first_valid(storage, select_candidates(listing(), step, storage.url), state, coord=coord,
+                                verify=verify, strict=strict, rescan=listing, explicit=step is not None)
+    warn_if_tiered(storage, found[0].step if found else None)  # newer copies only tiers= would see
+    return storage, found
 
 
 def warn_if_tiered(durable: Storage, restored: int | None) -> None:

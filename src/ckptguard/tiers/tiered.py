@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptguard.distributed.coordination import Coordinator
-from ckptguard.errors import CheckpointError, RunLockedError, StorageError
+from ckptguard.errors import CheckpointError, RunLockedError, StorageError, StorageUnavailableError
 from ckptguard.format.manifest import parse_step
 from ckptguard.persist.writer import clean_debris, delete_checkpoint
 from ckptguard.policies.schedule import SaveSchedule
@@ -381,6 +381,12 @@ class TierSet:
                 len(foreign), ", ".join(c.path for _, c in foreign[:3]), self.chain[-1].storage.url,
             )
         return ours
+
+    @property
+    def durable_unreachable(self) -> bool:
+        """Whether the last copy to the durable tier failed because it could not be reached (close()
+        then skips its bookkeeping there: each try would wait out the store's retries)."""
+        return isinstance(self.chain[-1].failure, StorageUnavailableError)
 
     def drop_newer(self, step: int, keep: str) -> None:
         """The first commit (``keep``) after a rollback to ``step``: the faster tiers' copies of
