@@ -6,6 +6,7 @@ durable tier; and what a hot save may touch in the durable tier (nothing, until 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -85,9 +86,23 @@ def test_a_manager_without_tiers_says_the_tiers_hold_newer_checkpoints(tmp_path:
 def test_commands_that_read_the_durable_tier_name_the_faster_tiers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, local = tmp_path / "run", tmp_path / "local"
     crash_after_saving(run, local, range(1, 4))
-    assert main(["verify", str(run)]) == 1  # nothing in the durable tier yet...
+    # nothing in the durable tier yet: verify checks the tiers ls lists (this host's), each in a table
+    assert main(["verify", str(run)]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal's width
-    assert "a tiered run" in out and f"local {local}" in out and "newest step 3" in out  # ...but said where it is
+    assert "(local tier)" in out and "step-000000003" in out and "all 2 checkpoint(s) sound" in out
+    assert main(["verify", "--json", str(run)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and doc["checkpoints"] == []  # the durable tier: none yet, no problem
+    assert [c["name"] for c in doc["tiers"]["local"]["checkpoints"]] == ["step-000000002", "step-000000003"]
+    weights = next(p for p in (local / "step-000000003").iterdir() if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert main(["verify", str(run)]) == 1  # a damaged copy in a faster tier is a problem
+    assert "step-000000003" in " ".join(capsys.readouterr().out.split())
+    weights.write_bytes(bytes(data[:-1] + bytes([data[-1] ^ 0xFF])))
+    assert main(["verify", str(run)]) == 0
+    capsys.readouterr()
     assert main(["inspect", str(run)]) == 2
     assert "newest step 3" in " ".join(capsys.readouterr().err.split())
     assert main(["ls", str(run)]) == 0

@@ -332,7 +332,7 @@ def agree(coord: Coordinator, exc: BaseException | None, where: str, doing: str 
     if worst == _CORRUPT:
         raise DamagedElsewhere(
             f"{where}: another rank found this checkpoint damaged (see its log); every rank "
-            "falls back to an older checkpoint.",
+            "falls back with it (to another copy of the step, or an older checkpoint).",
             path=where,
         )
     if worst == _FATAL:

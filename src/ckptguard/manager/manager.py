@@ -398,6 +398,7 @@ class CheckpointManager:
                 finally:
                     if self._tiers is not None:
                         self._tiers.close(flush=clean)
+                        self._saves.reaper.close()  # the durable copy's retention removed what it pruned
         finally:
             gone = self._tiers is not None and self._tiers.durable_unreachable
             lost = self._saves.lock_lost or gone  # another writer's run now, or a store where each try waits out its retries

@@ -393,8 +393,11 @@ def _record_failure(
     storage: Storage, c: CheckpointInfo, e: CheckpointError, failures: list[tuple[str, str]], *, explicit: bool = False
 ) -> None:
     """Byte-level evidence marks ``c`` corrupt; a read error (perhaps transient) only skips it."""
-    byte_level = isinstance(e, (CorruptCheckpointError, CheckpointNotFoundError)) and not isinstance(e, DamagedElsewhere)
     failures.append((c.path, str(e)))
+    if isinstance(e, DamagedElsewhere):  # this rank's copy may be sound: nothing to mark here
+        log.info("%s", e)
+        return
+    byte_level = isinstance(e, (CorruptCheckpointError, CheckpointNotFoundError))
     what = getattr(e, "file", None) or ("its manifest" if c.manifest is None else "a file")
     then = "not restoring it (you asked for this step)" if explicit else "falling back to the previous one"
     if byte_level:

@@ -238,6 +238,8 @@ def send_checkpoint(
             staging = begin_checkpoint(dest, step)
             _write_files(dest, staging, files)
             commit_staged(dest, name, staging, manifest)
+            log.info("Received %s from rank %d's node (its replica): %d bytes, committed in %s", name, sender,
+                     len(received[sender]), dest.describe(name))
 
         _, exc = capture_exc(commit)
     agree(coord, exc, dest.describe(name), "restore")

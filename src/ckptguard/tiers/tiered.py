@@ -18,9 +18,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ckptguard.distributed.coordination import Coordinator
 from ckptguard.errors import CheckpointError, RunLockedError, StorageError, StorageUnavailableError
 from ckptguard.format.manifest import parse_step
 from ckptguard.persist.writer import clean_debris, delete_checkpoint
@@ -33,7 +32,10 @@ from ckptguard.storage.local import LocalStorage
 from ckptguard.tiers.copying import copy_checkpoint, remove_root, same_checkpoint
 from ckptguard.tiers.keeper import KEEPER_DIR, is_alive, process_token, read_json, write_json
 from ckptguard.tiers.options import Every, Tiers, hot_root
-from ckptguard.tiers.replica import Replicator, nodes_of
+
+if TYPE_CHECKING:  # imported by distributed runs only (they import torch: `ckptguard ls` does not)
+    from ckptguard.distributed.coordination import Coordinator
+    from ckptguard.tiers.replica import Nodes, Replicator
 
 __all__ = ["HotMemory", "Tier", "TierCopier", "TierSet", "tier_listing"]
 
@@ -262,12 +264,18 @@ class TierSet:
         # torch.distributed: each node's tiers are its own; its leader (lowest rank) keeps them (the
         # keeper, copies down, retention), rank 0 alone copies to the durable tier (ckptguard.tiers.replica).
         active = coord is not None and coord.active
-        self.nodes = nodes_of(coord, self.first.storage.url) if coord is not None and active else None
+        self.nodes: Nodes | None = None
+        self.replicator: Replicator | None = None
+        if coord is not None and active:
+            from ckptguard.tiers.replica import Replicator, nodes_of  # torch.distributed
+
+            self.nodes = nodes_of(coord, self.first.storage.url)
+            if self.nodes.count > 1:
+                self.replicator = Replicator(self.first.storage, self.nodes, self.committed)
         self.primary = not active or (coord is not None and coord.rank == 0)
         self.leader = self.nodes is None or self.nodes.is_leader
         if not self.leader:
             self.hot = None  # the node's leader is the hot tier's trainer
-        self.replicator = Replicator(self.first.storage, self.nodes, self.committed) if self.nodes and self.nodes.count > 1 else None
         lower = chain[1:] if self.primary else chain[1:-1] if self.leader else []
         self.copier = TierCopier(self.first, lower, self._copied, lock_check)
         self._attached = False
