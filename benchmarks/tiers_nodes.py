@@ -134,7 +134,7 @@ def measure(spec: StateSpec, saves: int, tmp: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"state_bytes": spec.nbytes}
     for case in ("peer", "durable"):
         run = str(tmp / f"run-{case}-{uuid.uuid4().hex[:6]}")
-        memories = [str(tmp / "shm" / f"{case}-node{i}") for i in (0, 1)]
+        memories = [str(tmp / "shm" / f"{case}-{uuid.uuid4().hex[:6]}-node{i}") for i in (0, 1)]
         for m in memories:
             os.makedirs(m)
         saved = _launch("save" if case == "peer" else "durable", run, memories, spec, saves)

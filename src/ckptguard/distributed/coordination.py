@@ -120,9 +120,10 @@ class Coordinator:
         """Every rank's ``obj``, in rank order, on every rank."""
         return [obj]
 
-    def exchange(self, outgoing: Mapping[int, bytes], incoming: Mapping[int, int]) -> dict[int, bytes]:
+    def exchange(self, outgoing: Mapping[int, bytearray], incoming: Mapping[int, int]) -> dict[int, memoryview]:
         """Point to point: send ``outgoing[rank]`` to each rank, receive ``incoming[rank]`` bytes
-        from each; every pair must match (the sizes agreed beforehand). Returns what arrived."""
+        from each; every pair must match (the sizes agreed beforehand). Returns what arrived
+        (nothing is copied on the way: the buffers are sent and received in place)."""
         if outgoing or incoming:
             raise CheckpointError("A single process has no other rank to exchange checkpoint files with.")
         return {}
@@ -256,7 +257,7 @@ class ProcessGroupCoordinator(Coordinator):
         self._dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def exchange(self, outgoing: Mapping[int, bytes], incoming: Mapping[int, int]) -> dict[int, bytes]:
+    def exchange(self, outgoing: Mapping[int, bytearray], incoming: Mapping[int, int]) -> dict[int, memoryview]:
         group = self.group
         works: list[Any] = []
         received: dict[int, torch.Tensor] = {}
@@ -266,11 +267,11 @@ class ProcessGroupCoordinator(Coordinator):
                 works.append(self._dist.irecv(received[src], src=src, group=group))
         for dst, data in sorted(outgoing.items()):
             if data:
-                works.append(self._dist.isend(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=dst, group=group))
+                works.append(self._dist.isend(torch.frombuffer(data, dtype=torch.uint8), dst=dst, group=group))
         for work in works:
             if work is not None:
                 work.wait()
-        return {src: t.numpy().tobytes() for src, t in received.items()}
+        return {src: memoryview(t.numpy().data) for src, t in received.items()}
 
 
 def coordinator() -> Coordinator:

@@ -19,50 +19,50 @@ and leaves that node without the checkpoint; the save itself stands (node 0 comm
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import socket
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from ckptguard.distributed.coordination import Coordinator, agree, capture_exc
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
 from ckptguard.format.manifest import MANIFEST, encode_manifest, parse_step
+from ckptguard.persist.parallel_io import write_file
 from ckptguard.persist.reader import verify_files
-from ckptguard.persist.writer import begin_checkpoint, clean_debris, commit_staged, write_blob
+from ckptguard.persist.writer import begin_checkpoint, clean_debris, commit_staged
 from ckptguard.run.catalog import mark_status, read_manifest
-from ckptguard.storage.base import Storage, join
+from ckptguard.storage.base import Storage, Writer, join
 
-__all__ = ["Nodes", "Replicator", "nodes_of", "pack", "send_checkpoint", "unpack"]
+__all__ = ["Nodes", "Replicator", "nodes_of", "send_checkpoint", "unpack"]
 
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">Q")
 
 
-def pack(files: Mapping[str, bytes]) -> bytes:
-    """Files as one message: an 8-byte header length, a JSON list of [name, size], the bytes."""
-    header = json.dumps([[name, len(data)] for name, data in files.items()]).encode()
-    return b"".join([_HEADER.pack(len(header)), header, *files.values()])
+Blob = bytes | bytearray | memoryview
 
 
-def unpack(blob: bytes, where: str) -> dict[str, bytes]:
-    """The files of a :func:`pack` message; CheckpointError for a malformed one or a name that
-    would leave the checkpoint's directory."""
+def unpack(blob: Blob, where: str) -> dict[str, memoryview]:
+    """The files of a :func:`_pack_files` message (views into it, nothing copied); CheckpointError for a
+    malformed one or a name that would leave the checkpoint's directory."""
+    view = memoryview(blob)
     try:
-        (n,) = _HEADER.unpack_from(blob)
-        entries = json.loads(blob[_HEADER.size : _HEADER.size + n])
-        out: dict[str, bytes] = {}
+        (n,) = _HEADER.unpack_from(view)
+        entries = json.loads(bytes(view[_HEADER.size : _HEADER.size + n]))
+        out: dict[str, memoryview] = {}
         at = _HEADER.size + n
         for name, size in entries:
             if not isinstance(name, str) or name.startswith("/") or ".." in name.split("/") or not isinstance(size, int):
                 raise ValueError(f"bad entry {name!r}")
-            out[name] = blob[at : at + size]
+            out[name] = view[at : at + size]
             at += size
-        if at != len(blob):
-            raise ValueError(f"{len(blob) - at} trailing bytes")
+        if at != len(view):
+            raise ValueError(f"{len(view) - at} trailing bytes")
     except (ValueError, TypeError, struct.error) as e:
         raise CheckpointError(f"A malformed replica message for {where}: {e}") from e
     return out
@@ -102,15 +102,43 @@ def nodes_of(coord: Coordinator, first_root: str) -> Nodes:
     return Nodes(coord.all_gather(key), coord.rank)
 
 
-def _read_files(storage: Storage, base: str, names: list[str]) -> dict[str, bytes]:
-    return {name: storage.read_bytes(join(base, name)) for name in names}
+def _pack_files(storage: Storage, base: str, names: list[str], extra: Mapping[str, bytes] | None = None) -> bytearray:
+    """The files ``base/name`` (and ``extra``) as one message, read straight into it: an 8-byte
+    header length, a JSON list of [name, size], the bytes."""
+    sizes = {name: storage.size(join(base, name)) for name in names}
+    header = json.dumps([[n, size] for n, size in sizes.items()] + [[n, len(d)] for n, d in (extra or {}).items()]).encode()
+    out = bytearray(_HEADER.size + len(header) + sum(sizes.values()) + sum(len(d) for d in (extra or {}).values()))
+    _HEADER.pack_into(out, 0, len(header))
+    view, at = memoryview(out), _HEADER.size
+    view[at : at + len(header)] = header
+    at += len(header)
+    for name, size in sizes.items():
+        with storage.open_read(join(base, name)) as f:
+            end = at + size
+            while at < end:
+                got = cast(io.RawIOBase, f).readinto(view[at:end])  # unbuffered (see Storage.open_read)
+                if not got:
+                    raise CheckpointError(f"{storage.describe(join(base, name))} is shorter than it was ({size} bytes)")
+                at += got
+    for data in (extra or {}).values():
+        view[at : at + len(data)] = data
+        at += len(data)
+    return out
 
 
-def _write_files(storage: Storage, base: str, files: Mapping[str, bytes]) -> None:
+def _write_files(storage: Storage, base: str, files: Mapping[str, Blob]) -> None:
+    """Write ``files`` (their checksums are in the manifest that comes with them: not hashed here)."""
     for name, data in files.items():
         if "/" in name:  # a sharded checkpoint's dcp/ files
             storage.makedirs(join(base, name.rsplit("/", 1)[0]))
-        write_blob(storage, join(base, name), data)
+        write_file(storage, join(base, name), _writer(data))
+
+
+def _writer(data: Blob) -> Callable[[Writer], None]:
+    def body(w: Writer) -> None:
+        w.write(memoryview(data))
+
+    return body
 
 
 class Replicator:
@@ -148,7 +176,7 @@ class Replicator:
         """Exchange 1: this rank's share to every other node's leader; a leader writes the shares
         of other nodes' ranks into its staging directory. A failure raises on every rank."""
         nodes = self.nodes
-        blob, exc = capture_exc(lambda: pack(_read_files(self.target, staging, sorted(share))))
+        blob, exc = capture_exc(lambda: _pack_files(self.target, staging, sorted(share)))
         sizes = coord.all_gather(-1 if blob is None else len(blob))
         agree(coord, exc or (CheckpointError("another rank could not read its share") if min(sizes) < 0 else None),
               self.target.describe(staging), "save")
@@ -173,10 +201,10 @@ class Replicator:
         checkpoint in its node's tier. A node that fails is logged (the checkpoint stands)."""
         nodes = self.nodes
         name = str(manifest.get("name", ""))
-        blob: bytes | None = None
+        blob: bytearray | None = None
         if coord.rank == 0:
             names = sorted(set(manifest["files"]) - shared)
-            blob, exc = capture_exc(lambda: pack({**_read_files(self.target, name, names), MANIFEST: encode_manifest(dict(manifest))}))
+            blob, exc = capture_exc(lambda: _pack_files(self.target, name, names, {MANIFEST: encode_manifest(dict(manifest))}))
             if exc is not None:
                 log.error("Could not read %s to replicate it to the other nodes: %s", self.target.describe(name), exc)
         size = coord.broadcast(-1 if blob is None else len(blob) if coord.rank == 0 else 0)
@@ -193,9 +221,9 @@ class Replicator:
             else:
                 self.on_commit(name)
 
-    def _commit(self, staging: str, name: str, blob: bytes) -> None:
+    def _commit(self, staging: str, name: str, blob: memoryview) -> None:
         files = unpack(blob, self.target.describe(name))
-        manifest = json.loads(files.pop(MANIFEST))
+        manifest = json.loads(bytes(files.pop(MANIFEST)))
         _write_files(self.target, staging, files)
         commit_staged(self.target, name, staging, manifest)
 
@@ -207,12 +235,12 @@ def send_checkpoint(
     its checksums and sends it whole to the ``receivers`` (leaders of nodes without it), which
     commit it in ``dest`` (their node's first tier). Raises on every rank when the sender's copy
     is damaged (it is marked corrupt there) or a receiver failed; the ranks then agree again."""
-    blob: bytes | None = None
+    blob: bytearray | None = None
     exc: BaseException | None = None
     if coord.rank == sender:
         assert source is not None
 
-        def read() -> bytes:
+        def read() -> bytearray:
             manifest = read_manifest(source, name)
             problems = verify_files(source, name, manifest)
             if problems:
@@ -220,7 +248,7 @@ def send_checkpoint(
                 mark_status(source, name, "corrupt", why)
                 raise CorruptCheckpointError(f"{source.describe(name)} fails its checksums ({why}); not sent to the other nodes.",
                                              path=source.describe(name), file=problems[0][0])
-            return pack({**_read_files(source, name, sorted(manifest["files"])), MANIFEST: encode_manifest(manifest)})
+            return _pack_files(source, name, sorted(manifest["files"]), {MANIFEST: encode_manifest(manifest)})
 
         blob, exc = capture_exc(read)
     size = coord.all_gather(len(blob) if blob is not None else 0)[sender]
@@ -231,7 +259,7 @@ def send_checkpoint(
     if sender in received:
         def commit() -> None:
             files = unpack(received[sender], dest.describe(name))
-            manifest = json.loads(files.pop(MANIFEST))
+            manifest = json.loads(bytes(files.pop(MANIFEST)))
             step = parse_step(name)
             if step is None or manifest.get("name") != name:
                 raise CheckpointError(f"rank {sender} sent {manifest.get('name')!r}, not {name!r}")
