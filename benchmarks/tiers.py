@@ -83,6 +83,21 @@ class PeakDir(threading.Thread):
             time.sleep(0.002)
 
 
+def timed_saves(mgr: cg.CheckpointManager, state: cg.TrainState, saves: int) -> tuple[list[float], list[float]]:
+    """A first save (it allocates the host buffers), then ``saves`` more: the seconds each blocked
+    training and the seconds until each was committed (``wait()``)."""
+    mgr.save(1, state, force=True)
+    mgr.wait()
+    blocked, total = [], []
+    for i in range(saves):
+        t0 = time.perf_counter()
+        mgr.save(i + 2, state, force=True)
+        blocked.append(mgr.last_blocked_seconds or 0.0)
+        mgr.wait()
+        total.append(time.perf_counter() - t0)
+    return blocked, total
+
+
 def blocked(spec: StateSpec, saves: int, tmp: Path) -> dict[str, Any]:
     """Part 1 (in this process)."""
     model, opt = build_state(spec)
@@ -103,15 +118,7 @@ def blocked(spec: StateSpec, saves: int, tmp: Path) -> dict[str, Any]:
         hot = hot_root("/dev/shm", mgr.storage.url)
         sampler = PeakDir(hot if mode == "hot" else run)
         sampler.start()
-        mgr.save(1, state, force=True)  # allocates the host buffers
-        mgr.wait()
-        b, total = [], []
-        for i in range(saves):
-            t0 = time.perf_counter()
-            mgr.save(i + 2, state, force=True)
-            b.append(mgr.last_blocked_seconds or 0.0)
-            mgr.wait()
-            total.append(time.perf_counter() - t0)
+        b, total = timed_saves(mgr, state, saves)
         sampler.stop.set()
         sampler.join()
         one = mgr.checkpoints()[-1].size_bytes  # one copy: the state's tensors + its metadata

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 import ckptguard as cg  # noqa: E402
 from harness import FULL, QUICK, StateSpec, build_state, evict, machine, replace_section  # noqa: E402
-from tiers import SMALL, PeakDir  # noqa: E402
+from tiers import SMALL, PeakDir, timed_saves  # noqa: E402
 
 NEVER = 1e9
 
@@ -71,15 +71,7 @@ def worker(role: str, run: str, memory: str, spec: StateSpec, saves: int) -> Non
     if role in ("save", "durable"):
         peak = PeakDir(memory)
         peak.start()
-        mgr.save(1, state, force=True)  # allocates the host buffers
-        mgr.wait()
-        blocked, total = [], []
-        for i in range(saves):
-            t0 = time.perf_counter()
-            mgr.save(i + 2, state, force=True)
-            blocked.append(mgr.last_blocked_seconds or 0.0)
-            mgr.wait()
-            total.append(time.perf_counter() - t0)
+        blocked, total = timed_saves(mgr, state, saves)
         if role == "durable":
             mgr.close()  # the newest checkpoint in the durable tier; the memory freed
         peak.stop.set()

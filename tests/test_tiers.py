@@ -53,7 +53,7 @@ def keeper_pid(run: str) -> int | None:
             pid = json.load(f)["pid"]
     except (OSError, ValueError, KeyError):
         return None
-    return pid if pid_alive(pid) else None
+    return pid if isinstance(pid, int) and pid_alive(pid) else None
 
 
 class Client:

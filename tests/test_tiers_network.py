@@ -46,13 +46,12 @@ import torch
 import ckptguard as cg
 from ckptguard.cli import main
 from ckptguard.run.catalog import find_debris, scan
-from ckptguard.run.lockholder import pid_alive
 from ckptguard.storage import LocalStorage, Storage, open_storage
 from ckptguard.tiers import Tiers
-from ckptguard.tiers.options import hot_root
 from conftest import FULL
 from fault_proxy import Fault, FaultProxy
 from s3_fixture import s3_endpoint, s3_url  # noqa: F401 - fixtures
+from test_tiers import hot_dir, keeper_pid  # the hot tier's directory and its keeper, as test_tiers finds them
 
 NEVER = 1e9
 CLOSE_LIMIT = 90.0  # seconds: close() with the network cut must end well within this (no hang)
@@ -68,19 +67,6 @@ def via(proxy: FaultProxy) -> dict[str, Any]:
         "client_kwargs": {"endpoint_url": proxy.url},
         "config_kwargs": {"retries": {"total_max_attempts": 1}, "connect_timeout": 2, "read_timeout": 20},
     }
-
-
-def hot_dir(url: str) -> str:
-    return hot_root("/dev/shm", open_storage(url).url)
-
-
-def keeper_pid(url: str) -> int | None:
-    try:
-        with open(os.path.join(hot_dir(url), ".keeper", "keeper.json")) as f:
-            pid = json.load(f)["pid"]
-    except (OSError, ValueError, KeyError):
-        return None
-    return pid if isinstance(pid, int) and pid_alive(pid) else None
 
 
 def keeper_log(url: str) -> str:
