@@ -153,10 +153,6 @@ class Replicator:
         self.on_commit = on_commit
         self._cleaned = False
 
-    @property
-    def active(self) -> bool:
-        return self.nodes.count > 1
-
     def prepare(self, coord: Coordinator, staging: str) -> None:
         """Every leader but rank 0 (which created it) creates ``staging`` in its node's tier,
         cleaning the debris of cut-short saves there first (once); then the ranks agree."""
@@ -207,7 +203,7 @@ class Replicator:
             blob, exc = capture_exc(lambda: _pack_files(self.target, name, names, {MANIFEST: encode_manifest(dict(manifest))}))
             if exc is not None:
                 log.error("Could not read %s to replicate it to the other nodes: %s", self.target.describe(name), exc)
-        size = coord.broadcast(-1 if blob is None else len(blob) if coord.rank == 0 else 0)
+        size = coord.broadcast(len(blob) if blob is not None else -1)  # rank 0's
         if size < 0:
             return
         outgoing = {leader: blob for leader in nodes.leaders[1:]} if coord.rank == 0 and blob is not None else {}
