@@ -58,6 +58,15 @@ def reference2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def reference2_fsdp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank FSDP2 run (synchronous saves, no tiers)."""
+    base = tmp_path_factory.mktemp("tiers-dist-ref2-fsdp")
+    code, text = _finish(_torchrun(["--standalone", "--nproc-per-node=2"], base / "run", base / "out", "--fsdp"))
+    assert code == 0, text[-4000:]
+    return base / "out"
+
+
+@pytest.fixture(scope="module")
 def reference4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run on two "nodes" of two ranks without tiers, DDP with
     ``find_unused_parameters=True`` (what a bit-exact resume on 3+ ranks needs: see the README)."""
@@ -122,8 +131,14 @@ def _restored(out: Path, ranks: int) -> set[int]:
     return {_attempts(out, r)[-1][2] for r in range(ranks)}
 
 
-def test_a_lost_node_resumes_from_the_peer_replica_bit_exact(reference2: Path, tmp_path: Path, shm: Path) -> None:
-    nodes = Nodes(tmp_path, shm, "--step-sleep", "0.3", nproc=1)
+@pytest.mark.parametrize("model", ["ddp", pytest.param("fsdp", marks=[pytest.mark.slow, pytest.mark.skipif(
+    not FULL, reason="sampled out (DDP by default): CKPTGUARD_TEST_FULL=1 runs it")])])
+def test_a_lost_node_resumes_from_the_peer_replica_bit_exact(
+    model: str, request: pytest.FixtureRequest, tmp_path: Path, shm: Path
+) -> None:
+    """(FSDP2: every node holds every rank's shard files, sent at each save.)"""
+    reference2: Path = request.getfixturevalue("reference2_fsdp" if model == "fsdp" else "reference2")
+    nodes = Nodes(tmp_path, shm, "--step-sleep", "0.3", *(["--fsdp"] if model == "fsdp" else []), nproc=1)
     first = nodes.start(0)  # started first: it hosts the rendezvous store (the node that stays)
     time.sleep(3)
     doomed = nodes.start(1)
