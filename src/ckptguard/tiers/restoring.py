@@ -11,7 +11,7 @@ checkpoint: a fresh run), or :class:`NoValidCheckpointError` listing every copy 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ckptguard.capture.state import MismatchReport, TrainState
 from ckptguard.distributed.coordination import Coordinator
@@ -31,6 +31,21 @@ MAX_ROUNDS = 50  # agreements of a distributed restore (each marks a damaged cop
 ATTEMPTS = 3  # of one step, before an older one is tried
 
 
+def _not_found(where: str, step: int, steps: Iterable[int]) -> CheckpointNotFoundError:
+    have = ", ".join(str(s) for s in sorted(steps)[-10:]) or "none"
+    return CheckpointNotFoundError(
+        f"No checkpoint for step {step} in {where} (steps available: {have}). Run 'ckptguard ls' to list them."
+    )
+
+
+def _none_usable(where: str, url: str, failures: list[tuple[str, str]]) -> NoValidCheckpointError:
+    lines = "\n  ".join(f"{path}: {why}" for path, why in failures[:20])
+    return NoValidCheckpointError(
+        f"No usable checkpoint in {where}: {len(failures)} cop{'y' if len(failures) == 1 else 'ies'} tried, none "
+        f"restorable:\n  {lines}\nRun 'ckptguard verify {url}' for details.", path=url, failures=tuple(failures),
+    )
+
+
 def restore_tiered(
     tiers: TierSet, state: TrainState, *, coord: Coordinator, verify: bool, strict: bool, step: int | None
 ) -> tuple[Storage, tuple[CheckpointInfo, MismatchReport] | None]:
@@ -43,12 +58,9 @@ def restore_tiered(
     copies: dict[int, list[tuple[Tier, CheckpointInfo]]] = {}
     for tier, c in tiers.listing():
         copies.setdefault(c.step, []).append((tier, c))
+    url = tiers.chain[-1].storage.url
     if step is not None and step not in copies:
-        have = ", ".join(str(s) for s in sorted(copies)[-10:]) or "none"
-        raise CheckpointNotFoundError(
-            f"No checkpoint for step {step} in any tier of {tiers.chain[-1].storage.url} (steps available: {have}). "
-            "Run 'ckptguard ls' to list them."
-        )
+        raise _not_found(f"any tier of {url}", step, copies)
     failures: list[tuple[str, str]] = []
     for s in sorted(copies, reverse=True) if step is None else [step]:
         for tier, c in copies[s]:
@@ -68,13 +80,7 @@ def restore_tiered(
                 log.info("Restored step %d from the %s tier (%s)", s, tier.name, c.path)
             return tier.storage, found
     if failures:
-        lines = "\n  ".join(f"{path}: {why}" for path, why in failures[:20])
-        url = tiers.chain[-1].storage.url
-        raise NoValidCheckpointError(
-            f"No usable checkpoint in any tier of {url}: {len(failures)} cop{'y' if len(failures) == 1 else 'ies'} "
-            f"tried, none restorable:\n  {lines}\nRun 'ckptguard verify {url}' for details.",
-            path=url, failures=tuple(failures),
-        )
+        raise _none_usable(f"any tier of {url}", url, failures)
     return tiers.chain[-1].storage, None
 
 
@@ -84,15 +90,18 @@ def _usable(c: CheckpointInfo, explicit: bool) -> bool:
     return c.valid and (explicit or (c.status not in BAD_STATUSES and c.status != SUPERSEDED and slimmed_record(c.manifest) is None))
 
 
-def _node_copies(tiers: TierSet, explicit: bool) -> tuple[dict[int, tuple[Tier, CheckpointInfo]], dict[int, CheckpointInfo]]:
-    """(step -> the fastest copy in this node's faster tiers, step -> the durable tier's copy)."""
+def _faster_copies(tiers: TierSet, explicit: bool) -> dict[int, tuple[Tier, CheckpointInfo]]:
+    """Step -> the fastest usable copy in this node's faster tiers."""
     faster: dict[int, tuple[Tier, CheckpointInfo]] = {}
     for tier in tiers.chain[:-1]:
         for c in scan(tier.storage):
             if _usable(c, explicit):
                 faster.setdefault(c.step, (tier, c))
-    durable = {c.step: c for c in scan(tiers.chain[-1].storage) if _usable(c, explicit)}
-    return faster, durable
+    return faster
+
+
+def _durable_copies(tiers: TierSet, explicit: bool) -> dict[int, CheckpointInfo]:
+    return {c.step: c for c in scan(tiers.chain[-1].storage) if _usable(c, explicit)}
 
 
 def _restore_nodes(
@@ -108,17 +117,14 @@ def _restore_nodes(
     attempts: dict[int, int] = {}
     url = tiers.chain[-1].storage.url
     for _ in range(MAX_ROUNDS):
-        faster, durable = _node_copies(tiers, step is not None)
+        faster = _faster_copies(tiers, step is not None)
+        durable = _durable_copies(tiers, step is not None) if coord.rank == 0 else {}  # the run's: listed once
         views = coord.all_gather((sorted(faster), sorted(durable)))
         held = [set(views[leader][0]) for leader in nodes.leaders]
         on_durable = set(views[0][1])
         every = set().union(*held) | on_durable
         if step is not None and step not in every and not failures:
-            have = ", ".join(str(s) for s in sorted(every)[-10:]) or "none"
-            raise CheckpointNotFoundError(
-                f"No checkpoint for step {step} in any tier of any node of {url} (steps available: {have}). "
-                "Run 'ckptguard ls' to list them."
-            )
+            raise _not_found(f"any tier of any node of {url}", step, every)
         left = sorted((s for s in every if attempts.get(s, 0) < ATTEMPTS and (step is None or s == step)), reverse=True)
         if not left:
             break
@@ -133,7 +139,9 @@ def _restore_nodes(
             except CheckpointError as e:
                 failures.append((f"{checkpoint_name(s)} (sent by rank {sender})", str(e)))
                 continue
-            faster, durable = _node_copies(tiers, step is not None)
+            faster = _faster_copies(tiers, step is not None)
+        if s not in faster and s not in durable:  # this rank reads the durable tier's copy
+            durable = _durable_copies(tiers, step is not None)
         tier, c = faster[s] if s in faster else (tiers.chain[-1], durable[s])
         try:
             found = restore_first_valid(tier.storage, [c], state, coord=coord, verify=verify, strict=strict,
@@ -145,11 +153,7 @@ def _restore_nodes(
             log.info("Restored step %d from the %s tier of node %d (rank %d)", s, tier.name, nodes.index, coord.rank)
             return tier.storage, found
     if failures:
-        lines = "\n  ".join(f"{path}: {why}" for path, why in failures[:20])
-        raise NoValidCheckpointError(
-            f"No usable checkpoint in any tier of any node of {url}: {len(failures)} attempt(s) failed:\n  {lines}\n"
-            f"Run 'ckptguard verify {url}' for details.", path=url, failures=tuple(failures),
-        )
+        raise _none_usable(f"any tier of any node of {url}", url, failures)
     return tiers.chain[-1].storage, None
 
 
