@@ -16,7 +16,7 @@ with ``--tiers``.
   ``find_unused_parameters=True``, as the README says 3+ ranks need; make test-full).
 - Every ending of a distributed tiered restore, on two nodes of two ranks (one program, a phase per
   ending): fresh, from memory, a step no tier holds, a copy damaged on one node, a copy only on the
-  other node, the newest damaged everywhere, everything damaged.
+  other node, the newest damaged everywhere, everything damaged, only the durable tier after a clean end.
 - SIGTERM to one node's worker (make test-full): the preemption save reaches the durable tier.
 """
 
@@ -222,6 +222,8 @@ def test_every_ending_of_a_distributed_tiered_restore(tmp_path: Path, shm: Path)
         assert got["all_damaged"]["error"] == "NoValidCheckpointError"
         assert "No usable checkpoint in any tier of any node" in got["all_damaged"]["message"]
         assert "ckptguard verify" in got["all_damaged"]["message"]
+        assert got["after_close"]["node_has"] == []  # a clean end frees every node's memory
+        assert got["from_durable"] == {"step": 4, "weight": 4.0 * 32}  # no node holds it: the durable tier's
     assert ranks[0]["all_damaged"]["message"].count("step-000000002") >= 1
 
 

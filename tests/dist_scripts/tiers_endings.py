@@ -85,6 +85,13 @@ def main() -> None:
             flip(p / "model.safetensors")
     dist.barrier()
     restore("all_damaged")
+    with torch.no_grad():  # the writer goes on: a clean end copies step 4 to the durable tier, frees the memory
+        model.weight.fill_(4.0)
+    mgr.save(4, state, force=True)
+    mgr.close()
+    dist.barrier()
+    results["after_close"] = {"node_has": sorted(p.name for p in memory.glob("ckptguard-*/*/step-*"))}
+    restore("from_durable")
     (out / f"endings-rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
