@@ -15,7 +15,7 @@ with ``--tiers``.
   copy of the same step (sent over), and the run ends bit-exact with an uninterrupted one (DDP with
   ``find_unused_parameters=True``, as the README says 3+ ranks need; make test-full).
 - Every ending of a distributed tiered restore, on two nodes of two ranks (one program, a phase per
-  ending): fresh, from memory, a step no tier holds, a copy damaged on one node, a copy only on the
+  ending): fresh, from memory, a model today's code changed (StateMismatchError), a step no tier holds, a copy damaged on one node, a copy only on the
   other node, the newest damaged everywhere, everything damaged, only the durable tier after a clean end.
 - SIGTERM to one node's worker (make test-full): the preemption save reaches the durable tier.
 """
@@ -213,6 +213,8 @@ def test_every_ending_of_a_distributed_tiered_restore(tmp_path: Path, shm: Path)
         assert got["fresh"] == {"step": None, "weight": got["fresh"]["weight"]}  # nothing anywhere: a fresh run
         assert got["saved"]["node_has"] == ["step-000000002", "step-000000003"]  # each node: the whole checkpoint
         assert got["from_memory"] == {"step": 3, "weight": 3.0 * 32}
+        assert got["user_code_mismatch"]["error"] == "StateMismatchError"  # on every rank, nothing marked
+        assert got["after_mismatch"] == {"step": 3, "weight": 3.0 * 32}
         assert got["step_not_held"]["error"] == "CheckpointNotFoundError"
         assert "No checkpoint for step 1 in any tier of any node" in got["step_not_held"]["message"]
         assert "steps available: 2, 3" in got["step_not_held"]["message"]

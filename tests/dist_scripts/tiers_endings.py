@@ -63,6 +63,13 @@ def main() -> None:
     with torch.no_grad():
         model.weight.zero_()
     restore("from_memory")
+    good = state
+    state = cg.TrainState(model=torch.nn.Linear(8, 5))  # today's code changed the model (a refactor)
+    restore("user_code_mismatch")
+    state = good
+    with torch.no_grad():
+        model.weight.zero_()
+    restore("after_mismatch")  # nothing was marked: the same step restores into the right model
     restore("step_not_held", step=1)
     if rank == 0:  # node 0's copy of step 3 damaged: marked there, node 1 sends its sound copy
         flip(copies(3)[0] / "model.safetensors")
